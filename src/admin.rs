@@ -1,0 +1,162 @@
+//! The admin listener (SPEC §6): metrics, liveness, readiness and a view of
+//! this instance's rooms. It is a separate port so none of this is exposed
+//! to WebSocket clients, and it keeps answering while the public listener
+//! drains, so orchestrators see `/readyz` turn 503.
+
+use std::convert::Infallible;
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use crate::metrics::Metrics;
+use crate::request::percent_decode;
+use crate::response::{self, Body};
+use crate::rooms::Hub;
+
+/// What readiness depends on.
+pub struct Health {
+    draining: AtomicBool,
+    nats_required: bool,
+    metrics: Metrics,
+}
+
+impl Health {
+    /// Ready until draining; with `nats_required`, only while NATS is up.
+    pub fn new(nats_required: bool, metrics: Metrics) -> Self {
+        Self {
+            draining: AtomicBool::new(false),
+            nats_required,
+            metrics,
+        }
+    }
+
+    /// Marks the gateway as draining: `/readyz` answers 503 from now on.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// `Ok` when ready, else why not.
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err("draining");
+        }
+        if self.nats_required && self.metrics.nats_connected.get() != 1 {
+            return Err("NATS disconnected");
+        }
+        Ok(())
+    }
+}
+
+/// The admin service's shared state.
+pub struct Admin {
+    /// Rendered at `/metrics`.
+    pub metrics: Metrics,
+    /// Listed at `/rooms`.
+    pub hub: Arc<Hub>,
+    /// Reported at `/readyz`.
+    pub health: Arc<Health>,
+}
+
+impl Admin {
+    /// Serves the admin endpoints on `listener` until `stop`.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
+        let tasks = TaskTracker::new();
+        loop {
+            let (stream, _) = tokio::select! {
+                _ = stop.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        warn!(error = %e, "admin accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let admin = self.clone();
+            let stop = stop.clone();
+            tasks.spawn(async move {
+                let service = service_fn(move |request| {
+                    let admin = admin.clone();
+                    async move { Ok::<_, Infallible>(admin.route(request)) }
+                });
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .serve_connection(TokioIo::new(stream), service);
+                let mut conn = pin!(conn);
+                tokio::select! {
+                    result = conn.as_mut() => if let Err(e) = result { debug!(error = %e, "admin connection error") },
+                    _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
+                }
+            });
+        }
+        tasks.close();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), tasks.wait()).await;
+    }
+
+    fn route(&self, request: Request<Incoming>) -> Response<Body> {
+        if request.method() != Method::GET && request.method() != Method::HEAD {
+            return response::text(StatusCode::METHOD_NOT_ALLOWED, "only GET");
+        }
+        let path = request.uri().path();
+        match path {
+            "/healthz" => response::text(StatusCode::OK, "ok"),
+            "/readyz" => match self.health.readiness() {
+                Ok(()) => response::text(StatusCode::OK, "ready"),
+                Err(why) => response::text(StatusCode::SERVICE_UNAVAILABLE, why),
+            },
+            "/metrics" => {
+                let mut response = Response::new(response::full(self.metrics.render()));
+                response.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                response
+            }
+            "/rooms" | "/rooms/" => response::json(
+                StatusCode::OK,
+                &RoomList {
+                    rooms: self.hub.room_summaries(),
+                },
+            ),
+            _ => match path.strip_prefix("/rooms/") {
+                Some(name) => self.room(&percent_decode(name)),
+                None => response::text(StatusCode::NOT_FOUND, "not found"),
+            },
+        }
+    }
+
+    fn room(&self, name: &str) -> Response<Body> {
+        match self.hub.room_detail(name) {
+            Some(detail) => response::json(StatusCode::OK, &detail),
+            None => response::json(
+                StatusCode::NOT_FOUND,
+                &NotFound {
+                    error: "no such room on this instance",
+                },
+            ),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct RoomList {
+    rooms: Vec<crate::rooms::RoomSummary>,
+}
+
+#[derive(Serialize)]
+struct NotFound {
+    error: &'static str,
+}

@@ -1,0 +1,158 @@
+//! `auth.mode = "upstream"`: forward auth. The upstream already knows its
+//! sessions, so the gateway asks it: `GET auth.upstream.path` with the
+//! upgrade request's cookies and headers. 2xx admits, and the response
+//! headers `Roomgate-User` and `Roomgate-Rooms` say who it is and where it
+//! may go; 401 and 403 (with their body) go back to the client; anything
+//! else, a timeout or an unreachable upstream refuses with 503, because
+//! failing open would let everyone in whenever the upstream hiccups.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Limited};
+use hyper::header::{self, HeaderName, HeaderValue};
+use hyper::http::request::Parts;
+use hyper::{Method, Request, StatusCode};
+
+use super::Rejection;
+use crate::config::AuthUpstreamConfig;
+use crate::metrics::RejectReason;
+use crate::proxy::{Upstream, strip_hop_by_hop};
+use crate::response;
+use crate::rooms::{Identity, RoomPatterns};
+
+/// Largest auth refusal body passed back to the client.
+const MAX_BODY: usize = 64 * 1024;
+
+/// The forward-auth client.
+pub struct ForwardAuth {
+    upstream: Upstream,
+    path: String,
+    timeout: Duration,
+}
+
+impl ForwardAuth {
+    /// Uses the proxy's pooled client to reach `path` on the upstream.
+    pub fn new(config: &AuthUpstreamConfig, upstream: Upstream) -> Self {
+        Self {
+            upstream,
+            path: config.path.clone(),
+            timeout: Duration::from_secs(config.timeout_secs),
+        }
+    }
+
+    /// Asks the upstream about this upgrade request.
+    pub async fn ask(&self, parts: &Parts, client: SocketAddr) -> Result<Identity, Rejection> {
+        let request = self.request(parts, client).map_err(|_| unavailable())?;
+        let response = self
+            .upstream
+            .send(request, self.timeout)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "auth upstream unavailable");
+                unavailable()
+            })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(identity(response.headers()));
+        }
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            let content_type = response
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .cloned()
+                .unwrap_or_else(|| HeaderValue::from_static("text/plain; charset=utf-8"));
+            let reason = if status == StatusCode::UNAUTHORIZED {
+                RejectReason::Unauthorized
+            } else {
+                RejectReason::Forbidden
+            };
+            let body = tokio::time::timeout(self.timeout, read_body(response.into_body()))
+                .await
+                .unwrap_or_default();
+            return Err(Rejection {
+                status,
+                reason,
+                body,
+                content_type,
+            });
+        }
+        tracing::warn!(
+            status = status.as_u16(),
+            "auth upstream answered neither 2xx nor 401/403"
+        );
+        Err(unavailable())
+    }
+
+    /// The auth request: the upgrade's headers minus the WebSocket and
+    /// hop-by-hop ones, plus where the request came from and went to.
+    fn request(
+        &self,
+        parts: &Parts,
+        client: SocketAddr,
+    ) -> Result<Request<response::Body>, crate::proxy::ProxyError> {
+        let mut request = Request::new(response::empty());
+        *request.method_mut() = Method::GET;
+        *request.uri_mut() = self.upstream.uri_for(&self.path)?;
+        let headers = request.headers_mut();
+        for (name, value) in &parts.headers {
+            if !name.as_str().starts_with("sec-websocket-") && name != header::CONTENT_LENGTH {
+                headers.append(name, value.clone());
+            }
+        }
+        strip_hop_by_hop(headers, false);
+        let forwarded = [
+            ("x-forwarded-for", client.ip().to_string()),
+            ("x-forwarded-proto", "http".to_string()),
+            ("x-forwarded-method", parts.method.to_string()),
+            (
+                "x-forwarded-uri",
+                parts
+                    .uri
+                    .path_and_query()
+                    .map(|p| p.to_string())
+                    .unwrap_or_default(),
+            ),
+        ];
+        for (name, value) in forwarded {
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                headers.insert(HeaderName::from_static(name), value);
+            }
+        }
+        if let Some(host) = parts.headers.get(header::HOST) {
+            headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
+        }
+        Ok(request)
+    }
+}
+
+fn identity(headers: &hyper::HeaderMap) -> Identity {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
+    Identity {
+        user: text("roomgate-user").map(Arc::from),
+        rooms: text("roomgate-rooms").map(|v| RoomPatterns::new(v.split(','))),
+        expires_at: None,
+    }
+}
+
+async fn read_body(body: hyper::body::Incoming) -> bytes::Bytes {
+    match Limited::new(body, MAX_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => bytes::Bytes::new(),
+    }
+}
+
+fn unavailable() -> Rejection {
+    Rejection::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        RejectReason::AuthUnavailable,
+        "authentication service unavailable",
+    )
+}

@@ -1,0 +1,163 @@
+//! Who may upgrade (SPEC §4). Every check runs before the 101, so a refused
+//! upgrade never becomes a WebSocket: the origin allow-list first (it stops
+//! cross-site WebSocket hijacking when auth rides on cookies), then the
+//! configured mode: nobody, a JWT, or the upstream's verdict.
+//!
+//! Credentials never reach the logs: refusals are logged by reason only.
+
+mod forward;
+mod jwt;
+
+use std::net::SocketAddr;
+
+use hyper::header::{self, HeaderValue};
+use hyper::http::request::Parts;
+use hyper::{Response, StatusCode};
+
+use crate::config::{AuthConfig, AuthMode};
+use crate::metrics::RejectReason;
+use crate::proxy::Upstream;
+use crate::response::{self, Body};
+use crate::rooms::Identity;
+
+/// Why the authenticator could not be built; reported at start-up as a
+/// configuration error.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthSetupError {
+    /// The HS256 secret's environment variable is unset or empty.
+    #[error("auth.jwt.secret_env: environment variable {0} is not set")]
+    MissingSecret(String),
+    /// The public key file could not be read.
+    #[error("auth.jwt.public_key_file: cannot read {path}: {source}")]
+    KeyFile {
+        /// The file.
+        path: String,
+        /// What the file system said.
+        source: std::io::Error,
+    },
+    /// The public key file is not a PEM key of the configured kind.
+    #[error("auth.jwt.public_key_file: {path} is not a valid {algorithm} public key: {message}")]
+    BadKey {
+        /// The file.
+        path: String,
+        /// The configured algorithm.
+        algorithm: String,
+        /// The parser's complaint.
+        message: String,
+    },
+}
+
+/// An upgrade refused before the WebSocket exists.
+#[derive(Debug)]
+pub struct Rejection {
+    /// HTTP status for the client.
+    pub status: StatusCode,
+    /// Metrics label.
+    pub reason: RejectReason,
+    /// Body text, or the auth upstream's own body for its 401/403.
+    pub body: bytes::Bytes,
+    /// Content type of `body`.
+    pub content_type: HeaderValue,
+}
+
+impl Rejection {
+    /// A plain-text refusal.
+    pub fn new(status: StatusCode, reason: RejectReason, message: &str) -> Self {
+        Self {
+            status,
+            reason,
+            body: bytes::Bytes::from(format!("{message}\n")),
+            content_type: HeaderValue::from_static("text/plain; charset=utf-8"),
+        }
+    }
+
+    /// The HTTP response.
+    pub fn into_response(self) -> Response<Body> {
+        let mut response = Response::new(response::full(self.body));
+        *response.status_mut() = self.status;
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, self.content_type);
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+enum Method {
+    None,
+    Jwt(jwt::JwtVerifier),
+    Upstream(forward::ForwardAuth),
+}
+
+/// Decides whether an upgrade request may proceed and who the client is.
+pub struct Authenticator {
+    allowed_origins: Vec<String>,
+    method: Method,
+}
+
+impl Authenticator {
+    /// Builds the authenticator: reads the HS256 secret from the environment
+    /// (`env` looks variables up) or the public key file, once, at start-up.
+    pub fn new(
+        config: &AuthConfig,
+        upstream: &Upstream,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, AuthSetupError> {
+        let method = match config.mode {
+            AuthMode::None => Method::None,
+            AuthMode::Jwt => Method::Jwt(jwt::JwtVerifier::new(&config.jwt, env)?),
+            AuthMode::Upstream => Method::Upstream(forward::ForwardAuth::new(
+                &config.upstream,
+                upstream.clone(),
+            )),
+        };
+        Ok(Self {
+            allowed_origins: config
+                .allowed_origins
+                .iter()
+                .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
+                .collect(),
+            method,
+        })
+    }
+
+    /// Checks the origin, then the credentials.
+    pub async fn admit(&self, parts: &Parts, client: SocketAddr) -> Result<Identity, Rejection> {
+        self.check_origin(parts)?;
+        match &self.method {
+            Method::None => Ok(Identity::default()),
+            Method::Jwt(verifier) => verifier.verify(parts),
+            Method::Upstream(forward) => forward.ask(parts, client).await,
+        }
+    }
+
+    /// Browsers always send `Origin` on a WebSocket upgrade; non-browser
+    /// clients usually do not and cannot be hijacked cross-site, so a missing
+    /// header is not refused.
+    fn check_origin(&self, parts: &Parts) -> Result<(), Rejection> {
+        if self.allowed_origins.is_empty() {
+            return Ok(());
+        }
+        let Some(origin) = parts.headers.get(header::ORIGIN) else {
+            return Ok(());
+        };
+        let origin = origin
+            .to_str()
+            .unwrap_or_default()
+            .trim_end_matches('/')
+            .to_ascii_lowercase();
+        if self.allowed_origins.contains(&origin) {
+            Ok(())
+        } else {
+            Err(Rejection::new(
+                StatusCode::FORBIDDEN,
+                RejectReason::Origin,
+                "origin not allowed",
+            ))
+        }
+    }
+}

@@ -1,0 +1,843 @@
+//! Configuration: one TOML file, every key optional, every key overridable
+//! from the environment (SPEC §5).
+//!
+//! Loading is strict on purpose. A typo in a key, a value of the wrong type or
+//! a contradictory setting stops start-up with a message naming the key, so an
+//! operator learns about it from the deploy, not from a silent default. The
+//! field doc comments below are the reference for each key; the commented
+//! default file `config/roomgate.toml` repeats them for operators.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of every environment variable that overrides a key.
+pub const ENV_PREFIX: &str = "ROOMGATE_";
+
+/// Where the configuration is read from when `--config` is not given.
+pub const DEFAULT_PATH: &str = "config/roomgate.toml";
+
+/// Why a configuration could not be used. Every variant names the offending
+/// key or file so the operator can fix it without reading code.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file named with `--config` could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file that was named.
+        path: PathBuf,
+        /// What the file system said.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not match the schema (unknown key,
+    /// wrong type); toml's message names the key and shows the line.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file being parsed.
+        path: PathBuf,
+        /// toml's description, which names the key.
+        message: String,
+    },
+    /// An environment override could not be parsed as the key's type.
+    #[error("invalid value for {var} (key `{key}`): {message}")]
+    Env {
+        /// The environment variable.
+        var: String,
+        /// The configuration key it overrides.
+        key: String,
+        /// What is wrong with the value.
+        message: String,
+    },
+    /// Values that parse but cannot work, possibly several at once.
+    #[error("invalid configuration:\n  {}", .0.join("\n  "))]
+    Invalid(Vec<String>),
+}
+
+/// The whole gateway configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The public listener: WebSocket paths and the proxied rest.
+    pub server: ServerConfig,
+    /// The operator listener: metrics, health, rooms.
+    pub admin: AdminConfig,
+    /// The HTTP service roomgate sits in front of.
+    pub upstream: UpstreamConfig,
+    /// Per-connection WebSocket behaviour.
+    pub websocket: WebSocketConfig,
+    /// The NATS bridge to backends and to the other instances.
+    pub nats: NatsConfig,
+    /// Who may upgrade and which rooms they may join.
+    pub auth: AuthConfig,
+    /// Log verbosity and format.
+    pub log: LogConfig,
+}
+
+/// `[server]`: the one public port.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address of the public listener (WebSocket and proxied HTTP).
+    pub listen: String,
+    /// Paths whose WebSocket upgrades roomgate terminates itself; every other
+    /// path is proxied.
+    pub ws_paths: Vec<String>,
+    /// Upgrades beyond this many open WebSockets get 503, so a flood of
+    /// clients cannot exhaust memory or file descriptors.
+    pub max_connections: usize,
+    /// How long a shutdown waits for in-flight proxied requests.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            ws_paths: vec!["/ws".into()],
+            max_connections: 100_000,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+/// `[admin]`: kept off the public port so metrics and room listings are not
+/// exposed to clients.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`, `/rooms`).
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9090".into(),
+        }
+    }
+}
+
+/// `[upstream]`: the service behind the gateway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Base URL, e.g. `http://127.0.0.1:3000`; empty means nothing is proxied
+    /// and other paths answer 404.
+    pub url: String,
+    /// Time allowed to open a TCP connection to the upstream.
+    pub connect_timeout_secs: u64,
+    /// Time allowed for the upstream to send its response headers.
+    pub timeout_secs: u64,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            connect_timeout_secs: 5,
+            timeout_secs: 30,
+        }
+    }
+}
+
+/// What happens when a connection's send queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlowConsumerPolicy {
+    /// Close the connection with 1013 so the client reconnects and resyncs.
+    Close,
+    /// Drop the newest frame for that connection and count it.
+    Drop,
+}
+
+/// `[websocket]`: limits that keep one client from hurting the others.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebSocketConfig {
+    /// Largest incoming message; a bigger one closes the connection with 1009.
+    pub max_message_size_bytes: usize,
+    /// How often the gateway pings each client.
+    pub ping_interval_secs: u64,
+    /// How long a ping may stay unanswered before the connection is closed.
+    pub pong_timeout_secs: u64,
+    /// Frames queued per connection before the slow-consumer policy applies.
+    pub send_queue_capacity: usize,
+    /// What to do with a client whose queue is full.
+    pub slow_consumer: SlowConsumerPolicy,
+    /// Incoming frames allowed per second per connection; 0 is unlimited.
+    pub max_messages_per_sec: u32,
+    /// Room behaviour.
+    pub rooms: RoomsConfig,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        Self {
+            max_message_size_bytes: 65_536,
+            ping_interval_secs: 30,
+            pong_timeout_secs: 10,
+            send_queue_capacity: 256,
+            slow_consumer: SlowConsumerPolicy::Close,
+            max_messages_per_sec: 0,
+            rooms: RoomsConfig::default(),
+        }
+    }
+}
+
+/// `[websocket.rooms]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoomsConfig {
+    /// `false` turns the gateway into a pure connection relay: joins get
+    /// `rooms_disabled`, backends still reach connections directly.
+    pub enabled: bool,
+    /// Members per room on this instance; further joins get `room_full`.
+    pub max_members: usize,
+    /// Rooms one connection may be in; further joins get `too_many_rooms`.
+    pub max_rooms_per_connection: usize,
+    /// How long an empty room is kept before it is freed; 0 frees at once.
+    pub idle_timeout_secs: u64,
+    /// `false`: client messages go to NATS only and the backend decides what
+    /// is broadcast.
+    pub client_broadcast: bool,
+    /// Send `presence` frames to members when others join or leave.
+    pub presence: bool,
+}
+
+impl Default for RoomsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_members: 1000,
+            max_rooms_per_connection: 10,
+            idle_timeout_secs: 3600,
+            client_broadcast: true,
+            presence: false,
+        }
+    }
+}
+
+/// `[nats]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// `false` runs a single instance with in-process rooms only.
+    pub enabled: bool,
+    /// Server URLs, comma-separated for a cluster; `user:pass@` allowed.
+    pub url: String,
+    /// NATS credentials (`.creds`) file; empty for none.
+    pub creds_file: String,
+    /// First token of every subject the gateway publishes or subscribes.
+    pub subject_prefix: String,
+    /// `true`: `/readyz` answers 503 while NATS is disconnected.
+    pub required: bool,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            url: "nats://127.0.0.1:4222".into(),
+            creds_file: String::new(),
+            subject_prefix: "roomgate".into(),
+            required: false,
+        }
+    }
+}
+
+impl NatsConfig {
+    /// The server URLs, split and trimmed.
+    pub fn urls(&self) -> Vec<String> {
+        split_list(&self.url)
+    }
+}
+
+/// How upgrades are authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Anyone may connect.
+    None,
+    /// A signed JWT in a header, query parameter or cookie.
+    Jwt,
+    /// Ask the upstream (forward auth).
+    Upstream,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `none`, `jwt` or `upstream`.
+    pub mode: AuthMode,
+    /// `Origin` values a browser may upgrade from; empty allows any.
+    pub allowed_origins: Vec<String>,
+    /// Settings for `mode = "jwt"`.
+    pub jwt: JwtConfig,
+    /// Settings for `mode = "upstream"`.
+    pub upstream: AuthUpstreamConfig,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::None,
+            allowed_origins: Vec::new(),
+            jwt: JwtConfig::default(),
+            upstream: AuthUpstreamConfig::default(),
+        }
+    }
+}
+
+/// Signature algorithm of accepted tokens. Exactly one is accepted, so a
+/// token cannot pick a weaker one (`alg: none`, HS256 signed with a public key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JwtAlgorithm {
+    /// HMAC with a shared secret.
+    HS256,
+    /// RSA PKCS#1 v1.5 with SHA-256.
+    RS256,
+    /// ECDSA P-256 with SHA-256.
+    ES256,
+}
+
+/// `[auth.jwt]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtConfig {
+    /// `HS256`, `RS256` or `ES256`.
+    pub algorithm: JwtAlgorithm,
+    /// Name of the environment variable holding the HS256 secret; the secret
+    /// itself never appears in the file.
+    pub secret_env: String,
+    /// PEM public key for RS256 and ES256.
+    pub public_key_file: String,
+    /// Cookie to read the token from; empty for none.
+    pub cookie: String,
+    /// Required `iss`, checked when set.
+    pub issuer: String,
+    /// Required `aud`, checked when set.
+    pub audience: String,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        Self {
+            algorithm: JwtAlgorithm::HS256,
+            secret_env: String::new(),
+            public_key_file: String::new(),
+            cookie: String::new(),
+            issuer: String::new(),
+            audience: String::new(),
+        }
+    }
+}
+
+/// `[auth.upstream]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthUpstreamConfig {
+    /// Path of the upstream's auth endpoint.
+    pub path: String,
+    /// Time allowed for the auth answer; a timeout refuses with 503.
+    pub timeout_secs: u64,
+}
+
+impl Default for AuthUpstreamConfig {
+    fn default() -> Self {
+        Self {
+            path: "/auth/ws".into(),
+            timeout_secs: 5,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, `debug`, or per target `roomgate=debug,info`.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// A configuration together with what loading it noticed but did not reject.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The validated configuration.
+    pub config: Config,
+    /// Warnings to log once logging is up (e.g. unknown `ROOMGATE_` variables).
+    pub warnings: Vec<String>,
+}
+
+impl Config {
+    /// Loads the file (the explicit one, else the default path if it exists,
+    /// else built-in defaults), applies `env`, and validates.
+    pub fn load(
+        explicit: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Loaded, ConfigError> {
+        let (path, text) = read_file(explicit)?;
+        let mut table: toml::Table = match &text {
+            Some(text) => toml::from_str(text).map_err(|e| ConfigError::Parse {
+                path: path.clone(),
+                message: e.to_string(),
+            })?,
+            None => toml::Table::new(),
+        };
+        // Check the file alone first, so its errors point at its lines.
+        Self::deserialize_table(&table, &path)?;
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let mut warnings = apply_env(&mut table, &env)?;
+        let config = Self::deserialize_table(&table, &path)?;
+        warnings.retain(|w| !mentions_secret_var(w, &config));
+        config.validate()?;
+        Ok(Loaded { config, warnings })
+    }
+
+    fn deserialize_table(table: &toml::Table, path: &Path) -> Result<Config, ConfigError> {
+        Config::deserialize(toml::Value::Table(table.clone())).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Checks what types alone cannot: addresses, URLs, ranges and settings
+    /// that depend on each other. Reports every problem at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        let mut check = |ok: bool, msg: &str| {
+            if !ok {
+                errors.push(msg.to_string());
+            }
+        };
+        check(
+            self.server.listen.parse::<SocketAddr>().is_ok(),
+            "server.listen: expected an address such as 0.0.0.0:8080",
+        );
+        check(
+            self.admin.listen.parse::<SocketAddr>().is_ok(),
+            "admin.listen: expected an address such as 127.0.0.1:9090",
+        );
+        check(
+            !self.server.ws_paths.is_empty()
+                && self.server.ws_paths.iter().all(|p| p.starts_with('/')),
+            "server.ws_paths: needs at least one path, each starting with '/'",
+        );
+        check(
+            self.server.max_connections > 0,
+            "server.max_connections: must be at least 1",
+        );
+        check(
+            self.upstream.url.is_empty() || upstream_url_ok(&self.upstream.url),
+            "upstream.url: expected http://host:port with an optional path, or empty",
+        );
+        check(
+            self.upstream.connect_timeout_secs > 0,
+            "upstream.connect_timeout_secs: must be at least 1",
+        );
+        check(
+            self.upstream.timeout_secs > 0,
+            "upstream.timeout_secs: must be at least 1",
+        );
+        let ws = &self.websocket;
+        check(
+            ws.max_message_size_bytes >= 64,
+            "websocket.max_message_size_bytes: must be at least 64",
+        );
+        check(
+            ws.ping_interval_secs > 0,
+            "websocket.ping_interval_secs: must be at least 1",
+        );
+        check(
+            ws.pong_timeout_secs > 0,
+            "websocket.pong_timeout_secs: must be at least 1",
+        );
+        check(
+            ws.send_queue_capacity > 0,
+            "websocket.send_queue_capacity: must be at least 1",
+        );
+        check(
+            ws.rooms.max_members > 0,
+            "websocket.rooms.max_members: must be at least 1",
+        );
+        check(
+            ws.rooms.max_rooms_per_connection > 0,
+            "websocket.rooms.max_rooms_per_connection: must be at least 1",
+        );
+        if self.nats.enabled {
+            check(
+                !self.nats.urls().is_empty(),
+                "nats.url: needs at least one server URL",
+            );
+            check(
+                valid_subject_prefix(&self.nats.subject_prefix),
+                "nats.subject_prefix: must be one or more dot-separated tokens without spaces, '*' or '>'",
+            );
+        }
+        check(
+            tracing_subscriber::EnvFilter::try_new(&self.log.level).is_ok(),
+            "log.level: expected a level such as info or debug, or a filter like roomgate=debug",
+        );
+        self.validate_auth(&mut check);
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
+    }
+
+    fn validate_auth(&self, check: &mut impl FnMut(bool, &str)) {
+        match self.auth.mode {
+            AuthMode::None => {}
+            AuthMode::Upstream => {
+                check(
+                    !self.upstream.url.is_empty(),
+                    "auth.mode: \"upstream\" needs upstream.url",
+                );
+                check(
+                    self.auth.upstream.path.starts_with('/'),
+                    "auth.upstream.path: must start with '/'",
+                );
+                check(
+                    self.auth.upstream.timeout_secs > 0,
+                    "auth.upstream.timeout_secs: must be at least 1",
+                );
+            }
+            AuthMode::Jwt => match self.auth.jwt.algorithm {
+                JwtAlgorithm::HS256 => check(
+                    !self.auth.jwt.secret_env.is_empty(),
+                    "auth.jwt.secret_env: HS256 needs the name of the environment variable holding the secret",
+                ),
+                JwtAlgorithm::RS256 | JwtAlgorithm::ES256 => check(
+                    !self.auth.jwt.public_key_file.is_empty(),
+                    "auth.jwt.public_key_file: RS256 and ES256 need a PEM public key file",
+                ),
+            },
+        }
+    }
+
+    /// The configuration as TOML with secrets masked, for `check-config`.
+    pub fn to_masked_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.nats.url = shown
+            .nats
+            .urls()
+            .iter()
+            .map(|u| mask_url_password(u))
+            .collect::<Vec<_>>()
+            .join(",");
+        toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+    }
+
+    /// The public listener address (validated).
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.server
+            .listen
+            .parse()
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8080)))
+    }
+
+    /// The admin listener address (validated).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .listen
+            .parse()
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9090)))
+    }
+}
+
+impl WebSocketConfig {
+    /// `ping_interval_secs` as a duration.
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_secs(self.ping_interval_secs)
+    }
+
+    /// `pong_timeout_secs` as a duration.
+    pub fn pong_timeout(&self) -> Duration {
+        Duration::from_secs(self.pong_timeout_secs)
+    }
+}
+
+fn read_file(explicit: Option<&Path>) -> Result<(PathBuf, Option<String>), ConfigError> {
+    match explicit {
+        Some(path) => std::fs::read_to_string(path)
+            .map(|t| (path.to_path_buf(), Some(t)))
+            .map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            }),
+        None => {
+            let path = PathBuf::from(DEFAULT_PATH);
+            match std::fs::read_to_string(&path) {
+                Ok(text) => Ok((path, Some(text))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((path, None)),
+                Err(source) => Err(ConfigError::Read { path, source }),
+            }
+        }
+    }
+}
+
+/// The type of a leaf key, taken from its default value, which decides how an
+/// environment string is parsed.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    String,
+    Integer,
+    Bool,
+    List,
+}
+
+/// Every leaf key (`websocket.rooms.max_members`) with its kind, derived from
+/// the defaults so that a new key is overridable without extra code.
+fn leaf_keys() -> BTreeMap<String, Kind> {
+    fn walk(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, Kind>) {
+        for (key, value) in table {
+            let path = if prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            let kind = match value {
+                toml::Value::Table(t) => {
+                    walk(&path, t, out);
+                    continue;
+                }
+                toml::Value::Integer(_) => Kind::Integer,
+                toml::Value::Boolean(_) => Kind::Bool,
+                toml::Value::Array(_) => Kind::List,
+                _ => Kind::String,
+            };
+            out.insert(path, kind);
+        }
+    }
+    let mut out = BTreeMap::new();
+    if let Ok(toml::Value::Table(defaults)) = toml::Value::try_from(Config::default()) {
+        walk("", &defaults, &mut out);
+    }
+    out
+}
+
+/// The environment variable that overrides `key`.
+pub fn env_name(key: &str) -> String {
+    format!("{ENV_PREFIX}{}", key.replace('.', "_").to_uppercase())
+}
+
+/// Applies `ROOMGATE_*` variables onto the file's table; returns warnings for
+/// variables that match no key.
+fn apply_env(
+    table: &mut toml::Table,
+    env: &[(String, String)],
+) -> Result<Vec<String>, ConfigError> {
+    let keys: BTreeMap<String, (String, Kind)> = leaf_keys()
+        .into_iter()
+        .map(|(key, kind)| (env_name(&key), (key, kind)))
+        .collect();
+    let mut warnings = Vec::new();
+    for (var, raw) in env {
+        if !var.starts_with(ENV_PREFIX) {
+            continue;
+        }
+        let Some((key, kind)) = keys.get(var) else {
+            warnings.push(format!("ignoring {var}: it matches no configuration key"));
+            continue;
+        };
+        let value = parse_env_value(raw, *kind).map_err(|message| ConfigError::Env {
+            var: var.clone(),
+            key: key.clone(),
+            message,
+        })?;
+        insert_path(table, key, value);
+    }
+    Ok(warnings)
+}
+
+fn parse_env_value(raw: &str, kind: Kind) -> Result<toml::Value, String> {
+    let raw = raw.trim();
+    match kind {
+        Kind::String => Ok(toml::Value::String(raw.to_string())),
+        Kind::Integer => raw
+            .parse::<i64>()
+            .map(toml::Value::Integer)
+            .map_err(|_| format!("expected an integer, got {raw:?}")),
+        Kind::Bool => match raw.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Ok(toml::Value::Boolean(true)),
+            "false" | "0" | "no" | "off" => Ok(toml::Value::Boolean(false)),
+            _ => Err(format!("expected true or false, got {raw:?}")),
+        },
+        Kind::List => Ok(toml::Value::Array(
+            split_list(raw)
+                .into_iter()
+                .map(toml::Value::String)
+                .collect(),
+        )),
+    }
+}
+
+fn insert_path(table: &mut toml::Table, key: &str, value: toml::Value) {
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let Some(last) = parts.pop() else { return };
+    let mut current = table;
+    for part in parts {
+        let entry = current
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        let toml::Value::Table(next) = entry else {
+            return;
+        };
+        current = next;
+    }
+    current.insert(last.to_string(), value);
+}
+
+/// The HS256 secret's variable may well be named `ROOMGATE_...`; it is not a
+/// configuration key, so it is not worth a warning.
+fn mentions_secret_var(warning: &str, config: &Config) -> bool {
+    let var = &config.auth.jwt.secret_env;
+    !var.is_empty() && warning.starts_with(&format!("ignoring {var}:"))
+}
+
+fn split_list(raw: &str) -> Vec<String> {
+    raw.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+fn upstream_url_ok(url: &str) -> bool {
+    match url.parse::<hyper::Uri>() {
+        Ok(uri) => {
+            uri.scheme_str() == Some("http") && uri.authority().is_some() && uri.query().is_none()
+        }
+        Err(_) => false,
+    }
+}
+
+fn valid_subject_prefix(prefix: &str) -> bool {
+    !prefix.is_empty()
+        && prefix.split('.').all(|t| {
+            !t.is_empty() && !t.contains(['*', '>']) && !t.chars().any(char::is_whitespace)
+        })
+}
+
+fn mask_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map(|(u, _)| u).unwrap_or(userinfo);
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn documented_default_file_parses_to_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_PATH);
+        let loaded = Config::load(Some(&path), Vec::new()).expect("default config parses");
+        assert_eq!(loaded.config, Config::default());
+    }
+
+    #[test]
+    fn env_overrides_nested_keys_and_lists() {
+        let loaded = Config::load(
+            Some(Path::new(&format!(
+                "{}/{DEFAULT_PATH}",
+                env!("CARGO_MANIFEST_DIR")
+            ))),
+            env(&[
+                ("ROOMGATE_WEBSOCKET_ROOMS_MAX_MEMBERS", "50"),
+                ("ROOMGATE_SERVER_WS_PATHS", "/ws, /live"),
+                ("ROOMGATE_NATS_ENABLED", "false"),
+                ("ROOMGATE_NOT_A_KEY", "1"),
+            ]),
+        )
+        .expect("loads");
+        assert_eq!(loaded.config.websocket.rooms.max_members, 50);
+        assert_eq!(loaded.config.server.ws_paths, vec!["/ws", "/live"]);
+        assert!(!loaded.config.nats.enabled);
+        assert_eq!(loaded.warnings.len(), 1);
+        assert!(loaded.warnings[0].contains("ROOMGATE_NOT_A_KEY"));
+    }
+
+    #[test]
+    fn bad_env_value_names_variable_and_key() {
+        let err =
+            Config::load(None, env(&[("ROOMGATE_SERVER_MAX_CONNECTIONS", "lots")])).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("ROOMGATE_SERVER_MAX_CONNECTIONS"), "{msg}");
+        assert!(msg.contains("server.max_connections"), "{msg}");
+    }
+
+    #[test]
+    fn every_leaf_key_has_an_env_name() {
+        let keys = leaf_keys();
+        assert!(keys.contains_key("websocket.rooms.idle_timeout_secs"));
+        assert!(keys.contains_key("auth.jwt.secret_env"));
+        assert_eq!(
+            env_name("websocket.max_message_size_bytes"),
+            "ROOMGATE_WEBSOCKET_MAX_MESSAGE_SIZE_BYTES"
+        );
+    }
+
+    #[test]
+    fn inconsistent_settings_are_all_reported() {
+        let mut config = Config::default();
+        config.auth.mode = AuthMode::Upstream;
+        config.server.listen = "nowhere".into();
+        let Err(ConfigError::Invalid(errors)) = config.validate() else {
+            panic!("expected validation errors");
+        };
+        assert!(errors.iter().any(|e| e.starts_with("auth.mode")));
+        assert!(errors.iter().any(|e| e.starts_with("server.listen")));
+    }
+
+    #[test]
+    fn passwords_are_masked() {
+        let mut config = Config::default();
+        config.nats.url = "nats://app:hunter2@10.0.0.1:4222,nats://10.0.0.2:4222".into();
+        let shown = config.to_masked_toml();
+        assert!(!shown.contains("hunter2"));
+        assert!(shown.contains("nats://app:***@10.0.0.1:4222,nats://10.0.0.2:4222"));
+    }
+}

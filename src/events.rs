@@ -1,0 +1,189 @@
+//! What the gateway tells backends: client messages, presence and connection
+//! lifecycle events, plus changes in which rooms have local members.
+//!
+//! Sessions and rooms hand events over without waiting: a bounded queue
+//! feeds the NATS bridge, and a full queue (NATS slow or down) drops the
+//! event and counts it in `roomgate_nats_publish_errors_total`. Room interest
+//! changes are not queued but collected in a set, so a client that joins and
+//! leaves in a loop cannot grow memory: the bridge reconciles each room
+//! against its current state, however many times it changed.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use prometheus::IntCounter;
+use tokio::sync::{Notify, mpsc};
+
+use crate::protocol::PresenceKind;
+use crate::rooms::{Connection, RoomName};
+
+/// One thing to publish.
+#[derive(Debug)]
+pub enum Event {
+    /// A client's message to a room (`<prefix>.message.<room>`).
+    Message {
+        /// The room.
+        room: RoomName,
+        /// The `content` value as raw JSON.
+        content: Bytes,
+        /// The sender.
+        from: Arc<Connection>,
+        /// Unix milliseconds.
+        ts: u64,
+    },
+    /// A member joined or left (`<prefix>.presence.<room>`).
+    Presence {
+        /// The room.
+        room: RoomName,
+        /// Join or leave.
+        kind: PresenceKind,
+        /// The member.
+        conn: Arc<Connection>,
+        /// Unix milliseconds.
+        ts: u64,
+    },
+    /// A connection was accepted (`<prefix>.connection.open`).
+    ConnectionOpen {
+        /// The connection.
+        conn: Arc<Connection>,
+        /// Unix milliseconds.
+        ts: u64,
+    },
+    /// A connection ended (`<prefix>.connection.close`).
+    ConnectionClose {
+        /// The connection.
+        conn: Arc<Connection>,
+        /// The close code.
+        code: u16,
+        /// Unix milliseconds.
+        ts: u64,
+    },
+}
+
+/// Unix time in milliseconds, for the `ts` fields.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+struct Shared {
+    interest: Mutex<HashSet<RoomName>>,
+    wake: Notify,
+    dropped: IntCounter,
+}
+
+/// The producer side, held by sessions and rooms. A disabled sink (NATS
+/// off) ignores everything at the cost of one branch.
+#[derive(Clone, Default)]
+pub struct Events {
+    inner: Option<(mpsc::Sender<Event>, Arc<Shared>)>,
+}
+
+/// The consumer side, owned by the NATS bridge.
+pub struct EventStream {
+    rx: mpsc::Receiver<Event>,
+    shared: Arc<Shared>,
+}
+
+/// What the bridge should do next: reconcile `interest` first, then publish
+/// `event`. The order matters: a presence event must leave after the room's
+/// subscription exists, so a backend reacting to it can reach the member.
+#[derive(Debug, Default)]
+pub struct Work {
+    /// Rooms that gained their first or lost their last local member.
+    pub interest: Vec<RoomName>,
+    /// An event to publish.
+    pub event: Option<Event>,
+}
+
+impl Events {
+    /// A sink that drops everything, for a gateway without NATS.
+    pub fn disabled() -> Self {
+        Self { inner: None }
+    }
+
+    /// A sink with a queue of `capacity` events; `dropped` counts what did
+    /// not fit.
+    pub fn channel(capacity: usize, dropped: IntCounter) -> (Self, EventStream) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let shared = Arc::new(Shared {
+            interest: Mutex::new(HashSet::new()),
+            wake: Notify::new(),
+            dropped,
+        });
+        (
+            Self {
+                inner: Some((tx, shared.clone())),
+            },
+            EventStream { rx, shared },
+        )
+    }
+
+    /// Whether events go anywhere; lets callers skip building them.
+    pub fn enabled(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// Hands an event to the bridge without waiting; counts it as a publish
+    /// error when the queue is full.
+    pub fn publish(&self, event: Event) {
+        if let Some((tx, shared)) = &self.inner
+            && tx.try_send(event).is_err()
+        {
+            shared.dropped.inc();
+        }
+    }
+
+    /// Notes that `room` gained its first or lost its last local member.
+    pub fn interest_changed(&self, room: &RoomName) {
+        if let Some((_, shared)) = &self.inner {
+            lock(&shared.interest).insert(room.clone());
+            shared.wake.notify_one();
+        }
+    }
+}
+
+impl EventStream {
+    /// Waits for the next piece of work; `None` once every producer is gone.
+    pub async fn next(&mut self) -> Option<Work> {
+        loop {
+            let interest = self.take_interest();
+            if !interest.is_empty() {
+                return Some(Work {
+                    interest,
+                    event: None,
+                });
+            }
+            tokio::select! {
+                biased;
+                _ = self.shared.wake.notified() => continue,
+                event = self.rx.recv() => {
+                    let event = event?;
+                    return Some(Work { interest: self.take_interest(), event: Some(event) });
+                }
+            }
+        }
+    }
+
+    /// Takes an event without waiting, for draining at shutdown.
+    pub fn try_next_event(&mut self) -> Option<Event> {
+        self.rx.try_recv().ok()
+    }
+
+    fn take_interest(&self) -> Vec<RoomName> {
+        let mut set = lock(&self.shared.interest);
+        if set.is_empty() {
+            Vec::new()
+        } else {
+            set.drain().collect()
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,54 @@
+//! roomgate: a sidecar gateway that puts WebSocket rooms in front of an
+//! existing HTTP service, on one port.
+//!
+//! WebSocket upgrades to the gateway's own paths become sessions whose
+//! rooms and broadcasting live in this process; every other request is
+//! reverse-proxied to the upstream; room events flow to backends over NATS
+//! and backends reach rooms, single connections or everyone through NATS.
+//! Several instances on one NATS cluster behave as one gateway.
+//!
+//! # Layout
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`config`] | the TOML file, `ROOMGATE_*` overrides, validation |
+//! | [`server`] | the public listener, routing, start-up and shutdown order |
+//! | [`ws`] | upgrade checks and WebSocket sessions (reader, writer, heartbeat) |
+//! | [`protocol`] | the client's JSON frames, parsed and encoded |
+//! | [`rooms`] | rooms, connections and the broadcaster API |
+//! | [`events`] | the queue of what the gateway tells backends |
+//! | [`nats`] | the bridge: publishing events, delivering backend messages |
+//! | [`proxy`] | the reverse proxy and tunnel to the upstream |
+//! | [`auth`] | origin checks, JWT and forward auth at the upgrade |
+//! | [`admin`] | `/metrics`, `/healthz`, `/readyz`, `/rooms` |
+//! | [`metrics`] | every Prometheus family, in one place |
+//! | [`shutdown`] | signals, cancellation and task tracking |
+//! | [`request`], [`response`] | small HTTP helpers shared by the above |
+//!
+//! # Data path of a room message
+//!
+//! A session's reader parses the frame (borrowing, no copy of `content`),
+//! encodes the outgoing `message` frame once, and the hub queues that one
+//! shared buffer into each member's bounded queue without waiting. Each
+//! member's writer drains its queue in batches. The same message goes to
+//! NATS through the event queue, never blocking the reader.
+
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod events;
+pub mod metrics;
+pub mod nats;
+pub mod protocol;
+pub mod proxy;
+pub mod request;
+pub mod response;
+pub mod rooms;
+pub mod server;
+pub mod shutdown;
+pub mod ws;
+
+pub use config::Config;
+pub use server::{Gateway, StartError, preflight};

@@ -1,0 +1,111 @@
+//! The `roomgate` command: parse arguments, load the configuration, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use roomgate::config::{Config, LogConfig, LogFormat};
+
+/// A sidecar gateway: WebSocket rooms in front of an HTTP service, bridged to NATS.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Configuration file (default: config/roomgate.toml if it exists).
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Run,
+    /// Validate the configuration and print it, secrets masked.
+    CheckConfig,
+}
+
+/// Exit code for configuration errors.
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let loaded = match Config::load(cli.config.as_deref(), std::env::vars()) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("roomgate: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::CheckConfig => check_config(&loaded),
+        Command::Run => run(loaded),
+    }
+}
+
+fn check_config(loaded: &roomgate::config::Loaded) -> ExitCode {
+    for warning in &loaded.warnings {
+        eprintln!("roomgate: warning: {warning}");
+    }
+    if let Err(e) = roomgate::preflight(&loaded.config) {
+        eprintln!("roomgate: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    print!("{}", loaded.config.to_masked_toml());
+    ExitCode::SUCCESS
+}
+
+fn run(loaded: roomgate::config::Loaded) -> ExitCode {
+    init_logging(&loaded.config.log);
+    for warning in &loaded.warnings {
+        tracing::warn!("{warning}");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("roomgate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match roomgate::Gateway::bind(loaded.config).await {
+            Ok(gateway) => {
+                gateway.run(roomgate::shutdown::signal()).await;
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                eprintln!("roomgate: {e}");
+                ExitCode::from(if e.is_config() { EXIT_CONFIG } else { 1 })
+            }
+        }
+    })
+}
+
+fn init_logging(config: &LogConfig) {
+    // async-nats logs every reconnect attempt at info; the bridge reports
+    // the connection state itself, so quiet it unless asked for.
+    let level = if config.level.contains("async_nats") {
+        config.level.clone()
+    } else {
+        format!("{},async_nats=warn", config.level)
+    };
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(&level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
+    match config.format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .init(),
+    }
+}

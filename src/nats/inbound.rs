@@ -1,0 +1,304 @@
+//! Delivering what backends and other instances publish to local clients.
+//!
+//! Each message is turned into one client frame, encoded once, and handed
+//! to the hub's broadcaster. Malformed backend input is logged and dropped:
+//! it never reaches a client half-formed and never stops the bridge.
+
+use std::sync::Arc;
+
+use async_nats::{Client, Message};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tracing::debug;
+use uuid::Uuid;
+
+use super::{BridgeSettings, HEADER_EXCLUDE, HEADER_FROM, HEADER_GATEWAY, HEADER_RAW};
+use crate::metrics::{CloseReason, Metrics};
+use crate::protocol::{self, Frame, PresenceKind, Refusal};
+use crate::rooms::{Hub, RoomName};
+
+/// Close code used by `control.disconnect` when none (or an invalid one) is given.
+const DEFAULT_KICK_CODE: u16 = 1008;
+
+/// Handles messages from every subscription of the bridge.
+pub struct Inbound {
+    client: Client,
+    hub: Arc<Hub>,
+    metrics: Metrics,
+    settings: BridgeSettings,
+}
+
+/// A client message published by another instance.
+#[derive(Deserialize)]
+struct PeerMessage<'a> {
+    #[serde(borrow)]
+    content: &'a RawValue,
+    #[serde(borrow)]
+    from: std::borrow::Cow<'a, str>,
+}
+
+/// A presence event published by another instance.
+#[derive(Deserialize)]
+struct PeerPresence<'a> {
+    event: PresenceKind,
+    #[serde(borrow)]
+    connection_id: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    user: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// `control.join` / `control.leave` payload.
+#[derive(Deserialize)]
+struct Membership {
+    connection_id: Uuid,
+    room: String,
+}
+
+/// `control.disconnect` payload.
+#[derive(Deserialize)]
+struct Disconnect {
+    connection_id: Uuid,
+    code: Option<u16>,
+    reason: Option<String>,
+}
+
+impl Inbound {
+    /// A handler delivering into `hub`; `client` answers control requests.
+    pub fn new(client: Client, hub: Arc<Hub>, metrics: Metrics, settings: BridgeSettings) -> Self {
+        Self {
+            client,
+            hub,
+            metrics,
+            settings,
+        }
+    }
+
+    /// The subjects every instance listens on, whatever rooms it holds.
+    pub fn fixed_subjects(&self) -> [String; 3] {
+        let p = &self.settings.prefix;
+        [
+            format!("{p}.send.*"),
+            format!("{p}.all"),
+            format!("{p}.control.*"),
+        ]
+    }
+
+    /// Handles one message from any subscription.
+    pub async fn handle(&self, message: Message) {
+        self.metrics.nats_received.inc();
+        let subject = message.subject.as_str();
+        let Some(rest) = subject
+            .strip_prefix(self.settings.prefix.as_str())
+            .and_then(|r| r.strip_prefix('.'))
+        else {
+            return;
+        };
+        let (kind, target) = rest.split_once('.').unwrap_or((rest, ""));
+        match kind {
+            "broadcast" => self.broadcast(target, &message),
+            "message" => self.peer_message(target, &message),
+            "presence" => self.peer_presence(target, &message),
+            "send" => self.send(target, &message),
+            "all" if target.is_empty() => self.all(&message),
+            "control" => self.control(target, &message).await,
+            _ => {}
+        }
+    }
+
+    fn broadcast(&self, room: &str, message: &Message) {
+        if let Some(frame) = backend_frame(Some(room), message) {
+            self.hub.broadcast_room(room, &frame, exclude(message));
+        }
+    }
+
+    fn send(&self, id: &str, message: &Message) {
+        let Ok(id) = Uuid::parse_str(id) else { return };
+        // Every instance hears `send.*`; only the owner acts, others skip a
+        // map lookup's worth of work.
+        if self.hub.connection(id).is_none() {
+            return;
+        }
+        if let Some(frame) = backend_frame(None, message) {
+            self.hub.send_to(id, frame);
+        }
+    }
+
+    fn all(&self, message: &Message) {
+        if let Some(frame) = backend_frame(None, message) {
+            self.hub.broadcast_all(&frame, exclude(message));
+        }
+    }
+
+    fn is_own(&self, message: &Message) -> bool {
+        header(message, HEADER_GATEWAY) == Some(&*self.settings.gateway_id)
+    }
+
+    /// A client message from another instance, for this instance's members.
+    fn peer_message(&self, room: &str, message: &Message) {
+        if self.is_own(message) || !self.settings.client_broadcast {
+            return;
+        }
+        match serde_json::from_slice::<PeerMessage<'_>>(&message.payload) {
+            Ok(peer) => {
+                let frame = protocol::message(Some(room), peer.content.get(), &peer.from);
+                self.hub.broadcast_room(room, &frame, None);
+            }
+            Err(e) => debug!(error = %e, "ignoring malformed peer message"),
+        }
+    }
+
+    /// Presence from another instance, for this instance's members.
+    fn peer_presence(&self, room: &str, message: &Message) {
+        if self.is_own(message) || !self.settings.presence {
+            return;
+        }
+        match serde_json::from_slice::<PeerPresence<'_>>(&message.payload) {
+            Ok(p) => {
+                let frame = protocol::presence(room, p.event, &p.connection_id, p.user.as_deref());
+                self.hub.broadcast_room(room, &frame, None);
+            }
+            Err(e) => debug!(error = %e, "ignoring malformed peer presence"),
+        }
+    }
+
+    /// `control.join|leave|disconnect`: acts only where the connection lives.
+    /// A request (message with a reply subject) is answered by that instance
+    /// with `{"ok":true}` or `{"ok":false,"error":CODE}`.
+    async fn control(&self, action: &str, message: &Message) {
+        let outcome = match action {
+            "join" | "leave" => {
+                let Ok(m) = serde_json::from_slice::<Membership>(&message.payload) else {
+                    debug!(action, "ignoring malformed control payload");
+                    return;
+                };
+                let Some(conn) = self.hub.connection(m.connection_id) else {
+                    return;
+                };
+                let Some(room) = RoomName::parse(&m.room) else {
+                    self.reply(
+                        message,
+                        Err(Refusal::new(
+                            protocol::ErrorCode::InvalidRoom,
+                            "invalid room",
+                        )),
+                    )
+                    .await;
+                    return;
+                };
+                if action == "join" {
+                    self.hub
+                        .join_by_backend(&conn, &room, protocol::joined(room.as_str(), None))
+                } else {
+                    self.hub.leave(
+                        &conn,
+                        room.as_str(),
+                        protocol::left(room.as_str(), None, true),
+                    )
+                }
+            }
+            "disconnect" => {
+                let Ok(d) = serde_json::from_slice::<Disconnect>(&message.payload) else {
+                    debug!("ignoring malformed control.disconnect payload");
+                    return;
+                };
+                let Some(conn) = self.hub.connection(d.connection_id) else {
+                    return;
+                };
+                let code = d
+                    .code
+                    .filter(|c| sendable_close_code(*c))
+                    .unwrap_or(DEFAULT_KICK_CODE);
+                let reason = d.reason.unwrap_or_default();
+                conn.close(code, truncate(&reason, 120), CloseReason::Kicked);
+                Ok(())
+            }
+            _ => return,
+        };
+        self.reply(message, outcome).await;
+    }
+
+    async fn reply(&self, message: &Message, outcome: Result<(), Refusal>) {
+        let Some(reply) = message.reply.clone() else {
+            return;
+        };
+        let body = match outcome {
+            Ok(()) => r#"{"ok":true}"#.to_string(),
+            Err(refusal) => {
+                let code = serde_json::to_string(&refusal.code).unwrap_or_default();
+                format!(r#"{{"ok":false,"error":{code}}}"#)
+            }
+        };
+        if tokio::time::timeout(
+            super::PUBLISH_TIMEOUT,
+            self.client.publish(reply, body.into()),
+        )
+        .await
+        .is_err()
+        {
+            self.metrics.nats_publish_errors.inc();
+        }
+    }
+}
+
+/// The frame a backend's payload becomes: wrapped as a `message` (content
+/// = payload text, from = `Roomgate-From` or `"server"`), or sent as is with
+/// `Roomgate-Raw: true`. `None` for a raw payload that is not UTF-8.
+fn backend_frame(room: Option<&str>, message: &Message) -> Option<Frame> {
+    let raw = header(message, HEADER_RAW).is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    if raw {
+        return match String::from_utf8(message.payload.to_vec()) {
+            Ok(text) => Some(Frame::from_text(text)),
+            Err(_) => {
+                debug!("dropping raw backend payload that is not UTF-8");
+                None
+            }
+        };
+    }
+    let text = String::from_utf8_lossy(&message.payload);
+    let mut content = String::with_capacity(text.len() + 2);
+    protocol::push_json_str(&mut content, Some(&text));
+    let from = header(message, HEADER_FROM).unwrap_or("server");
+    Some(protocol::message(room, &content, from))
+}
+
+fn header<'m>(message: &'m Message, name: &str) -> Option<&'m str> {
+    message.headers.as_ref()?.get(name).map(|v| v.as_str())
+}
+
+fn exclude(message: &Message) -> Option<Uuid> {
+    header(message, HEADER_EXCLUDE).and_then(|v| Uuid::parse_str(v.trim()).ok())
+}
+
+/// Close codes a server may send: 1000-1003, 1007-1014, and 3000-4999.
+fn sendable_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+/// At most `max` bytes, cut at a character boundary (close reasons are
+/// limited to 123 bytes).
+fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_codes_and_reasons_are_bounded() {
+        assert!(sendable_close_code(1000));
+        assert!(sendable_close_code(4000));
+        assert!(!sendable_close_code(1005));
+        assert!(!sendable_close_code(1006));
+        assert!(!sendable_close_code(999));
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+}

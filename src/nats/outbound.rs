@@ -1,0 +1,171 @@
+//! Turning events into NATS publications: subjects, JSON payloads and the
+//! `Roomgate-*` headers of SPEC §2.
+
+use std::fmt::Write as _;
+
+use async_nats::{Client, HeaderMap};
+use bytes::Bytes;
+
+use super::{BridgeSettings, HEADER_CONNECTION, HEADER_GATEWAY, HEADER_USER, PUBLISH_TIMEOUT};
+use crate::events::Event;
+use crate::metrics::Metrics;
+use crate::protocol::{PresenceKind, push_json_str};
+use crate::rooms::Connection;
+
+/// Publishes events, dropping (and counting) what NATS cannot take now.
+pub struct Publisher {
+    client: Client,
+    metrics: Metrics,
+    settings: BridgeSettings,
+}
+
+impl Publisher {
+    /// A publisher on `client`.
+    pub fn new(client: Client, metrics: Metrics, settings: BridgeSettings) -> Self {
+        Self {
+            client,
+            metrics,
+            settings,
+        }
+    }
+
+    /// Publishes one event. While disconnected it is dropped at once:
+    /// buffering would only deliver stale presence and messages later.
+    pub async fn publish(&self, event: Event) {
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            self.metrics.nats_publish_errors.inc();
+            return;
+        }
+        let (subject, conn, payload) = self.encode(&event);
+        let headers = self.headers(conn);
+        let sent = tokio::time::timeout(
+            PUBLISH_TIMEOUT,
+            self.client.publish_with_headers(subject, headers, payload),
+        )
+        .await;
+        match sent {
+            Ok(Ok(())) => self.metrics.nats_published.inc(),
+            _ => self.metrics.nats_publish_errors.inc(),
+        }
+    }
+
+    /// Waits (briefly) until what was published has reached the server.
+    pub async fn flush(&self) {
+        if self.client.connection_state() == async_nats::connection::State::Connected {
+            let _ = tokio::time::timeout(PUBLISH_TIMEOUT * 4, self.client.flush()).await;
+        }
+    }
+
+    fn headers(&self, conn: &Connection) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER_CONNECTION, conn.id_str());
+        if let Some(user) = conn.user() {
+            headers.insert(HEADER_USER, user);
+        }
+        headers.insert(HEADER_GATEWAY, &*self.settings.gateway_id);
+        headers
+    }
+
+    /// The subject, the connection it concerns, and the JSON payload.
+    fn encode<'e>(&self, event: &'e Event) -> (String, &'e Connection, Bytes) {
+        let prefix = &self.settings.prefix;
+        let gateway = &*self.settings.gateway_id;
+        match event {
+            Event::Message {
+                room,
+                content,
+                from,
+                ts,
+            } => {
+                let mut out = Json::object();
+                out.str("room", Some(room.as_str()));
+                out.raw("content", content);
+                out.str("from", Some(from.id_str()));
+                out.str("user", from.user());
+                out.str("gateway", Some(gateway));
+                out.num("ts", *ts);
+                (format!("{prefix}.message.{room}"), from, out.finish())
+            }
+            Event::Presence {
+                room,
+                kind,
+                conn,
+                ts,
+            } => {
+                let mut out = Json::object();
+                out.str("event", Some(presence_word(*kind)));
+                out.str("room", Some(room.as_str()));
+                out.str("connection_id", Some(conn.id_str()));
+                out.str("user", conn.user());
+                out.str("gateway", Some(gateway));
+                out.num("ts", *ts);
+                (format!("{prefix}.presence.{room}"), conn, out.finish())
+            }
+            Event::ConnectionOpen { conn, ts } => {
+                let out = lifecycle(conn, gateway, *ts);
+                (format!("{prefix}.connection.open"), conn, out.finish())
+            }
+            Event::ConnectionClose { conn, code, ts } => {
+                let mut out = lifecycle(conn, gateway, *ts);
+                out.num("code", u64::from(*code));
+                (format!("{prefix}.connection.close"), conn, out.finish())
+            }
+        }
+    }
+}
+
+fn lifecycle(conn: &Connection, gateway: &str, ts: u64) -> Json {
+    let mut out = Json::object();
+    out.str("connection_id", Some(conn.id_str()));
+    out.str("user", conn.user());
+    out.str("gateway", Some(gateway));
+    out.num("ts", ts);
+    out
+}
+
+fn presence_word(kind: PresenceKind) -> &'static str {
+    match kind {
+        PresenceKind::Join => "join",
+        PresenceKind::Leave => "leave",
+    }
+}
+
+/// A minimal JSON object writer: the payloads are flat, and the client's
+/// `content` must be copied in as raw JSON, not re-encoded.
+struct Json(String);
+
+impl Json {
+    fn object() -> Self {
+        Self(String::from("{"))
+    }
+
+    fn key(&mut self, key: &str) {
+        if self.0.len() > 1 {
+            self.0.push(',');
+        }
+        self.0.push('"');
+        self.0.push_str(key);
+        self.0.push_str("\":");
+    }
+
+    fn str(&mut self, key: &str, value: Option<&str>) {
+        self.key(key);
+        push_json_str(&mut self.0, value);
+    }
+
+    fn raw(&mut self, key: &str, json: &Bytes) {
+        self.key(key);
+        // `content` was parsed as JSON from a UTF-8 text frame.
+        self.0.push_str(std::str::from_utf8(json).unwrap_or("null"));
+    }
+
+    fn num(&mut self, key: &str, value: u64) {
+        self.key(key);
+        let _ = write!(self.0, "{value}");
+    }
+
+    fn finish(mut self) -> Bytes {
+        self.0.push('}');
+        Bytes::from(self.0)
+    }
+}

@@ -1,0 +1,454 @@
+//! The client protocol (SPEC §1): parsing incoming JSON frames and encoding
+//! outgoing ones.
+//!
+//! Outgoing frames are encoded once into a [`Frame`] whose bytes are shared
+//! by reference count, so a broadcast to ten thousand members costs one
+//! encoding and ten thousand pointer copies. Incoming frames are parsed
+//! without copying: `content` stays a borrowed raw JSON slice that reaches
+//! other members and NATS unchanged.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+/// Longest `id` a client may attach to a frame.
+pub const MAX_ID_LEN: usize = 64;
+
+/// An encoded outgoing text frame. Cloning shares the bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Frame(Utf8Bytes);
+
+impl Frame {
+    /// Wraps an already encoded JSON text.
+    pub fn from_text(text: String) -> Self {
+        Self(Utf8Bytes::from(text))
+    }
+
+    /// Length in bytes, for the bytes-sent counter.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the frame is empty (never, for frames built here).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The frame as text.
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+
+    /// The bytes, for handing to the WebSocket codec without copying.
+    pub fn into_utf8_bytes(self) -> Utf8Bytes {
+        self.0
+    }
+}
+
+impl fmt::Debug for Frame {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Frame({})", self.0.as_str())
+    }
+}
+
+/// The error codes of SPEC §1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not JSON, not an object, a field of the wrong type, or an `id` too long.
+    InvalidJson,
+    /// A JSON object whose `type` is not one the gateway knows.
+    UnknownType,
+    /// A room name outside the allowed syntax.
+    InvalidRoom,
+    /// A message to a room the sender has not joined.
+    NotMember,
+    /// The room has `max_members` members already.
+    RoomFull,
+    /// The connection is in `max_rooms_per_connection` rooms already.
+    TooManyRooms,
+    /// The connection sent more than `max_messages_per_sec`.
+    RateLimited,
+    /// The room is not allowed for this user.
+    Forbidden,
+    /// A binary frame; the protocol is JSON text.
+    BinaryNotSupported,
+    /// `websocket.rooms.enabled = false`.
+    RoomsDisabled,
+}
+
+/// A frame that could not be served: the code, a human-readable message and
+/// the frame's `id` when one could be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The error code sent to the client.
+    pub code: ErrorCode,
+    /// Explanation for humans.
+    pub message: Cow<'static, str>,
+}
+
+impl Refusal {
+    /// A refusal with a fixed message.
+    pub fn new(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// A parsed client request. Strings borrow from the incoming frame.
+#[derive(Debug)]
+pub enum Request<'a> {
+    /// Join a room.
+    Join {
+        /// The room, not yet validated.
+        room: Cow<'a, str>,
+    },
+    /// Leave a room.
+    Leave {
+        /// The room, not yet validated.
+        room: Cow<'a, str>,
+    },
+    /// Send to a room's other members.
+    Message {
+        /// The room, not yet validated.
+        room: Cow<'a, str>,
+        /// Any JSON value, passed on byte for byte.
+        content: &'a RawValue,
+    },
+}
+
+/// The fields the gateway reads from an incoming frame; anything else is
+/// ignored so that clients can carry their own metadata.
+#[derive(Deserialize)]
+struct Incoming<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    room: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    content: Option<&'a RawValue>,
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
+}
+
+/// Used only when a frame failed to parse, to still echo its `id`.
+#[derive(Deserialize)]
+struct IdOnly<'a> {
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
+}
+
+/// Parses one incoming text frame into its `id` and the request or refusal.
+pub fn parse(text: &str) -> (Option<Cow<'_, str>>, Result<Request<'_>, Refusal>) {
+    // serde would also read a struct from an array; the protocol is objects.
+    if !text.trim_start().starts_with('{') {
+        return (
+            None,
+            Err(Refusal::new(
+                ErrorCode::InvalidJson,
+                "frame is not a JSON object",
+            )),
+        );
+    }
+    let incoming: Incoming<'_> = match serde_json::from_str(text) {
+        Ok(incoming) => incoming,
+        Err(e) => {
+            return (
+                id_of(text),
+                Err(Refusal::new(
+                    ErrorCode::InvalidJson,
+                    describe_json_error(&e),
+                )),
+            );
+        }
+    };
+    let id = incoming.id;
+    if id.as_ref().is_some_and(|id| id.len() > MAX_ID_LEN) {
+        return (
+            None,
+            Err(Refusal::new(
+                ErrorCode::InvalidJson,
+                "id is longer than 64 bytes",
+            )),
+        );
+    }
+    (id, request(incoming.kind, incoming.room, incoming.content))
+}
+
+fn request<'a>(
+    kind: Option<Cow<'a, str>>,
+    room: Option<Cow<'a, str>>,
+    content: Option<&'a RawValue>,
+) -> Result<Request<'a>, Refusal> {
+    let Some(kind) = kind else {
+        return Err(Refusal::new(ErrorCode::InvalidJson, "missing \"type\""));
+    };
+    let room = || room.ok_or_else(|| Refusal::new(ErrorCode::InvalidRoom, "missing \"room\""));
+    match kind.as_ref() {
+        "join" => Ok(Request::Join { room: room()? }),
+        "leave" => Ok(Request::Leave { room: room()? }),
+        "message" => {
+            let room = room()?;
+            let content = content
+                .ok_or_else(|| Refusal::new(ErrorCode::InvalidJson, "missing \"content\""))?;
+            Ok(Request::Message { room, content })
+        }
+        _ => Err(Refusal::new(ErrorCode::UnknownType, "unknown frame type")),
+    }
+}
+
+/// The `id` of a frame that failed to parse as a whole, when it has a valid one.
+fn id_of(text: &str) -> Option<Cow<'_, str>> {
+    serde_json::from_str::<IdOnly<'_>>(text)
+        .ok()
+        .and_then(|f| f.id)
+        .filter(|id| id.len() <= MAX_ID_LEN)
+}
+
+fn describe_json_error(e: &serde_json::Error) -> Cow<'static, str> {
+    match e.classify() {
+        serde_json::error::Category::Data => {
+            "a field has the wrong type, or the frame is not an object".into()
+        }
+        _ => "frame is not valid JSON".into(),
+    }
+}
+
+#[derive(Serialize)]
+struct Reply<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    room: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<ErrorCode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    connection_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+}
+
+impl<'a> Reply<'a> {
+    fn new(kind: &'a str) -> Self {
+        Self {
+            kind,
+            room: None,
+            reason: None,
+            code: None,
+            message: None,
+            connection_id: None,
+            id: None,
+        }
+    }
+
+    fn encode(&self) -> Frame {
+        // Serialising plain strings and enums into a String cannot fail.
+        Frame::from_text(serde_json::to_string(self).unwrap_or_default())
+    }
+}
+
+/// `{"type":"system","message":"Connected as <id>","connection_id":"<id>"}`.
+pub fn welcome(connection_id: &str) -> Frame {
+    let message = format!("Connected as {connection_id}");
+    Reply {
+        message: Some(&message),
+        connection_id: Some(connection_id),
+        ..Reply::new("system")
+    }
+    .encode()
+}
+
+/// `{"type":"joined","room":R}`, with the request's `id` if any.
+pub fn joined(room: &str, id: Option<&str>) -> Frame {
+    Reply {
+        room: Some(room),
+        id,
+        ..Reply::new("joined")
+    }
+    .encode()
+}
+
+/// `{"type":"left","room":R}`; `kicked` adds `"reason":"kicked"`.
+pub fn left(room: &str, id: Option<&str>, kicked: bool) -> Frame {
+    Reply {
+        room: Some(room),
+        reason: kicked.then_some("kicked"),
+        id,
+        ..Reply::new("left")
+    }
+    .encode()
+}
+
+/// `{"type":"ack","id":...}` for an accepted message.
+pub fn ack(id: &str) -> Frame {
+    Reply {
+        id: Some(id),
+        ..Reply::new("ack")
+    }
+    .encode()
+}
+
+/// `{"type":"error","code":...,"message":...}`.
+pub fn error(refusal: &Refusal, id: Option<&str>) -> Frame {
+    Reply {
+        code: Some(refusal.code),
+        message: Some(&refusal.message),
+        id,
+        ..Reply::new("error")
+    }
+    .encode()
+}
+
+/// Presence event kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PresenceKind {
+    /// A member joined.
+    Join,
+    /// A member left.
+    Leave,
+}
+
+/// `{"type":"presence","room":R,"event":...,"connection_id":C,"user":U}`.
+pub fn presence(room: &str, event: PresenceKind, connection_id: &str, user: Option<&str>) -> Frame {
+    #[derive(Serialize)]
+    struct Presence<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        room: &'a str,
+        event: PresenceKind,
+        connection_id: &'a str,
+        user: Option<&'a str>,
+    }
+    let frame = Presence {
+        kind: "presence",
+        room,
+        event,
+        connection_id,
+        user,
+    };
+    Frame::from_text(serde_json::to_string(&frame).unwrap_or_default())
+}
+
+/// `{"type":"message","room":R,"content":C,"from":F}` where `content` is
+/// raw JSON, already validated, copied in without re-encoding. `room: None`
+/// encodes `"room":null` (direct and global backend messages).
+pub fn message(room: Option<&str>, content: &str, from: &str) -> Frame {
+    let mut out = String::with_capacity(48 + room.map_or(4, str::len) + content.len() + from.len());
+    out.push_str(r#"{"type":"message","room":"#);
+    push_json_str(&mut out, room);
+    out.push_str(r#","content":"#);
+    out.push_str(content);
+    out.push_str(r#","from":"#);
+    push_json_str(&mut out, Some(from));
+    out.push('}');
+    Frame::from_text(out)
+}
+
+/// Appends a JSON string (escaped) or `null`.
+pub fn push_json_str(out: &mut String, s: Option<&str>) {
+    match s {
+        // Room names and connection ids never need escaping, and are the
+        // common case: skip serde for them.
+        Some(s)
+            if s.bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\') =>
+        {
+            out.push('"');
+            out.push_str(s);
+            out.push('"');
+        }
+        Some(s) => out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())),
+        None => out.push_str("null"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code_of(text: &str) -> ErrorCode {
+        parse(text).1.expect_err("refused").code
+    }
+
+    #[test]
+    fn parses_requests_and_ignores_unknown_fields() {
+        let (id, req) =
+            parse(r#"{"type":"message","room":"a.b","content":{"x":[1,2]},"id":"7","extra":true}"#);
+        assert_eq!(id.as_deref(), Some("7"));
+        match req.expect("parses") {
+            Request::Message { room, content } => {
+                assert_eq!(room, "a.b");
+                assert_eq!(content.get(), r#"{"x":[1,2]}"#);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn refusals_carry_the_right_codes() {
+        assert_eq!(code_of("not json"), ErrorCode::InvalidJson);
+        assert_eq!(code_of("[1,2]"), ErrorCode::InvalidJson);
+        assert_eq!(code_of(r#"["join","general"]"#), ErrorCode::InvalidJson);
+        assert_eq!(code_of(r#"{"type":5}"#), ErrorCode::InvalidJson);
+        assert_eq!(
+            code_of(r#"{"type":"join","room":7}"#),
+            ErrorCode::InvalidJson
+        );
+        assert_eq!(code_of(r#"{"type":"dance"}"#), ErrorCode::UnknownType);
+        assert_eq!(code_of(r#"{"type":"join"}"#), ErrorCode::InvalidRoom);
+        assert_eq!(
+            code_of(r#"{"type":"message","room":"a"}"#),
+            ErrorCode::InvalidJson
+        );
+        let long = "x".repeat(65);
+        assert_eq!(
+            code_of(&format!(r#"{{"type":"join","room":"a","id":"{long}"}}"#)),
+            ErrorCode::InvalidJson
+        );
+    }
+
+    #[test]
+    fn id_is_echoed_even_when_the_frame_is_refused() {
+        let (id, req) = parse(r#"{"type":"join","room":7,"id":"abc"}"#);
+        assert!(req.is_err());
+        assert_eq!(id.as_deref(), Some("abc"));
+    }
+
+    #[test]
+    fn encodes_frames_as_the_spec_shows() {
+        assert_eq!(
+            joined("general", None).as_str(),
+            r#"{"type":"joined","room":"general"}"#
+        );
+        assert_eq!(
+            left("general", Some("1"), true).as_str(),
+            r#"{"type":"left","room":"general","reason":"kicked","id":"1"}"#
+        );
+        assert_eq!(
+            message(Some("r"), r#""hi""#, "abc").as_str(),
+            r#"{"type":"message","room":"r","content":"hi","from":"abc"}"#
+        );
+        assert_eq!(
+            message(None, r#""hi""#, "a \"b\"").as_str(),
+            r#"{"type":"message","room":null,"content":"hi","from":"a \"b\""}"#
+        );
+        let err = error(&Refusal::new(ErrorCode::RoomFull, "full"), Some("x"));
+        assert_eq!(
+            err.as_str(),
+            r#"{"type":"error","code":"room_full","message":"full","id":"x"}"#
+        );
+        let v: serde_json::Value = serde_json::from_str(welcome("id-1").as_str()).expect("json");
+        assert_eq!(v["connection_id"], "id-1");
+        assert_eq!(v["message"], "Connected as id-1");
+    }
+}

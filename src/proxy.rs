@@ -1,0 +1,389 @@
+//! The reverse proxy to the upstream (SPEC §3).
+//!
+//! Bodies stream both ways: the incoming request body is handed to the
+//! upstream request as it arrives, and the upstream's response body reaches
+//! the client chunk by chunk, so uploads and server-sent events are never
+//! held in memory. Connections to the upstream are pooled and kept alive.
+//! WebSocket upgrades to paths that are not the gateway's are tunneled:
+//! after the upstream's 101 both upgraded sockets are spliced together.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tracing::debug;
+
+use crate::config::UpstreamConfig;
+use crate::metrics::Metrics;
+use crate::request::header_has_token;
+use crate::response::{self, Body};
+use crate::shutdown::Shutdown;
+
+/// Why a request could not be proxied; each maps to the status of SPEC §3.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// `upstream.url` is empty.
+    #[error("no upstream configured")]
+    NoUpstream,
+    /// Connection refused, reset, or the upstream broke the protocol.
+    #[error("upstream unreachable: {0}")]
+    Unreachable(String),
+    /// No response headers (or no connection) within the time allowed.
+    #[error("upstream timed out")]
+    Timeout,
+}
+
+impl ProxyError {
+    /// The status the client gets.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::NoUpstream => StatusCode::NOT_FOUND,
+            Self::Unreachable(_) => StatusCode::BAD_GATEWAY,
+            Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+}
+
+/// A pooled HTTP client bound to the upstream's base URL. Shared by the
+/// proxy and by forward auth.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpConnector, Body>,
+    base: Option<Uri>,
+}
+
+impl Upstream {
+    /// Builds the client; with an empty `upstream.url` every call answers
+    /// [`ProxyError::NoUpstream`].
+    pub fn new(config: &UpstreamConfig) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(config.connect_timeout_secs)));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        let base = (!config.url.is_empty())
+            .then(|| config.url.parse().ok())
+            .flatten();
+        Self { client, base }
+    }
+
+    /// Whether an upstream is configured.
+    pub fn is_configured(&self) -> bool {
+        self.base.is_some()
+    }
+
+    /// The upstream URI for a client's path and query, below the base path.
+    pub fn uri_for(&self, path_and_query: &str) -> Result<Uri, ProxyError> {
+        let base = self.base.as_ref().ok_or(ProxyError::NoUpstream)?;
+        let prefix = base.path().trim_end_matches('/');
+        let authority = base.authority().map(|a| a.as_str()).unwrap_or_default();
+        format!("http://{authority}{prefix}{path_and_query}")
+            .parse()
+            .map_err(|e| ProxyError::Unreachable(format!("cannot build upstream URI: {e}")))
+    }
+
+    /// Sends a request and waits up to `timeout` for the response headers.
+    pub async fn send(
+        &self,
+        request: Request<Body>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        match tokio::time::timeout(timeout, self.client.request(request)).await {
+            Err(_) => Err(ProxyError::Timeout),
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) if is_timeout(&e) => Err(ProxyError::Timeout),
+            Ok(Err(e)) => Err(ProxyError::Unreachable(error_chain(&e))),
+        }
+    }
+}
+
+/// The proxy service for everything that is not a gateway WebSocket.
+pub struct Proxy {
+    upstream: Upstream,
+    timeout: Duration,
+    metrics: Metrics,
+    shutdown: Shutdown,
+}
+
+impl Proxy {
+    /// A proxy to `upstream`; tunnels are tracked by `shutdown`.
+    pub fn new(
+        upstream: Upstream,
+        config: &UpstreamConfig,
+        metrics: Metrics,
+        shutdown: Shutdown,
+    ) -> Self {
+        Self {
+            upstream,
+            timeout: Duration::from_secs(config.timeout_secs),
+            metrics,
+            shutdown,
+        }
+    }
+
+    /// Forwards one request and returns the upstream's response, or the
+    /// gateway's error response.
+    pub async fn forward(&self, request: Request<Incoming>, client: SocketAddr) -> Response<Body> {
+        let started = Instant::now();
+        let response = match self.try_forward(request, client).await {
+            Ok(response) => response,
+            Err(e) => {
+                debug!(error = %e, "proxy error");
+                response::text(e.status(), e.to_string())
+            }
+        };
+        self.metrics
+            .proxy_request(response.status(), started.elapsed().as_secs_f64());
+        response
+    }
+
+    async fn try_forward(
+        &self,
+        mut request: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Result<Response<Body>, ProxyError> {
+        let upgrade = is_upgrade(request.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+        let outgoing = self.outgoing(request, client, upgrade)?;
+        let mut response = self.upstream.send(outgoing, self.timeout).await?;
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_upgrade) = client_upgrade
+        {
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            self.shutdown.spawn(splice(
+                client_upgrade,
+                upstream_upgrade,
+                self.shutdown.clone(),
+            ));
+            let (parts, _) = response.into_parts();
+            return Ok(Response::from_parts(parts, response::empty()));
+        }
+        strip_hop_by_hop(response.headers_mut(), false);
+        Ok(response.map(|body| body.boxed()))
+    }
+
+    /// The upstream request: same method, path, query, headers (minus
+    /// hop-by-hop) and streaming body, plus the `X-Forwarded-*` headers.
+    fn outgoing(
+        &self,
+        request: Request<Incoming>,
+        client: SocketAddr,
+        upgrade: bool,
+    ) -> Result<Request<Body>, ProxyError> {
+        let (mut parts, body) = request.into_parts();
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        parts.uri = self.upstream.uri_for(path)?;
+        parts.version = hyper::Version::HTTP_11;
+        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        strip_hop_by_hop(&mut parts.headers, upgrade);
+        append_forwarded_for(&mut parts.headers, client);
+        parts.headers.insert(
+            HeaderName::from_static("x-forwarded-proto"),
+            HeaderValue::from_static("http"),
+        );
+        if let Some(host) = host {
+            parts
+                .headers
+                .insert(HeaderName::from_static("x-forwarded-host"), host);
+        }
+        Ok(Request::from_parts(parts, body.boxed()))
+    }
+}
+
+/// Copies bytes both ways between the client's and the upstream's upgraded
+/// connections until either side closes or shutdown is forced.
+async fn splice(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    shutdown: Shutdown,
+) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            debug!(error = %e, "tunnel upgrade failed");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    tokio::select! {
+        result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+            if let Err(e) = result {
+                debug!(error = %e, "tunnel ended");
+            }
+        }
+        _ = shutdown.forced().cancelled() => {}
+    }
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1,
+/// plus the proxy headers of RFC 2616 that intermediaries still strip).
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers, including those named in `Connection`. For a
+/// tunneled upgrade, `Upgrade` and `Connection: upgrade` are kept: they are
+/// the point of the request.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    let upgrade = headers.get(header::UPGRADE).cloned();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if keep_upgrade && let Some(upgrade) = upgrade {
+        headers.insert(header::UPGRADE, upgrade);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Whether the request asks to switch protocols (`Connection: upgrade`).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && header_has_token(headers, header::CONNECTION, "upgrade")
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, client: SocketAddr) {
+    let name = HeaderName::from_static("x-forwarded-for");
+    let prior: Vec<&str> = headers
+        .get_all(&name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let ip = client.ip().to_string();
+    let value = if prior.is_empty() {
+        ip
+    } else {
+        format!("{}, {ip}", prior.join(", "))
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(name, value);
+    }
+}
+
+fn is_timeout(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(err) = source {
+        text.push_str(": ");
+        text.push_str(&err.to_string());
+        source = err.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_standard_and_named_hop_by_hop_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, X-Secret"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["x-kept"]);
+    }
+
+    #[test]
+    fn keeps_upgrade_for_tunnels() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("Upgrade"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        assert!(is_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(
+            h.get("upgrade").map(|v| v.as_bytes()),
+            Some(&b"websocket"[..])
+        );
+        assert_eq!(
+            h.get("connection").map(|v| v.as_bytes()),
+            Some(&b"upgrade"[..])
+        );
+    }
+
+    #[test]
+    fn forwarded_for_appends() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
+        h.append("x-forwarded-for", HeaderValue::from_static("2.2.2.2"));
+        append_forwarded_for(&mut h, "10.0.0.1:5000".parse().expect("addr"));
+        assert_eq!(
+            h.get("x-forwarded-for").map(|v| v.as_bytes()),
+            Some(&b"1.1.1.1, 2.2.2.2, 10.0.0.1"[..])
+        );
+    }
+
+    #[test]
+    fn joins_base_path() {
+        let config = UpstreamConfig {
+            url: "http://127.0.0.1:3000/api/".into(),
+            ..UpstreamConfig::default()
+        };
+        let up = Upstream::new(&config);
+        assert_eq!(
+            up.uri_for("/x?y=1").expect("uri").to_string(),
+            "http://127.0.0.1:3000/api/x?y=1"
+        );
+        assert!(matches!(
+            Upstream::new(&UpstreamConfig::default()).uri_for("/"),
+            Err(ProxyError::NoUpstream)
+        ));
+    }
+}

@@ -1,0 +1,189 @@
+//! The shared half of a WebSocket connection: what the rest of the gateway
+//! may do to a connection it does not own (queue a frame, ask it to close).
+//!
+//! The session task owns the socket; everybody else holds an
+//! `Arc<Connection>` and talks to it through a bounded queue. Queueing never
+//! waits: a full queue is the slow-consumer case and its policy applies on
+//! the spot, so one client that stops reading cannot stall a broadcast.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::SystemTime;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::Room;
+use super::name::RoomPatterns;
+use crate::config::SlowConsumerPolicy;
+use crate::metrics::CloseReason;
+use crate::protocol::Frame;
+
+/// Close code for a client that cannot keep up (SPEC §1).
+pub const CLOSE_SLOW_CONSUMER: u16 = 1013;
+
+/// Why and how a connection is being closed; the first request wins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseRequest {
+    /// WebSocket close code sent to the client.
+    pub code: u16,
+    /// Text sent in the close frame.
+    pub text: String,
+    /// Metrics label.
+    pub reason: CloseReason,
+}
+
+/// Who the client is, as established at the upgrade.
+#[derive(Debug, Clone, Default)]
+pub struct Identity {
+    /// The authenticated user, if any.
+    pub user: Option<Arc<str>>,
+    /// Rooms the user may join; `None` allows every room.
+    pub rooms: Option<RoomPatterns>,
+    /// When the credentials expire; the connection closes with 1008 then.
+    pub expires_at: Option<SystemTime>,
+}
+
+/// What became of a frame handed to a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Queued for the writer.
+    Queued,
+    /// Queue full and the policy is `drop`: the frame is gone.
+    Dropped,
+    /// The connection is closing (or just got closed for being slow).
+    Closing,
+}
+
+/// The receiving end of a connection's queue, owned by its writer task.
+pub type Outbox = mpsc::Receiver<Frame>;
+
+/// A connection as seen by rooms, backends and admin.
+pub struct Connection {
+    id: Uuid,
+    id_text: Box<str>,
+    identity: Identity,
+    outbox: mpsc::Sender<Frame>,
+    policy: SlowConsumerPolicy,
+    closing: CancellationToken,
+    close: OnceLock<CloseRequest>,
+    pongs: AtomicU64,
+    /// Rooms this connection is in. Locked before any room (lock order:
+    /// connection, room shard, room) so membership changes from the client
+    /// and from backends cannot interleave.
+    rooms: Mutex<Vec<Arc<Room>>>,
+}
+
+impl Connection {
+    /// Creates a connection with a fresh UUID and a queue of `capacity`
+    /// frames. `closing` is cancelled when anyone closes the connection;
+    /// pass a child of the shutdown token so shutdown reaches it too.
+    pub fn new(
+        identity: Identity,
+        capacity: usize,
+        policy: SlowConsumerPolicy,
+        closing: CancellationToken,
+    ) -> (Arc<Self>, Outbox) {
+        let id = Uuid::new_v4();
+        let (outbox, rx) = mpsc::channel(capacity.max(1));
+        let conn = Arc::new(Self {
+            id,
+            id_text: id.hyphenated().to_string().into_boxed_str(),
+            identity,
+            outbox,
+            policy,
+            closing,
+            close: OnceLock::new(),
+            pongs: AtomicU64::new(0),
+            rooms: Mutex::new(Vec::new()),
+        });
+        (conn, rx)
+    }
+
+    /// The connection id.
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+
+    /// The connection id as it appears on the wire.
+    pub fn id_str(&self) -> &str {
+        &self.id_text
+    }
+
+    /// Who the client is.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The user, for presence frames and NATS payloads.
+    pub fn user(&self) -> Option<&str> {
+        self.identity.user.as_deref()
+    }
+
+    /// Queues a frame without waiting; applies the slow-consumer policy when
+    /// the queue is full.
+    pub fn deliver(&self, frame: Frame) -> Delivery {
+        match self.outbox.try_send(frame) {
+            Ok(()) => Delivery::Queued,
+            Err(mpsc::error::TrySendError::Full(_)) => match self.policy {
+                SlowConsumerPolicy::Drop => Delivery::Dropped,
+                SlowConsumerPolicy::Close => {
+                    self.close(
+                        CLOSE_SLOW_CONSUMER,
+                        "slow consumer",
+                        CloseReason::SlowConsumer,
+                    );
+                    Delivery::Closing
+                }
+            },
+            Err(mpsc::error::TrySendError::Closed(_)) => Delivery::Closing,
+        }
+    }
+
+    /// Asks the session to close with `code`. The first request decides the
+    /// code; later ones are ignored.
+    pub fn close(&self, code: u16, text: &str, reason: CloseReason) {
+        let _ = self.close.set(CloseRequest {
+            code,
+            text: text.to_string(),
+            reason,
+        });
+        self.closing.cancel();
+    }
+
+    /// The close request, once someone made one.
+    pub fn close_request(&self) -> Option<&CloseRequest> {
+        self.close.get()
+    }
+
+    /// Cancelled when the connection is closing for any reason.
+    pub fn closing(&self) -> &CancellationToken {
+        &self.closing
+    }
+
+    /// Records a pong from the client (heartbeat).
+    pub fn pong_received(&self) {
+        self.pongs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Pongs received so far; the writer compares it across a ping.
+    pub fn pongs(&self) -> u64 {
+        self.pongs.load(Ordering::Relaxed)
+    }
+
+    /// The membership list, locked.
+    pub(super) fn rooms(&self) -> MutexGuard<'_, Vec<Arc<Room>>> {
+        // A panic while holding this lock would be a bug in this module; the
+        // list itself stays consistent, so keep serving.
+        self.rooms.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("id", &self.id_text)
+            .finish_non_exhaustive()
+    }
+}

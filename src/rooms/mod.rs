@@ -1,0 +1,709 @@
+//! Rooms and the connections in them, owned in-process, and the broadcaster
+//! API that sessions and the NATS bridge use to reach clients.
+//!
+//! Concurrency design (the broadcast path is the hot path):
+//! - Rooms live in sharded maps (`SHARDS` locks picked by hash), connections
+//!   in maps sharded by their random UUID. No lock covers the whole gateway.
+//! - A broadcast looks the room up (shard read lock, an `Arc` clone), then
+//!   walks the members under the room's read lock and queues the one encoded
+//!   frame into each member's bounded queue with `try_send`. Nothing awaits
+//!   under a lock, and a full queue is handled by the slow-consumer policy on
+//!   the spot, so no recipient can make a broadcast wait.
+//! - Membership changes take the room's write lock; `joined` and `left`
+//!   replies are queued under that lock so a member never sees a room's
+//!   message before `joined` or after `left`.
+//!
+//! Lock order: a connection's room list, then a room shard, then a room.
+
+mod connection;
+mod name;
+
+use std::collections::{BinaryHeap, HashMap};
+use std::hash::BuildHasher;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub use connection::{CLOSE_SLOW_CONSUMER, CloseRequest, Connection, Delivery, Identity, Outbox};
+pub use name::{MAX_ROOM_LEN, RoomName, RoomPatterns, is_valid};
+
+use crate::config::RoomsConfig;
+use crate::events::{Event, Events, now_ms};
+use crate::metrics::Metrics;
+use crate::protocol::{self, ErrorCode, Frame, PresenceKind, Refusal};
+
+/// Number of lock shards for rooms and for connections. A power of two well
+/// above the core count keeps contention negligible.
+const SHARDS: usize = 64;
+
+/// A room and its local members.
+pub struct Room {
+    name: RoomName,
+    created: SystemTime,
+    state: RwLock<RoomState>,
+}
+
+#[derive(Default)]
+struct RoomState {
+    /// Contiguous for a cache-friendly broadcast walk.
+    members: Vec<Arc<Connection>>,
+    /// Position of each member in `members`, for O(1) removal.
+    index: HashMap<Uuid, usize>,
+    /// Set when the room is removed from its shard; a join that raced with
+    /// the removal sees it and retries on a fresh room.
+    closed: bool,
+    /// When the last member left.
+    empty_since: Option<Instant>,
+    /// Whether an expiry entry for this room is in the sweeper's heap, so a
+    /// join/leave loop adds at most one.
+    expiry_queued: bool,
+}
+
+impl Room {
+    fn new(name: RoomName) -> Self {
+        Self {
+            name,
+            created: SystemTime::now(),
+            state: RwLock::new(RoomState::default()),
+        }
+    }
+
+    /// The room's name.
+    pub fn name(&self) -> &RoomName {
+        &self.name
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, RoomState> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, RoomState> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl RoomState {
+    fn insert(&mut self, conn: &Arc<Connection>) {
+        self.index.insert(conn.id(), self.members.len());
+        self.members.push(conn.clone());
+        self.empty_since = None;
+    }
+
+    fn remove(&mut self, id: Uuid) -> bool {
+        let Some(pos) = self.index.remove(&id) else {
+            return false;
+        };
+        self.members.swap_remove(pos);
+        if let Some(moved) = self.members.get(pos) {
+            self.index.insert(moved.id(), pos);
+        }
+        true
+    }
+}
+
+/// The limits the hub enforces, from `[websocket.rooms]`.
+pub type HubConfig = RoomsConfig;
+
+/// An expiry entry: the room may be freed at `at` if still empty.
+struct Expiry {
+    at: Instant,
+    room: Arc<Room>,
+}
+
+impl PartialEq for Expiry {
+    fn eq(&self, other: &Self) -> bool {
+        self.at == other.at
+    }
+}
+impl Eq for Expiry {}
+impl PartialOrd for Expiry {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Expiry {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // Reversed: `BinaryHeap` is a max-heap and the sweeper wants the earliest.
+        other.at.cmp(&self.at)
+    }
+}
+
+/// Counts of one broadcast, for metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Fanout {
+    /// Frames queued.
+    pub queued: u64,
+    /// Frames dropped by the `drop` policy.
+    pub dropped: u64,
+}
+
+/// One lock's worth of the room map.
+type RoomShard = RwLock<HashMap<RoomName, Arc<Room>>>;
+/// One lock's worth of the connection map.
+type ConnShard = RwLock<HashMap<Uuid, Arc<Connection>>>;
+
+/// Rooms and connections of this instance.
+pub struct Hub {
+    config: HubConfig,
+    metrics: Metrics,
+    events: Events,
+    hasher: std::collections::hash_map::RandomState,
+    rooms: Box<[RoomShard]>,
+    conns: Box<[ConnShard]>,
+    expiries: std::sync::Mutex<BinaryHeap<Expiry>>,
+    expiry_added: Notify,
+}
+
+impl Hub {
+    /// Creates an empty hub.
+    pub fn new(config: HubConfig, metrics: Metrics, events: Events) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            metrics,
+            events,
+            hasher: Default::default(),
+            rooms: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            conns: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            expiries: Default::default(),
+            expiry_added: Notify::new(),
+        })
+    }
+
+    /// The room limits in force.
+    pub fn config(&self) -> &HubConfig {
+        &self.config
+    }
+
+    /// The event sink rooms and sessions publish to.
+    pub fn events(&self) -> &Events {
+        &self.events
+    }
+
+    fn room_shard(&self, name: &str) -> &RoomShard {
+        &self.rooms[self.hasher.hash_one(name) as usize % SHARDS]
+    }
+
+    fn conn_shard(&self, id: Uuid) -> &ConnShard {
+        // v4 ids are random, so their low bits spread evenly.
+        &self.conns[id.as_u128() as usize % SHARDS]
+    }
+
+    // ----- connections -------------------------------------------------
+
+    /// Makes a connection reachable by id (backends' `send.<id>`, `control.*`).
+    pub fn register(&self, conn: &Arc<Connection>) {
+        write(self.conn_shard(conn.id())).insert(conn.id(), conn.clone());
+    }
+
+    /// Removes a connection: it leaves every room (with presence events) and
+    /// is no longer reachable by id.
+    pub fn unregister(&self, conn: &Arc<Connection>) {
+        write(self.conn_shard(conn.id())).remove(&conn.id());
+        let rooms: Vec<Arc<Room>> = std::mem::take(&mut *conn.rooms());
+        for room in rooms {
+            self.remove_member(conn, &room, None);
+        }
+    }
+
+    /// The connection with this id, if it lives on this instance.
+    pub fn connection(&self, id: Uuid) -> Option<Arc<Connection>> {
+        read(self.conn_shard(id)).get(&id).cloned()
+    }
+
+    /// Connections open on this instance.
+    pub fn connection_count(&self) -> usize {
+        self.conns.iter().map(|s| read(s).len()).sum()
+    }
+
+    /// Every local connection, for shutdown and `all`.
+    pub fn connections(&self) -> Vec<Arc<Connection>> {
+        self.conns
+            .iter()
+            .flat_map(|s| read(s).values().cloned().collect::<Vec<_>>())
+            .collect()
+    }
+
+    // ----- delivery ----------------------------------------------------
+
+    /// Queues a frame for one connection and counts the outcome.
+    pub fn deliver(&self, conn: &Connection, frame: Frame) -> Delivery {
+        let len = frame.len() as u64;
+        let outcome = conn.deliver(frame);
+        let mut fanout = Fanout::default();
+        fanout.count(outcome);
+        self.count(fanout, len);
+        outcome
+    }
+
+    /// Queues `frame` for every member of `room` except `exclude`.
+    pub fn broadcast(&self, room: &Room, frame: &Frame, exclude: Option<Uuid>) -> Fanout {
+        let mut fanout = Fanout::default();
+        {
+            let state = room.read();
+            for member in &state.members {
+                if Some(member.id()) != exclude {
+                    fanout.count(member.deliver(frame.clone()));
+                }
+            }
+        }
+        self.count(fanout, frame.len() as u64);
+        fanout
+    }
+
+    /// Like [`Hub::broadcast`] for a room known by name; a room without local
+    /// members is a no-op.
+    pub fn broadcast_room(&self, room: &str, frame: &Frame, exclude: Option<Uuid>) -> Fanout {
+        let room = read(self.room_shard(room)).get(room).cloned();
+        match room {
+            Some(room) => self.broadcast(&room, frame, exclude),
+            None => Fanout::default(),
+        }
+    }
+
+    /// Queues `frame` for one connection by id; `false` if it is not here.
+    pub fn send_to(&self, id: Uuid, frame: Frame) -> bool {
+        match self.connection(id) {
+            Some(conn) => {
+                self.deliver(&conn, frame);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Queues `frame` for every local connection except `exclude`.
+    pub fn broadcast_all(&self, frame: &Frame, exclude: Option<Uuid>) -> Fanout {
+        let mut fanout = Fanout::default();
+        for shard in self.conns.iter() {
+            for (id, conn) in read(shard).iter() {
+                if Some(*id) != exclude {
+                    fanout.count(conn.deliver(frame.clone()));
+                }
+            }
+        }
+        self.count(fanout, frame.len() as u64);
+        fanout
+    }
+
+    fn count(&self, fanout: Fanout, frame_len: u64) {
+        if fanout.queued > 0 {
+            self.metrics.messages_delivered.inc_by(fanout.queued);
+            self.metrics.bytes_sent.inc_by(fanout.queued * frame_len);
+        }
+        if fanout.dropped > 0 {
+            self.metrics.dropped_slow_consumer.inc_by(fanout.dropped);
+        }
+    }
+
+    // ----- membership --------------------------------------------------
+
+    /// The room `name` if `conn` is a member of it.
+    pub fn membership(&self, conn: &Connection, name: &str) -> Option<Arc<Room>> {
+        conn.rooms()
+            .iter()
+            .find(|r| r.name.as_str() == name)
+            .cloned()
+    }
+
+    /// Names of the rooms `conn` is in.
+    pub fn rooms_of(&self, conn: &Connection) -> Vec<RoomName> {
+        conn.rooms().iter().map(|r| r.name.clone()).collect()
+    }
+
+    /// Adds `conn` to `name` and queues `reply` (the `joined` frame) under
+    /// the room lock. Joining a room twice is not an error: the reply is sent
+    /// again and nothing else changes.
+    pub fn join(
+        &self,
+        conn: &Arc<Connection>,
+        name: &RoomName,
+        reply: Frame,
+    ) -> Result<(), Refusal> {
+        self.join_checked(conn, name, reply, true)
+    }
+
+    /// Like [`Hub::join`] on a backend's order (`control.join`): the user's
+    /// room grants do not apply, the room limits do.
+    pub fn join_by_backend(
+        &self,
+        conn: &Arc<Connection>,
+        name: &RoomName,
+        reply: Frame,
+    ) -> Result<(), Refusal> {
+        self.join_checked(conn, name, reply, false)
+    }
+
+    fn join_checked(
+        &self,
+        conn: &Arc<Connection>,
+        name: &RoomName,
+        reply: Frame,
+        check_grants: bool,
+    ) -> Result<(), Refusal> {
+        if !self.config.enabled {
+            return Err(Refusal::new(ErrorCode::RoomsDisabled, "rooms are disabled"));
+        }
+        if check_grants
+            && let Some(grants) = &conn.identity().rooms
+            && !grants.allows(name.as_str())
+        {
+            return Err(Refusal::new(
+                ErrorCode::Forbidden,
+                "room not allowed for this user",
+            ));
+        }
+        let mut mine = conn.rooms();
+        if mine.iter().any(|r| r.name == *name) {
+            self.deliver(conn, reply);
+            return Ok(());
+        }
+        if mine.len() >= self.config.max_rooms_per_connection {
+            return Err(Refusal::new(
+                ErrorCode::TooManyRooms,
+                "too many rooms for this connection",
+            ));
+        }
+        let (room, first) = self.insert_member(conn, name, reply)?;
+        mine.push(room);
+        drop(mine);
+        if first {
+            self.events.interest_changed(name);
+        }
+        self.publish_presence(name, PresenceKind::Join, conn);
+        Ok(())
+    }
+
+    /// Inserts into the live room of that name, creating it when needed.
+    /// Returns the room and whether `conn` is its first member.
+    fn insert_member(
+        &self,
+        conn: &Arc<Connection>,
+        name: &RoomName,
+        reply: Frame,
+    ) -> Result<(Arc<Room>, bool), Refusal> {
+        loop {
+            let room = self.get_or_create(name);
+            let mut state = room.write();
+            if state.closed {
+                continue;
+            }
+            if state.members.len() >= self.config.max_members {
+                return Err(Refusal::new(ErrorCode::RoomFull, "room is full"));
+            }
+            state.insert(conn);
+            self.deliver(conn, reply);
+            if self.config.presence {
+                let frame = protocol::presence(
+                    name.as_str(),
+                    PresenceKind::Join,
+                    conn.id_str(),
+                    conn.user(),
+                );
+                self.deliver_to_others(&state, &frame, conn.id());
+            }
+            let first = state.members.len() == 1;
+            drop(state);
+            return Ok((room, first));
+        }
+    }
+
+    fn get_or_create(&self, name: &RoomName) -> Arc<Room> {
+        let shard = self.room_shard(name.as_str());
+        if let Some(room) = read(shard).get(name.as_str()) {
+            return room.clone();
+        }
+        let mut map = write(shard);
+        map.entry(name.clone())
+            .or_insert_with(|| {
+                self.metrics.rooms.inc();
+                Arc::new(Room::new(name.clone()))
+            })
+            .clone()
+    }
+
+    /// Removes `conn` from `name` and queues `reply` (the `left` frame) under
+    /// the room lock. `not_member` if it was not in the room.
+    pub fn leave(&self, conn: &Arc<Connection>, name: &str, reply: Frame) -> Result<(), Refusal> {
+        let room = {
+            let mut mine = conn.rooms();
+            let Some(pos) = mine.iter().position(|r| r.name.as_str() == name) else {
+                return Err(Refusal::new(
+                    ErrorCode::NotMember,
+                    "not a member of this room",
+                ));
+            };
+            mine.swap_remove(pos)
+        };
+        self.remove_member(conn, &room, Some(reply));
+        Ok(())
+    }
+
+    fn remove_member(&self, conn: &Arc<Connection>, room: &Arc<Room>, reply: Option<Frame>) {
+        let (emptied, free_now) = {
+            let mut state = room.write();
+            if !state.remove(conn.id()) {
+                return;
+            }
+            if let Some(reply) = reply {
+                self.deliver(conn, reply);
+            }
+            if self.config.presence {
+                let frame = protocol::presence(
+                    room.name.as_str(),
+                    PresenceKind::Leave,
+                    conn.id_str(),
+                    conn.user(),
+                );
+                self.deliver_to_others(&state, &frame, conn.id());
+            }
+            let emptied = state.members.is_empty();
+            let free_now = emptied && self.schedule_expiry(&mut state, room);
+            (emptied, free_now)
+        };
+        if emptied {
+            self.events.interest_changed(&room.name);
+        }
+        self.publish_presence(&room.name, PresenceKind::Leave, conn);
+        if free_now {
+            self.free_if_expired(room);
+        }
+    }
+
+    /// Queues an expiry for a room that just became empty. Returns whether
+    /// the room should be freed at once (idle timeout 0).
+    fn schedule_expiry(&self, state: &mut RoomState, room: &Arc<Room>) -> bool {
+        state.empty_since = Some(Instant::now());
+        if self.config.idle_timeout_secs == 0 {
+            return true;
+        }
+        if !state.expiry_queued {
+            state.expiry_queued = true;
+            let at = Instant::now() + self.idle_timeout();
+            lock(&self.expiries).push(Expiry {
+                at,
+                room: room.clone(),
+            });
+            self.expiry_added.notify_one();
+        }
+        false
+    }
+
+    fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.config.idle_timeout_secs)
+    }
+
+    fn deliver_to_others(&self, state: &RoomState, frame: &Frame, exclude: Uuid) {
+        let mut fanout = Fanout::default();
+        for member in &state.members {
+            if member.id() != exclude {
+                fanout.count(member.deliver(frame.clone()));
+            }
+        }
+        self.count(fanout, frame.len() as u64);
+    }
+
+    fn publish_presence(&self, room: &RoomName, kind: PresenceKind, conn: &Arc<Connection>) {
+        if self.events.enabled() {
+            self.events.publish(Event::Presence {
+                room: room.clone(),
+                kind,
+                conn: conn.clone(),
+                ts: now_ms(),
+            });
+        }
+    }
+
+    /// Frees `room` if it is still empty and its idle time is up. Returns
+    /// the time to check again when it is empty but not yet due.
+    fn free_if_expired(&self, room: &Arc<Room>) -> Option<Instant> {
+        let shard = self.room_shard(room.name.as_str());
+        let mut map = write(shard);
+        let mut state = room.write();
+        if state.closed || !state.members.is_empty() {
+            state.expiry_queued = false;
+            return None;
+        }
+        let due = state
+            .empty_since
+            .map(|t| t + self.idle_timeout())
+            .unwrap_or_else(Instant::now);
+        if due > Instant::now() {
+            return Some(due);
+        }
+        state.closed = true;
+        state.expiry_queued = false;
+        if map
+            .get(room.name.as_str())
+            .is_some_and(|r| Arc::ptr_eq(r, room))
+        {
+            map.remove(room.name.as_str());
+            self.metrics.rooms.dec();
+        }
+        None
+    }
+
+    /// Frees empty rooms when their idle timeout passes, until `cancel`.
+    /// Sleeps until the earliest expiry, so it costs nothing while no room
+    /// is empty.
+    pub async fn run_sweeper(self: Arc<Self>, cancel: CancellationToken) {
+        loop {
+            let next = self.sweep_due();
+            let sleep = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = self.expiry_added.notified() => {}
+                _ = sleep => {}
+            }
+        }
+    }
+
+    /// Handles every due expiry; returns when the next one is due.
+    fn sweep_due(&self) -> Option<Instant> {
+        loop {
+            let entry = {
+                let mut heap = lock(&self.expiries);
+                match heap.peek() {
+                    Some(e) if e.at <= Instant::now() => heap.pop(),
+                    Some(e) => return Some(e.at),
+                    None => return None,
+                }
+            };
+            let entry = entry?;
+            if let Some(at) = self.free_if_expired(&entry.room) {
+                // Re-occupied and emptied again since: check at its new time.
+                lock(&self.expiries).push(Expiry {
+                    at,
+                    room: entry.room,
+                });
+            }
+        }
+    }
+
+    // ----- introspection -----------------------------------------------
+
+    /// Whether `room` has members on this instance (the NATS bridge keeps a
+    /// subscription exactly for those rooms).
+    pub fn has_members(&self, room: &str) -> bool {
+        read(self.room_shard(room))
+            .get(room)
+            .is_some_and(|r| !r.read().members.is_empty())
+    }
+
+    /// Rooms held, empty ones awaiting expiry included.
+    pub fn room_count(&self) -> usize {
+        self.rooms.iter().map(|s| read(s).len()).sum()
+    }
+
+    /// Every room with its member count, for `GET /rooms`.
+    pub fn room_summaries(&self) -> Vec<RoomSummary> {
+        let mut out: Vec<RoomSummary> = self
+            .rooms
+            .iter()
+            .flat_map(|s| {
+                read(s)
+                    .values()
+                    .map(|r| RoomSummary::of(r))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        out.sort_by(|a, b| a.room.cmp(&b.room));
+        out
+    }
+
+    /// One room with its members, for `GET /rooms/<room>`.
+    pub fn room_detail(&self, name: &str) -> Option<RoomDetail> {
+        let room = read(self.room_shard(name)).get(name).cloned()?;
+        let state = room.read();
+        Some(RoomDetail {
+            room: room.name.to_string(),
+            members: state.members.len(),
+            member_ids: state
+                .members
+                .iter()
+                .map(|m| m.id_str().to_string())
+                .collect(),
+            created: unix_ms(room.created),
+        })
+    }
+
+    /// Closes every connection with `code` (shutdown).
+    pub fn close_all(&self, code: u16, text: &str, reason: crate::metrics::CloseReason) {
+        for conn in self.connections() {
+            conn.close(code, text, reason);
+        }
+    }
+}
+
+impl Fanout {
+    fn count(&mut self, outcome: Delivery) {
+        match outcome {
+            Delivery::Queued => self.queued += 1,
+            Delivery::Dropped => self.dropped += 1,
+            Delivery::Closing => {}
+        }
+    }
+}
+
+/// `GET /rooms` entry.
+#[derive(Debug, Serialize)]
+pub struct RoomSummary {
+    /// Room name.
+    pub room: String,
+    /// Local members.
+    pub members: usize,
+    /// Creation time, Unix milliseconds.
+    pub created: u64,
+}
+
+impl RoomSummary {
+    fn of(room: &Room) -> Self {
+        Self {
+            room: room.name.to_string(),
+            members: room.read().members.len(),
+            created: unix_ms(room.created),
+        }
+    }
+}
+
+/// `GET /rooms/<room>` body.
+#[derive(Debug, Serialize)]
+pub struct RoomDetail {
+    /// Room name.
+    pub room: String,
+    /// Local members.
+    pub members: usize,
+    /// Their connection ids.
+    pub member_ids: Vec<String>,
+    /// Creation time, Unix milliseconds.
+    pub created: u64,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+// Poisoning only follows a panic in this module while a lock was held; the
+// maps stay structurally valid, so keep serving rather than cascade panics.
+
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

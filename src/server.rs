@@ -1,0 +1,310 @@
+//! The gateway: the public listener, the routing between WebSocket
+//! upgrades and the proxy, and the order of start-up and shutdown.
+//!
+//! [`Gateway::bind`] does everything that can fail because of the
+//! configuration (binding, keys, NATS settings), so `main` can exit with a
+//! clear message before serving anything. [`Gateway::run`] then serves
+//! until the shutdown future resolves and returns once every task it
+//! started has finished.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::admin::{Admin, Health};
+use crate::auth::{AuthSetupError, Authenticator};
+use crate::config::Config;
+use crate::events::{EventStream, Events};
+use crate::metrics::Metrics;
+use crate::nats::{Bridge, BridgeSettings, NatsSetupError};
+use crate::proxy::{Proxy, Upstream};
+use crate::response::Body;
+use crate::rooms::Hub;
+use crate::shutdown::Shutdown;
+use crate::ws::{SessionContext, SessionSettings, Upgrader};
+
+/// Events queued for NATS before further ones are dropped and counted.
+const EVENT_QUEUE: usize = 16 * 1024;
+
+/// Time the NATS bridge gets at the end of shutdown to publish what is left.
+const NATS_FLUSH: Duration = Duration::from_secs(5);
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The authentication settings cannot be used.
+    #[error(transparent)]
+    Auth(#[from] AuthSetupError),
+    /// The NATS settings cannot be used.
+    #[error(transparent)]
+    Nats(#[from] NatsSetupError),
+}
+
+impl StartError {
+    /// Whether the cause is the configuration (exit code 2) rather than the
+    /// environment (exit code 1).
+    pub fn is_config(&self) -> bool {
+        !matches!(self, Self::Bind { .. })
+    }
+}
+
+/// Checks what the configuration refers to outside itself (the JWT secret
+/// variable, the key file, NATS URLs), for `check-config` and start-up.
+pub fn preflight(config: &Config) -> Result<(), StartError> {
+    Authenticator::new(&config.auth, &Upstream::new(&config.upstream), |v| {
+        std::env::var(v).ok()
+    })?;
+    if config.nats.enabled {
+        crate::nats::server_addrs(&config.nats)?;
+    }
+    Ok(())
+}
+
+/// A bound, not yet running gateway.
+pub struct Gateway {
+    config: Config,
+    id: Arc<str>,
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    metrics: Metrics,
+    hub: Arc<Hub>,
+    health: Arc<Health>,
+    shutdown: Shutdown,
+    router: Arc<Router>,
+    nats: Option<(async_nats::Client, EventStream)>,
+}
+
+/// Sends each request to the upgrader or the proxy.
+struct Router {
+    upgrader: Upgrader,
+    proxy: Proxy,
+}
+
+impl Router {
+    async fn route(&self, request: Request<Incoming>, client: SocketAddr) -> Response<Body> {
+        if self.upgrader.owns(request.uri().path()) {
+            self.upgrader.upgrade(request, client).await
+        } else {
+            self.proxy.forward(request, client).await
+        }
+    }
+}
+
+impl Gateway {
+    /// Binds both listeners and builds every component.
+    pub async fn bind(config: Config) -> Result<Self, StartError> {
+        let id: Arc<str> = uuid::Uuid::new_v4().to_string().into();
+        let metrics = Metrics::new();
+        let shutdown = Shutdown::new();
+        let upstream = Upstream::new(&config.upstream);
+        let auth = Authenticator::new(&config.auth, &upstream, |v| std::env::var(v).ok())?;
+        let (events, nats) = if config.nats.enabled {
+            let client = crate::nats::connect(&config.nats, &id, &metrics).await?;
+            let (events, stream) =
+                Events::channel(EVENT_QUEUE, metrics.nats_publish_errors.clone());
+            (events, Some((client, stream)))
+        } else {
+            (Events::disabled(), None)
+        };
+        let hub = Hub::new(config.websocket.rooms.clone(), metrics.clone(), events);
+        let ctx = Arc::new(SessionContext {
+            hub: hub.clone(),
+            metrics: metrics.clone(),
+            settings: SessionSettings {
+                ping_interval: config.websocket.ping_interval(),
+                pong_timeout: config.websocket.pong_timeout(),
+                max_messages_per_sec: config.websocket.max_messages_per_sec,
+                client_broadcast: config.websocket.rooms.client_broadcast,
+            },
+        });
+        let router = Arc::new(Router {
+            upgrader: Upgrader::new(&config, ctx, auth, shutdown.clone()),
+            proxy: Proxy::new(
+                upstream,
+                &config.upstream,
+                metrics.clone(),
+                shutdown.clone(),
+            ),
+        });
+        let listener = bind(config.listen_addr()).await?;
+        let admin_listener = bind(config.admin_addr()).await?;
+        Ok(Self {
+            health: Arc::new(Health::new(
+                config.nats.enabled && config.nats.required,
+                metrics.clone(),
+            )),
+            config,
+            id,
+            listener,
+            admin_listener,
+            metrics,
+            hub,
+            shutdown,
+            router,
+            nats,
+        })
+    }
+
+    /// The public listener's address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| self.config.listen_addr())
+    }
+
+    /// The admin listener's address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_listener
+            .local_addr()
+            .unwrap_or_else(|_| self.config.admin_addr())
+    }
+
+    /// This instance's id (`gateway` in NATS payloads).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Serves until `signal` resolves, then shuts down as SPEC §8 says:
+    /// stop accepting, report not ready, close WebSockets with 1001, let
+    /// proxied requests finish within `shutdown_grace_secs`, flush NATS.
+    pub async fn run(self, signal: impl Future<Output = ()>) {
+        info!(
+            addr = %self.local_addr(),
+            admin = %self.admin_addr(),
+            gateway = %self.id,
+            "roomgate listening"
+        );
+        let background = CancellationToken::new();
+        let admin = Arc::new(Admin {
+            metrics: self.metrics.clone(),
+            hub: self.hub.clone(),
+            health: self.health.clone(),
+        });
+        let admin_task = tokio::spawn(admin.serve(self.admin_listener, background.clone()));
+        let sweeper = tokio::spawn(self.hub.clone().run_sweeper(background.clone()));
+        let bridge_stop = CancellationToken::new();
+        let bridge = self.nats.map(|(client, stream)| {
+            let settings = BridgeSettings {
+                prefix: self.config.nats.subject_prefix.clone(),
+                gateway_id: self.id.clone(),
+                client_broadcast: self.config.websocket.rooms.client_broadcast,
+                presence: self.config.websocket.rooms.presence,
+            };
+            let bridge = Bridge::new(
+                client,
+                self.hub.clone(),
+                self.metrics.clone(),
+                settings,
+                bridge_stop.clone(),
+            );
+            tokio::spawn(bridge.run(stream))
+        });
+
+        tokio::select! {
+            _ = accept_loop(&self.listener, &self.router, &self.shutdown) => {}
+            _ = signal => {}
+        }
+        drop(self.listener);
+        self.health.set_draining();
+        self.shutdown.begin();
+        let grace = Duration::from_secs(self.config.server.shutdown_grace_secs);
+        if !self.shutdown.drain(grace).await {
+            warn!("shutdown grace period over; remaining connections were cut");
+        }
+        bridge_stop.cancel();
+        if let Some(bridge) = bridge
+            && tokio::time::timeout(NATS_FLUSH, bridge).await.is_err()
+        {
+            warn!("NATS flush did not finish in time");
+        }
+        background.cancel();
+        let _ = tokio::join!(admin_task, sweeper);
+        info!("roomgate stopped");
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Accepts until shutdown begins. Each connection is served in its own
+/// tracked task, handshake included, so a slow client never holds up the
+/// accept loop.
+async fn accept_loop(listener: &TcpListener, router: &Arc<Router>, shutdown: &Shutdown) {
+    loop {
+        let (stream, client) = tokio::select! {
+            _ = shutdown.stopping().cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Typically EMFILE: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        shutdown.spawn(serve_connection(
+            stream,
+            client,
+            router.clone(),
+            shutdown.clone(),
+        ));
+    }
+}
+
+/// Serves one HTTP/1.1 connection. On shutdown it finishes the request in
+/// flight and closes; once the grace period is over it is cut.
+async fn serve_connection(
+    stream: TcpStream,
+    client: SocketAddr,
+    router: Arc<Router>,
+    shutdown: Shutdown,
+) {
+    let service = service_fn(move |request| {
+        let router = router.clone();
+        async move { Ok::<_, Infallible>(router.route(request, client).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    let mut conn = pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = shutdown.stopping().cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                result = conn.as_mut() => result,
+                _ = shutdown.forced().cancelled() => Ok(()),
+            }
+        }
+    };
+    if let Err(e) = result {
+        debug!(error = %e, "connection error");
+    }
+}

@@ -1,0 +1,282 @@
+//! WebSocket upgrades on the gateway's own paths, and the sessions they
+//! become.
+//!
+//! The upgrade is checked in full before the 101 (handshake, draining,
+//! origin and credentials, connection limit), so a refused client never
+//! costs a session. The session then runs as a tracked task: shutdown waits
+//! for it, because hyper's own graceful shutdown does not see upgraded
+//! connections.
+
+mod ratelimit;
+mod session;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::http::request::Parts;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tracing::{Instrument, debug, info_span};
+
+pub use ratelimit::TokenBucket;
+pub use session::{SessionContext, SessionSettings};
+
+use crate::auth::{Authenticator, Rejection};
+use crate::config::Config;
+use crate::metrics::RejectReason;
+use crate::request::header_has_token;
+use crate::response::{self, Body};
+use crate::rooms::{Connection, Identity};
+use crate::shutdown::Shutdown;
+
+/// tungstenite's read buffer is allocated up front for every connection; its
+/// 128 KiB default would dominate an idle connection's memory. Frames larger
+/// than this still arrive: the buffer grows for them and the codec enforces
+/// `max_message_size_bytes`.
+const READ_BUFFER: usize = 4 * 1024;
+
+/// Outgoing frames are buffered up to this size between flushes.
+const WRITE_BUFFER: usize = 16 * 1024;
+
+/// Terminates upgrades on `server.ws_paths` and runs their sessions.
+pub struct Upgrader {
+    ctx: Arc<SessionContext>,
+    auth: Authenticator,
+    paths: Vec<String>,
+    slots: Arc<Semaphore>,
+    codec: WebSocketConfig,
+    queue_capacity: usize,
+    slow_consumer: crate::config::SlowConsumerPolicy,
+    shutdown: Shutdown,
+}
+
+impl Upgrader {
+    /// Builds the upgrader for `config`.
+    pub fn new(
+        config: &Config,
+        ctx: Arc<SessionContext>,
+        auth: Authenticator,
+        shutdown: Shutdown,
+    ) -> Self {
+        let ws = &config.websocket;
+        let codec = WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER)
+            .write_buffer_size(WRITE_BUFFER)
+            // Bounded: a frame never waits behind more than this much data.
+            .max_write_buffer_size(WRITE_BUFFER + 2 * ws.max_message_size_bytes.max(1 << 20))
+            .max_message_size(Some(ws.max_message_size_bytes))
+            .max_frame_size(Some(ws.max_message_size_bytes));
+        Self {
+            ctx,
+            auth,
+            paths: config.server.ws_paths.clone(),
+            slots: Arc::new(Semaphore::new(
+                config.server.max_connections.min(Semaphore::MAX_PERMITS),
+            )),
+            codec,
+            queue_capacity: ws.send_queue_capacity,
+            slow_consumer: ws.slow_consumer,
+            shutdown,
+        }
+    }
+
+    /// Whether `path` is one of the gateway's WebSocket paths.
+    pub fn owns(&self, path: &str) -> bool {
+        self.paths.iter().any(|p| p == path)
+    }
+
+    /// Answers a request to a gateway path: 101 and a session, or the reason
+    /// it was refused.
+    pub async fn upgrade(&self, request: Request<Incoming>, client: SocketAddr) -> Response<Body> {
+        match self.try_upgrade(request, client).await {
+            Ok(response) => response,
+            Err(rejection) => {
+                debug!(
+                    reason = rejection.reason.as_str(),
+                    status = rejection.status.as_u16(),
+                    "upgrade refused"
+                );
+                self.ctx.metrics.upgrade_rejected(rejection.reason);
+                rejection.into_response()
+            }
+        }
+    }
+
+    async fn try_upgrade(
+        &self,
+        mut request: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Result<Response<Body>, Rejection> {
+        let accept = handshake_accept(request.method(), request.headers()).map_err(|why| {
+            Rejection::new(StatusCode::BAD_REQUEST, RejectReason::BadHandshake, why)
+        })?;
+        if self.shutdown.is_stopping() {
+            return Err(unavailable(RejectReason::ShuttingDown, "shutting down"));
+        }
+        let on_upgrade = hyper::upgrade::on(&mut request);
+        let (parts, _) = request.into_parts();
+        let identity = self.auth.admit(&parts, client).await?;
+        let permit =
+            self.slots.clone().try_acquire_owned().map_err(|_| {
+                unavailable(RejectReason::TooManyConnections, "too many connections")
+            })?;
+        self.spawn_session(on_upgrade, identity, permit, &parts, client);
+        Ok(switching_protocols(&accept))
+    }
+
+    fn spawn_session(
+        &self,
+        on_upgrade: hyper::upgrade::OnUpgrade,
+        identity: Identity,
+        permit: OwnedSemaphorePermit,
+        parts: &Parts,
+        client: SocketAddr,
+    ) {
+        let closing = self.shutdown.stopping().child_token();
+        let (conn, outbox) =
+            Connection::new(identity, self.queue_capacity, self.slow_consumer, closing);
+        let span =
+            info_span!("conn", id = %conn.id_str(), peer = %client, path = %parts.uri.path());
+        let ctx = self.ctx.clone();
+        let codec = self.codec;
+        self.shutdown.spawn(
+            async move {
+                let upgraded = match on_upgrade.await {
+                    Ok(upgraded) => upgraded,
+                    Err(e) => {
+                        debug!(error = %e, "upgrade did not complete");
+                        return;
+                    }
+                };
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(codec),
+                )
+                .await;
+                session::run(ws, conn, outbox, ctx).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Checks an upgrade request against RFC 6455 §4.2.1 and returns the
+/// `Sec-WebSocket-Accept` value, or why the handshake is bad.
+fn handshake_accept(method: &Method, headers: &hyper::HeaderMap) -> Result<String, &'static str> {
+    if method != Method::GET {
+        return Err("bad handshake: a WebSocket upgrade must be a GET");
+    }
+    if !header_has_token(headers, header::UPGRADE, "websocket") {
+        return Err("bad handshake: expected Upgrade: websocket");
+    }
+    if !header_has_token(headers, header::CONNECTION, "upgrade") {
+        return Err("bad handshake: expected Connection: Upgrade");
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
+        return Err("bad handshake: Sec-WebSocket-Version must be 13");
+    }
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or("bad handshake: missing Sec-WebSocket-Key")?;
+    if !is_valid_key(key.as_bytes()) {
+        return Err("bad handshake: Sec-WebSocket-Key must be 16 bytes in base64");
+    }
+    Ok(derive_accept_key(key.as_bytes()))
+}
+
+/// A base64 encoding of 16 bytes: 22 base64 characters and `==`.
+fn is_valid_key(key: &[u8]) -> bool {
+    key.len() == 24
+        && key.ends_with(b"==")
+        && key[..22]
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/')
+}
+
+fn switching_protocols(accept: &str) -> Response<Body> {
+    let mut response = Response::new(response::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(accept) = HeaderValue::from_str(accept) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    response
+}
+
+fn unavailable(reason: RejectReason, message: &str) -> Rejection {
+    Rejection::new(StatusCode::SERVICE_UNAVAILABLE, reason, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> hyper::HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    hyper::header::HeaderName::from_static(k),
+                    HeaderValue::from_static(v),
+                )
+            })
+            .collect()
+    }
+
+    const GOOD: [(&str, &str); 4] = [
+        ("upgrade", "websocket"),
+        ("connection", "keep-alive, Upgrade"),
+        ("sec-websocket-version", "13"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ];
+
+    #[test]
+    fn accepts_the_rfc_example() {
+        let accept = handshake_accept(&Method::GET, &headers(&GOOD)).expect("valid");
+        assert_eq!(accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
+
+    #[test]
+    fn names_what_is_wrong() {
+        assert!(
+            handshake_accept(&Method::POST, &headers(&GOOD))
+                .unwrap_err()
+                .contains("GET")
+        );
+        let mut h = headers(&GOOD);
+        h.insert("sec-websocket-version", HeaderValue::from_static("8"));
+        assert!(
+            handshake_accept(&Method::GET, &h)
+                .unwrap_err()
+                .contains("Version")
+        );
+        let mut h = headers(&GOOD);
+        h.remove("sec-websocket-key");
+        assert!(
+            handshake_accept(&Method::GET, &h)
+                .unwrap_err()
+                .contains("Key")
+        );
+        let mut h = headers(&GOOD);
+        h.insert("sec-websocket-key", HeaderValue::from_static("short"));
+        assert!(
+            handshake_accept(&Method::GET, &h)
+                .unwrap_err()
+                .contains("16 bytes")
+        );
+    }
+}
