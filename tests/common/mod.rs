@@ -1,0 +1,699 @@
+//! Shared test harness: real gateways on port 0, real WebSocket clients, a
+//! real upstream HTTP server, real `nats-server` processes and the real
+//! binary. Every wait is bounded by [`WAIT`] (or an explicit timeout) and
+//! fails with a message saying what did not happen.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use roomgate::Config;
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// The longest any single expected event may take. Generous, because the
+/// machine running the tests may be busy; tests never rely on speed.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// How long to wait when asserting that something does *not* happen.
+pub const QUIET: Duration = Duration::from_millis(300);
+
+/// Awaits `fut` for at most `WAIT`, panicking with `what` if it does not finish.
+pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(WAIT, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
+    }
+}
+
+/// Polls `check` every 20 ms until it returns true, for at most `WAIT`.
+pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    within(what, async {
+        while !check() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+/// Like [`eventually`] with an async check.
+pub async fn eventually_async<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    within(what, async {
+        while !check().await {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+// ----- gateway in-process ----------------------------------------------
+
+/// A configuration for tests: loopback, port 0, NATS off, upstream none.
+pub fn test_config() -> Config {
+    let mut config = Config::default();
+    config.server.listen = "127.0.0.1:0".into();
+    config.admin.listen = "127.0.0.1:0".into();
+    config.nats.enabled = false;
+    config.server.shutdown_grace_secs = 5;
+    config
+}
+
+/// A gateway running in this process.
+pub struct TestGateway {
+    /// Public address.
+    pub addr: SocketAddr,
+    /// Admin address.
+    pub admin: SocketAddr,
+    /// Instance id.
+    pub id: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestGateway {
+    /// Binds and runs a gateway with `config`.
+    pub async fn start(config: Config) -> Self {
+        let gateway = roomgate::Gateway::bind(config)
+            .await
+            .expect("gateway binds");
+        let (addr, admin, id) = (
+            gateway.local_addr(),
+            gateway.admin_addr(),
+            gateway.id().to_string(),
+        );
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(gateway.run(async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            admin,
+            id,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Starts a gateway with the test defaults changed by `edit`.
+    pub async fn with(edit: impl FnOnce(&mut Config)) -> Self {
+        let mut config = test_config();
+        edit(&mut config);
+        Self::start(config).await
+    }
+
+    /// `ws://addr/ws`.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// Connects a client to `/ws` and reads its welcome frame.
+    pub async fn client(&self) -> WsClient {
+        WsClient::connect(&self.ws_url()).await
+    }
+
+    /// Begins shutdown and waits for `run` to return.
+    pub async fn stop(mut self) {
+        self.begin_stop();
+        self.wait_stopped().await;
+    }
+
+    /// Triggers shutdown without waiting.
+    pub fn begin_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Waits until `run` has returned.
+    pub async fn wait_stopped(&mut self) {
+        if let Some(task) = self.task.take() {
+            within("gateway to stop", task).await.expect("gateway task");
+        }
+    }
+
+    /// Fetches an admin endpoint: (status, body).
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin, path).await
+    }
+
+    /// The value of a metric sample line (name with labels), 0 if absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let (_, body) = self.admin_get("/metrics").await;
+        metric_value(&body, sample)
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        self.begin_stop();
+    }
+}
+
+/// Reads `sample` (e.g. `roomgate_rooms` or `x_total{reason="a"}`) from a
+/// Prometheus text body.
+pub fn metric_value(body: &str, sample: &str) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == sample).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+// ----- WebSocket client -------------------------------------------------
+
+/// A WebSocket test client that parses JSON frames.
+pub struct WsClient {
+    /// The stream.
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// The connection id from the welcome frame.
+    pub id: String,
+}
+
+impl WsClient {
+    /// Connects and reads the welcome frame.
+    pub async fn connect(url: &str) -> Self {
+        let (ws, _) = within("WebSocket connect", tokio_tungstenite::connect_async(url))
+            .await
+            .expect("WebSocket handshake");
+        let mut client = Self {
+            ws,
+            id: String::new(),
+        };
+        let welcome = client.recv().await;
+        assert_eq!(
+            welcome["type"], "system",
+            "first frame is the welcome: {welcome}"
+        );
+        client.id = welcome["connection_id"]
+            .as_str()
+            .expect("connection_id")
+            .to_string();
+        client
+    }
+
+    /// Sends a JSON value as a text frame.
+    pub async fn send(&mut self, value: Value) {
+        self.send_text(&value.to_string()).await;
+    }
+
+    /// Sends raw text.
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.expect("send");
+    }
+
+    /// Receives the next JSON text frame (skipping pings/pongs).
+    pub async fn recv(&mut self) -> Value {
+        within("a frame", self.next_json())
+            .await
+            .expect("connection open while waiting for a frame")
+    }
+
+    /// Receives the next JSON frame, or `None` when the connection ends.
+    pub async fn next_json(&mut self) -> Option<Value> {
+        loop {
+            match self.ws.next().await? {
+                Ok(Message::Text(text)) => {
+                    return Some(serde_json::from_str(text.as_str()).expect("server sent JSON"));
+                }
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => continue,
+            }
+        }
+    }
+
+    /// Receives frames until one of type `kind`, returning it; the skipped
+    /// frames are returned too, for assertions.
+    pub async fn recv_type(&mut self, kind: &str) -> Value {
+        loop {
+            let frame = self.recv().await;
+            if frame["type"] == kind {
+                return frame;
+            }
+        }
+    }
+
+    /// Joins `room` and waits for `joined`.
+    pub async fn join(&mut self, room: &str) {
+        self.send(json!({"type": "join", "room": room})).await;
+        let reply = self.recv().await;
+        assert_eq!(
+            reply,
+            json!({"type": "joined", "room": room}),
+            "join {room}"
+        );
+    }
+
+    /// Asserts that no frame arrives within `QUIET`.
+    pub async fn expect_silence(&mut self) {
+        if let Ok(frame) = tokio::time::timeout(QUIET, self.next_json()).await {
+            panic!("expected no frame, got {frame:?}");
+        }
+    }
+
+    /// Waits for the server to close; returns the close code (None when the
+    /// TCP connection ended without a close frame).
+    pub async fn recv_close(&mut self) -> Option<u16> {
+        within("the server to close the connection", async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(Message::Close(frame))) => {
+                        return frame.map(|f: CloseFrame| u16::from(f.code));
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(_)) | None => return None,
+                }
+            }
+        })
+        .await
+    }
+}
+
+// ----- plain HTTP -------------------------------------------------------
+
+/// A GET with a fresh connection: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let (status, _, body) = http_request(
+        addr,
+        Request::get(path)
+            .header("host", addr.to_string())
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Sends a request on a fresh connection: (status, headers, whole body).
+pub async fn http_request(
+    addr: SocketAddr,
+    request: Request<TestBody>,
+) -> (u16, hyper::HeaderMap, Bytes) {
+    let response = send_request(addr, request).await;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = within("response body", response.into_body().collect())
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, headers, body)
+}
+
+/// Sends a request on a fresh connection and returns the streaming response.
+pub async fn send_request(addr: SocketAddr, request: Request<TestBody>) -> Response<Incoming> {
+    let stream = within("TCP connect", TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("HTTP handshake");
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    within("HTTP response", sender.send_request(request))
+        .await
+        .expect("response")
+}
+
+/// The body type of test requests and upstream responses.
+pub type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// An empty body.
+pub fn empty() -> TestBody {
+    full(Bytes::new())
+}
+
+/// A complete body.
+pub fn full(bytes: impl Into<Bytes>) -> TestBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+// ----- upstream ---------------------------------------------------------
+
+/// A request as the upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// Method.
+    pub method: String,
+    /// Path and query.
+    pub uri: String,
+    /// Headers.
+    pub headers: hyper::HeaderMap,
+}
+
+type Handler = Arc<
+    dyn Fn(Request<Incoming>) -> std::pin::Pin<Box<dyn Future<Output = Response<TestBody>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// A real HTTP server on port 0 that answers with `handler`.
+pub struct Upstream {
+    /// Its address.
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Upstream {
+    /// Starts a server running `handler` for every request.
+    pub async fn start<F, Fut>(handler: F) -> Self
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<TestBody>> + Send + 'static,
+    {
+        let handler: Handler = Arc::new(move |r| Box::pin(handler(r)));
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let handler = handler.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |r| {
+                        let handler = handler.clone();
+                        async move { Ok::<_, Infallible>(handler(r).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Self { addr, task }
+    }
+
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A free loopback port (bound then released; good enough for child
+/// processes that must be told their port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+// ----- nats-server ------------------------------------------------------
+
+/// A `nats-server` process on a free loopback port, killed on drop.
+pub struct NatsServer {
+    /// Client port.
+    pub port: u16,
+    /// Cluster (route) port, when clustered.
+    pub cluster_port: Option<u16>,
+    args: Vec<String>,
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+/// The `nats-server` binary, or a panic explaining how to get it.
+pub fn nats_server_binary() -> PathBuf {
+    for candidate in [
+        "nats-server",
+        "/usr/sbin/nats-server",
+        "/usr/bin/nats-server",
+    ] {
+        if let Ok(output) = Command::new(candidate).arg("--version").output()
+            && output.status.success()
+        {
+            return PathBuf::from(candidate);
+        }
+    }
+    panic!(
+        "nats-server is not installed: the NATS tests need a real server. \
+         Install it (Debian: `apt-get install -y nats-server`) or run ./scripts/test.sh, which does."
+    );
+}
+
+impl NatsServer {
+    /// Starts a standalone server.
+    pub fn start() -> Self {
+        Self::start_with(Vec::new(), None)
+    }
+
+    /// Starts a cluster of `n` servers with routes on loopback.
+    pub fn cluster(n: usize) -> Vec<Self> {
+        let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let routes = cluster_ports
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        cluster_ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| {
+                let args = vec![
+                    "--cluster_name".into(),
+                    "roomgate-test".into(),
+                    "--name".into(),
+                    format!("n{i}"),
+                    "--cluster".into(),
+                    format!("nats://127.0.0.1:{port}"),
+                    "--routes".into(),
+                    routes.clone(),
+                ];
+                Self::start_with(args, Some(*port))
+            })
+            .collect()
+    }
+
+    fn start_with(args: Vec<String>, cluster_port: Option<u16>) -> Self {
+        let dir = std::env::temp_dir().join(format!("roomgate-nats-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut server = Self {
+            port: free_port(),
+            cluster_port,
+            args,
+            child: None,
+            dir,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(nats_server_binary())
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .current_dir(&self.dir)
+            .spawn()
+            .expect("spawn nats-server");
+        self.child = Some(child);
+        wait_for_port(self.port);
+    }
+
+    /// `nats://127.0.0.1:port`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (it can be restarted on the same port).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// A client connected to this server.
+    pub async fn client(&self) -> async_nats::Client {
+        within("NATS client connect", async_nats::connect(self.url()))
+            .await
+            .expect("connect to nats-server")
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Blocks until something listens on `port` (bounded by `WAIT`).
+pub fn wait_for_port(port: u16) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing listening on port {port} after {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ----- the binary -------------------------------------------------------
+
+/// Path of the built `roomgate` binary.
+pub fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_roomgate"))
+}
+
+/// Runs `roomgate` with `args` and `env` (nothing inherited from ours but
+/// PATH) and returns (exit code, stdout, stderr).
+pub fn run_binary(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let output = Command::new(binary())
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().copied())
+        .current_dir(std::env::temp_dir())
+        .output()
+        .expect("run roomgate");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// A running `roomgate` process; killed on drop if still running.
+pub struct GatewayProcess {
+    /// The child.
+    pub child: Child,
+    /// Public address from its "listening" log line.
+    pub addr: SocketAddr,
+    /// Admin address.
+    pub admin: SocketAddr,
+    /// Lines logged after the listening line, collected in the background.
+    pub log: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl GatewayProcess {
+    /// Starts the binary with `env` (listen addresses default to port 0)
+    /// and waits for its listening line.
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(binary());
+        command
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("ROOMGATE_SERVER_LISTEN", "127.0.0.1:0")
+            .env("ROOMGATE_ADMIN_LISTEN", "127.0.0.1:0")
+            .env("ROOMGATE_NATS_ENABLED", "false")
+            .env("ROOMGATE_LOG_FORMAT", "json")
+            .envs(env.iter().copied())
+            .current_dir(std::env::temp_dir())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = command.spawn().expect("spawn roomgate");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if !sent && line.contains("roomgate listening") {
+                    let _ = tx.send(line.clone());
+                    sent = true;
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let line = rx
+            .recv_timeout(WAIT)
+            .expect("roomgate logged its listening line");
+        let fields: HashMap<String, Value> = serde_json::from_str(&line).expect("JSON log line");
+        let addr = fields["addr"]
+            .as_str()
+            .expect("addr")
+            .parse()
+            .expect("addr parses");
+        let admin = fields["admin"]
+            .as_str()
+            .expect("admin")
+            .parse()
+            .expect("admin parses");
+        Self {
+            child,
+            addr,
+            admin,
+            log,
+        }
+    }
+
+    /// Sends a signal (e.g. "TERM") to the process.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits (bounded) for the process to exit and returns its code.
+    pub fn wait_exit(&mut self) -> i32 {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "roomgate did not exit within {WAIT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
