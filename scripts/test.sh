@@ -16,6 +16,7 @@ apt_install() {
 
 missing=()
 have nats-server || missing+=(nats-server)
+have openssl || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
     apt_install "${missing[@]}"
 fi

@@ -1,0 +1,582 @@
+//! Authentication at the upgrade (SPEC §4): JWT from header, query or
+//! cookie with HS256/RS256/ES256 keys made at test time, forward auth
+//! against a real upstream endpoint, origin checks. A refused upgrade must
+//! never become a WebSocket.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use http_body_util::BodyExt;
+use hyper::{Request, Response, StatusCode};
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use serde_json::{Value, json};
+
+const SECRET: &str = "a test secret that is long enough";
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+/// Claims with `sub` and an expiry an hour away, changed by `edit`.
+fn claims(edit: impl FnOnce(&mut Value)) -> Value {
+    let mut claims = json!({"sub": "alice", "exp": now() + 3600});
+    edit(&mut claims);
+    claims
+}
+
+fn hs256(claims: &Value) -> String {
+    encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("sign")
+}
+
+/// A key pair written by openssl into a fresh directory.
+struct KeyPair {
+    dir: PathBuf,
+    private_pem: Vec<u8>,
+}
+
+impl KeyPair {
+    fn generate(kind: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("roomgate-keys-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("key dir");
+        let private = dir.join("private.pem");
+        let algorithm_args: &[&str] = match kind {
+            "rsa" => &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+            _ => &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
+        };
+        openssl(&[&["genpkey"], algorithm_args, &["-out", path(&private)]].concat());
+        openssl(&[
+            "pkey",
+            "-in",
+            path(&private),
+            "-pubout",
+            "-out",
+            path(&dir.join("public.pem")),
+        ]);
+        Self {
+            private_pem: std::fs::read(&private).expect("private key"),
+            dir,
+        }
+    }
+
+    fn public_file(&self) -> String {
+        path(&self.dir.join("public.pem")).to_string()
+    }
+
+    fn sign(&self, algorithm: Algorithm, claims: &Value) -> String {
+        let key = match algorithm {
+            Algorithm::RS256 => EncodingKey::from_rsa_pem(&self.private_pem),
+            _ => EncodingKey::from_ec_pem(&self.private_pem),
+        }
+        .expect("encoding key");
+        encode(&Header::new(algorithm), claims, &key).expect("sign")
+    }
+}
+
+impl Drop for KeyPair {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn openssl(args: &[&str]) {
+    let output = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl is installed (scripts/test.sh installs it)");
+    assert!(
+        output.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A JWT gateway process with HS256 and the secret in its environment.
+fn jwt_gateway(extra: &[(&str, &str)]) -> GatewayProcess {
+    let mut env = vec![
+        ("ROOMGATE_AUTH_MODE", "jwt"),
+        ("ROOMGATE_AUTH_JWT_SECRET_ENV", "RG_SECRET"),
+        ("RG_SECRET", SECRET),
+        ("ROOMGATE_AUTH_JWT_COOKIE", "rg_token"),
+    ];
+    env.extend_from_slice(extra);
+    GatewayProcess::start(&[], &env)
+}
+
+/// Attempts an upgrade on `/ws<query>` with extra headers; returns the
+/// status and body of the refusal, or 101.
+async fn upgrade_status(
+    addr: std::net::SocketAddr,
+    query: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let mut request = Request::get(format!("/ws{query}"))
+        .header("host", addr.to_string())
+        .header("upgrade", "websocket")
+        .header("connection", "Upgrade")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = send_request(addr, request.body(empty()).expect("request")).await;
+    let status = response.status().as_u16();
+    if status == 101 {
+        return (101, String::new());
+    }
+    let body = within("refusal body", response.into_body().collect())
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Connects with tokio-tungstenite using a request with extra headers.
+async fn connect_with(url: &str, headers: &[(&str, &str)]) -> WsClient {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url.into_client_request().expect("request");
+    for (name, value) in headers {
+        request.headers_mut().insert(
+            hyper::header::HeaderName::from_bytes(name.as_bytes()).expect("name"),
+            value.parse().expect("value"),
+        );
+    }
+    let (ws, _) = within(
+        "WebSocket connect",
+        tokio_tungstenite::connect_async(request),
+    )
+    .await
+    .expect("upgrade admitted");
+    let mut client = WsClient {
+        ws,
+        id: String::new(),
+    };
+    let welcome = client.recv().await;
+    client.id = welcome["connection_id"].as_str().expect("id").to_string();
+    client
+}
+
+#[tokio::test]
+async fn hs256_token_is_accepted_from_header_query_and_cookie() {
+    let gw = jwt_gateway(&[("ROOMGATE_WEBSOCKET_ROOMS_PRESENCE", "true")]);
+    let url = format!("ws://{}/ws", gw.addr);
+    let token = hs256(&claims(|_| {}));
+
+    let mut by_header = connect_with(&url, &[("authorization", &format!("Bearer {token}"))]).await;
+    let mut by_query = WsClient::connect(&format!("{url}?token={token}")).await;
+    let by_cookie = connect_with(&url, &[("cookie", &format!("other=1; rg_token={token}"))]).await;
+    assert_ne!(by_header.id, by_query.id);
+    drop(by_cookie);
+
+    // The user named by `sub` appears in presence frames.
+    by_header.join("lobby").await;
+    by_query.join("lobby").await;
+    let presence = by_header.recv().await;
+    assert_eq!(presence["type"], "presence");
+    assert_eq!(presence["user"], "alice");
+    assert_eq!(
+        presence["connection_id"].as_str(),
+        Some(by_query.id.as_str())
+    );
+}
+
+#[tokio::test]
+async fn bad_tokens_get_401_and_no_websocket() {
+    let gw = jwt_gateway(&[]);
+    let rsa = KeyPair::generate("rsa");
+    let unsigned_header = serde_json::to_vec(&json!({"alg": "none", "typ": "JWT"})).expect("json");
+    let body = serde_json::to_vec(&claims(|_| {})).expect("json");
+    let alg_none = format!("{}.{}.", b64(&unsigned_header), b64(&body));
+    let wrong_secret = encode(
+        &Header::new(Algorithm::HS256),
+        &claims(|_| {}),
+        &EncodingKey::from_secret(b"not the secret"),
+    )
+    .expect("sign");
+    let cases = [
+        ("missing", String::new()),
+        ("malformed", "not.a.token".to_string()),
+        ("garbage", "x".repeat(3000)),
+        ("wrong signature", wrong_secret),
+        (
+            "wrong algorithm",
+            rsa.sign(Algorithm::RS256, &claims(|_| {})),
+        ),
+        ("alg none", alg_none),
+        (
+            "expired",
+            hs256(&claims(|c| c["exp"] = json!(now() - 3600))),
+        ),
+    ];
+    for (what, token) in cases {
+        let headers: Vec<(&str, String)> = if token.is_empty() {
+            Vec::new()
+        } else {
+            vec![("authorization", format!("Bearer {token}"))]
+        };
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (status, _) = upgrade_status(gw.addr, "", &headers).await;
+        assert_eq!(status, 401, "{what} token must be refused with 401");
+    }
+    let (_, metrics) = http_get(gw.admin, "/metrics").await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"roomgate_upgrades_rejected_total{reason="unauthorized"}"#
+        ),
+        7.0
+    );
+    assert_eq!(
+        metric_value(&metrics, "roomgate_connections_opened_total"),
+        0.0
+    );
+}
+
+fn b64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn issuer_and_audience_are_checked_when_set() {
+    let gw = jwt_gateway(&[
+        ("ROOMGATE_AUTH_JWT_ISSUER", "https://issuer.test"),
+        ("ROOMGATE_AUTH_JWT_AUDIENCE", "roomgate"),
+    ]);
+    let good = hs256(&claims(|c| {
+        c["iss"] = json!("https://issuer.test");
+        c["aud"] = json!("roomgate");
+    }));
+    let wrong_iss = hs256(&claims(|c| {
+        c["iss"] = json!("https://other.test");
+        c["aud"] = json!("roomgate");
+    }));
+    let wrong_aud = hs256(&claims(|c| {
+        c["iss"] = json!("https://issuer.test");
+        c["aud"] = json!("someone-else");
+    }));
+    let missing = hs256(&claims(|_| {}));
+    assert_eq!(
+        upgrade_status(gw.addr, &format!("?token={good}"), &[])
+            .await
+            .0,
+        101
+    );
+    for (what, token) in [
+        ("wrong issuer", wrong_iss),
+        ("wrong audience", wrong_aud),
+        ("no iss/aud", missing),
+    ] {
+        assert_eq!(
+            upgrade_status(gw.addr, &format!("?token={token}"), &[])
+                .await
+                .0,
+            401,
+            "{what}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn rs256_and_es256_keys_verify_their_own_tokens_only() {
+    let rsa = KeyPair::generate("rsa");
+    let ec = KeyPair::generate("ec");
+    for (algorithm, name, keys, other) in [
+        (Algorithm::RS256, "RS256", &rsa, Algorithm::ES256),
+        (Algorithm::ES256, "ES256", &ec, Algorithm::RS256),
+    ] {
+        let key_file = keys.public_file();
+        let gw = GatewayProcess::start(
+            &[],
+            &[
+                ("ROOMGATE_AUTH_MODE", "jwt"),
+                ("ROOMGATE_AUTH_JWT_ALGORITHM", name),
+                ("ROOMGATE_AUTH_JWT_PUBLIC_KEY_FILE", &key_file),
+            ],
+        );
+        let good = keys.sign(algorithm, &claims(|_| {}));
+        let client = WsClient::connect(&format!("ws://{}/ws?token={good}", gw.addr)).await;
+        assert!(!client.id.is_empty());
+        let other_keys = if other == Algorithm::RS256 { &rsa } else { &ec };
+        let foreign = other_keys.sign(other, &claims(|_| {}));
+        assert_eq!(
+            upgrade_status(gw.addr, &format!("?token={foreign}"), &[])
+                .await
+                .0,
+            401,
+            "{name}"
+        );
+        let forged = hs256(&claims(|_| {}));
+        assert_eq!(
+            upgrade_status(gw.addr, &format!("?token={forged}"), &[])
+                .await
+                .0,
+            401,
+            "{name} vs HS256"
+        );
+    }
+}
+
+#[tokio::test]
+async fn connection_closes_with_1008_when_the_token_expires() {
+    let gw = jwt_gateway(&[]);
+    let token = hs256(&claims(|c| c["exp"] = json!(now() + 2)));
+    let mut client = WsClient::connect(&format!("ws://{}/ws?token={token}", gw.addr)).await;
+    client.join("room").await;
+    assert_eq!(client.recv_close().await, Some(1008));
+    let (_, metrics) = http_get(gw.admin, "/metrics").await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"roomgate_connections_closed_total{reason="token_expired"}"#
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn rooms_claim_limits_joins() {
+    let gw = jwt_gateway(&[]);
+    let token = hs256(&claims(|c| c["rooms"] = json!(["chat.*", "game.>"])));
+    let mut client = WsClient::connect(&format!("ws://{}/ws?token={token}", gw.addr)).await;
+    client.join("chat.general").await;
+    client.join("game.1.lobby").await;
+    for room in ["admin", "chat.a.b", "chat"] {
+        client
+            .send(json!({"type": "join", "room": room, "id": room}))
+            .await;
+        let reply = client.recv().await;
+        assert_eq!(reply["code"], "forbidden", "{room}: {reply}");
+        assert_eq!(reply["id"], room);
+    }
+    // Still usable after the refusals.
+    client
+        .send(json!({"type": "leave", "room": "chat.general"}))
+        .await;
+    assert_eq!(
+        client.recv().await,
+        json!({"type": "left", "room": "chat.general"})
+    );
+}
+
+#[tokio::test]
+async fn tokens_and_cookies_never_reach_the_logs() {
+    let gw = jwt_gateway(&[("ROOMGATE_LOG_LEVEL", "trace")]);
+    let token = hs256(&claims(|_| {}));
+    let bad = hs256(&claims(|c| c["exp"] = json!(now() - 10)));
+    let client = connect_with(
+        &format!("ws://{}/ws", gw.addr),
+        &[("cookie", &format!("rg_token={token}"))],
+    )
+    .await;
+    drop(client);
+    assert_eq!(
+        upgrade_status(gw.addr, &format!("?token={bad}"), &[])
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        upgrade_status(gw.addr, "", &[("authorization", &format!("Bearer {bad}"))])
+            .await
+            .0,
+        401
+    );
+    // Let the process log the close of the first connection.
+    tokio::time::sleep(QUIET).await;
+    let log = gw.log.lock().expect("log").join("\n");
+    assert!(log.contains("upgrade refused"), "refusals are logged");
+    for secret in [&token, &bad, &SECRET.to_string()] {
+        let signature = secret.rsplit('.').next().unwrap_or(secret);
+        assert!(
+            !log.contains(signature),
+            "a credential leaked into the logs"
+        );
+    }
+}
+
+/// An upstream whose `/auth/ws` admits the cookie `session=good` as alice
+/// (rooms `chat.*`), refuses `session=banned` with 403 and a body, and
+/// serves everything else with 200.
+async fn auth_upstream() -> Upstream {
+    Upstream::start(|request: Request<hyper::body::Incoming>| async move {
+        if request.uri().path() != "/auth/ws" {
+            return Response::new(full("app"));
+        }
+        let cookie = request
+            .headers()
+            .get("cookie")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let forwarded = request.headers().contains_key("x-forwarded-for");
+        if cookie.contains("session=good") && forwarded {
+            Response::builder()
+                .header("roomgate-user", "alice")
+                .header("roomgate-rooms", "chat.*, lobby")
+                .body(full(""))
+                .expect("response")
+        } else if cookie.contains("session=banned") {
+            Response::builder()
+                .status(StatusCode::FORBIDDEN)
+                .header("content-type", "application/json")
+                .body(full(r#"{"error":"banned"}"#))
+                .expect("response")
+        } else if cookie.contains("session=slow") {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Response::new(full(""))
+        } else {
+            Response::builder()
+                .status(StatusCode::UNAUTHORIZED)
+                .body(full("log in first"))
+                .expect("response")
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn forward_auth_admits_refuses_and_passes_the_body_back() {
+    let upstream = auth_upstream().await;
+    let gw = TestGateway::with(|c| {
+        c.auth.mode = roomgate::config::AuthMode::Upstream;
+        c.upstream.url = upstream.url();
+        c.auth.upstream.timeout_secs = 1;
+        c.websocket.rooms.presence = true;
+    })
+    .await;
+    let url = gw.ws_url();
+    let mut alice = connect_with(&url, &[("cookie", "session=good")]).await;
+    let mut other = connect_with(&url, &[("cookie", "session=good")]).await;
+    alice.join("lobby").await;
+    other.join("lobby").await;
+    assert_eq!(alice.recv().await["user"], "alice");
+    alice.send(json!({"type": "join", "room": "admin"})).await;
+    assert_eq!(alice.recv().await["code"], "forbidden");
+
+    assert_eq!(
+        upgrade_status(gw.addr, "", &[("cookie", "session=banned")]).await,
+        (403, r#"{"error":"banned"}"#.to_string())
+    );
+    assert_eq!(
+        upgrade_status(gw.addr, "", &[]).await,
+        (401, "log in first".to_string())
+    );
+    assert_eq!(
+        upgrade_status(gw.addr, "", &[("cookie", "session=slow")])
+            .await
+            .0,
+        503
+    );
+    assert_eq!(
+        gw.metric(r#"roomgate_upgrades_rejected_total{reason="forbidden"}"#)
+            .await,
+        1.0
+    );
+    assert_eq!(
+        gw.metric(r#"roomgate_upgrades_rejected_total{reason="auth_unavailable"}"#)
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn forward_auth_down_gives_503() {
+    let closed_port = free_port();
+    let gw = TestGateway::with(|c| {
+        c.auth.mode = roomgate::config::AuthMode::Upstream;
+        c.upstream.url = format!("http://127.0.0.1:{closed_port}");
+    })
+    .await;
+    let (status, _) = upgrade_status(gw.addr, "", &[("cookie", "session=good")]).await;
+    assert_eq!(status, 503);
+}
+
+#[tokio::test]
+async fn disallowed_origin_gets_403_before_any_auth() {
+    let gw =
+        TestGateway::with(|c| c.auth.allowed_origins = vec!["https://app.example".into()]).await;
+    assert_eq!(
+        upgrade_status(gw.addr, "", &[("origin", "https://evil.example")])
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        upgrade_status(gw.addr, "", &[("origin", "https://app.example")])
+            .await
+            .0,
+        101
+    );
+    // Non-browser clients send no Origin and cannot be hijacked cross-site.
+    assert_eq!(upgrade_status(gw.addr, "", &[]).await.0, 101);
+    assert_eq!(
+        gw.metric(r#"roomgate_upgrades_rejected_total{reason="origin"}"#)
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn user_flows_into_nats_payloads_and_headers() {
+    use futures_util::StreamExt;
+    let nats = NatsServer::start();
+    let backend = nats.client().await;
+    let mut events = backend
+        .subscribe("roomgate.message.>")
+        .await
+        .expect("subscribe");
+    backend.flush().await.expect("flush");
+    let upstream = auth_upstream().await;
+    let gw = TestGateway::with(|c| {
+        c.auth.mode = roomgate::config::AuthMode::Upstream;
+        c.upstream.url = upstream.url();
+        c.nats.enabled = true;
+        c.nats.url = nats.url();
+    })
+    .await;
+    eventually_async("the gateway to connect to NATS", || async {
+        gw.metric("roomgate_nats_connected").await == 1.0
+    })
+    .await;
+    let mut alice = connect_with(&gw.ws_url(), &[("cookie", "session=good")]).await;
+    alice.join("lobby").await;
+    alice
+        .send(json!({"type": "message", "room": "lobby", "content": "hi"}))
+        .await;
+    let message = within("the message on NATS", events.next())
+        .await
+        .expect("message");
+    let payload: Value = serde_json::from_slice(&message.payload).expect("json");
+    assert_eq!(payload["user"], "alice");
+    let headers = message.headers.expect("headers");
+    assert_eq!(
+        headers.get("Roomgate-User").map(|v| v.as_str()),
+        Some("alice")
+    );
+}
