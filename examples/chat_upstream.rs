@@ -128,7 +128,7 @@ async fn respond(dir: &Path, request: Request<Incoming>) -> Response<Full<Bytes>
     };
     let path = request.uri().path();
     if path == "/healthz" {
-        return text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into());
+        return answer(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into());
     }
     let Some(relative) = file_name(path) else {
         return status(StatusCode::NOT_FOUND);
@@ -139,7 +139,7 @@ async fn respond(dir: &Path, request: Request<Incoming>) -> Response<Full<Bytes>
         Err(_) => return status(StatusCode::NOT_FOUND),
     };
     let length = body.len();
-    let mut response = text(StatusCode::OK, content_type(relative), body);
+    let mut response = answer(StatusCode::OK, content_type(relative), body);
     if head {
         // Same headers, no body; hyper would otherwise send a zero length.
         *response.body_mut() = Full::new(Bytes::new());
@@ -184,7 +184,7 @@ fn content_type(name: &str) -> &'static str {
 }
 
 /// A response with `body`, its type and the headers every answer carries.
-fn text(code: StatusCode, kind: &'static str, body: Bytes) -> Response<Full<Bytes>> {
+fn answer(code: StatusCode, kind: &'static str, body: Bytes) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body));
     *response.status_mut() = code;
     let headers = response.headers_mut();
@@ -199,7 +199,11 @@ fn text(code: StatusCode, kind: &'static str, body: Bytes) -> Response<Full<Byte
 /// A short plain-text answer: `code` and its reason.
 fn status(code: StatusCode) -> Response<Full<Bytes>> {
     let reason = code.canonical_reason().unwrap_or("error");
-    text(code, "text/plain; charset=utf-8", format!("{reason}\n").into())
+    answer(
+        code,
+        "text/plain; charset=utf-8",
+        format!("{reason}\n").into(),
+    )
 }
 
 #[cfg(test)]
