@@ -126,7 +126,7 @@ fn chart_config(values_yaml: &str) -> Table {
             break; // the next top-level key: the tree is over
         }
         let at = || format!("values.yaml line {}: {raw:?}", number + 1);
-        assert!(indent % 2 == 0, "{}: odd indentation", at());
+        assert!(indent.is_multiple_of(2), "{}: odd indentation", at());
         while stack.last().is_some_and(|(i, _)| *i >= indent) {
             stack.pop();
         }
@@ -350,8 +350,8 @@ fn dockerfile_env(dockerfile: &str) -> Vec<(String, String)> {
     let mut in_env = false;
     for line in dockerfile.lines() {
         let line = line.trim();
+        // An ENV line, or the continuation of one (after a trailing `\`).
         let body = if let Some(rest) = line.strip_prefix("ENV ") {
-            in_env = true;
             rest
         } else if in_env {
             line
@@ -368,6 +368,18 @@ fn dockerfile_env(dockerfile: &str) -> Vec<(String, String)> {
         }
     }
     env
+}
+
+#[test]
+fn dockerfile_env_reads_continued_env_lines() {
+    let dockerfile = "FROM x\nENV A=1 \\\n    ROOMGATE_LOG_FORMAT=json \\\n                          ROOMGATE_NATS_URL=\"nats://n:4222\"\nRUN ROOMGATE_NO=1 true\n";
+    assert_eq!(
+        dockerfile_env(dockerfile),
+        [
+            ("ROOMGATE_LOG_FORMAT".to_string(), "json".to_string()),
+            ("ROOMGATE_NATS_URL".to_string(), "nats://n:4222".to_string()),
+        ]
+    );
 }
 
 #[test]
