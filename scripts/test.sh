@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh Debian machine: installs what the
-# tests need (nats-server) when it is missing, then runs cargo's tests.
+# tests need when it is missing (nats-server; yamllint; promtool, from the
+# prometheus package; chromium and chromium-driver for the browser test),
+# lints the deployment files, then runs cargo's tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,8 +19,15 @@ apt_install() {
 missing=()
 have nats-server || missing+=(nats-server)
 have openssl || missing+=(openssl)
+have yamllint || missing+=(yamllint)
+have promtool || missing+=(prometheus)
+have chromium || missing+=(chromium)
+have chromedriver || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
     apt_install "${missing[@]}"
 fi
+
+# Deployment files (config: .yamllint; Helm templates are not plain YAML).
+yamllint --strict deploy charts
 
 cargo test --all-targets --locked "$@"
