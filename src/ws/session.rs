@@ -337,7 +337,15 @@ impl Heartbeat {
         self.deadline.unwrap_or_else(Self::far_future)
     }
 
+    /// Starts the clock for a ping just sent, unless an earlier ping is
+    /// still unanswered: that one keeps its deadline. Restarting the clock
+    /// on every ping would never expire when `pong_timeout` is not shorter
+    /// than `ping_interval` (the next tick comes first and resets it), so a
+    /// dead client would be kept forever.
     fn ping_sent(&mut self, conn: &Connection, timeout: Duration) {
+        if self.deadline.is_some() && conn.pongs() == self.pongs_at_ping {
+            return;
+        }
         self.deadline = Some(tokio::time::Instant::now() + timeout);
         self.pongs_at_ping = conn.pongs();
     }
