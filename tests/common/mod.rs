@@ -666,6 +666,46 @@ pub fn wait_for_port(port: u16) {
     }
 }
 
+// ----- files ------------------------------------------------------------
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    /// Creates the directory.
+    pub fn new() -> Self {
+        let path = std::env::temp_dir().join(format!("roomgate-test-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&path).expect("temp dir");
+        Self { path }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `contents` to `name` inside the directory; returns its path.
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let file = self.path.join(name);
+        std::fs::write(&file, contents).expect("write temp file");
+        file
+    }
+}
+
+impl Default for TempDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
 // ----- the binary -------------------------------------------------------
 
 /// Path of the built `roomgate` binary.
