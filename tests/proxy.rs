@@ -565,3 +565,72 @@ async fn tunnel_carries_many_messages_in_both_directions() {
         assert_eq!(text, &format!("echo: m{i}"));
     }
 }
+
+#[tokio::test]
+async fn upgrade_refused_by_the_upstream_reaches_the_client_as_is() {
+    let upstream = Upstream::start(|_request| async move {
+        Response::builder()
+            .status(403)
+            .body(full("no sockets for you"))
+            .unwrap()
+    })
+    .await;
+    let gw = gateway_for(&upstream).await;
+    match within(
+        "the refused tunnel",
+        tokio_tungstenite::connect_async(format!("ws://{}/app/socket", gw.addr)),
+    )
+    .await
+    {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403);
+            assert_eq!(response.body().as_deref(), Some(&b"no sockets for you"[..]));
+        }
+        Err(other) => panic!("expected the upstream's 403, got {other}"),
+        Ok(_) => panic!("the upstream refused, yet the upgrade went through"),
+    }
+}
+
+#[tokio::test]
+async fn upgrade_to_an_unreachable_upstream_gets_502() {
+    let port = free_port();
+    let gw = TestGateway::with(|c| c.upstream.url = format!("http://127.0.0.1:{port}")).await;
+    match within(
+        "the tunnel attempt",
+        tokio_tungstenite::connect_async(format!("ws://{}/app/socket", gw.addr)),
+    )
+    .await
+    {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 502);
+        }
+        Err(other) => panic!("expected 502, got {other}"),
+        Ok(_) => panic!("an upgrade to nowhere went through"),
+    }
+}
+
+#[tokio::test]
+async fn upload_with_expect_100_continue_is_answered_and_forwarded() {
+    // curl sends `Expect: 100-continue` for large uploads and waits for the
+    // interim response before sending the body.
+    let (upstream, log) = recording_upstream().await;
+    let gw = gateway_for(&upstream).await;
+    let mut stream = within("connect", tokio::net::TcpStream::connect(gw.addr))
+        .await
+        .expect("connect");
+    let body = "z".repeat(10_000);
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: app.example.test\r\nContent-Length: {}\r\n\
+         Expect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    use tokio::io::AsyncWriteExt;
+    stream.write_all(head.as_bytes()).await.expect("write head");
+    let (status, interim) = read_response_head(&mut stream).await;
+    assert_eq!(status, 100, "{interim}");
+    stream.write_all(body.as_bytes()).await.expect("write body");
+    let (status, head) = read_response_head(&mut stream).await;
+    assert_eq!(status, 201, "{head}");
+    let seen = only(&log);
+    assert_eq!(seen.body.len(), body.len());
+}

@@ -402,3 +402,154 @@ async fn a_client_that_answers_pings_stays_connected() {
         0.0
     );
 }
+
+/// A raw client with a tiny receive buffer that joins `room`, reads up to
+/// its `joined` reply, and then never reads again.
+async fn client_that_stops_reading(addr: SocketAddr, room: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("small receive buffer");
+    let mut stream = within("connect", socket.connect(addr))
+        .await
+        .expect("connect");
+    stream
+        .write_all(raw_upgrade_request(addr, "/ws", "").as_bytes())
+        .await
+        .expect("write handshake");
+    let (status, head) = read_response_head(&mut stream).await;
+    assert_eq!(status, 101, "{head}");
+    write_masked_text(
+        &mut stream,
+        &json!({"type": "join", "room": room}).to_string(),
+    )
+    .await;
+    within("the joined reply", async {
+        loop {
+            let frame = read_raw_frame(&mut stream).await.expect("open");
+            if frame.opcode == 1 && String::from_utf8_lossy(&frame.payload).contains("joined") {
+                break;
+            }
+        }
+    })
+    .await;
+    stream
+}
+
+/// A client that keeps reading (and so answering pings) in the background
+/// while the test floods a room through it.
+struct Flooder {
+    write: futures_util::stream::SplitSink<
+        tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
+        Message,
+    >,
+    frames: tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+}
+
+impl Flooder {
+    async fn join(gw: &TestGateway, room: &str) -> Self {
+        let client = gw.client().await;
+        let (write, mut read) = client.ws.split();
+        let (tx, frames) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(Ok(message)) = read.next().await {
+                if let Message::Text(text) = message {
+                    let _ = tx.send(serde_json::from_str(text.as_str()).expect("JSON"));
+                }
+            }
+        });
+        let mut flooder = Self { write, frames };
+        flooder.send(json!({"type": "join", "room": room})).await;
+        assert_eq!(flooder.recv().await["type"], "joined");
+        flooder
+    }
+
+    async fn send(&mut self, frame: serde_json::Value) {
+        within(
+            "sending a frame",
+            self.write.send(Message::text(frame.to_string())),
+        )
+        .await
+        .expect("the flooding client stays connected");
+    }
+
+    async fn recv(&mut self) -> serde_json::Value {
+        within("a frame", self.frames.recv())
+            .await
+            .expect("the flooding client stays connected")
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_even_while_a_write_to_it_is_stuck() {
+    // The backlog is larger than every buffer between the gateway and the
+    // client, but fits in the send queue: nothing overflows, the writer is
+    // simply stuck. The client cannot answer pings it never gets, so the
+    // heartbeat must still end the connection.
+    let gw = TestGateway::with(|c| {
+        c.websocket.ping_interval_secs = 1;
+        c.websocket.pong_timeout_secs = 1;
+        c.websocket.send_queue_capacity = 1024;
+    })
+    .await;
+    let _stuck = client_that_stops_reading(gw.addr, "firehose").await;
+    let mut sender = Flooder::join(&gw, "firehose").await;
+    let content = "f".repeat(60_000);
+    for _ in 0..300 {
+        sender
+            .send(json!({"type": "message", "room": "firehose", "content": content}))
+            .await;
+    }
+    eventually_async("the stuck client to be closed", || async {
+        gw.metric("roomgate_connections_closed_total{reason=\"ping_timeout\"}")
+            .await
+            == 1.0
+    })
+    .await;
+    // The sender is the one left, and still served.
+    sender.send(json!({"type": "join", "room": "other"})).await;
+    assert_eq!(sender.recv().await["type"], "joined");
+    assert_eq!(gw.metric("roomgate_connections").await, 1.0);
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_during_a_flood_is_closed() {
+    // With a small queue the flood overflows it (slow consumer, 1013) at
+    // some moment the writer may be blocked on any write, a ping included;
+    // the session must end either way.
+    let gw = TestGateway::with(|c| {
+        c.websocket.ping_interval_secs = 1;
+        c.websocket.pong_timeout_secs = 1;
+        c.websocket.send_queue_capacity = 8;
+    })
+    .await;
+    let _stuck = client_that_stops_reading(gw.addr, "firehose").await;
+    let mut sender = Flooder::join(&gw, "firehose").await;
+    let content = "f".repeat(60_000);
+    within("the stuck client to be closed", async {
+        loop {
+            for _ in 0..10 {
+                sender
+                    .send(json!({"type": "message", "room": "firehose", "content": content}))
+                    .await;
+            }
+            if gw.metric("roomgate_connections").await == 1.0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    sender.send(json!({"type": "join", "room": "other"})).await;
+    assert_eq!(
+        sender.recv().await["type"],
+        "joined",
+        "the sender is the one left"
+    );
+    let closed = gw
+        .metric("roomgate_connections_closed_total{reason=\"slow_consumer\"}")
+        .await
+        + gw.metric("roomgate_connections_closed_total{reason=\"ping_timeout\"}")
+            .await;
+    assert_eq!(closed, 1.0);
+}

@@ -417,6 +417,30 @@ impl RawFrame {
     }
 }
 
+/// Writes one text frame as a client must (masked) to a raw socket.
+pub async fn write_masked_text(stream: &mut TcpStream, text: &str) {
+    use tokio::io::AsyncWriteExt;
+    const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+    let payload = text.as_bytes();
+    let mut frame = vec![0x81];
+    match payload.len() {
+        n @ 0..=125 => frame.push(0x80 | n as u8),
+        n @ 126..=0xffff => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&MASK);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
+    within("writing a frame", stream.write_all(&frame))
+        .await
+        .expect("write frame");
+}
+
 /// Reads one unmasked frame from a raw socket; `None` at end of stream.
 /// Not bounded by itself: wrap it in [`within`].
 pub async fn read_raw_frame(stream: &mut TcpStream) -> Option<RawFrame> {
