@@ -12,6 +12,7 @@ use futures_util::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -624,7 +625,6 @@ async fn upload_with_expect_100_continue_is_answered_and_forwarded() {
          Expect: 100-continue\r\n\r\n",
         body.len()
     );
-    use tokio::io::AsyncWriteExt;
     stream.write_all(head.as_bytes()).await.expect("write head");
     let (status, interim) = read_response_head(&mut stream).await;
     assert_eq!(status, 100, "{interim}");

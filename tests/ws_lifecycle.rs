@@ -53,7 +53,9 @@ fn upgrade_headers<'a>(key: Option<&'a str>, version: &'a str) -> Vec<(&'a str, 
 #[tokio::test]
 async fn bad_handshakes_get_400_with_the_reason_and_never_a_websocket() {
     let gw = TestGateway::start(test_config()).await;
-    let cases: Vec<(&str, &str, Vec<(&str, &str)>, &str)> = vec![
+    // (method, what, headers, the reason the body must give)
+    type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "POST",
             "a POST",
