@@ -634,3 +634,98 @@ async fn upload_with_expect_100_continue_is_answered_and_forwarded() {
     let seen = only(&log);
     assert_eq!(seen.body.len(), body.len());
 }
+
+/// An upstream that reads the whole body and answers with its size.
+async fn counting_upstream() -> Upstream {
+    Upstream::start(|request: Request<Incoming>| async move {
+        let mut body = request.into_body();
+        let mut total = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                total += data.len();
+            }
+        }
+        Response::new(full(total.to_string()))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_upload_that_keeps_flowing_is_not_cut_by_the_upstream_timeout() {
+    // The upload takes longer than `timeout_secs` in all, but the upstream
+    // never waits long for anything: it is not too slow, and a large upload
+    // must not get 504 for merely being large.
+    let upstream = counting_upstream().await;
+    let url = upstream.url();
+    let gw = TestGateway::with(|c| {
+        c.upstream.url = url;
+        c.upstream.timeout_secs = 1;
+    })
+    .await;
+    let (tx, body) = body_channel();
+    let response = tokio::spawn(send_request(
+        gw.addr,
+        Request::post("/upload")
+            .header("host", "app.example.test")
+            .body(body)
+            .unwrap(),
+    ));
+    const CHUNKS: usize = 12;
+    for _ in 0..CHUNKS {
+        within(
+            "a chunk to be taken",
+            tx.send(Bytes::from(vec![b'p'; 1000])),
+        )
+        .await
+        .expect("chunk");
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    drop(tx);
+    let response = within("the response", response).await.expect("task");
+    assert_eq!(response.status(), 200);
+    let body = within("the body", response.into_body().collect())
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(body, (CHUNKS * 1000).to_string());
+}
+
+#[tokio::test]
+async fn an_upstream_that_stops_taking_the_upload_gets_504() {
+    // The upstream reads a little, then neither reads nor answers.
+    let stalled = Arc::new(Notify::new());
+    let gate = stalled.clone();
+    let upstream = Upstream::start(move |request: Request<Incoming>| {
+        let gate = gate.clone();
+        async move {
+            let mut body = request.into_body();
+            let _ = body.frame().await;
+            gate.notified().await;
+            Response::new(full("too late"))
+        }
+    })
+    .await;
+    let url = upstream.url();
+    let gw = TestGateway::with(|c| {
+        c.upstream.url = url;
+        c.upstream.timeout_secs = 1;
+    })
+    .await;
+    let (tx, body) = body_channel();
+    let response = tokio::spawn(send_request(
+        gw.addr,
+        Request::post("/upload")
+            .header("host", "app.example.test")
+            .body(body)
+            .unwrap(),
+    ));
+    // Keep offering data until the gateway gives up on the upstream.
+    let feeder = tokio::spawn(async move {
+        let chunk = Bytes::from(vec![b's'; 256 * 1024]);
+        while tx.send(chunk.clone()).await.is_ok() {}
+    });
+    let response = within("the 504", response).await.expect("task");
+    stalled.notify_waiters();
+    assert_eq!(response.status(), 504);
+    feeder.abort();
+}
