@@ -117,6 +117,9 @@ async fn strips_hop_by_hop_headers_both_ways_and_sets_forwarded_headers() {
         .header("proxy-authorization", "Basic Zm9vOmJhcg==")
         .header("upgrade", "h2c")
         .header("x-forwarded-for", "203.0.113.7")
+        // Set by the gateway, whatever the client claims.
+        .header("x-forwarded-proto", "https")
+        .header("x-forwarded-host", "spoofed.example.test")
         .header("x-end-to-end", "kept")
         .body(full("payload"))
         .unwrap();
