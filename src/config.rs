@@ -648,6 +648,12 @@ pub fn env_name(key: &str) -> String {
 
 /// Applies `ROOMGATE_*` variables onto the file's table; returns warnings for
 /// variables that match no key.
+///
+/// A value can have the right shape for the environment and still not fit
+/// its key (`ROOMGATE_LOG_FORMAT=xml`, a negative count). The file alone is
+/// known to be valid when this runs, so the table is checked after each
+/// variable: the first one that breaks it is the one reported, by name,
+/// instead of a schema error blamed on the file.
 fn apply_env(
     table: &mut toml::Table,
     env: &[(String, String)],
@@ -671,8 +677,26 @@ fn apply_env(
             message,
         })?;
         insert_path(table, key, value);
+        if let Err(e) = Config::deserialize(toml::Value::Table(table.clone())) {
+            return Err(ConfigError::Env {
+                var: var.clone(),
+                key: key.clone(),
+                message: schema_message(&e.to_string()),
+            });
+        }
     }
     Ok(warnings)
+}
+
+/// toml's schema error without its trailing "in `key`" line, which the
+/// environment error already names.
+fn schema_message(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("in `"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn parse_env_value(raw: &str, kind: Kind) -> Result<toml::Value, String> {
@@ -747,15 +771,17 @@ fn valid_subject_prefix(prefix: &str) -> bool {
         })
 }
 
+/// Hides the secret in a server URL's user info: the password of
+/// `user:pass@`, or all of it for `token@`, which NATS reads as a token.
 fn mask_url_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    match rest.split_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map(|(u, _)| u).unwrap_or(userinfo);
-            format!("{scheme}://{user}:***@{host}")
-        }
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => format!("{scheme}://***@{host}"),
+        },
         None => url.to_string(),
     }
 }
@@ -810,6 +836,17 @@ mod tests {
     }
 
     #[test]
+    fn env_value_that_does_not_fit_its_key_is_blamed_on_the_variable() {
+        let err = Config::load(None, env(&[("ROOMGATE_LOG_FORMAT", "xml")])).unwrap_err();
+        let ConfigError::Env { var, key, message } = &err else {
+            panic!("expected an environment error, got {err}");
+        };
+        assert_eq!(var, "ROOMGATE_LOG_FORMAT");
+        assert_eq!(key, "log.format");
+        assert!(message.contains("xml"), "{message}");
+    }
+
+    #[test]
     fn every_leaf_key_has_an_env_name() {
         let keys = leaf_keys();
         assert!(keys.contains_key("websocket.rooms.idle_timeout_secs"));
@@ -839,5 +876,17 @@ mod tests {
         let shown = config.to_masked_toml();
         assert!(!shown.contains("hunter2"));
         assert!(shown.contains("nats://app:***@10.0.0.1:4222,nats://10.0.0.2:4222"));
+    }
+
+    #[test]
+    fn tokens_in_the_user_info_are_masked() {
+        assert_eq!(
+            mask_url_password("nats://s3cr3t-token@10.0.0.1:4222"),
+            "nats://***@10.0.0.1:4222"
+        );
+        assert_eq!(
+            mask_url_password("nats://app:p@ss@10.0.0.1:4222"),
+            "nats://app:***@10.0.0.1:4222"
+        );
     }
 }

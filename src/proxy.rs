@@ -8,6 +8,9 @@
 //! after the upstream's 101 both upgraded sockets are spliced together.
 
 use std::net::SocketAddr;
+use std::pin::{Pin, pin};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
@@ -91,18 +94,92 @@ impl Upstream {
             .map_err(|e| ProxyError::Unreachable(format!("cannot build upstream URI: {e}")))
     }
 
-    /// Sends a request and waits up to `timeout` for the response headers.
+    /// Sends a request and waits for the response headers, giving up when
+    /// the exchange stands still for `timeout`: the upstream may take that
+    /// long between two chunks of the request body, and that long to answer
+    /// once it has the whole request. A clock on the whole exchange would cut
+    /// off every upload that takes longer than `timeout` to transfer, however
+    /// well it flows.
     pub async fn send(
         &self,
         request: Request<Body>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, ProxyError> {
-        match tokio::time::timeout(timeout, self.client.request(request)).await {
-            Err(_) => Err(ProxyError::Timeout),
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) if is_timeout(&e) => Err(ProxyError::Timeout),
-            Ok(Err(e)) => Err(ProxyError::Unreachable(error_chain(&e))),
+        let progress = Progress::new();
+        let request = request.map(|body| {
+            Watched {
+                inner: body,
+                progress: progress.clone(),
+            }
+            .boxed()
+        });
+        let mut response = pin!(self.client.request(request));
+        let result = loop {
+            tokio::select! {
+                result = &mut response => break result,
+                _ = tokio::time::sleep_until(progress.last() + timeout) => {
+                    if progress.last() + timeout <= tokio::time::Instant::now() {
+                        return Err(ProxyError::Timeout);
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(response) => Ok(response),
+            Err(e) if is_timeout(&e) => Err(ProxyError::Timeout),
+            Err(e) => Err(ProxyError::Unreachable(error_chain(&e))),
         }
+    }
+}
+
+/// When a request to the upstream last moved: created, or a chunk of its
+/// body (or its end) taken by the upstream connection.
+#[derive(Clone)]
+struct Progress(Arc<Mutex<tokio::time::Instant>>);
+
+impl Progress {
+    fn new() -> Self {
+        Self(Arc::new(Mutex::new(tokio::time::Instant::now())))
+    }
+
+    fn touch(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = tokio::time::Instant::now();
+    }
+
+    fn last(&self) -> tokio::time::Instant {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A request body that reports to [`Progress`] each time the upstream
+/// connection takes a frame from it; otherwise it is the body unchanged
+/// (size hint included, so a `Content-Length` upload stays one).
+struct Watched {
+    inner: Body,
+    progress: Progress,
+}
+
+impl hyper::body::Body for Watched {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if polled.is_ready() {
+            self.progress.touch();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -337,7 +337,15 @@ impl Heartbeat {
         self.deadline.unwrap_or_else(Self::far_future)
     }
 
+    /// Starts the clock for a ping just sent, unless an earlier ping is
+    /// still unanswered: that one keeps its deadline. Restarting the clock
+    /// on every ping would never expire when `pong_timeout` is not shorter
+    /// than `ping_interval` (the next tick comes first and resets it), so a
+    /// dead client would be kept forever.
     fn ping_sent(&mut self, conn: &Connection, timeout: Duration) {
+        if self.deadline.is_some() && conn.pongs() == self.pongs_at_ping {
+            return;
+        }
         self.deadline = Some(tokio::time::Instant::now() + timeout);
         self.pongs_at_ping = conn.pongs();
     }
@@ -390,11 +398,31 @@ async fn write_loop(
             Step::Stop => break,
             Step::Ping => {
                 heartbeat.ping_sent(&conn, settings.pong_timeout);
-                write_ping(&mut sink).await
+                let ping = write_ping(&mut sink);
+                match guard(
+                    ping,
+                    &conn,
+                    &mut heartbeat,
+                    &mut ticker,
+                    settings.pong_timeout,
+                )
+                .await
+                {
+                    Some(result) => result,
+                    None => break,
+                }
             }
             Step::Frame(first) => {
                 let batch = write_batch(&mut sink, first, &mut outbox);
-                match guard(batch, &conn, &mut heartbeat).await {
+                match guard(
+                    batch,
+                    &conn,
+                    &mut heartbeat,
+                    &mut ticker,
+                    settings.pong_timeout,
+                )
+                .await
+                {
                     Some(result) => result,
                     None => break,
                 }
@@ -412,10 +440,19 @@ async fn write_loop(
 /// Runs a write, but gives up when the connection starts closing or an
 /// unanswered ping expires meanwhile (a client that stops reading also stops
 /// answering). `None` means the write was abandoned.
+///
+/// Every write goes through here, pings included: a client that stopped
+/// reading fills the socket, and an unguarded write would then wait forever,
+/// deaf to closing. While a write is stuck, the pings that fall due cannot be
+/// sent; each is counted as sent (it would wait behind the stuck bytes), so
+/// such a client is closed for not answering after `pong_timeout`, like any
+/// other, instead of being kept open for as long as it does not read.
 async fn guard(
     write: impl Future<Output = Result<(), WsError>>,
     conn: &Connection,
     heartbeat: &mut Heartbeat,
+    ticker: &mut tokio::time::Interval,
+    pong_timeout: Duration,
 ) -> Option<Result<(), WsError>> {
     let mut write = pin!(write);
     loop {
@@ -429,6 +466,7 @@ async fn guard(
                 }
             }
             result = &mut write => return Some(result),
+            _ = ticker.tick() => heartbeat.ping_sent(conn, pong_timeout),
         }
     }
 }

@@ -355,6 +355,110 @@ pub fn full(bytes: impl Into<Bytes>) -> TestBody {
         .boxed()
 }
 
+/// A request body fed chunk by chunk through the returned sender; it ends
+/// when the sender is dropped. Lets a test hold back part of an upload.
+pub fn body_channel() -> (tokio::sync::mpsc::Sender<Bytes>, TestBody) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let chunk = rx.recv().await?;
+        let frame: Result<_, Box<dyn std::error::Error + Send + Sync>> =
+            Ok(hyper::body::Frame::data(chunk));
+        Some((frame, rx))
+    });
+    (tx, BodyExt::boxed(http_body_util::StreamBody::new(stream)))
+}
+
+// ----- raw WebSocket ----------------------------------------------------
+
+/// A WebSocket handshake request for `path` with a valid key, as raw bytes,
+/// with `extra` header lines (each ending in `\r\n`) added.
+pub fn raw_upgrade_request(addr: SocketAddr, path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
+    )
+}
+
+/// Reads an HTTP response head (up to the blank line) from a raw socket,
+/// byte by byte so nothing after it is consumed: (status, head text).
+pub async fn read_response_head(stream: &mut TcpStream) -> (u16, String) {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    within("an HTTP response head", async {
+        while !head.ends_with(b"\r\n\r\n") {
+            let byte = stream.read_u8().await.expect("response head");
+            head.push(byte);
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status code in response head");
+    (status, text)
+}
+
+/// A frame as a server sends it (never masked): opcode and payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawFrame {
+    /// 1 text, 2 binary, 8 close, 9 ping, 10 pong.
+    pub opcode: u8,
+    /// The unmasked payload.
+    pub payload: Vec<u8>,
+}
+
+impl RawFrame {
+    /// The close code of a close frame.
+    pub fn close_code(&self) -> Option<u16> {
+        (self.opcode == 8 && self.payload.len() >= 2)
+            .then(|| u16::from_be_bytes([self.payload[0], self.payload[1]]))
+    }
+}
+
+/// Writes one text frame as a client must (masked) to a raw socket.
+pub async fn write_masked_text(stream: &mut TcpStream, text: &str) {
+    use tokio::io::AsyncWriteExt;
+    const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+    let payload = text.as_bytes();
+    let mut frame = vec![0x81];
+    match payload.len() {
+        n @ 0..=125 => frame.push(0x80 | n as u8),
+        n @ 126..=0xffff => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&MASK);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
+    within("writing a frame", stream.write_all(&frame))
+        .await
+        .expect("write frame");
+}
+
+/// Reads one unmasked frame from a raw socket; `None` at end of stream.
+/// Not bounded by itself: wrap it in [`within`].
+pub async fn read_raw_frame(stream: &mut TcpStream) -> Option<RawFrame> {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 2];
+    stream.read_exact(&mut head).await.ok()?;
+    let opcode = head[0] & 0x0f;
+    assert_eq!(head[1] & 0x80, 0, "server frames are not masked");
+    let len = match head[1] & 0x7f {
+        126 => u64::from(stream.read_u16().await.ok()?),
+        127 => stream.read_u64().await.ok()?,
+        n => u64::from(n),
+    };
+    let mut payload = vec![0u8; usize::try_from(len).expect("frame length")];
+    stream.read_exact(&mut payload).await.ok()?;
+    Some(RawFrame { opcode, payload })
+}
+
 // ----- upstream ---------------------------------------------------------
 
 /// A request as the upstream saw it.
@@ -378,6 +482,7 @@ type Handler = Arc<
 pub struct Upstream {
     /// Its address.
     pub addr: SocketAddr,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -393,11 +498,14 @@ impl Upstream {
             .await
             .expect("bind upstream");
         let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let handler = handler.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |r| {
@@ -411,12 +519,21 @@ impl Upstream {
                 });
             }
         });
-        Self { addr, task }
+        Self {
+            addr,
+            accepted,
+            task,
+        }
     }
 
     /// `http://addr`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// TCP connections accepted so far (to check connection reuse).
+    pub fn connections_accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -573,6 +690,46 @@ pub fn wait_for_port(port: u16) {
     }
 }
 
+// ----- files ------------------------------------------------------------
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    /// Creates the directory.
+    pub fn new() -> Self {
+        let path = std::env::temp_dir().join(format!("roomgate-test-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&path).expect("temp dir");
+        Self { path }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `contents` to `name` inside the directory; returns its path.
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let file = self.path.join(name);
+        std::fs::write(&file, contents).expect("write temp file");
+        file
+    }
+}
+
+impl Default for TempDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
 // ----- the binary -------------------------------------------------------
 
 /// Path of the built `roomgate` binary.
@@ -581,20 +738,46 @@ pub fn binary() -> &'static Path {
 }
 
 /// Runs `roomgate` with `args` and `env` (nothing inherited from ours but
-/// PATH) and returns (exit code, stdout, stderr).
+/// PATH) and returns (exit code, stdout, stderr). Bounded by `WAIT`: a
+/// process that does not exit (say, one that started serving when it should
+/// have refused its configuration) is killed and the test fails.
 pub fn run_binary(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let output = Command::new(binary())
+    let mut child = Command::new(binary())
         .args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .envs(env.iter().copied())
         .current_dir(std::env::temp_dir())
-        .output()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run roomgate");
+    let read_all = |mut pipe: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            let _ = pipe.read_to_end(&mut text);
+            String::from_utf8_lossy(&text).into_owned()
+        })
+    };
+    let stdout = read_all(Box::new(child.stdout.take().expect("stdout")));
+    let stderr = read_all(Box::new(child.stderr.take().expect("stderr")));
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("roomgate {args:?} did not exit within {WAIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
+        status.code().unwrap_or(-1),
+        stdout.join().expect("stdout reader"),
+        stderr.join().expect("stderr reader"),
     )
 }
 

@@ -1,0 +1,358 @@
+//! The `roomgate` binary: configuration errors and exit codes, environment
+//! overrides, `check-config`, and structured logs (SPEC §5).
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use serde_json::{Value, json};
+
+/// Environment that keeps a gateway that wrongly starts harmless: loopback
+/// port 0, no NATS. Tests add their own variables after these.
+const SAFE: [(&str, &str); 3] = [
+    ("ROOMGATE_SERVER_LISTEN", "127.0.0.1:0"),
+    ("ROOMGATE_ADMIN_LISTEN", "127.0.0.1:0"),
+    ("ROOMGATE_NATS_ENABLED", "false"),
+];
+
+/// Starts the gateway (no subcommand) and expects it to refuse its
+/// configuration: returns stderr after checking the exit code is 2.
+fn refused_start(args: &[&str], env: &[(&str, &str)]) -> String {
+    let env: Vec<(&str, &str)> = SAFE.iter().chain(env).copied().collect();
+    let (code, stdout, stderr) = run_binary(args, &env);
+    assert_eq!(
+        code, 2,
+        "exit code 2 for a configuration error\nstdout: {stdout}\nstderr: {stderr}"
+    );
+    stderr
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 temp path")
+}
+
+#[test]
+fn unknown_key_in_the_file_stops_startup_naming_the_key() {
+    let dir = TempDir::new();
+    let file = dir.write("gw.toml", "[server]\nlisten_addr = \"127.0.0.1:0\"\n");
+    let stderr = refused_start(&["--config", path_str(&file)], &[]);
+    assert!(stderr.contains("listen_addr"), "{stderr}");
+    assert!(stderr.contains("server"), "{stderr}");
+    assert!(stderr.contains(path_str(&file)), "names the file: {stderr}");
+}
+
+#[test]
+fn unknown_section_in_the_file_stops_startup() {
+    let dir = TempDir::new();
+    let file = dir.write("gw.toml", "[websockets]\nping_interval_secs = 5\n");
+    let stderr = refused_start(&["--config", path_str(&file)], &[]);
+    assert!(stderr.contains("websockets"), "{stderr}");
+}
+
+#[test]
+fn bad_value_in_the_file_stops_startup_naming_the_key() {
+    let dir = TempDir::new();
+    let file = dir.write("gw.toml", "[websocket]\nmax_message_size_bytes = \"big\"\n");
+    let stderr = refused_start(&["--config", path_str(&file)], &[]);
+    assert!(
+        stderr.contains("websocket.max_message_size_bytes"),
+        "{stderr}"
+    );
+
+    let file = dir.write("enum.toml", "[log]\nformat = \"xml\"\n");
+    let stderr = refused_start(&["--config", path_str(&file)], &[]);
+    assert!(stderr.contains("log.format"), "{stderr}");
+}
+
+#[test]
+fn bad_value_in_the_environment_stops_startup_naming_variable_and_key() {
+    for (var, value, key) in [
+        (
+            "ROOMGATE_WEBSOCKET_PING_INTERVAL_SECS",
+            "soon",
+            "websocket.ping_interval_secs",
+        ),
+        ("ROOMGATE_NATS_REQUIRED", "perhaps", "nats.required"),
+        // Values of the right shape for the environment but not for the key.
+        ("ROOMGATE_LOG_FORMAT", "xml", "log.format"),
+        (
+            "ROOMGATE_SERVER_MAX_CONNECTIONS",
+            "-5",
+            "server.max_connections",
+        ),
+        (
+            "ROOMGATE_WEBSOCKET_SLOW_CONSUMER",
+            "sometimes",
+            "websocket.slow_consumer",
+        ),
+    ] {
+        let stderr = refused_start(&[], &[(var, value)]);
+        assert!(stderr.contains(var), "{var}={value}: {stderr}");
+        assert!(stderr.contains(key), "{var}={value}: {stderr}");
+        assert!(
+            !stderr.contains("config file"),
+            "{var}={value}: the error is the variable's, not a file's: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn inconsistent_settings_stop_startup_naming_the_keys() {
+    let dir = TempDir::new();
+    let file = dir.write("gw.toml", "[auth]\nmode = \"upstream\"\n");
+    let stderr = refused_start(&["--config", path_str(&file)], &[]);
+    assert!(stderr.contains("auth.mode"), "{stderr}");
+    assert!(stderr.contains("upstream.url"), "{stderr}");
+
+    // The same through the environment alone.
+    let stderr = refused_start(&[], &[("ROOMGATE_AUTH_MODE", "upstream")]);
+    assert!(stderr.contains("auth.mode"), "{stderr}");
+}
+
+#[test]
+fn several_problems_are_reported_at_once() {
+    let dir = TempDir::new();
+    let file = dir.write(
+        "gw.toml",
+        "[websocket]\nping_interval_secs = 0\nsend_queue_capacity = 0\n",
+    );
+    let stderr = refused_start(&["--config", path_str(&file)], &[]);
+    assert!(stderr.contains("websocket.ping_interval_secs"), "{stderr}");
+    assert!(stderr.contains("websocket.send_queue_capacity"), "{stderr}");
+}
+
+#[test]
+fn missing_explicit_config_file_stops_startup_naming_the_file() {
+    let dir = TempDir::new();
+    let missing = dir.path().join("nope.toml");
+    let stderr = refused_start(&["--config", path_str(&missing)], &[]);
+    assert!(stderr.contains(path_str(&missing)), "{stderr}");
+
+    let (code, _, stderr) = run_binary(&["check-config", "--config", path_str(&missing)], &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains(path_str(&missing)), "{stderr}");
+}
+
+#[test]
+fn check_config_refuses_what_startup_refuses() {
+    let dir = TempDir::new();
+    let file = dir.write("gw.toml", "[server]\nmax_conections = 5\n");
+    let (code, stdout, stderr) = run_binary(&["check-config", "--config", path_str(&file)], &[]);
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert!(stderr.contains("max_conections"), "{stderr}");
+    assert!(stdout.is_empty(), "no configuration printed: {stdout}");
+}
+
+/// Runs `check-config` and loads what it printed back through the library,
+/// which proves it is a complete, valid configuration file.
+fn effective_config(args: &[&str], env: &[(&str, &str)]) -> (roomgate::Config, String, String) {
+    let mut all = vec!["check-config"];
+    all.extend_from_slice(args);
+    let (code, stdout, stderr) = run_binary(&all, env);
+    assert_eq!(code, 0, "check-config succeeds: {stderr}");
+    let dir = TempDir::new();
+    let printed = dir.write("printed.toml", &stdout);
+    let loaded = roomgate::Config::load(Some(&printed), Vec::new())
+        .unwrap_or_else(|e| panic!("check-config prints a loadable configuration: {e}\n{stdout}"));
+    (loaded.config, stdout, stderr)
+}
+
+#[test]
+fn environment_overrides_win_over_the_file() {
+    let dir = TempDir::new();
+    let file = dir.write(
+        "gw.toml",
+        "[websocket]\nmax_message_size_bytes = 1000\nping_interval_secs = 7\n\n\
+         [server]\nws_paths = [\"/ws\"]\n",
+    );
+    let (config, _, _) = effective_config(
+        &["--config", path_str(&file)],
+        &[
+            ("ROOMGATE_WEBSOCKET_MAX_MESSAGE_SIZE_BYTES", "2000"),
+            ("ROOMGATE_SERVER_WS_PATHS", "/live, /socket"),
+            ("ROOMGATE_WEBSOCKET_ROOMS_MAX_MEMBERS", "50"),
+        ],
+    );
+    assert_eq!(config.websocket.max_message_size_bytes, 2000, "env wins");
+    assert_eq!(
+        config.websocket.ping_interval_secs, 7,
+        "the file's other keys stay"
+    );
+    assert_eq!(
+        config.server.ws_paths,
+        vec!["/live", "/socket"],
+        "lists split on commas"
+    );
+    assert_eq!(config.websocket.rooms.max_members, 50, "nested keys");
+    assert_eq!(
+        config.upstream.timeout_secs, 30,
+        "untouched keys keep defaults"
+    );
+}
+
+#[test]
+fn unknown_roomgate_variable_is_warned_about_and_ignored() {
+    let (config, _, stderr) = effective_config(
+        &[],
+        &[
+            ("ROOMGATE_WEBSOCKET_PING_INTERVAL", "5"),
+            ("ROOMGATE_WEBSOCKET_PONG_TIMEOUT_SECS", "4"),
+        ],
+    );
+    assert!(
+        stderr.contains("ROOMGATE_WEBSOCKET_PING_INTERVAL"),
+        "a warning names the variable: {stderr}"
+    );
+    assert!(
+        !stderr.contains("ROOMGATE_WEBSOCKET_PONG_TIMEOUT_SECS"),
+        "known variables are not warned about: {stderr}"
+    );
+    assert_eq!(config.websocket.ping_interval_secs, 30, "ignored");
+    assert_eq!(config.websocket.pong_timeout_secs, 4);
+}
+
+#[test]
+fn unknown_roomgate_variable_is_logged_by_the_running_gateway() {
+    let mut gateway = GatewayProcess::start(&[], &[("ROOMGATE_NO_SUCH_KEY", "1")]);
+    let warned = gateway
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("ROOMGATE_NO_SUCH_KEY") && l.contains("WARN"));
+    assert!(warned, "a WARN line names the variable: {:?}", gateway.log);
+    gateway.signal("TERM");
+    assert_eq!(gateway.wait_exit(), 0);
+}
+
+#[test]
+fn check_config_prints_the_effective_config_with_nats_secrets_masked() {
+    let dir = TempDir::new();
+    let file = dir.write(
+        "gw.toml",
+        "[nats]\nurl = \"nats://app:hunter2@10.0.0.1:4222,nats://10.0.0.2:4222\"\n",
+    );
+    let (config, stdout, _) = effective_config(&["--config", path_str(&file)], &[]);
+    assert!(!stdout.contains("hunter2"), "{stdout}");
+    assert!(
+        stdout.contains("[websocket.rooms]"),
+        "every section: {stdout}"
+    );
+    assert_eq!(
+        config.nats.url,
+        "nats://app:***@10.0.0.1:4222,nats://10.0.0.2:4222"
+    );
+
+    // A password from the environment, and a token (user info without a
+    // password, which NATS treats as the secret itself).
+    for (url, secret) in [
+        ("nats://svc:s3cr3t@127.0.0.1:4222", "s3cr3t"),
+        ("nats://t0ken-abc@127.0.0.1:4222", "t0ken-abc"),
+    ] {
+        let (config, stdout, stderr) = effective_config(&[], &[("ROOMGATE_NATS_URL", url)]);
+        assert!(!stdout.contains(secret), "{url}: {stdout}");
+        assert!(!stderr.contains(secret), "{url}: {stderr}");
+        assert!(
+            config.nats.url.ends_with("@127.0.0.1:4222"),
+            "{}",
+            config.nats.url
+        );
+    }
+}
+
+#[test]
+fn check_config_with_no_file_prints_the_defaults() {
+    let (config, _, _) = effective_config(&[], &[]);
+    assert_eq!(config, roomgate::Config::default());
+}
+
+#[tokio::test]
+async fn the_running_gateway_applies_environment_overrides() {
+    // The file allows big messages; the environment lowers the limit, and
+    // the running gateway enforces the environment's value.
+    let dir = TempDir::new();
+    let file = dir.write("gw.toml", "[websocket]\nmax_message_size_bytes = 1000000\n");
+    let mut gateway = GatewayProcess::start(
+        &["--config", path_str(&file)],
+        &[("ROOMGATE_WEBSOCKET_MAX_MESSAGE_SIZE_BYTES", "1024")],
+    );
+    let mut client = WsClient::connect(&format!("ws://{}/ws", gateway.addr)).await;
+    client
+        .send(json!({"type": "join", "room": "r", "pad": "x".repeat(4000)}))
+        .await;
+    assert_eq!(client.recv_close().await, Some(1009));
+    gateway.signal("TERM");
+    assert_eq!(gateway.wait_exit(), 0);
+}
+
+// ----- logs -------------------------------------------------------------
+
+/// The JSON log lines (the harness collects stdout).
+fn json_lines(gateway: &GatewayProcess) -> Vec<Value> {
+    gateway
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Whether any field of `line`, at any depth, is the string `id`.
+fn carries(line: &Value, id: &str) -> bool {
+    match line {
+        Value::String(s) => s == id,
+        Value::Array(items) => items.iter().any(|v| carries(v, id)),
+        Value::Object(map) => map.values().any(|v| carries(v, id)),
+        _ => false,
+    }
+}
+
+#[tokio::test]
+async fn json_logs_carry_the_connection_id() {
+    let mut gateway = GatewayProcess::start(
+        &[],
+        &[
+            ("ROOMGATE_LOG_FORMAT", "json"),
+            ("ROOMGATE_LOG_LEVEL", "debug"),
+        ],
+    );
+    let url = format!("ws://{}/ws", gateway.addr);
+    let mut a = WsClient::connect(&url).await;
+    let mut b = WsClient::connect(&url).await;
+    a.ws.close(None).await.expect("close a");
+    b.ws.close(None).await.expect("close b");
+    let _ = a.recv_close().await;
+    let _ = b.recv_close().await;
+
+    for (client, other) in [(&a, &b), (&b, &a)] {
+        let what = format!("the open and close lines of {}", client.id);
+        within(&what, async {
+            loop {
+                let lines = json_lines(&gateway);
+                let mine: Vec<&Value> = lines.iter().filter(|l| carries(l, &client.id)).collect();
+                let has = |message: &str| mine.iter().any(|l| l["message"] == message);
+                if has("connection opened") && has("connection closed") {
+                    assert!(
+                        mine.iter().all(|l| !carries(l, &other.id)),
+                        "a line never carries another connection's id: {mine:?}"
+                    );
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+    for line in json_lines(&gateway) {
+        if line["message"] == "connection opened" {
+            assert!(
+                carries(&line, &a.id) || carries(&line, &b.id),
+                "every connection line names its connection: {line}"
+            );
+        }
+    }
+    gateway.signal("TERM");
+    assert_eq!(gateway.wait_exit(), 0);
+}

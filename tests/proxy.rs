@@ -1,0 +1,734 @@
+//! The reverse proxy (SPEC §3) against a real upstream HTTP server: what is
+//! forwarded, what is stripped, streaming both ways, error statuses,
+//! connection reuse, WebSocket tunnels and the proxy metrics.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+/// A gateway proxying to `upstream`.
+async fn gateway_for(upstream: &Upstream) -> TestGateway {
+    let url = upstream.url();
+    TestGateway::with(|c| c.upstream.url = url).await
+}
+
+/// A request as the upstream saw it, body included.
+#[derive(Debug, Clone)]
+struct Recorded {
+    seen: Seen,
+    body: Bytes,
+}
+
+/// An upstream that records each request (with its whole body) and answers
+/// 201 with a header and a body of its own.
+async fn recording_upstream() -> (Upstream, Arc<Mutex<Vec<Recorded>>>) {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let sink = log.clone();
+    let upstream = Upstream::start(move |request: Request<Incoming>| {
+        let sink = sink.clone();
+        async move {
+            let seen = Seen {
+                method: request.method().to_string(),
+                uri: request.uri().to_string(),
+                headers: request.headers().clone(),
+            };
+            let body = request
+                .into_body()
+                .collect()
+                .await
+                .expect("request body")
+                .to_bytes();
+            sink.lock().unwrap().push(Recorded { seen, body });
+            Response::builder()
+                .status(201)
+                .header("x-upstream", "yes")
+                .header("connection", "x-upstream-private")
+                .header("x-upstream-private", "hop")
+                .header("keep-alive", "timeout=5")
+                .body(full("created"))
+                .unwrap()
+        }
+    })
+    .await;
+    (upstream, log)
+}
+
+fn only(log: &Arc<Mutex<Vec<Recorded>>>) -> Recorded {
+    let log = log.lock().unwrap();
+    assert_eq!(log.len(), 1, "the upstream saw exactly one request");
+    log[0].clone()
+}
+
+fn header<'a>(headers: &'a hyper::HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).map(|v| v.to_str().expect("ASCII header"))
+}
+
+#[tokio::test]
+async fn forwards_method_path_query_headers_and_body() {
+    let (upstream, log) = recording_upstream().await;
+    let gw = gateway_for(&upstream).await;
+    let request = Request::put("/api/items/7?sort=desc&tag=a%20b")
+        .header("host", "app.example.test")
+        .header("x-custom", "kept")
+        .header("content-type", "application/json")
+        .header("cookie", "session=abc")
+        .body(full(r#"{"name":"lamp"}"#))
+        .unwrap();
+    let (status, headers, body) = http_request(gw.addr, request).await;
+
+    assert_eq!(status, 201);
+    assert_eq!(body, "created");
+    assert_eq!(header(&headers, "x-upstream"), Some("yes"));
+
+    let seen = only(&log);
+    assert_eq!(seen.seen.method, "PUT");
+    assert_eq!(seen.seen.uri, "/api/items/7?sort=desc&tag=a%20b");
+    assert_eq!(seen.body, r#"{"name":"lamp"}"#);
+    let h = &seen.seen.headers;
+    assert_eq!(header(h, "x-custom"), Some("kept"));
+    assert_eq!(header(h, "content-type"), Some("application/json"));
+    assert_eq!(header(h, "cookie"), Some("session=abc"));
+    assert_eq!(header(h, "host"), Some("app.example.test"), "Host is kept");
+}
+
+#[tokio::test]
+async fn strips_hop_by_hop_headers_both_ways_and_sets_forwarded_headers() {
+    let (upstream, log) = recording_upstream().await;
+    let gw = gateway_for(&upstream).await;
+    let request = Request::post("/submit")
+        .header("host", "app.example.test")
+        .header("connection", "keep-alive, X-Client-Private")
+        .header("x-client-private", "hop")
+        .header("keep-alive", "timeout=5")
+        .header("te", "trailers")
+        .header("trailer", "x-checksum")
+        .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+        .header("upgrade", "h2c")
+        .header("x-forwarded-for", "203.0.113.7")
+        // Set by the gateway, whatever the client claims.
+        .header("x-forwarded-proto", "https")
+        .header("x-forwarded-host", "spoofed.example.test")
+        .header("x-end-to-end", "kept")
+        .body(full("payload"))
+        .unwrap();
+    let (status, headers, _) = http_request(gw.addr, request).await;
+    assert_eq!(status, 201);
+
+    let seen = only(&log);
+    let h = &seen.seen.headers;
+    for name in [
+        "x-client-private",
+        "keep-alive",
+        "te",
+        "trailer",
+        "proxy-authorization",
+        "upgrade",
+    ] {
+        assert!(
+            !h.contains_key(name),
+            "{name} must not reach the upstream: {h:?}"
+        );
+    }
+    // The upstream's own `Connection` is about its link to the gateway.
+    if let Some(connection) = header(h, "connection") {
+        assert!(
+            !connection.to_ascii_lowercase().contains("x-client-private"),
+            "the client's Connection header is not forwarded: {connection}"
+        );
+    }
+    assert_eq!(header(h, "x-end-to-end"), Some("kept"));
+    assert_eq!(header(h, "host"), Some("app.example.test"));
+    assert_eq!(
+        header(h, "x-forwarded-for"),
+        Some("203.0.113.7, 127.0.0.1"),
+        "the client address is appended to the existing X-Forwarded-For"
+    );
+    assert_eq!(header(h, "x-forwarded-proto"), Some("http"));
+    assert_eq!(header(h, "x-forwarded-host"), Some("app.example.test"));
+    assert_eq!(seen.body, "payload");
+
+    // And on the way back.
+    assert_eq!(header(&headers, "x-upstream"), Some("yes"));
+    assert!(!headers.contains_key("x-upstream-private"), "{headers:?}");
+    assert!(!headers.contains_key("keep-alive"), "{headers:?}");
+}
+
+#[tokio::test]
+async fn sets_forwarded_for_when_the_client_sent_none() {
+    let (upstream, log) = recording_upstream().await;
+    let gw = gateway_for(&upstream).await;
+    let (status, _) = http_get(gw.addr, "/").await;
+    assert_eq!(status, 201);
+    let seen = only(&log);
+    assert_eq!(
+        header(&seen.seen.headers, "x-forwarded-for"),
+        Some("127.0.0.1")
+    );
+    assert_eq!(
+        header(&seen.seen.headers, "x-forwarded-host"),
+        Some(gw.addr.to_string().as_str())
+    );
+}
+
+#[tokio::test]
+async fn upload_is_streamed_to_the_upstream() {
+    const CHUNK: usize = 1024 * 1024;
+    const CHUNKS: usize = 4;
+    // The upstream reports when the first chunk's bytes have arrived, then
+    // reads the rest and answers with the total it received.
+    let (first_seen_tx, first_seen_rx) = oneshot::channel::<()>();
+    let first_seen = Arc::new(Mutex::new(Some(first_seen_tx)));
+    let upstream = Upstream::start(move |request: Request<Incoming>| {
+        let first_seen = first_seen.clone();
+        async move {
+            let mut body = request.into_body();
+            let mut total = 0usize;
+            let mut ok = true;
+            while let Some(frame) = body.frame().await {
+                let Ok(frame) = frame else {
+                    ok = false;
+                    break;
+                };
+                if let Ok(data) = frame.into_data() {
+                    ok &= data.iter().all(|b| *b == b'u');
+                    total += data.len();
+                }
+                if total >= CHUNK
+                    && let Some(tx) = first_seen.lock().unwrap().take()
+                {
+                    let _ = tx.send(());
+                }
+            }
+            Response::new(full(format!("{total} {ok}")))
+        }
+    })
+    .await;
+    let gw = gateway_for(&upstream).await;
+
+    let (tx, body) = body_channel();
+    let request = Request::post("/upload")
+        .header("host", "app.example.test")
+        .header("content-length", (CHUNK * CHUNKS).to_string())
+        .body(body)
+        .unwrap();
+    let response = tokio::spawn(send_request(gw.addr, request));
+
+    let chunk = Bytes::from(vec![b'u'; CHUNK]);
+    tx.send(chunk.clone()).await.expect("first chunk");
+    // The rest is held back until the upstream has the first chunk: a proxy
+    // that buffered the whole upload would never get there.
+    within("the upstream to receive the first chunk", first_seen_rx)
+        .await
+        .expect("upstream saw the first chunk");
+    for _ in 1..CHUNKS {
+        within("the rest of the upload to be taken", tx.send(chunk.clone()))
+            .await
+            .expect("chunk");
+    }
+    drop(tx);
+
+    let response = within("the upload's response", response)
+        .await
+        .expect("request task");
+    assert_eq!(response.status(), 200);
+    let body = within("the response body", response.into_body().collect())
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(body, format!("{} true", CHUNK * CHUNKS));
+}
+
+#[tokio::test]
+async fn response_is_streamed_to_the_client() {
+    // The upstream sends a first event, then waits for the test's go-ahead
+    // (given only once the client has that event) before the second one.
+    let (release_tx, release_rx) = oneshot::channel::<()>();
+    let release = Arc::new(Mutex::new(Some(release_rx)));
+    let upstream = Upstream::start(move |_request| {
+        let release = release.clone();
+        async move {
+            let release = release.lock().unwrap().take().expect("one request");
+            let (tx, body) = body_channel();
+            tokio::spawn(async move {
+                let _ = tx.send(Bytes::from_static(b"data: first\n\n")).await;
+                let _ = release.await;
+                let _ = tx.send(Bytes::from_static(b"data: second\n\n")).await;
+            });
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(body)
+                .unwrap()
+        }
+    })
+    .await;
+    let gw = gateway_for(&upstream).await;
+
+    let response = send_request(
+        gw.addr,
+        Request::get("/events")
+            .header("host", "app.example.test")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        header(response.headers(), "content-type"),
+        Some("text/event-stream")
+    );
+    let mut body = response.into_body();
+    let mut received = Vec::new();
+    within("the first event before the upstream finishes", async {
+        while !received.ends_with(b"data: first\n\n") {
+            let frame = body
+                .frame()
+                .await
+                .expect("body still open")
+                .expect("body frame");
+            if let Ok(data) = frame.into_data() {
+                received.extend_from_slice(&data);
+            }
+        }
+    })
+    .await;
+    assert_eq!(received, b"data: first\n\n");
+    release_tx.send(()).expect("upstream waiting");
+    let rest = within("the rest of the stream", body.collect())
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(rest, "data: second\n\n");
+}
+
+#[tokio::test]
+async fn closed_upstream_port_gives_502() {
+    let port = free_port();
+    let gw = TestGateway::with(|c| c.upstream.url = format!("http://127.0.0.1:{port}")).await;
+    let (status, body) = http_get(gw.addr, "/anything").await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(
+        gw.metric("roomgate_proxy_requests_total{code=\"502\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn upstream_slower_than_timeout_gives_504() {
+    // The upstream answers only after the gateway has given up on it.
+    let answered = Arc::new(Notify::new());
+    let gate = answered.clone();
+    let upstream = Upstream::start(move |_request| {
+        let gate = gate.clone();
+        async move {
+            gate.notified().await;
+            Response::new(full("too late"))
+        }
+    })
+    .await;
+    let url = upstream.url();
+    let gw = TestGateway::with(|c| {
+        c.upstream.url = url;
+        c.upstream.timeout_secs = 1;
+    })
+    .await;
+    let (status, body) = http_get(gw.addr, "/slow").await;
+    answered.notify_waiters();
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(
+        gw.metric("roomgate_proxy_requests_total{code=\"504\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn no_upstream_configured_gives_404() {
+    let gw = TestGateway::start(test_config()).await;
+    let (status, _) = http_get(gw.addr, "/index.html").await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        gw.metric("roomgate_proxy_requests_total{code=\"404\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn sequential_requests_reuse_one_upstream_connection() {
+    let upstream = Upstream::start(|request: Request<Incoming>| async move {
+        Response::new(full(format!("you asked for {}", request.uri().path())))
+    })
+    .await;
+    let gw = gateway_for(&upstream).await;
+    for i in 0..5 {
+        // A fresh client connection each time: reuse is the gateway's doing.
+        let path = format!("/item/{i}");
+        let (status, body) = http_get(gw.addr, &path).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (200, format!("you asked for {path}").as_str())
+        );
+    }
+    assert_eq!(
+        upstream.connections_accepted(),
+        1,
+        "the gateway keeps its upstream connection alive and reuses it"
+    );
+}
+
+#[tokio::test]
+async fn proxy_metrics_count_requests_by_code_and_time_them() {
+    let upstream = Upstream::start(|request: Request<Incoming>| async move {
+        let status = if request.uri().path() == "/missing" {
+            StatusCode::NOT_FOUND
+        } else {
+            StatusCode::OK
+        };
+        Response::builder().status(status).body(full("x")).unwrap()
+    })
+    .await;
+    let gw = gateway_for(&upstream).await;
+    for path in ["/a", "/b", "/missing"] {
+        http_get(gw.addr, path).await;
+    }
+    assert_eq!(
+        gw.metric("roomgate_proxy_requests_total{code=\"200\"}")
+            .await,
+        2.0
+    );
+    assert_eq!(
+        gw.metric("roomgate_proxy_requests_total{code=\"404\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        gw.metric("roomgate_proxy_request_duration_seconds_count")
+            .await,
+        3.0
+    );
+    // Gateway WebSocket traffic is not proxy traffic.
+    let _client = gw.client().await;
+    assert_eq!(
+        gw.metric("roomgate_proxy_request_duration_seconds_count")
+            .await,
+        3.0
+    );
+}
+
+/// An upstream that accepts WebSocket upgrades on any path, greets the
+/// client with the path it was asked for, then echoes every message back
+/// with a prefix, over a real tokio-tungstenite server socket.
+async fn websocket_echo_upstream() -> Upstream {
+    Upstream::start(|mut request: Request<Incoming>| async move {
+        let key = request
+            .headers()
+            .get("sec-websocket-key")
+            .cloned()
+            .expect("the tunnel forwards Sec-WebSocket-Key");
+        let is_upgrade = request
+            .headers()
+            .get("upgrade")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+        if !is_upgrade {
+            return Response::builder()
+                .status(400)
+                .body(full("no upgrade"))
+                .unwrap();
+        }
+        let path = request.uri().to_string();
+        let on_upgrade = hyper::upgrade::on(&mut request);
+        tokio::spawn(async move {
+            let Ok(upgraded) = on_upgrade.await else {
+                return;
+            };
+            let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                hyper_util::rt::TokioIo::new(upgraded),
+                Role::Server,
+                None,
+            )
+            .await;
+            if ws
+                .send(Message::text(format!("upstream here, path {path}")))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            while let Some(Ok(message)) = ws.next().await {
+                let reply = match message {
+                    Message::Text(text) => Message::text(format!("echo: {}", text.as_str())),
+                    Message::Binary(data) => {
+                        let mut data = data.to_vec();
+                        data.reverse();
+                        Message::binary(data)
+                    }
+                    Message::Close(_) => break,
+                    _ => continue,
+                };
+                if ws.send(reply).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Response::builder()
+            .status(101)
+            .header("upgrade", "websocket")
+            .header("connection", "Upgrade")
+            .header("sec-websocket-accept", derive_accept_key(key.as_bytes()))
+            .body(empty())
+            .unwrap()
+    })
+    .await
+}
+
+type ClientWs =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn next_text(ws: &mut ClientWs) -> String {
+    match within("a tunneled message", ws.next()).await {
+        Some(Ok(Message::Text(text))) => text.as_str().to_string(),
+        other => panic!("expected a text message, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn websocket_upgrade_to_another_path_is_tunneled_to_the_upstream() {
+    let upstream = websocket_echo_upstream().await;
+    let gw = gateway_for(&upstream).await;
+    let url = format!("ws://{}/app/socket?room=9", gw.addr);
+    let (mut ws, response) = within("tunneled handshake", tokio_tungstenite::connect_async(url))
+        .await
+        .expect("the upstream's 101 reaches the client");
+    assert_eq!(response.status(), 101);
+
+    assert_eq!(
+        next_text(&mut ws).await,
+        "upstream here, path /app/socket?room=9"
+    );
+    ws.send(Message::text("hello")).await.expect("send");
+    assert_eq!(next_text(&mut ws).await, "echo: hello");
+    ws.send(Message::binary(vec![1u8, 2, 3]))
+        .await
+        .expect("send");
+    match within("a tunneled binary message", ws.next()).await {
+        Some(Ok(Message::Binary(data))) => assert_eq!(&data[..], &[3u8, 2, 1]),
+        other => panic!("expected a binary message, got {other:?}"),
+    }
+    // The gateway did not treat it as one of its own sessions.
+    assert_eq!(gw.metric("roomgate_connections_opened_total").await, 0.0);
+    ws.close(None).await.expect("close");
+}
+
+#[tokio::test]
+async fn tunnel_carries_many_messages_in_both_directions() {
+    let upstream = websocket_echo_upstream().await;
+    let gw = gateway_for(&upstream).await;
+    let (ws, _) = within(
+        "tunneled handshake",
+        tokio_tungstenite::connect_async(format!("ws://{}/feed", gw.addr)),
+    )
+    .await
+    .expect("handshake");
+    let (mut write, mut read) = ws.split();
+    let (done_tx, mut done_rx) = mpsc::channel::<Vec<String>>(1);
+    tokio::spawn(async move {
+        let mut got = Vec::new();
+        while got.len() < 201 {
+            match read.next().await {
+                Some(Ok(Message::Text(text))) => got.push(text.as_str().to_string()),
+                Some(Ok(_)) => continue,
+                _ => break,
+            }
+        }
+        let _ = done_tx.send(got).await;
+    });
+    for i in 0..200 {
+        write
+            .send(Message::text(format!("m{i}")))
+            .await
+            .expect("send");
+    }
+    let got = within("all echoes", done_rx.recv())
+        .await
+        .expect("reader finished");
+    assert_eq!(got.len(), 201, "greeting and 200 echoes: {got:?}");
+    for (i, text) in got[1..].iter().enumerate() {
+        assert_eq!(text, &format!("echo: m{i}"));
+    }
+}
+
+#[tokio::test]
+async fn upgrade_refused_by_the_upstream_reaches_the_client_as_is() {
+    let upstream = Upstream::start(|_request| async move {
+        Response::builder()
+            .status(403)
+            .body(full("no sockets for you"))
+            .unwrap()
+    })
+    .await;
+    let gw = gateway_for(&upstream).await;
+    match within(
+        "the refused tunnel",
+        tokio_tungstenite::connect_async(format!("ws://{}/app/socket", gw.addr)),
+    )
+    .await
+    {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403);
+            assert_eq!(response.body().as_deref(), Some(&b"no sockets for you"[..]));
+        }
+        Err(other) => panic!("expected the upstream's 403, got {other}"),
+        Ok(_) => panic!("the upstream refused, yet the upgrade went through"),
+    }
+}
+
+#[tokio::test]
+async fn upgrade_to_an_unreachable_upstream_gets_502() {
+    let port = free_port();
+    let gw = TestGateway::with(|c| c.upstream.url = format!("http://127.0.0.1:{port}")).await;
+    match within(
+        "the tunnel attempt",
+        tokio_tungstenite::connect_async(format!("ws://{}/app/socket", gw.addr)),
+    )
+    .await
+    {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 502);
+        }
+        Err(other) => panic!("expected 502, got {other}"),
+        Ok(_) => panic!("an upgrade to nowhere went through"),
+    }
+}
+
+#[tokio::test]
+async fn upload_with_expect_100_continue_is_answered_and_forwarded() {
+    // curl sends `Expect: 100-continue` for large uploads and waits for the
+    // interim response before sending the body.
+    let (upstream, log) = recording_upstream().await;
+    let gw = gateway_for(&upstream).await;
+    let mut stream = within("connect", tokio::net::TcpStream::connect(gw.addr))
+        .await
+        .expect("connect");
+    let body = "z".repeat(10_000);
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: app.example.test\r\nContent-Length: {}\r\n\
+         Expect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.expect("write head");
+    let (status, interim) = read_response_head(&mut stream).await;
+    assert_eq!(status, 100, "{interim}");
+    stream.write_all(body.as_bytes()).await.expect("write body");
+    let (status, head) = read_response_head(&mut stream).await;
+    assert_eq!(status, 201, "{head}");
+    let seen = only(&log);
+    assert_eq!(seen.body.len(), body.len());
+}
+
+/// An upstream that reads the whole body and answers with its size.
+async fn counting_upstream() -> Upstream {
+    Upstream::start(|request: Request<Incoming>| async move {
+        let mut body = request.into_body();
+        let mut total = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                total += data.len();
+            }
+        }
+        Response::new(full(total.to_string()))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_upload_that_keeps_flowing_is_not_cut_by_the_upstream_timeout() {
+    // The upload takes longer than `timeout_secs` in all, but the upstream
+    // never waits long for anything: it is not too slow, and a large upload
+    // must not get 504 for merely being large.
+    let upstream = counting_upstream().await;
+    let url = upstream.url();
+    let gw = TestGateway::with(|c| {
+        c.upstream.url = url;
+        c.upstream.timeout_secs = 1;
+    })
+    .await;
+    let (tx, body) = body_channel();
+    let response = tokio::spawn(send_request(
+        gw.addr,
+        Request::post("/upload")
+            .header("host", "app.example.test")
+            .body(body)
+            .unwrap(),
+    ));
+    const CHUNKS: usize = 12;
+    for _ in 0..CHUNKS {
+        within(
+            "a chunk to be taken",
+            tx.send(Bytes::from(vec![b'p'; 1000])),
+        )
+        .await
+        .expect("chunk");
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    drop(tx);
+    let response = within("the response", response).await.expect("task");
+    assert_eq!(response.status(), 200);
+    let body = within("the body", response.into_body().collect())
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(body, (CHUNKS * 1000).to_string());
+}
+
+#[tokio::test]
+async fn an_upstream_that_stops_taking_the_upload_gets_504() {
+    // The upstream reads a little, then neither reads nor answers.
+    let stalled = Arc::new(Notify::new());
+    let gate = stalled.clone();
+    let upstream = Upstream::start(move |request: Request<Incoming>| {
+        let gate = gate.clone();
+        async move {
+            let mut body = request.into_body();
+            let _ = body.frame().await;
+            gate.notified().await;
+            Response::new(full("too late"))
+        }
+    })
+    .await;
+    let url = upstream.url();
+    let gw = TestGateway::with(|c| {
+        c.upstream.url = url;
+        c.upstream.timeout_secs = 1;
+    })
+    .await;
+    let (tx, body) = body_channel();
+    let response = tokio::spawn(send_request(
+        gw.addr,
+        Request::post("/upload")
+            .header("host", "app.example.test")
+            .body(body)
+            .unwrap(),
+    ));
+    // Keep offering data until the gateway gives up on the upstream.
+    let feeder = tokio::spawn(async move {
+        let chunk = Bytes::from(vec![b's'; 256 * 1024]);
+        while tx.send(chunk.clone()).await.is_ok() {}
+    });
+    let response = within("the 504", response).await.expect("task");
+    stalled.notify_waiters();
+    assert_eq!(response.status(), 504);
+    feeder.abort();
+}

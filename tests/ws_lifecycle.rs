@@ -1,0 +1,557 @@
+//! A WebSocket's life on the gateway's own path: the handshake checks, the
+//! connection limit, the welcome frame, error frames, the size limit and
+//! the heartbeat.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use hyper::Request;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+// ----- handshake --------------------------------------------------------
+
+const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+/// Sends a would-be upgrade to `/ws` built from `method` and `headers`;
+/// returns (status, headers, body text).
+async fn try_upgrade(
+    addr: SocketAddr,
+    method: &str,
+    headers: &[(&str, &str)],
+) -> (u16, hyper::HeaderMap, String) {
+    let mut request = Request::builder()
+        .method(method)
+        .uri("/ws")
+        .header("host", addr.to_string());
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let (status, headers, body) = http_request(addr, request.body(empty()).unwrap()).await;
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn upgrade_headers<'a>(key: Option<&'a str>, version: &'a str) -> Vec<(&'a str, &'a str)> {
+    let mut headers = vec![
+        ("upgrade", "websocket"),
+        ("connection", "Upgrade"),
+        ("sec-websocket-version", version),
+    ];
+    if let Some(key) = key {
+        headers.push(("sec-websocket-key", key));
+    }
+    headers
+}
+
+#[tokio::test]
+async fn bad_handshakes_get_400_with_the_reason_and_never_a_websocket() {
+    let gw = TestGateway::start(test_config()).await;
+    // (method, what, headers, the reason the body must give)
+    type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "POST",
+            "a POST",
+            upgrade_headers(Some(KEY), "13"),
+            "must be a GET",
+        ),
+        (
+            "GET",
+            "no key",
+            upgrade_headers(None, "13"),
+            "missing Sec-WebSocket-Key",
+        ),
+        (
+            "GET",
+            "a short key",
+            upgrade_headers(Some("c2hvcnQ="), "13"),
+            "Sec-WebSocket-Key must be 16 bytes",
+        ),
+        (
+            "GET",
+            "version 8",
+            upgrade_headers(Some(KEY), "8"),
+            "Sec-WebSocket-Version must be 13",
+        ),
+        ("GET", "a plain GET", Vec::new(), "Upgrade: websocket"),
+    ];
+    let count = cases.len();
+    for (method, what, headers, reason) in cases {
+        let (status, response_headers, body) = try_upgrade(gw.addr, method, &headers).await;
+        assert_eq!(status, 400, "{what}: {body}");
+        assert!(
+            body.contains(reason),
+            "{what}: body {body:?} names the reason"
+        );
+        assert!(
+            !response_headers.contains_key("sec-websocket-accept"),
+            "{what}: no WebSocket accept"
+        );
+    }
+    assert_eq!(
+        gw.metric("roomgate_upgrades_rejected_total{reason=\"bad_handshake\"}")
+            .await,
+        count as f64
+    );
+    assert_eq!(gw.metric("roomgate_connections_opened_total").await, 0.0);
+    assert_eq!(gw.metric("roomgate_connections").await, 0.0);
+}
+
+#[tokio::test]
+async fn a_bad_handshake_on_a_raw_socket_gets_no_websocket_bytes() {
+    // The raw form, so nothing in an HTTP client can hide an upgrade: the
+    // answer is a plain 400 and the socket speaks HTTP afterwards.
+    let gw = TestGateway::start(test_config()).await;
+    let mut stream = within("connect", TcpStream::connect(gw.addr))
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 12\r\nSec-WebSocket-Key: {KEY}\r\n\r\n",
+        gw.addr
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let (status, head) = read_response_head(&mut stream).await;
+    assert_eq!(status, 400, "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("upgrade: websocket"),
+        "{head}"
+    );
+    // The socket still speaks HTTP/1.1: after the 400's body, a second
+    // request on it is answered (proxied: 404, as no upstream is set).
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())
+                .flatten()
+        })
+        .expect("the 400 has a Content-Length");
+    let mut body = vec![0u8; length];
+    within("the 400's body", stream.read_exact(&mut body))
+        .await
+        .expect("body");
+    assert!(String::from_utf8_lossy(&body).contains("Version"));
+    stream
+        .write_all(format!("GET /x HTTP/1.1\r\nHost: {}\r\n\r\n", gw.addr).as_bytes())
+        .await
+        .expect("write");
+    let (status, head) = read_response_head(&mut stream).await;
+    assert_eq!(status, 404, "{head}");
+}
+
+#[tokio::test]
+async fn upgrades_beyond_max_connections_get_503_until_a_client_leaves() {
+    let gw = TestGateway::with(|c| c.server.max_connections = 2).await;
+    let mut a = gw.client().await;
+    let _b = gw.client().await;
+
+    let refused = within(
+        "the third upgrade",
+        tokio_tungstenite::connect_async(gw.ws_url()),
+    )
+    .await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503);
+        }
+        Err(other) => panic!("expected an HTTP 503, got {other}"),
+        Ok(_) => panic!("a third connection was admitted above max_connections = 2"),
+    }
+    assert_eq!(
+        gw.metric("roomgate_upgrades_rejected_total{reason=\"max_connections\"}")
+            .await,
+        1.0
+    );
+
+    a.ws.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    }))
+    .await
+    .expect("close");
+    assert_eq!(a.recv_close().await, Some(1000), "close acknowledged");
+    eventually_async("a new client to be admitted", || async {
+        match tokio_tungstenite::connect_async(gw.ws_url()).await {
+            Ok((ws, _)) => {
+                drop(ws);
+                true
+            }
+            Err(_) => false,
+        }
+    })
+    .await;
+}
+
+// ----- the session ------------------------------------------------------
+
+#[tokio::test]
+async fn welcome_is_the_first_frame_and_carries_a_uuid() {
+    let gw = TestGateway::start(test_config()).await;
+    let (mut ws, response) = within(
+        "WebSocket connect",
+        tokio_tungstenite::connect_async(gw.ws_url()),
+    )
+    .await
+    .expect("handshake");
+    assert_eq!(response.status(), 101);
+    let first = match within("the welcome frame", ws.next()).await {
+        Some(Ok(Message::Text(text))) => {
+            serde_json::from_str::<serde_json::Value>(text.as_str()).expect("JSON")
+        }
+        other => panic!("expected a text frame first, got {other:?}"),
+    };
+    assert_eq!(first["type"], "system", "{first}");
+    let id = first["connection_id"].as_str().expect("connection_id");
+    let uuid = uuid::Uuid::parse_str(id).expect("connection id is a UUID");
+    assert!(
+        matches!(uuid.get_version_num(), 4 | 7),
+        "UUID v4 or v7: {id}"
+    );
+    assert_eq!(first["message"], format!("Connected as {id}"));
+    assert_eq!(
+        first.as_object().map(|o| o.len()),
+        Some(3),
+        "exactly type, message, connection_id: {first}"
+    );
+
+    let other = gw.client().await;
+    assert_ne!(other.id, id, "each connection gets its own id");
+}
+
+#[tokio::test]
+async fn bad_frames_get_error_frames_and_the_connection_stays_usable() {
+    let gw = TestGateway::start(test_config()).await;
+    let mut client = gw.client().await;
+
+    client.send_text("this is not json").await;
+    let error = client.recv().await;
+    assert_eq!(error["type"], "error", "{error}");
+    assert_eq!(error["code"], "invalid_json", "{error}");
+    assert!(error["message"].is_string(), "{error}");
+
+    client.send(json!({"type": "dance", "id": "d1"})).await;
+    let error = client.recv().await;
+    assert_eq!(error["type"], "error", "{error}");
+    assert_eq!(error["code"], "unknown_type", "{error}");
+    assert_eq!(error["id"], "d1", "the frame's id is echoed: {error}");
+
+    // Still usable: join and talk to a second member.
+    client.join("lobby").await;
+    let mut other = gw.client().await;
+    other.join("lobby").await;
+    client
+        .send(json!({"type": "message", "room": "lobby", "content": {"n": 1}}))
+        .await;
+    assert_eq!(
+        other.recv().await,
+        json!({"type": "message", "room": "lobby", "content": {"n": 1}, "from": client.id})
+    );
+    assert_eq!(gw.metric("roomgate_connections").await, 2.0);
+}
+
+#[tokio::test]
+async fn a_message_over_the_size_limit_closes_with_1009() {
+    let gw = TestGateway::with(|c| c.websocket.max_message_size_bytes = 1024).await;
+    let mut client = gw.client().await;
+    let mut bystander = gw.client().await;
+    bystander.join("lobby").await;
+
+    // Just under the limit is served.
+    let content = "x".repeat(900);
+    let fits = json!({"type": "join", "room": "lobby", "pad": content}).to_string();
+    assert!(fits.len() <= 1024);
+    client.send_text(&fits).await;
+    assert_eq!(client.recv().await["type"], "joined");
+
+    let big = json!({"type": "message", "room": "lobby", "content": "y".repeat(4096)});
+    client.send(big).await;
+    assert_eq!(client.recv_close().await, Some(1009));
+    // The oversized message was not delivered.
+    bystander.expect_silence().await;
+    eventually_async("the close to be counted", || async {
+        gw.metric("roomgate_connections_closed_total{reason=\"too_big\"}")
+            .await
+            == 1.0
+    })
+    .await;
+    // The other connection carries on.
+    bystander
+        .send(json!({"type": "leave", "room": "lobby"}))
+        .await;
+    assert_eq!(bystander.recv().await["type"], "left");
+}
+
+#[tokio::test]
+async fn a_large_message_over_the_limit_still_gets_its_1009() {
+    // Much larger than the limit (and than the socket buffers): the gateway
+    // stops reading at the frame header, and the close code must still
+    // reach the client.
+    let gw = TestGateway::with(|c| c.websocket.max_message_size_bytes = 1024).await;
+    let mut client = gw.client().await;
+    let big = "z".repeat(256 * 1024);
+    // The send may fail once the gateway has closed; the close frame is what counts.
+    let _ = client.ws.send(Message::text(big)).await;
+    assert_eq!(client.recv_close().await, Some(1009));
+}
+
+// ----- heartbeat --------------------------------------------------------
+
+/// Completes a handshake on a raw socket that will never answer a ping.
+async fn silent_client(addr: SocketAddr) -> TcpStream {
+    let mut stream = within("connect", TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    stream
+        .write_all(raw_upgrade_request(addr, "/ws", "").as_bytes())
+        .await
+        .expect("write handshake");
+    let (status, head) = read_response_head(&mut stream).await;
+    assert_eq!(status, 101, "{head}");
+    stream
+}
+
+/// Reads frames until the server ends the connection; returns them all.
+async fn frames_until_closed(stream: &mut TcpStream) -> Vec<RawFrame> {
+    within("the server to close the silent connection", async {
+        let mut frames = Vec::new();
+        while let Some(frame) = read_raw_frame(stream).await {
+            frames.push(frame);
+        }
+        frames
+    })
+    .await
+}
+
+async fn assert_silent_client_is_closed(gw: &TestGateway) {
+    let mut stream = silent_client(gw.addr).await;
+    let frames = frames_until_closed(&mut stream).await;
+    assert_eq!(frames.first().map(|f| f.opcode), Some(1), "welcome first");
+    assert!(
+        frames.iter().any(|f| f.opcode == 9),
+        "the server pinged: {frames:?}"
+    );
+    let close = frames
+        .iter()
+        .find(|f| f.opcode == 8)
+        .expect("a close frame");
+    assert_eq!(close.close_code(), Some(1001), "{close:?}");
+    assert_eq!(
+        gw.metric("roomgate_connections_closed_total{reason=\"ping_timeout\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(gw.metric("roomgate_connections").await, 0.0);
+}
+
+#[tokio::test]
+async fn a_client_that_never_answers_pings_is_closed() {
+    let gw = TestGateway::with(|c| {
+        c.websocket.ping_interval_secs = 1;
+        c.websocket.pong_timeout_secs = 1;
+    })
+    .await;
+    assert_silent_client_is_closed(&gw).await;
+}
+
+#[tokio::test]
+async fn a_pong_timeout_longer_than_the_ping_interval_still_closes() {
+    // A ping sent while an earlier one is unanswered must not restart the
+    // clock, or the deadline would never come.
+    let gw = TestGateway::with(|c| {
+        c.websocket.ping_interval_secs = 1;
+        c.websocket.pong_timeout_secs = 3;
+    })
+    .await;
+    assert_silent_client_is_closed(&gw).await;
+}
+
+#[tokio::test]
+async fn a_client_that_answers_pings_stays_connected() {
+    let gw = TestGateway::with(|c| {
+        c.websocket.ping_interval_secs = 1;
+        c.websocket.pong_timeout_secs = 1;
+    })
+    .await;
+    let mut client = gw.client().await;
+    // Count the pings the client sees (tungstenite answers each one while
+    // we keep reading): several intervals pass, without a close.
+    let pings = within("four pings", async {
+        let mut pings = 0;
+        while pings < 4 {
+            match client.ws.next().await {
+                Some(Ok(Message::Ping(_))) => pings += 1,
+                Some(Ok(Message::Pong(_))) => {}
+                other => panic!("expected only pings, got {other:?}"),
+            }
+        }
+        pings
+    })
+    .await;
+    assert_eq!(pings, 4);
+    client.join("still.here").await;
+    assert_eq!(
+        gw.metric("roomgate_connections_closed_total{reason=\"ping_timeout\"}")
+            .await,
+        0.0
+    );
+}
+
+/// A raw client with a tiny receive buffer that joins `room`, reads up to
+/// its `joined` reply, and then never reads again.
+async fn client_that_stops_reading(addr: SocketAddr, room: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("small receive buffer");
+    let mut stream = within("connect", socket.connect(addr))
+        .await
+        .expect("connect");
+    stream
+        .write_all(raw_upgrade_request(addr, "/ws", "").as_bytes())
+        .await
+        .expect("write handshake");
+    let (status, head) = read_response_head(&mut stream).await;
+    assert_eq!(status, 101, "{head}");
+    write_masked_text(
+        &mut stream,
+        &json!({"type": "join", "room": room}).to_string(),
+    )
+    .await;
+    within("the joined reply", async {
+        loop {
+            let frame = read_raw_frame(&mut stream).await.expect("open");
+            if frame.opcode == 1 && String::from_utf8_lossy(&frame.payload).contains("joined") {
+                break;
+            }
+        }
+    })
+    .await;
+    stream
+}
+
+/// A client that keeps reading (and so answering pings) in the background
+/// while the test floods a room through it.
+struct Flooder {
+    write: futures_util::stream::SplitSink<
+        tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
+        Message,
+    >,
+    frames: tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+}
+
+impl Flooder {
+    async fn join(gw: &TestGateway, room: &str) -> Self {
+        let client = gw.client().await;
+        let (write, mut read) = client.ws.split();
+        let (tx, frames) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(Ok(message)) = read.next().await {
+                if let Message::Text(text) = message {
+                    let _ = tx.send(serde_json::from_str(text.as_str()).expect("JSON"));
+                }
+            }
+        });
+        let mut flooder = Self { write, frames };
+        flooder.send(json!({"type": "join", "room": room})).await;
+        assert_eq!(flooder.recv().await["type"], "joined");
+        flooder
+    }
+
+    async fn send(&mut self, frame: serde_json::Value) {
+        within(
+            "sending a frame",
+            self.write.send(Message::text(frame.to_string())),
+        )
+        .await
+        .expect("the flooding client stays connected");
+    }
+
+    async fn recv(&mut self) -> serde_json::Value {
+        within("a frame", self.frames.recv())
+            .await
+            .expect("the flooding client stays connected")
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_even_while_a_write_to_it_is_stuck() {
+    // The backlog is larger than every buffer between the gateway and the
+    // client, but fits in the send queue: nothing overflows, the writer is
+    // simply stuck. The client cannot answer pings it never gets, so the
+    // heartbeat must still end the connection.
+    let gw = TestGateway::with(|c| {
+        c.websocket.ping_interval_secs = 1;
+        c.websocket.pong_timeout_secs = 1;
+        c.websocket.send_queue_capacity = 1024;
+    })
+    .await;
+    let _stuck = client_that_stops_reading(gw.addr, "firehose").await;
+    let mut sender = Flooder::join(&gw, "firehose").await;
+    let content = "f".repeat(60_000);
+    for _ in 0..300 {
+        sender
+            .send(json!({"type": "message", "room": "firehose", "content": content}))
+            .await;
+    }
+    eventually_async("the stuck client to be closed", || async {
+        gw.metric("roomgate_connections_closed_total{reason=\"ping_timeout\"}")
+            .await
+            == 1.0
+    })
+    .await;
+    // The sender is the one left, and still served.
+    sender.send(json!({"type": "join", "room": "other"})).await;
+    assert_eq!(sender.recv().await["type"], "joined");
+    assert_eq!(gw.metric("roomgate_connections").await, 1.0);
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_during_a_flood_is_closed() {
+    // With a small queue the flood overflows it (slow consumer, 1013) at
+    // some moment the writer may be blocked on any write, a ping included;
+    // the session must end either way.
+    let gw = TestGateway::with(|c| {
+        c.websocket.ping_interval_secs = 1;
+        c.websocket.pong_timeout_secs = 1;
+        c.websocket.send_queue_capacity = 8;
+    })
+    .await;
+    let _stuck = client_that_stops_reading(gw.addr, "firehose").await;
+    let mut sender = Flooder::join(&gw, "firehose").await;
+    let content = "f".repeat(60_000);
+    within("the stuck client to be closed", async {
+        loop {
+            for _ in 0..10 {
+                sender
+                    .send(json!({"type": "message", "room": "firehose", "content": content}))
+                    .await;
+            }
+            if gw.metric("roomgate_connections").await == 1.0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    sender.send(json!({"type": "join", "room": "other"})).await;
+    assert_eq!(
+        sender.recv().await["type"],
+        "joined",
+        "the sender is the one left"
+    );
+    let closed = gw
+        .metric("roomgate_connections_closed_total{reason=\"slow_consumer\"}")
+        .await
+        + gw.metric("roomgate_connections_closed_total{reason=\"ping_timeout\"}")
+            .await;
+    assert_eq!(closed, 1.0);
+}
