@@ -202,6 +202,18 @@ fn request<'a>(
     }
 }
 
+/// The `id` of a frame that is refused before it is parsed (over the rate
+/// limit), so the client can still match the refusal to its frame: SPEC §1
+/// says the reply to a frame carries its `id`. `None` when the frame has no
+/// valid one. This reads the whole frame, but the frame was already received
+/// and checked as UTF-8, so it costs no more than the parse it replaces.
+pub fn request_id(text: &str) -> Option<Cow<'_, str>> {
+    if !text.trim_start().starts_with('{') {
+        return None;
+    }
+    id_of(text)
+}
+
 /// The `id` of a frame that failed to parse as a whole, when it has a valid one.
 fn id_of(text: &str) -> Option<Cow<'_, str>> {
     serde_json::from_str::<IdOnly<'_>>(text)
@@ -422,6 +434,13 @@ mod tests {
         let (id, req) = parse(r#"{"type":"join","room":7,"id":"abc"}"#);
         assert!(req.is_err());
         assert_eq!(id.as_deref(), Some("abc"));
+        // A frame refused before parsing (rate limited) still has its id read.
+        assert_eq!(
+            request_id(r#" {"type":"message","id":"r1","content":[1]}"#).as_deref(),
+            Some("r1")
+        );
+        assert_eq!(request_id(r#"["id","r1"]"#), None);
+        assert_eq!(request_id(&format!(r#"{{"id":"{}"}}"#, "x".repeat(65))), None);
     }
 
     #[test]

@@ -152,13 +152,13 @@ impl<'a> Reader<'a> {
         match message {
             Message::Text(text) => {
                 self.count_in(text.len());
-                if self.admit() {
+                if self.admit(Some(text.as_str())) {
                     self.on_text(text);
                 }
             }
             Message::Binary(data) => {
                 self.count_in(data.len());
-                if self.admit() {
+                if self.admit(None) {
                     self.refuse(
                         Refusal::new(
                             ErrorCode::BinaryNotSupported,
@@ -210,8 +210,9 @@ impl<'a> Reader<'a> {
         self.ctx.metrics.bytes_received.inc_by(len as u64);
     }
 
-    /// Applies the rate limit; a refused frame gets `rate_limited`.
-    fn admit(&mut self) -> bool {
+    /// Applies the rate limit; a refused frame gets `rate_limited`, with the
+    /// `id` of `text` when it has one.
+    fn admit(&mut self, text: Option<&str>) -> bool {
         let Some(bucket) = &mut self.limit else {
             return true;
         };
@@ -219,9 +220,10 @@ impl<'a> Reader<'a> {
             return true;
         }
         self.ctx.metrics.dropped_rate_limited.inc();
+        let id = text.and_then(protocol::request_id);
         self.refuse(
             Refusal::new(ErrorCode::RateLimited, "too many frames per second"),
-            None,
+            id.as_deref(),
         );
         false
     }
