@@ -130,10 +130,21 @@ struct Incoming<'a> {
     kind: Option<Cow<'a, str>>,
     #[serde(borrow)]
     room: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    /// `None` only when the field is absent: `"content": null` is a value
+    /// like any other and must reach the members as `null`.
+    #[serde(borrow, default, deserialize_with = "present")]
     content: Option<&'a RawValue>,
     #[serde(borrow)]
     id: Option<Cow<'a, str>>,
+}
+
+/// Reads a field that is there as `Some`, even when it is `null`; a plain
+/// `Option` would turn `null` into `None`, indistinguishable from absent.
+fn present<'de, D>(deserializer: D) -> Result<Option<&'de RawValue>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    <&RawValue>::deserialize(deserializer).map(Some)
 }
 
 /// Used only when a frame failed to parse, to still echo its `id`.
@@ -402,6 +413,14 @@ mod tests {
                 assert_eq!(room, "a.b");
                 assert_eq!(content.get(), r#"{"x":[1,2]}"#);
             }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn null_content_is_a_value_not_a_missing_field() {
+        match parse(r#"{"type":"message","room":"r","content":null}"#).1 {
+            Ok(Request::Message { content, .. }) => assert_eq!(content.get(), "null"),
             other => panic!("unexpected {other:?}"),
         }
     }
