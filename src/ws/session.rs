@@ -81,11 +81,15 @@ pub async fn run(ws: WsStream, conn: Arc<Connection>, outbox: Outbox, ctx: Arc<S
     );
     Reader::new(&conn, &ctx).run(stream).await;
     conn.closing().cancel();
+    // Leave every room as soon as the connection is closing, not when the
+    // close handshake is over: the writer may wait up to `pong_timeout` for
+    // a stalled client to take its close frame, and meanwhile the member
+    // would still fill a `max_members` slot, be listed and miss its
+    // presence `leave`, while nothing more can reach it.
+    hub.unregister(&conn);
     if let Err(e) = writer.await {
         tracing::error!(error = %e, "writer task failed");
     }
-
-    hub.unregister(&conn);
     let (code, reason) = conn
         .close_request()
         .map(|r| (r.code, r.reason))
