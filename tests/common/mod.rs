@@ -27,6 +27,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -362,6 +363,17 @@ impl WsClient {
             }
         })
         .await
+    }
+
+    /// Closes the connection cleanly: sends a 1000 close frame and waits
+    /// for the gateway's close frame in reply.
+    pub async fn close_normally(mut self) {
+        let frame = CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        };
+        self.ws.close(Some(frame)).await.expect("send close");
+        assert_eq!(self.recv_close().await, Some(1000), "close reply");
     }
 
     /// Drops the connection without a close frame, resetting the TCP
