@@ -343,7 +343,14 @@ impl Heartbeat {
         self.deadline.unwrap_or_else(Self::far_future)
     }
 
+    /// Starts the clock for a ping, unless an earlier one is still waiting
+    /// for its pong: that one keeps its deadline. Restarting it would let a
+    /// client that never answers live forever whenever `pong_timeout` is
+    /// longer than `ping_interval`.
     fn ping_sent(&mut self, conn: &Connection, timeout: Duration) {
+        if self.deadline.is_some() {
+            return;
+        }
         self.deadline = Some(tokio::time::Instant::now() + timeout);
         self.pongs_at_ping = conn.pongs();
     }
