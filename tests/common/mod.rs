@@ -393,13 +393,19 @@ impl WsClient {
     }
 
     /// Receives the next JSON frame, or `None` when the connection ends.
+    /// A close frame is answered (by reading on until the end) so the
+    /// gateway is not left waiting for the reply.
     pub async fn next_json(&mut self) -> Option<Value> {
         loop {
             match self.ws.next().await? {
                 Ok(Message::Text(text)) => {
                     return Some(serde_json::from_str(text.as_str()).expect("server sent JSON"));
                 }
-                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(Message::Close(_)) => {
+                    while let Some(Ok(_)) = self.ws.next().await {}
+                    return None;
+                }
+                Err(_) => return None,
                 Ok(_) => continue,
             }
         }
@@ -435,12 +441,15 @@ impl WsClient {
     }
 
     /// Waits for the server to close; returns the close code (None when the
-    /// TCP connection ended without a close frame).
+    /// TCP connection ended without a close frame). After the close frame
+    /// it keeps reading until the connection ends, as a client should: that
+    /// sends the close reply the server waits for.
     pub async fn recv_close(&mut self) -> Option<u16> {
         within("the server to close the connection", async {
             loop {
                 match self.ws.next().await {
                     Some(Ok(Message::Close(frame))) => {
+                        while let Some(Ok(_)) = self.ws.next().await {}
                         return frame.map(|f: CloseFrame| u16::from(f.code));
                     }
                     Some(Ok(_)) => continue,
