@@ -540,3 +540,113 @@ async fn an_error_in_one_room_leaves_the_others_alone() {
     assert_eq!(a.recv().await["content"], "also");
     gw.stop().await;
 }
+
+// ----- connection and transport rules of SPEC §1 --------------------------
+
+#[tokio::test]
+async fn the_first_frame_names_a_unique_uuid_connection_id() {
+    let gw = TestGateway::start(test_config()).await;
+    let mut ids = std::collections::HashSet::new();
+    for _ in 0..20 {
+        let (ws, _) = tokio_tungstenite::connect_async(gw.ws_url())
+            .await
+            .expect("handshake");
+        let mut client = WsClient { ws, id: String::new() };
+        let welcome = client.recv().await;
+        let id = welcome["connection_id"].as_str().expect("connection_id");
+        assert_eq!(
+            welcome,
+            json!({"type": "system", "message": format!("Connected as {id}"), "connection_id": id})
+        );
+        let uuid = uuid::Uuid::parse_str(id).expect("a UUID");
+        assert!(
+            matches!(uuid.get_version_num(), 4 | 7),
+            "UUID v4 or v7: {id}"
+        );
+        assert_eq!(id, uuid.hyphenated().to_string(), "canonical form");
+        assert!(ids.insert(id.to_string()), "{id} given twice");
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn pings_are_answered_and_do_not_count_against_the_rate() {
+    let gw = TestGateway::with(|c| c.websocket.max_messages_per_sec = 1).await;
+    let mut a = gw.client().await;
+    for _ in 0..10 {
+        a.ping_pong().await;
+    }
+    // The one frame the bucket holds is still there.
+    a.join("r").await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_message_over_the_size_limit_closes_with_1009_and_spares_the_others() {
+    const LIMIT: usize = 1024;
+    let gw = TestGateway::with(|c| c.websocket.max_message_size_bytes = LIMIT).await;
+    let mut a = gw.client().await;
+    let mut b = gw.client().await;
+    a.join("r").await;
+    b.join("r").await;
+    // Exactly at the limit is allowed.
+    let head = r#"{"type":"message","room":"r","id":"max","content":""#;
+    let pad = "x".repeat(LIMIT - head.len() - 2);
+    let at_limit = format!(r#"{head}{pad}"}}"#);
+    assert_eq!(at_limit.len(), LIMIT);
+    a.send_text(&at_limit).await;
+    assert_eq!(a.recv().await, json!({"type": "ack", "id": "max"}));
+    assert_eq!(b.recv().await["content"], pad.as_str());
+    // One byte more is not.
+    let over = format!(r#"{head}{pad}x"}}"#);
+    a.send_text(&over).await;
+    assert_eq!(a.recv_close().await, Some(1009));
+    wait_for_member_count(&gw, "r", 1).await;
+    b.say("r", json!("fine"), "b").await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_answers_pings_stays_and_one_that_does_not_is_closed() {
+    let gw = TestGateway::with(|c| {
+        c.websocket.ping_interval_secs = 1;
+        // Generous, so a busy machine does not make a live client miss it.
+        c.websocket.pong_timeout_secs = 4;
+    })
+    .await;
+    let mut live = gw.client().await;
+    let mut silent = gw.client().await;
+    live.join("r").await;
+    silent.join("r").await;
+    // `live` reads (its library answers each ping) through several pings.
+    let until = tokio::time::Instant::now() + Duration::from_millis(3500);
+    let mut pings = 0;
+    while let Ok(next) = tokio::time::timeout_at(until, futures_util::StreamExt::next(&mut live.ws)).await {
+        match next {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            other => panic!("unexpected while idle: {other:?}"),
+        }
+    }
+    assert!(pings >= 1, "the gateway sends pings");
+    live.say("r", json!("alive"), "l").await;
+    // `silent` reads nothing (reading would answer the pings) until the
+    // gateway has given up on it, which shows as it leaving the room.
+    wait_for_member_count(&gw, "r", 1).await;
+    assert_eq!(silent.recv_close().await, Some(1001));
+    eventually_async("the heartbeat close to be counted", || async {
+        gw.metric(r#"roomgate_connections_closed_total{reason="ping_timeout"}"#)
+            .await
+            == 1.0
+    })
+    .await;
+    live.say("r", json!("still alive"), "l2").await;
+    gw.stop().await;
+}
+
+/// Waits until `room` has `count` members on the admin port.
+async fn wait_for_member_count(gw: &TestGateway, room: &str, count: u64) {
+    eventually_async(&format!("{room} to have {count} members"), || async {
+        gw.admin_json(&format!("/rooms/{room}")).await.1["members"] == count
+    })
+    .await;
+}
