@@ -102,6 +102,64 @@ async fn every_other_member_gets_each_message_once_in_the_senders_order() {
     gw.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_gets_joined_before_the_rooms_messages_and_left_after_them() {
+    const N: usize = 400;
+    let gw = TestGateway::with(|c| c.websocket.send_queue_capacity = 4096).await;
+    let mut sender = gw.client().await;
+    let mut member = gw.client().await;
+    sender.join("r").await;
+
+    // The member joins while the sender's messages are flowing.
+    let join = async {
+        tokio::task::yield_now().await;
+        member
+            .send(json!({"type": "join", "room": "r", "id": "in"}))
+            .await;
+    };
+    tokio::join!(send_sequence(&mut sender, "r", "s", N), join);
+    sender.say("r", json!("last"), "last").await;
+    // First `joined`, then an unbroken run of the sequence up to its end.
+    assert_eq!(
+        member.recv().await,
+        json!({"type": "joined", "room": "r", "id": "in"})
+    );
+    let mut expected: Option<u64> = None;
+    loop {
+        let frame = member.recv().await;
+        assert_eq!(frame["type"], "message", "{frame}");
+        if frame["content"] == "last" {
+            break;
+        }
+        let n = frame["content"]["n"].as_u64().expect("n");
+        assert!(expected.is_none_or(|e| e == n), "gap before {n}");
+        expected = Some(n + 1);
+    }
+    assert!(expected.is_none_or(|e| e == N as u64), "the run ends with the last one");
+
+    // Leaving while messages flow: nothing of the room after `left`.
+    let leave = async {
+        tokio::task::yield_now().await;
+        member
+            .send(json!({"type": "leave", "room": "r", "id": "out"}))
+            .await;
+    };
+    tokio::join!(send_sequence(&mut sender, "r", "t", N), leave);
+    sender.say("r", json!("after"), "after").await;
+    let mut expected = 0;
+    loop {
+        let frame = member.recv().await;
+        if frame["type"] == "left" {
+            assert_eq!(frame, json!({"type": "left", "room": "r", "id": "out"}));
+            break;
+        }
+        assert_eq!(frame["content"]["n"], expected, "{frame}");
+        expected += 1;
+    }
+    assert_eq!(member.barrier().await, Vec::<Value>::new(), "nothing after left");
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn content_of_any_json_type_arrives_unchanged() {
     let gw = TestGateway::start(test_config()).await;
@@ -369,7 +427,10 @@ async fn finish_flood(flooder: &mut WsClient, readers: Vec<Reader>, sent: usize)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_is_closed_with_1013_and_the_others_get_everything() {
-    let gw = TestGateway::start(flood_config("close")).await;
+    let mut config = flood_config("close");
+    // The room is full with the four of them.
+    config.websocket.rooms.max_members = 4;
+    let gw = TestGateway::start(config).await;
     let mut flooder = gw.client().await;
     // A small kernel receive buffer: the stall reaches the gateway sooner.
     let mut slow = WsClient::connect_with(&gw.ws_url(), None, Some(4096)).await;
@@ -397,6 +458,10 @@ async fn a_slow_consumer_is_closed_with_1013_and_the_others_get_everything() {
         !detail["member_ids"].to_string().contains(&slow.id),
         "{detail}"
     );
+    // Its place is free for someone else already.
+    let mut newcomer = gw.client().await;
+    newcomer.join("flood").await;
+    newcomer.leave("flood").await;
 
     // The slow client reads again: what was already on its way, then 1013.
     assert_eq!(slow.recv_close().await, Some(1013));
@@ -405,7 +470,8 @@ async fn a_slow_consumer_is_closed_with_1013_and_the_others_get_everything() {
         gw.metric(closed).await == 1.0
     })
     .await;
-    assert_eq!(gw.metric("roomgate_connections").await, 3.0);
+    // The flooder, the two readers and the newcomer.
+    assert_eq!(gw.metric("roomgate_connections").await, 4.0);
     // Everyone else is still connected and served.
     others[0].say("flood", json!("after"), "a1").await;
     assert_eq!(others[1].recv().await["content"], "after");
