@@ -459,7 +459,10 @@ mod tests {
             Some("r1")
         );
         assert_eq!(request_id(r#"["id","r1"]"#), None);
-        assert_eq!(request_id(&format!(r#"{{"id":"{}"}}"#, "x".repeat(65))), None);
+        assert_eq!(
+            request_id(&format!(r#"{{"id":"{}"}}"#, "x".repeat(65))),
+            None
+        );
     }
 
     #[test]

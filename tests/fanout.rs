@@ -135,7 +135,10 @@ async fn a_member_gets_joined_before_the_rooms_messages_and_left_after_them() {
         assert!(expected.is_none_or(|e| e == n), "gap before {n}");
         expected = Some(n + 1);
     }
-    assert!(expected.is_none_or(|e| e == N as u64), "the run ends with the last one");
+    assert!(
+        expected.is_none_or(|e| e == N as u64),
+        "the run ends with the last one"
+    );
 
     // Leaving while messages flow: nothing of the room after `left`.
     let leave = async {
@@ -156,7 +159,11 @@ async fn a_member_gets_joined_before_the_rooms_messages_and_left_after_them() {
         assert_eq!(frame["content"]["n"], expected, "{frame}");
         expected += 1;
     }
-    assert_eq!(member.barrier().await, Vec::<Value>::new(), "nothing after left");
+    assert_eq!(
+        member.barrier().await,
+        Vec::<Value>::new(),
+        "nothing after left"
+    );
     gw.stop().await;
 }
 
@@ -278,7 +285,9 @@ async fn a_room_of_1000_clients_gets_every_message_exactly_once_in_order() {
         clients[..SENDERS]
             .iter_mut()
             .enumerate()
-            .map(|(s, client)| send_sequence(client, ROOM, ["a", "b", "c", "d", "e"][s], PER_SENDER)),
+            .map(|(s, client)| {
+                send_sequence(client, ROOM, ["a", "b", "c", "d", "e"][s], PER_SENDER)
+            }),
     )
     .await;
 
@@ -293,11 +302,17 @@ async fn a_room_of_1000_clients_gets_every_message_exactly_once_in_order() {
             tokio::spawn(async move { collect_sequences(&mut client, ROOM, &expected).await })
         })
         .collect();
-    within_for(Duration::from_secs(180), "every member to get every message", async {
-        for reader in readers {
-            reader.await.expect("a member missed, repeated or reordered a message");
-        }
-    })
+    within_for(
+        Duration::from_secs(180),
+        "every member to get every message",
+        async {
+            for reader in readers {
+                reader
+                    .await
+                    .expect("a member missed, repeated or reordered a message");
+            }
+        },
+    )
     .await;
     let delivered = gw.metric("roomgate_messages_delivered_total").await - delivered_before;
     let expected = (SENDERS * PER_SENDER * (CLIENTS - 1)) as f64;
@@ -525,7 +540,10 @@ async fn a_slow_consumer_loses_frames_with_drop_and_stays_connected() {
                 continue;
             }
             let n = frame["content"]["n"].as_u64().expect("n") as usize;
-            assert!(seen.last().is_none_or(|last| *last < n), "reordered: {n} after {seen:?}");
+            assert!(
+                seen.last().is_none_or(|last| *last < n),
+                "reordered: {n} after {seen:?}"
+            );
             seen.push(n);
         }
     });
@@ -562,7 +580,10 @@ async fn a_slow_consumer_loses_frames_with_drop_and_stays_connected() {
     );
     slow.send(json!({"type": "message", "room": "flood", "content": "still here", "id": "s1"}))
         .await;
-    assert_eq!(slow.recv_type("ack").await, json!({"type": "ack", "id": "s1"}));
+    assert_eq!(
+        slow.recv_type("ack").await,
+        json!({"type": "ack", "id": "s1"})
+    );
     for other in &mut others {
         assert_eq!(
             other.recv().await,
@@ -682,9 +703,26 @@ fn garbage(rng: &mut Rng, room: &str) -> Message {
         // Token soup.
         6 => {
             let tokens = [
-                "{", "}", "[", "]", ",", ":", "\"type\"", "\"join\"", "\"message\"", "\"room\"",
-                "\"content\"", "\"id\"", "null", "1", "-", "e", "\"\\u0000\"", "\"\\ud800\"",
-                " ", "\"ROOM\"",
+                "{",
+                "}",
+                "[",
+                "]",
+                ",",
+                ":",
+                "\"type\"",
+                "\"join\"",
+                "\"message\"",
+                "\"room\"",
+                "\"content\"",
+                "\"id\"",
+                "null",
+                "1",
+                "-",
+                "e",
+                "\"\\u0000\"",
+                "\"\\ud800\"",
+                " ",
+                "\"ROOM\"",
             ];
             let soup: String = (0..rng.below(80))
                 .map(|_| rng.pick(&tokens).replace("ROOM", room))
@@ -807,14 +845,20 @@ async fn garbage_from_one_client_does_not_disturb_another_clients_traffic() {
     };
     tokio::join!(noisy_sends, real_sends);
 
-    let (mut observer, from_noisy) =
-        within_for(Duration::from_secs(120), "the observer to get every real message", observer_task)
-            .await
-            .expect("observer");
-    let (noisy_stream, codes) =
-        within_for(Duration::from_secs(120), "the noisy client's replies", noisy_reader)
-            .await
-            .expect("noisy reader");
+    let (mut observer, from_noisy) = within_for(
+        Duration::from_secs(120),
+        "the observer to get every real message",
+        observer_task,
+    )
+    .await
+    .expect("observer");
+    let (noisy_stream, codes) = within_for(
+        Duration::from_secs(120),
+        "the noisy client's replies",
+        noisy_reader,
+    )
+    .await
+    .expect("noisy reader");
     assert_eq!(
         codes.get("binary_not_supported").copied().unwrap_or(0),
         binary_sent,
@@ -828,7 +872,9 @@ async fn garbage_from_one_client_does_not_disturb_another_clients_traffic() {
 
     // The noisy connection is still usable, and still in the room.
     let mut noisy = WsClient {
-        ws: noisy_sink.reunite(noisy_stream).expect("halves of one stream"),
+        ws: noisy_sink
+            .reunite(noisy_stream)
+            .expect("halves of one stream"),
         id,
     };
     noisy.say("r", json!("alive"), "alive").await;

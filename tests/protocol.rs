@@ -117,7 +117,10 @@ async fn joining_twice_answers_joined_again() {
     let reply = a
         .request(json!({"type": "join", "room": "once", "id": "again"}))
         .await;
-    assert_eq!(reply, json!({"type": "joined", "room": "once", "id": "again"}));
+    assert_eq!(
+        reply,
+        json!({"type": "joined", "room": "once", "id": "again"})
+    );
     let (_, detail) = gw.admin_json("/rooms/once").await;
     assert_eq!(detail["members"], 1, "still one membership: {detail}");
     // It did not count twice against max_rooms_per_connection = 1 either:
@@ -177,7 +180,10 @@ async fn invalid_json_is_refused_and_the_connection_stays_usable() {
         // Fields of the wrong type; the id is echoed when it is readable.
         (r#"{"type":5,"room":"r"}"#.into(), None),
         (r#"{"type":"join","room":7,"id":"k1"}"#.into(), Some("k1")),
-        (r#"{"type":"join","room":["r"],"id":"k2"}"#.into(), Some("k2")),
+        (
+            r#"{"type":"join","room":["r"],"id":"k2"}"#.into(),
+            Some("k2"),
+        ),
         (r#"{"type":"join","room":{"name":"r"}}"#.into(), None),
         (r#"{"type":"join","room":"r","id":5}"#.into(), None),
         (r#"{"type":"join","room":"r","id":["a"]}"#.into(), None),
@@ -275,11 +281,27 @@ async fn every_rule_of_the_room_name_syntax_is_enforced() {
         }
     }
     // A missing or null room is refused the same way.
-    expect_refusal(&mut a, r#"{"type":"join","id":"m"}"#, "invalid_room", Some("m")).await;
-    expect_refusal(&mut a, r#"{"type":"join","room":null}"#, "invalid_room", None).await;
+    expect_refusal(
+        &mut a,
+        r#"{"type":"join","id":"m"}"#,
+        "invalid_room",
+        Some("m"),
+    )
+    .await;
+    expect_refusal(
+        &mut a,
+        r#"{"type":"join","room":null}"#,
+        "invalid_room",
+        None,
+    )
+    .await;
 
     let (_, rooms) = gw.admin_json("/rooms").await;
-    assert_eq!(rooms, json!({"rooms": []}), "no invalid name created a room");
+    assert_eq!(
+        rooms,
+        json!({"rooms": []}),
+        "no invalid name created a room"
+    );
 
     // The edges of what is valid are accepted.
     let longest = format!("{}.{}", "a".repeat(63), "b".repeat(64));
@@ -460,7 +482,10 @@ async fn frames_over_the_rate_are_refused_one_by_one_and_the_connection_recovers
     a.send(json!({"type": "leave", "room": "r", "id": "ok2"}))
         .await;
     assert_eq!(a.recv().await, json!({"type": "ack", "id": "ok1"}));
-    assert_eq!(a.recv().await, json!({"type": "left", "room": "r", "id": "ok2"}));
+    assert_eq!(
+        a.recv().await,
+        json!({"type": "left", "room": "r", "id": "ok2"})
+    );
     assert_eq!(b.recv().await["content"], "back");
     assert_eq!(gw.metric(dropped).await, f64::from(refused_total));
     gw.stop().await;
@@ -529,7 +554,13 @@ async fn an_error_in_one_room_leaves_the_others_alone() {
     a.join("pair").await;
     b.join("pair").await;
     // b fails in several ways in a row...
-    expect_refusal(&mut b, r#"{"type":"join","room":"full"}"#, "room_full", None).await;
+    expect_refusal(
+        &mut b,
+        r#"{"type":"join","room":"full"}"#,
+        "room_full",
+        None,
+    )
+    .await;
     expect_refusal(&mut b, "{", "invalid_json", None).await;
     b.send_binary(vec![0]).await;
     assert_error(&b.recv().await, "binary_not_supported", None);
@@ -551,7 +582,10 @@ async fn the_first_frame_names_a_unique_uuid_connection_id() {
         let (ws, _) = tokio_tungstenite::connect_async(gw.ws_url())
             .await
             .expect("handshake");
-        let mut client = WsClient { ws, id: String::new() };
+        let mut client = WsClient {
+            ws,
+            id: String::new(),
+        };
         let welcome = client.recv().await;
         let id = welcome["connection_id"].as_str().expect("connection_id");
         assert_eq!(
@@ -621,7 +655,9 @@ async fn a_client_that_answers_pings_stays_and_one_that_does_not_is_closed() {
     // `live` reads (its library answers each ping) through several pings.
     let until = tokio::time::Instant::now() + Duration::from_millis(3500);
     let mut pings = 0;
-    while let Ok(next) = tokio::time::timeout_at(until, futures_util::StreamExt::next(&mut live.ws)).await {
+    while let Ok(next) =
+        tokio::time::timeout_at(until, futures_util::StreamExt::next(&mut live.ws)).await
+    {
         match next {
             Some(Ok(Message::Ping(_))) => pings += 1,
             other => panic!("unexpected while idle: {other:?}"),

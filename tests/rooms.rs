@@ -257,7 +257,11 @@ async fn presence_frames_announce_joins_and_leaves_to_the_other_members() {
         } else {
             c.abort();
         }
-        assert_eq!(a.recv().await, presence("p", "leave", &c_id), "clean: {clean}");
+        assert_eq!(
+            a.recv().await,
+            presence("p", "leave", &c_id),
+            "clean: {clean}"
+        );
     }
 
     // Presence is per room: joins elsewhere are not announced here.
@@ -312,7 +316,12 @@ async fn the_admin_port_lists_rooms_with_members_and_creation_time() {
     let rooms = list["rooms"].as_array().expect("rooms");
     let summary: Vec<(&str, u64)> = rooms
         .iter()
-        .map(|r| (r["room"].as_str().unwrap_or(""), r["members"].as_u64().unwrap_or(99)))
+        .map(|r| {
+            (
+                r["room"].as_str().unwrap_or(""),
+                r["members"].as_u64().unwrap_or(99),
+            )
+        })
         .collect();
     assert_eq!(
         summary,
@@ -321,7 +330,10 @@ async fn the_admin_port_lists_rooms_with_members_and_creation_time() {
     );
     for room in rooms {
         let created = room["created"].as_u64().expect("created in Unix ms");
-        assert!((before..=after).contains(&created), "{room}: not created now");
+        assert!(
+            (before..=after).contains(&created),
+            "{room}: not created now"
+        );
     }
 
     let (status, alpha) = gw.admin_json("/rooms/alpha").await;
@@ -340,13 +352,21 @@ async fn the_admin_port_lists_rooms_with_members_and_creation_time() {
         assert_eq!(detail["member_ids"], json!([a.id]));
     }
 
-    for path in ["/rooms/nope", "/rooms/alph", "/rooms/alpha.x", "/rooms/a%20b"] {
+    for path in [
+        "/rooms/nope",
+        "/rooms/alph",
+        "/rooms/alpha.x",
+        "/rooms/a%20b",
+    ] {
         let (status, body) = gw.admin_get(path).await;
         assert_eq!(status, 404, "{path}: {body}");
     }
 
     b.leave("alpha").await;
-    assert_eq!(member_ids(&gw, "alpha").await, HashSet::from([a.id.clone()]));
+    assert_eq!(
+        member_ids(&gw, "alpha").await,
+        HashSet::from([a.id.clone()])
+    );
     gw.stop().await;
 }
 
@@ -370,7 +390,8 @@ async fn room_and_message_metrics_move_and_carry_no_names_or_ids() {
     let bytes_out = metric_value(&body, "roomgate_bytes_sent_total");
     assert_eq!(received, 4.0, "four joins received");
 
-    let text = json!({"type": "message", "room": rooms[0], "content": "x".repeat(1000)}).to_string();
+    let text =
+        json!({"type": "message", "room": rooms[0], "content": "x".repeat(1000)}).to_string();
     for _ in 0..3 {
         a.send_text(&text).await;
         assert_eq!(b.recv().await["content"].as_str().map(str::len), Some(1000));
@@ -382,8 +403,7 @@ async fn room_and_message_metrics_move_and_carry_no_names_or_ids() {
     );
     assert!(metric_value(&body, "roomgate_messages_delivered_total") - delivered >= 3.0);
     assert!(
-        metric_value(&body, "roomgate_bytes_received_total") - bytes_in
-            >= 3.0 * text.len() as f64
+        metric_value(&body, "roomgate_bytes_received_total") - bytes_in >= 3.0 * text.len() as f64
     );
     assert!(metric_value(&body, "roomgate_bytes_sent_total") - bytes_out >= 3000.0);
 
@@ -392,7 +412,10 @@ async fn room_and_message_metrics_move_and_carry_no_names_or_ids() {
         assert!(!body.contains(secret), "/metrics mentions {secret}");
     }
     for line in body.lines().filter(|l| !l.starts_with('#')) {
-        let Some(labels) = line.split_once('{').and_then(|(_, rest)| rest.split_once('}')) else {
+        let Some(labels) = line
+            .split_once('{')
+            .and_then(|(_, rest)| rest.split_once('}'))
+        else {
             continue;
         };
         for pair in labels.0.split(',').filter(|p| !p.is_empty()) {
