@@ -221,6 +221,19 @@ async fn a_room_rejoined_before_its_idle_timeout_is_not_freed_under_its_members(
     b.say("busy", json!("welcome"), "2").await;
     assert_eq!(a.recv().await["content"], "welcome");
     assert_eq!(c.recv().await["content"], "welcome");
+
+    // Emptied, re-joined and emptied again within one idle period, it is
+    // still freed in the end.
+    for client in [&mut a, &mut b, &mut c] {
+        client.leave("busy").await;
+    }
+    a.join("busy").await;
+    a.leave("busy").await;
+    eventually_async("the room to be freed once idle", || async {
+        members(&gw, "busy").await.is_none()
+    })
+    .await;
+    assert_eq!(gw.metric("roomgate_rooms").await, 0.0);
     gw.stop().await;
 }
 
