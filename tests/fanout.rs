@@ -118,12 +118,13 @@ async fn a_member_gets_joined_before_the_rooms_messages_and_left_after_them() {
             .await;
     };
     tokio::join!(send_sequence(&mut sender, "r", "s", N), join);
-    sender.say("r", json!("last"), "last").await;
-    // First `joined`, then an unbroken run of the sequence up to its end.
+    // First `joined`, then an unbroken run of the sequence up to its end
+    // (marked by a last message, sent once the member is surely in).
     assert_eq!(
         member.recv().await,
         json!({"type": "joined", "room": "r", "id": "in"})
     );
+    sender.say("r", json!("last"), "last").await;
     let mut expected: Option<u64> = None;
     loop {
         let frame = member.recv().await;
@@ -149,12 +150,21 @@ async fn a_member_gets_joined_before_the_rooms_messages_and_left_after_them() {
     };
     tokio::join!(send_sequence(&mut sender, "r", "t", N), leave);
     sender.say("r", json!("after"), "after").await;
+    // Up to `left`: a run of the sequence from its start, and possibly the
+    // "after" message too when the leave was read after it.
     let mut expected = 0;
+    let mut got_after = false;
     loop {
         let frame = member.recv().await;
         if frame["type"] == "left" {
             assert_eq!(frame, json!({"type": "left", "room": "r", "id": "out"}));
             break;
+        }
+        assert!(!got_after, "nothing follows the last message: {frame}");
+        if frame["content"] == "after" {
+            assert_eq!(expected, N, "the whole run came before it");
+            got_after = true;
+            continue;
         }
         assert_eq!(frame["content"]["n"], expected, "{frame}");
         expected += 1;

@@ -652,21 +652,24 @@ async fn a_client_that_answers_pings_stays_and_one_that_does_not_is_closed() {
     let mut silent = gw.client().await;
     live.join("r").await;
     silent.join("r").await;
-    // `live` reads (its library answers each ping) through several pings.
-    let until = tokio::time::Instant::now() + Duration::from_millis(3500);
-    let mut pings = 0;
-    while let Ok(next) =
-        tokio::time::timeout_at(until, futures_util::StreamExt::next(&mut live.ws)).await
-    {
-        match next {
-            Some(Ok(Message::Ping(_))) => pings += 1,
-            other => panic!("unexpected while idle: {other:?}"),
+    // `live` reads all along (its library answers each ping)...
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let reading = tokio::spawn(async move {
+        let mut stopped = stopped;
+        let mut pings = 0;
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return (live, pings),
+                next = futures_util::StreamExt::next(&mut live.ws) => match next {
+                    Some(Ok(Message::Ping(_))) => pings += 1,
+                    other => panic!("unexpected while idle: {other:?}"),
+                },
+            }
         }
-    }
-    assert!(pings >= 1, "the gateway sends pings");
-    live.say("r", json!("alive"), "l").await;
-    // `silent` reads nothing (reading would answer the pings) until the
-    // gateway has given up on it, which shows as it leaving the room.
+    });
+    // ...while `silent` reads nothing (reading would answer the pings)
+    // until the gateway has given up on it, which shows as it leaving the
+    // room: after a ping interval and a pong timeout at the least.
     wait_for_member_count(&gw, "r", 1).await;
     assert_eq!(silent.recv_close().await, Some(1001));
     eventually_async("the heartbeat close to be counted", || async {
@@ -675,7 +678,12 @@ async fn a_client_that_answers_pings_stays_and_one_that_does_not_is_closed() {
             == 1.0
     })
     .await;
-    live.say("r", json!("still alive"), "l2").await;
+    let _ = stop.send(());
+    let (mut live, pings) = within("the live client's reader", reading)
+        .await
+        .expect("reader");
+    assert!(pings >= 2, "the gateway pings every second: {pings}");
+    live.say("r", json!("still alive"), "l").await;
     gw.stop().await;
 }
 
