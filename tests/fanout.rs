@@ -24,15 +24,18 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 /// Writes `count` messages `{"s":tag,"n":0..count}` to `room` in one burst
 /// (fed, then flushed once), without ids.
 async fn send_sequence(client: &mut WsClient, room: &str, tag: &str, count: usize) {
-    for n in 0..count {
-        let frame = json!({"type": "message", "room": room, "content": {"s": tag, "n": n}});
-        client
-            .ws
-            .feed(Message::text(frame.to_string()))
-            .await
-            .expect("feed");
-    }
-    client.ws.flush().await.expect("flush");
+    within("a sequence of messages to be written", async {
+        for n in 0..count {
+            let frame = json!({"type": "message", "room": room, "content": {"s": tag, "n": n}});
+            client
+                .ws
+                .feed(Message::text(frame.to_string()))
+                .await
+                .expect("feed");
+        }
+        client.ws.flush().await.expect("flush");
+    })
+    .await
 }
 
 /// Reads until `expected` (sender connection id → count) messages of `room`
@@ -408,11 +411,14 @@ where
 {
     let mut sent = 0;
     loop {
-        for _ in 0..BATCH {
-            flooder.ws.feed(flood_message(sent)).await.expect("feed");
-            sent += 1;
-        }
-        flooder.ws.flush().await.expect("flush");
+        within("a batch to be written", async {
+            for n in sent..sent + BATCH {
+                flooder.ws.feed(flood_message(n)).await.expect("feed");
+            }
+            flooder.ws.flush().await.expect("flush");
+        })
+        .await;
+        sent += BATCH;
         eventually("the reading members to get every message so far", || {
             readers
                 .iter()
@@ -433,9 +439,12 @@ where
 /// Sends a few more messages, then the end marker, and checks that every
 /// reader got all `sent + BATCH` messages, in order.
 async fn finish_flood(flooder: &mut WsClient, readers: Vec<Reader>, sent: usize) -> Vec<WsClient> {
-    for n in sent..sent + BATCH {
-        flooder.ws.feed(flood_message(n)).await.expect("feed");
-    }
+    within("the last batch to be written", async {
+        for n in sent..sent + BATCH {
+            flooder.ws.feed(flood_message(n)).await.expect("feed");
+        }
+    })
+    .await;
     flooder
         .send(json!({"type": "message", "room": "flood", "content": {"end": true}}))
         .await;
@@ -853,7 +862,12 @@ async fn garbage_from_one_client_does_not_disturb_another_clients_traffic() {
             }
         }
     };
-    tokio::join!(noisy_sends, real_sends);
+    within_for(
+        Duration::from_secs(120),
+        "the garbage and the real messages to be written",
+        async { tokio::join!(noisy_sends, real_sends) },
+    )
+    .await;
 
     let (mut observer, from_noisy) = within_for(
         Duration::from_secs(120),

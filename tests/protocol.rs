@@ -435,16 +435,19 @@ async fn frames_over_the_rate_are_refused_one_by_one_and_the_connection_recovers
         );
         let burst_start = Instant::now();
         const BURST: usize = 24;
-        for i in 0..BURST {
-            let message = if i % 4 == 3 {
-                Message::binary(vec![1, 2, 3])
-            } else {
-                let id = format!("r{round}-{i}");
-                Message::text(json!({"type": "join", "room": "r", "id": id}).to_string())
-            };
-            a.ws.feed(message).await.expect("feed");
-        }
-        a.ws.flush().await.expect("flush");
+        within("a burst to be written", async {
+            for i in 0..BURST {
+                let message = if i % 4 == 3 {
+                    Message::binary(vec![1, 2, 3])
+                } else {
+                    let id = format!("r{round}-{i}");
+                    Message::text(json!({"type": "join", "room": "r", "id": id}).to_string())
+                };
+                a.ws.feed(message).await.expect("feed");
+            }
+            a.ws.flush().await.expect("flush");
+        })
+        .await;
         let mut passed = 0;
         for i in 0..BURST {
             let reply = a.recv().await;
