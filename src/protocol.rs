@@ -130,10 +130,21 @@ struct Incoming<'a> {
     kind: Option<Cow<'a, str>>,
     #[serde(borrow)]
     room: Option<Cow<'a, str>>,
-    #[serde(borrow)]
+    /// `None` only when the field is absent: `"content": null` is a value
+    /// like any other and must reach the members as `null`.
+    #[serde(borrow, default, deserialize_with = "present")]
     content: Option<&'a RawValue>,
     #[serde(borrow)]
     id: Option<Cow<'a, str>>,
+}
+
+/// Reads a field that is there as `Some`, even when it is `null`; a plain
+/// `Option` would turn `null` into `None`, indistinguishable from absent.
+fn present<'de, D>(deserializer: D) -> Result<Option<&'de RawValue>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    <&RawValue>::deserialize(deserializer).map(Some)
 }
 
 /// Used only when a frame failed to parse, to still echo its `id`.
@@ -200,6 +211,18 @@ fn request<'a>(
         }
         _ => Err(Refusal::new(ErrorCode::UnknownType, "unknown frame type")),
     }
+}
+
+/// The `id` of a frame that is refused before it is parsed (over the rate
+/// limit), so the client can still match the refusal to its frame: SPEC §1
+/// says the reply to a frame carries its `id`. `None` when the frame has no
+/// valid one. This reads the whole frame, but the frame was already received
+/// and checked as UTF-8, so it costs no more than the parse it replaces.
+pub fn request_id(text: &str) -> Option<Cow<'_, str>> {
+    if !text.trim_start().starts_with('{') {
+        return None;
+    }
+    id_of(text)
 }
 
 /// The `id` of a frame that failed to parse as a whole, when it has a valid one.
@@ -395,6 +418,14 @@ mod tests {
     }
 
     #[test]
+    fn null_content_is_a_value_not_a_missing_field() {
+        match parse(r#"{"type":"message","room":"r","content":null}"#).1 {
+            Ok(Request::Message { content, .. }) => assert_eq!(content.get(), "null"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
     fn refusals_carry_the_right_codes() {
         assert_eq!(code_of("not json"), ErrorCode::InvalidJson);
         assert_eq!(code_of("[1,2]"), ErrorCode::InvalidJson);
@@ -422,6 +453,16 @@ mod tests {
         let (id, req) = parse(r#"{"type":"join","room":7,"id":"abc"}"#);
         assert!(req.is_err());
         assert_eq!(id.as_deref(), Some("abc"));
+        // A frame refused before parsing (rate limited) still has its id read.
+        assert_eq!(
+            request_id(r#" {"type":"message","id":"r1","content":[1]}"#).as_deref(),
+            Some("r1")
+        );
+        assert_eq!(request_id(r#"["id","r1"]"#), None);
+        assert_eq!(
+            request_id(&format!(r#"{{"id":"{}"}}"#, "x".repeat(65))),
+            None
+        );
     }
 
     #[test]

@@ -426,8 +426,13 @@ impl Hub {
     }
 
     /// Removes `conn` from `name` and queues `reply` (the `left` frame) under
-    /// the room lock. `not_member` if it was not in the room.
+    /// the room lock. `not_member` if it was not in the room, and
+    /// `rooms_disabled`, like a join, when rooms are off (nobody can be a
+    /// member then, and `not_member` would suggest joining first).
     pub fn leave(&self, conn: &Arc<Connection>, name: &str, reply: Frame) -> Result<(), Refusal> {
+        if !self.config.enabled {
+            return Err(Refusal::new(ErrorCode::RoomsDisabled, "rooms are disabled"));
+        }
         let room = {
             let mut mine = conn.rooms();
             let Some(pos) = mine.iter().position(|r| r.name.as_str() == name) else {

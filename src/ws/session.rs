@@ -74,18 +74,24 @@ pub async fn run(ws: WsStream, conn: Arc<Connection>, outbox: Outbox, ctx: Arc<S
     });
     debug!("connection opened");
 
-    let (sink, stream) = ws.split();
+    let (sink, mut stream) = ws.split();
     let writer = tokio::spawn(
         write_loop(sink, outbox, conn.clone(), ctx.settings.clone())
             .instrument(tracing::Span::current()),
     );
-    Reader::new(&conn, &ctx).run(stream).await;
+    Reader::new(&conn, &ctx).run(&mut stream).await;
     conn.closing().cancel();
-    if let Err(e) = writer.await {
-        tracing::error!(error = %e, "writer task failed");
-    }
-
+    // Leave every room as soon as the connection is closing, not when the
+    // close handshake is over: the writer may wait up to `pong_timeout` for
+    // a stalled client to take its close frame, and meanwhile the member
+    // would still fill a `max_members` slot, be listed and miss its
+    // presence `leave`, while nothing more can reach it.
     hub.unregister(&conn);
+    match writer.await {
+        Ok(Some(deadline)) => await_close_reply(&mut stream, deadline).await,
+        Ok(None) => {}
+        Err(e) => tracing::error!(error = %e, "writer task failed"),
+    }
     let (code, reason) = conn
         .close_request()
         .map(|r| (r.code, r.reason))
@@ -116,7 +122,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    async fn run(mut self, mut stream: SplitStream<WsStream>) {
+    async fn run(mut self, stream: &mut SplitStream<WsStream>) {
         let expiry = pin!(expiry_sleep(self.conn.identity().expires_at));
         let mut expiry = expiry;
         loop {
@@ -152,13 +158,13 @@ impl<'a> Reader<'a> {
         match message {
             Message::Text(text) => {
                 self.count_in(text.len());
-                if self.admit() {
+                if self.admit(Some(text.as_str())) {
                     self.on_text(text);
                 }
             }
             Message::Binary(data) => {
                 self.count_in(data.len());
-                if self.admit() {
+                if self.admit(None) {
                     self.refuse(
                         Refusal::new(
                             ErrorCode::BinaryNotSupported,
@@ -210,8 +216,9 @@ impl<'a> Reader<'a> {
         self.ctx.metrics.bytes_received.inc_by(len as u64);
     }
 
-    /// Applies the rate limit; a refused frame gets `rate_limited`.
-    fn admit(&mut self) -> bool {
+    /// Applies the rate limit; a refused frame gets `rate_limited`, with the
+    /// `id` of `text` when it has one.
+    fn admit(&mut self, text: Option<&str>) -> bool {
         let Some(bucket) = &mut self.limit else {
             return true;
         };
@@ -219,9 +226,10 @@ impl<'a> Reader<'a> {
             return true;
         }
         self.ctx.metrics.dropped_rate_limited.inc();
+        let id = text.and_then(protocol::request_id);
         self.refuse(
             Refusal::new(ErrorCode::RateLimited, "too many frames per second"),
-            None,
+            id.as_deref(),
         );
         false
     }
@@ -366,12 +374,14 @@ enum Step {
     Stop,
 }
 
+/// Writes until the connection closes; returns the deadline for the
+/// client's close reply when our close frame went out (see [`finish`]).
 async fn write_loop(
     mut sink: Sink,
     mut outbox: Outbox,
     conn: Arc<Connection>,
     settings: SessionSettings,
-) {
+) -> Option<tokio::time::Instant> {
     let period = settings.ping_interval;
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -434,7 +444,7 @@ async fn write_loop(
             break;
         }
     }
-    finish(&mut sink, &conn, settings.pong_timeout).await;
+    finish(&mut sink, &conn, settings.pong_timeout).await
 }
 
 /// Runs a write, but gives up when the connection starts closing or an
@@ -494,27 +504,55 @@ async fn write_batch(
 
 /// Ends the WebSocket: sends our close frame (or flushes tungstenite's reply
 /// to the client's), bounded by `grace` so a client that stopped reading
-/// cannot hold the task.
-async fn finish(sink: &mut Sink, conn: &Connection, grace: Duration) {
+/// cannot hold the task. Returns the same deadline when our close frame was
+/// sent (other than at shutdown), for the session to wait for the client's
+/// reply until then.
+async fn finish(
+    sink: &mut Sink,
+    conn: &Connection,
+    grace: Duration,
+) -> Option<tokio::time::Instant> {
     if conn.close_request().is_none() {
         // Only the shutdown token cancels without saying why.
         conn.close(1001, "server shutting down", CloseReason::Shutdown);
     }
-    let Some(request) = conn.close_request() else {
-        return;
-    };
-    let close = async {
-        match request.reason {
-            CloseReason::Client => sink.flush().await,
-            _ if request.code == CLOSE_ABNORMAL || request.code == CLOSE_NO_STATUS => Ok(()),
-            _ => {
-                let frame = CloseFrame {
-                    code: request.code.into(),
-                    reason: request.text.clone().into(),
-                };
-                sink.send(Message::Close(Some(frame))).await
+    let request = conn.close_request()?;
+    let deadline = tokio::time::Instant::now() + grace;
+    match request.reason {
+        CloseReason::Client => {
+            let _ = tokio::time::timeout_at(deadline, sink.flush()).await;
+            None
+        }
+        _ if request.code == CLOSE_ABNORMAL || request.code == CLOSE_NO_STATUS => None,
+        _ => {
+            let frame = CloseFrame {
+                code: request.code.into(),
+                reason: request.text.clone().into(),
+            };
+            let sent = tokio::time::timeout_at(deadline, sink.send(Message::Close(Some(frame))));
+            // At shutdown the whole gateway is going away, bounded by
+            // `shutdown_grace_secs`: it does not also wait on every idle
+            // client's reply.
+            let awaits_reply = request.reason != CloseReason::Shutdown;
+            (matches!(sent.await, Ok(Ok(()))) && awaits_reply).then_some(deadline)
+        }
+    }
+}
+
+/// After our close frame, reads and discards what the client still sends
+/// until its close frame or the end of the stream, at most until
+/// `deadline`. Dropping the TCP connection before that (RFC 6455 §7.1.1
+/// has the server close it last) would answer frames the client sends
+/// meanwhile, such as pongs to pings it had not read yet, with a reset;
+/// client libraries then report 1006 instead of our close code (1013 for
+/// a slow consumer, 1001 for a missed heartbeat).
+async fn await_close_reply(stream: &mut SplitStream<WsStream>, deadline: tokio::time::Instant) {
+    let drain = async {
+        while let Some(Ok(message)) = stream.next().await {
+            if message.is_close() {
+                break;
             }
         }
     };
-    let _ = tokio::time::timeout(grace, close).await;
+    let _ = tokio::time::timeout_at(deadline, drain).await;
 }

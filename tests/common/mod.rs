@@ -23,11 +23,12 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 use roomgate::Config;
 use serde_json::{Value, json};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// The longest any single expected event may take. Generous, because the
@@ -42,6 +43,15 @@ pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
     match tokio::time::timeout(WAIT, fut).await {
         Ok(v) => v,
         Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
+    }
+}
+
+/// Like [`within`] with an explicit bound, for waits known to cover a lot of
+/// work (thousands of frames); still fails with `what` when exceeded.
+pub async fn within_for<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
     }
 }
 
@@ -159,6 +169,14 @@ impl TestGateway {
         http_get(self.admin, path).await
     }
 
+    /// Fetches an admin endpoint that answers JSON: (status, parsed body).
+    pub async fn admin_json(&self, path: &str) -> (u16, Value) {
+        let (status, body) = self.admin_get(path).await;
+        let value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("admin {path} answered non-JSON ({e}): {body}"));
+        (status, value)
+    }
+
     /// The value of a metric sample line (name with labels), 0 if absent.
     pub async fn metric(&self, sample: &str) -> f64 {
         let (_, body) = self.admin_get("/metrics").await;
@@ -200,6 +218,46 @@ impl WsClient {
         let (ws, _) = within("WebSocket connect", tokio_tungstenite::connect_async(url))
             .await
             .expect("WebSocket handshake");
+        Self::welcomed(ws).await
+    }
+
+    /// Connects with a codec configuration (e.g. small buffers, for tests
+    /// that open thousands of clients) and, when `recv_buffer` is set, a
+    /// fixed kernel receive buffer of about that many bytes, so a client
+    /// that stops reading backs up into the gateway quickly.
+    pub async fn connect_with(
+        url: &str,
+        config: Option<WebSocketConfig>,
+        recv_buffer: Option<u32>,
+    ) -> Self {
+        let addr: SocketAddr = url
+            .strip_prefix("ws://")
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|host| host.parse().ok())
+            .unwrap_or_else(|| panic!("expected ws://<ip:port>/..., got {url}"));
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .expect("socket");
+        if let Some(size) = recv_buffer {
+            socket.set_recv_buffer_size(size).expect("SO_RCVBUF");
+        }
+        let stream = within("TCP connect", socket.connect(addr))
+            .await
+            .expect("connect");
+        let (ws, _) = within(
+            "WebSocket handshake",
+            tokio_tungstenite::client_async_with_config(url, MaybeTlsStream::Plain(stream), config),
+        )
+        .await
+        .expect("WebSocket handshake");
+        Self::welcomed(ws).await
+    }
+
+    /// Reads the welcome frame of a fresh connection.
+    async fn welcomed(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Self {
         let mut client = Self {
             ws,
             id: String::new(),
@@ -226,6 +284,107 @@ impl WsClient {
         self.ws.send(Message::text(text)).await.expect("send");
     }
 
+    /// Sends a binary frame.
+    pub async fn send_binary(&mut self, data: Vec<u8>) {
+        self.ws.send(Message::binary(data)).await.expect("send");
+    }
+
+    /// Sends a frame and returns the next frame received (the reply, when
+    /// nothing else can arrive in between).
+    pub async fn request(&mut self, value: Value) -> Value {
+        self.send(value).await;
+        self.recv().await
+    }
+
+    /// Leaves `room` and waits for `left`.
+    pub async fn leave(&mut self, room: &str) {
+        let reply = self.request(json!({"type": "leave", "room": room})).await;
+        assert_eq!(reply, json!({"type": "left", "room": room}), "leave {room}");
+    }
+
+    /// Sends a message to `room` with `id` and waits for its `ack`.
+    pub async fn say(&mut self, room: &str, content: Value, id: &str) {
+        let reply = self
+            .request(json!({"type": "message", "room": room, "content": content, "id": id}))
+            .await;
+        assert_eq!(reply, json!({"type": "ack", "id": id}), "message to {room}");
+    }
+
+    /// Sends a frame the gateway refuses with `unknown_type`, and returns
+    /// every frame received before that refusal. The gateway answers a
+    /// client's frames in order through the same queue as everything else,
+    /// so the result is exactly what was queued for this client before the
+    /// barrier was read: a way to assert that something did *not* arrive
+    /// without waiting on the clock.
+    pub async fn barrier(&mut self) -> Vec<Value> {
+        let id = format!("barrier-{}", uuid::Uuid::new_v4().simple());
+        self.send(json!({"type": "barrier", "id": id})).await;
+        let mut before = Vec::new();
+        loop {
+            let frame = self.recv().await;
+            if frame["type"] == "error" && frame["id"] == id.as_str() {
+                assert_eq!(frame["code"], "unknown_type", "barrier reply: {frame}");
+                return before;
+            }
+            before.push(frame);
+        }
+    }
+
+    /// Sends a WebSocket ping and waits for the matching pong.
+    pub async fn ping_pong(&mut self) {
+        let payload = bytes::Bytes::from_static(b"are you there");
+        self.ws
+            .send(Message::Ping(payload.clone()))
+            .await
+            .expect("send ping");
+        within("a pong", async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(Message::Pong(p))) if p == payload => return,
+                    Some(Ok(_)) => continue,
+                    other => panic!("connection ended while waiting for a pong: {other:?}"),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Receives the next text frame as sent, without parsing it.
+    pub async fn recv_text(&mut self) -> String {
+        within("a text frame", async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(Message::Text(text))) => return text.as_str().to_string(),
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                        panic!("connection ended while waiting for a text frame")
+                    }
+                    Some(Ok(_)) => continue,
+                }
+            }
+        })
+        .await
+    }
+
+    /// Closes the connection cleanly: sends a 1000 close frame and waits
+    /// for the gateway's close frame in reply.
+    pub async fn close_normally(mut self) {
+        let frame = CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        };
+        self.ws.close(Some(frame)).await.expect("send close");
+        assert_eq!(self.recv_close().await, Some(1000), "close reply");
+    }
+
+    /// Drops the connection without a close frame, resetting the TCP
+    /// connection (a client that crashed or lost its network).
+    pub fn abort(self) {
+        if let MaybeTlsStream::Plain(tcp) = self.ws.get_ref() {
+            let _ = tcp.set_zero_linger();
+        }
+        drop(self);
+    }
+
     /// Receives the next JSON text frame (skipping pings/pongs).
     pub async fn recv(&mut self) -> Value {
         within("a frame", self.next_json())
@@ -234,13 +393,19 @@ impl WsClient {
     }
 
     /// Receives the next JSON frame, or `None` when the connection ends.
+    /// A close frame is answered (by reading on until the end) so the
+    /// gateway is not left waiting for the reply.
     pub async fn next_json(&mut self) -> Option<Value> {
         loop {
             match self.ws.next().await? {
                 Ok(Message::Text(text)) => {
                     return Some(serde_json::from_str(text.as_str()).expect("server sent JSON"));
                 }
-                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(Message::Close(_)) => {
+                    while let Some(Ok(_)) = self.ws.next().await {}
+                    return None;
+                }
+                Err(_) => return None,
                 Ok(_) => continue,
             }
         }
@@ -276,12 +441,15 @@ impl WsClient {
     }
 
     /// Waits for the server to close; returns the close code (None when the
-    /// TCP connection ended without a close frame).
+    /// TCP connection ended without a close frame). After the close frame
+    /// it keeps reading until the connection ends, as a client should: that
+    /// sends the close reply the server waits for.
     pub async fn recv_close(&mut self) -> Option<u16> {
         within("the server to close the connection", async {
             loop {
                 match self.ws.next().await {
                     Some(Ok(Message::Close(frame))) => {
+                        while let Some(Ok(_)) = self.ws.next().await {}
                         return frame.map(|f: CloseFrame| u16::from(f.code));
                     }
                     Some(Ok(_)) => continue,

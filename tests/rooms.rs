@@ -1,0 +1,457 @@
+//! Rooms over their lifetime, from outside: cleanup when a member
+//! disconnects, freeing empty rooms after `idle_timeout_secs`, presence
+//! frames, the admin view of rooms and the room and message metrics.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use serde_json::{Value, json};
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64
+}
+
+/// The member count of `room` on the admin port, `None` if it is not held.
+async fn members(gw: &TestGateway, room: &str) -> Option<u64> {
+    let (status, detail) = gw.admin_json(&format!("/rooms/{room}")).await;
+    match status {
+        200 => Some(detail["members"].as_u64().expect("members")),
+        404 => None,
+        other => panic!("/rooms/{room} answered {other}: {detail}"),
+    }
+}
+
+/// The member ids of `room`, as a set.
+async fn member_ids(gw: &TestGateway, room: &str) -> HashSet<String> {
+    let (status, detail) = gw.admin_json(&format!("/rooms/{room}")).await;
+    assert_eq!(status, 200, "{room}: {detail}");
+    detail["member_ids"]
+        .as_array()
+        .expect("member_ids")
+        .iter()
+        .map(|id| id.as_str().expect("id").to_string())
+        .collect()
+}
+
+/// Names of the rooms `GET /rooms` lists.
+async fn listed_rooms(gw: &TestGateway) -> Vec<String> {
+    let (status, list) = gw.admin_json("/rooms").await;
+    assert_eq!(status, 200);
+    list["rooms"]
+        .as_array()
+        .expect("rooms")
+        .iter()
+        .map(|r| r["room"].as_str().expect("room").to_string())
+        .collect()
+}
+
+async fn wait_for_members(gw: &TestGateway, room: &str, count: u64) {
+    eventually_async(&format!("{room} to have {count} members"), || async {
+        members(gw, room).await == Some(count)
+    })
+    .await;
+}
+
+// ----- disconnect cleanup -------------------------------------------------
+
+#[tokio::test]
+async fn a_disconnected_client_leaves_every_room_it_was_in() {
+    let gw = TestGateway::start(test_config()).await;
+    let rooms = ["d1", "d2", "game.7"];
+    let mut stays = gw.client().await;
+    for room in rooms {
+        stays.join(room).await;
+    }
+    let only_stays = HashSet::from([stays.id.clone()]);
+
+    // Closed cleanly (close frame), then abruptly (TCP reset).
+    for clean in [true, false] {
+        let mut leaving = gw.client().await;
+        for room in rooms {
+            leaving.join(room).await;
+        }
+        for room in rooms {
+            assert_eq!(
+                member_ids(&gw, room).await,
+                HashSet::from([stays.id.clone(), leaving.id.clone()])
+            );
+        }
+        if clean {
+            leaving.close_normally().await;
+        } else {
+            leaving.abort();
+        }
+        for room in rooms {
+            wait_for_members(&gw, room, 1).await;
+            assert_eq!(member_ids(&gw, room).await, only_stays, "clean: {clean}");
+        }
+        eventually_async("the connection to be gone", || async {
+            gw.metric("roomgate_connections").await == 1.0
+        })
+        .await;
+    }
+    // The remaining member is unaffected and its messages reach nobody gone.
+    for room in rooms {
+        stays.say(room, json!("anyone?"), room).await;
+    }
+    let (_, list) = gw.admin_json("/rooms").await;
+    assert_eq!(list["rooms"].as_array().map(Vec::len), Some(3), "{list}");
+    gw.stop().await;
+}
+
+// ----- freeing empty rooms ------------------------------------------------
+
+#[tokio::test]
+async fn an_empty_room_is_kept_until_its_idle_timeout() {
+    // The default idle timeout is an hour: an emptied room stays listed.
+    let gw = TestGateway::start(test_config()).await;
+    let mut a = gw.client().await;
+    a.join("kept").await;
+    let (_, before) = gw.admin_json("/rooms/kept").await;
+    a.leave("kept").await;
+    let (status, after) = gw.admin_json("/rooms/kept").await;
+    assert_eq!(status, 200);
+    assert_eq!(after["members"], 0);
+    assert_eq!(after["member_ids"], json!([]));
+    assert_eq!(gw.metric("roomgate_rooms").await, 1.0, "empty rooms count");
+    // Joining again finds the same room.
+    a.join("kept").await;
+    let (_, again) = gw.admin_json("/rooms/kept").await;
+    assert_eq!(again["created"], before["created"]);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn empty_rooms_are_freed_after_the_idle_timeout() {
+    let gw = TestGateway::with(|c| c.websocket.rooms.idle_timeout_secs = 1).await;
+    let mut a = gw.client().await;
+    let mut b = gw.client().await;
+    for room in ["i1", "i2", "i3"] {
+        a.join(room).await;
+    }
+    b.join("i3").await;
+    assert_eq!(gw.metric("roomgate_rooms").await, 3.0);
+    // Emptied by a leave, by a clean close and by a reset.
+    a.leave("i1").await;
+    a.close_normally().await;
+    wait_for_members(&gw, "i2", 0).await;
+    b.abort();
+    eventually_async("every room to be freed", || async {
+        gw.metric("roomgate_rooms").await == 0.0 && listed_rooms(&gw).await.is_empty()
+    })
+    .await;
+    for room in ["i1", "i2", "i3"] {
+        assert_eq!(members(&gw, room).await, None, "{room} is gone");
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn with_no_idle_timeout_an_emptied_room_is_freed_at_once() {
+    let gw = TestGateway::with(|c| c.websocket.rooms.idle_timeout_secs = 0).await;
+    let mut a = gw.client().await;
+    a.join("now").await;
+    a.join("stays").await;
+    assert_eq!(listed_rooms(&gw).await, ["now", "stays"]);
+    a.leave("now").await;
+    // The leave was fully handled before the next frame was read: the room
+    // is gone without any waiting.
+    assert_eq!(a.barrier().await, Vec::<Value>::new());
+    assert_eq!(listed_rooms(&gw).await, ["stays"]);
+    assert_eq!(gw.metric("roomgate_rooms").await, 1.0);
+    // A disconnect frees the rest.
+    a.abort();
+    eventually_async("the last room to be freed", || async {
+        gw.metric("roomgate_rooms").await == 0.0
+    })
+    .await;
+    assert!(listed_rooms(&gw).await.is_empty());
+    // A room can be created again under the same name.
+    let mut b = gw.client().await;
+    let mut c = gw.client().await;
+    b.join("now").await;
+    c.join("now").await;
+    b.say("now", json!("again"), "x").await;
+    assert_eq!(c.recv().await["content"], "again");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_room_rejoined_before_its_idle_timeout_is_not_freed_under_its_members() {
+    const IDLE: u64 = 2;
+    let gw = TestGateway::with(|c| c.websocket.rooms.idle_timeout_secs = IDLE).await;
+    let mut a = gw.client().await;
+    let mut b = gw.client().await;
+    a.join("busy").await;
+    let (_, first) = gw.admin_json("/rooms/busy").await;
+    a.leave("busy").await;
+    let emptied = Instant::now();
+    // A second room emptied later: once it is freed, the sweeper has been
+    // past the moment "busy" would have expired too.
+    a.join("marker").await;
+    a.leave("marker").await;
+    a.join("busy").await;
+    b.join("busy").await;
+    let rejoined_in_time = emptied.elapsed() < Duration::from_secs(IDLE);
+
+    eventually_async("the marker room to be freed", || async {
+        members(&gw, "marker").await.is_none()
+    })
+    .await;
+    assert_eq!(
+        member_ids(&gw, "busy").await,
+        HashSet::from([a.id.clone(), b.id.clone()])
+    );
+    if rejoined_in_time {
+        let (_, now) = gw.admin_json("/rooms/busy").await;
+        assert_eq!(now["created"], first["created"], "the same room, kept");
+    }
+    assert_eq!(gw.metric("roomgate_rooms").await, 1.0);
+    // Its members still talk, and a newcomer joins the same room.
+    a.say("busy", json!("still here"), "1").await;
+    assert_eq!(b.recv().await["content"], "still here");
+    let mut c = gw.client().await;
+    c.join("busy").await;
+    b.say("busy", json!("welcome"), "2").await;
+    assert_eq!(a.recv().await["content"], "welcome");
+    assert_eq!(c.recv().await["content"], "welcome");
+
+    // Emptied, re-joined and emptied again within one idle period, it is
+    // still freed in the end.
+    for client in [&mut a, &mut b, &mut c] {
+        client.leave("busy").await;
+    }
+    a.join("busy").await;
+    a.leave("busy").await;
+    eventually_async("the room to be freed once idle", || async {
+        members(&gw, "busy").await.is_none()
+    })
+    .await;
+    assert_eq!(gw.metric("roomgate_rooms").await, 0.0);
+    gw.stop().await;
+}
+
+// ----- presence -----------------------------------------------------------
+
+fn presence(room: &str, event: &str, connection_id: &str) -> Value {
+    json!({"type": "presence", "room": room, "event": event,
+           "connection_id": connection_id, "user": null})
+}
+
+#[tokio::test]
+async fn presence_frames_announce_joins_and_leaves_to_the_other_members() {
+    let gw = TestGateway::with(|c| c.websocket.rooms.presence = true).await;
+    let mut a = gw.client().await;
+    a.join("p").await;
+
+    // A join and a leave.
+    let mut b = gw.client().await;
+    b.join("p").await;
+    assert_eq!(a.recv().await, presence("p", "join", &b.id));
+    b.leave("p").await;
+    assert_eq!(a.recv().await, presence("p", "leave", &b.id));
+    // b was told `joined` and `left`, nothing about itself or about a.
+    assert_eq!(b.barrier().await, Vec::<Value>::new());
+
+    // Leaving by disconnecting, cleanly or not.
+    for clean in [true, false] {
+        let mut c = gw.client().await;
+        c.join("p").await;
+        assert_eq!(a.recv().await, presence("p", "join", &c.id));
+        let c_id = c.id.clone();
+        if clean {
+            c.close_normally().await;
+        } else {
+            c.abort();
+        }
+        assert_eq!(
+            a.recv().await,
+            presence("p", "leave", &c_id),
+            "clean: {clean}"
+        );
+    }
+
+    // Presence is per room: joins elsewhere are not announced here.
+    let mut d = gw.client().await;
+    d.join("elsewhere").await;
+    // Joining again is no new presence.
+    b.join("p").await;
+    assert_eq!(a.recv().await, presence("p", "join", &b.id));
+    b.join("p").await;
+    assert_eq!(a.barrier().await, Vec::<Value>::new());
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn there_are_no_presence_frames_by_default() {
+    let gw = TestGateway::start(test_config()).await;
+    let mut a = gw.client().await;
+    a.join("p").await;
+    let mut b = gw.client().await;
+    b.join("p").await;
+    b.leave("p").await;
+    b.join("p").await;
+    b.abort();
+    let mut c = gw.client().await;
+    c.join("p").await;
+    c.close_normally().await;
+    wait_for_members(&gw, "p", 1).await;
+    // Every presence frame would have been queued before a's barrier reply.
+    assert_eq!(a.barrier().await, Vec::<Value>::new());
+    gw.stop().await;
+}
+
+// ----- admin --------------------------------------------------------------
+
+#[tokio::test]
+async fn the_admin_port_lists_rooms_with_members_and_creation_time() {
+    let gw = TestGateway::start(test_config()).await;
+    let (status, list) = gw.admin_json("/rooms").await;
+    assert_eq!((status, list), (200, json!({"rooms": []})));
+
+    let mut a = gw.client().await;
+    let mut b = gw.client().await;
+    let before = unix_ms();
+    a.join("alpha").await;
+    a.join("game.42.lobby").await;
+    a.join("user:42@eu=1").await;
+    b.join("alpha").await;
+    let after = unix_ms();
+
+    let (status, list) = gw.admin_json("/rooms").await;
+    assert_eq!(status, 200);
+    let rooms = list["rooms"].as_array().expect("rooms");
+    let summary: Vec<(&str, u64)> = rooms
+        .iter()
+        .map(|r| {
+            (
+                r["room"].as_str().unwrap_or(""),
+                r["members"].as_u64().unwrap_or(99),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [("alpha", 2), ("game.42.lobby", 1), ("user:42@eu=1", 1)],
+        "{list}"
+    );
+    for room in rooms {
+        let created = room["created"].as_u64().expect("created in Unix ms");
+        assert!(
+            (before..=after).contains(&created),
+            "{room}: not created now"
+        );
+    }
+
+    let (status, alpha) = gw.admin_json("/rooms/alpha").await;
+    assert_eq!(status, 200);
+    assert_eq!(alpha["room"], "alpha");
+    assert_eq!(alpha["members"], 2);
+    assert_eq!(alpha["created"], rooms[0]["created"]);
+    assert_eq!(
+        member_ids(&gw, "alpha").await,
+        HashSet::from([a.id.clone(), b.id.clone()])
+    );
+    // Names with reserved URL characters, as typed or percent-encoded.
+    for path in ["/rooms/user:42@eu=1", "/rooms/user%3A42%40eu%3D1"] {
+        let (status, detail) = gw.admin_json(path).await;
+        assert_eq!(status, 200, "{path}");
+        assert_eq!(detail["member_ids"], json!([a.id]));
+    }
+
+    for path in [
+        "/rooms/nope",
+        "/rooms/alph",
+        "/rooms/alpha.x",
+        "/rooms/a%20b",
+    ] {
+        let (status, body) = gw.admin_get(path).await;
+        assert_eq!(status, 404, "{path}: {body}");
+    }
+
+    b.leave("alpha").await;
+    assert_eq!(
+        member_ids(&gw, "alpha").await,
+        HashSet::from([a.id.clone()])
+    );
+    gw.stop().await;
+}
+
+// ----- metrics ------------------------------------------------------------
+
+#[tokio::test]
+async fn room_and_message_metrics_move_and_carry_no_names_or_ids() {
+    let gw = TestGateway::with(|c| c.websocket.rooms.idle_timeout_secs = 0).await;
+    let mut a = gw.client().await;
+    let mut b = gw.client().await;
+    let rooms = ["secret-room", "tenant:acme.private"];
+    for room in rooms {
+        a.join(room).await;
+        b.join(room).await;
+    }
+    assert_eq!(gw.metric("roomgate_rooms").await, 2.0);
+    let (_, body) = gw.admin_get("/metrics").await;
+    let received = metric_value(&body, "roomgate_messages_received_total");
+    let delivered = metric_value(&body, "roomgate_messages_delivered_total");
+    let bytes_in = metric_value(&body, "roomgate_bytes_received_total");
+    let bytes_out = metric_value(&body, "roomgate_bytes_sent_total");
+    assert_eq!(received, 4.0, "four joins received");
+
+    let text =
+        json!({"type": "message", "room": rooms[0], "content": "x".repeat(1000)}).to_string();
+    for _ in 0..3 {
+        a.send_text(&text).await;
+        assert_eq!(b.recv().await["content"].as_str().map(str::len), Some(1000));
+    }
+    let (_, body) = gw.admin_get("/metrics").await;
+    assert_eq!(
+        metric_value(&body, "roomgate_messages_received_total") - received,
+        3.0
+    );
+    assert!(metric_value(&body, "roomgate_messages_delivered_total") - delivered >= 3.0);
+    assert!(
+        metric_value(&body, "roomgate_bytes_received_total") - bytes_in >= 3.0 * text.len() as f64
+    );
+    assert!(metric_value(&body, "roomgate_bytes_sent_total") - bytes_out >= 3000.0);
+
+    // Nothing that clients choose or are given appears in any series.
+    for secret in rooms.iter().copied().chain([a.id.as_str(), b.id.as_str()]) {
+        assert!(!body.contains(secret), "/metrics mentions {secret}");
+    }
+    for line in body.lines().filter(|l| !l.starts_with('#')) {
+        let Some(labels) = line
+            .split_once('{')
+            .and_then(|(_, rest)| rest.split_once('}'))
+        else {
+            continue;
+        };
+        for pair in labels.0.split(',').filter(|p| !p.is_empty()) {
+            let (_, value) = pair.split_once('=').expect("label=value");
+            let value = value.trim_matches('"');
+            assert!(
+                uuid::Uuid::parse_str(value).is_err() && value.len() <= 32,
+                "unbounded-looking label value in {line}"
+            );
+        }
+    }
+
+    // Rooms leave the gauge as they are freed.
+    a.leave(rooms[0]).await;
+    b.leave(rooms[0]).await;
+    // Freed while b's leave was handled, before b's next frame is read.
+    b.barrier().await;
+    assert_eq!(gw.metric("roomgate_rooms").await, 1.0);
+    a.abort();
+    b.abort();
+    eventually_async("the rooms gauge to reach zero", || async {
+        gw.metric("roomgate_rooms").await == 0.0
+    })
+    .await;
+    gw.stop().await;
+}
