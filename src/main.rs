@@ -71,9 +71,16 @@ fn run(loaded: roomgate::config::Loaded) -> ExitCode {
         }
     };
     runtime.block_on(async {
+        let signals = match roomgate::shutdown::Signals::install() {
+            Ok(signals) => signals,
+            Err(e) => {
+                eprintln!("roomgate: cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         match roomgate::Gateway::bind(loaded.config).await {
             Ok(gateway) => {
-                gateway.run(roomgate::shutdown::signal()).await;
+                gateway.run(signals.recv()).await;
                 ExitCode::SUCCESS
             }
             Err(e) => {
