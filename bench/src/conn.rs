@@ -151,6 +151,8 @@ pub struct Local {
     pub stats: Arc<ShardStats>,
     /// End-to-end latency of every delivery, nanoseconds.
     pub hist: RefCell<Histogram<u64>>,
+    /// Time from the start of connect to joined, per connection, nanoseconds.
+    pub connect_hist: RefCell<Histogram<u64>>,
     /// Deliveries whose sequence number was below one already seen.
     pub out_of_order: Cell<u64>,
     /// Error frames (`"type":"error"`, `-ERR`).
@@ -174,6 +176,7 @@ impl Local {
             plan,
             stats,
             hist: RefCell::new(new_histogram()),
+            connect_hist: RefCell::new(new_histogram()),
             out_of_order: Cell::new(0),
             errors: Cell::new(0),
             last_recv: Cell::new(0),
@@ -200,8 +203,13 @@ pub fn new_histogram() -> Histogram<u64> {
 pub async fn run(idx: u32, local: std::rc::Rc<Local>, gate: Arc<tokio::sync::Semaphore>) {
     let permit = gate.acquire_owned().await;
     let plan = local.plan.clone();
+    let t0 = now_ns();
     let established = tokio::time::timeout(plan.connect_timeout, Conn::establish(idx, &plan)).await;
     drop(permit);
+    local
+        .connect_hist
+        .borrow_mut()
+        .saturating_record(now_ns().saturating_sub(t0));
     let mut conn = match established {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
@@ -236,6 +244,8 @@ struct Track {
     /// Next expected sequence number.
     next: u32,
     ready: bool,
+    /// Where the marker was in the last frame (see [`payload::parse_with_hint`]).
+    hint: u16,
 }
 
 /// Per-protocol receive state.
@@ -299,6 +309,7 @@ impl Conn {
                 idx,
                 next: 1,
                 ready: false,
+                hint: 0,
             },
             masker: Masker::new(u64::from(idx) + 1),
             out: Vec::new(),
@@ -378,7 +389,9 @@ impl Conn {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
-        } else if self.end == self.buf.len() {
+        } else if self.buf.len() - self.end < self.buf.len() / 4 {
+            // Little room left: move the partial frame to the front (it is
+            // short) rather than read a few bytes at a time.
             if self.start > 0 {
                 self.buf.copy_within(self.start..self.end, 0);
                 self.end -= self.start;
@@ -610,7 +623,7 @@ impl Track {
         batch: &mut Batch,
         out_of_order: &mut u64,
     ) {
-        let Some((seq, ts)) = payload::parse(data) else {
+        let Some((seq, ts)) = payload::parse_with_hint(data, &mut self.hint) else {
             if contains(data, br#""type":"joined""#) {
                 batch.joined = true;
             } else if contains(data, br#""type":"error""#) {

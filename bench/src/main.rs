@@ -84,19 +84,19 @@ struct MatrixArgs {
     /// Fan-out room sizes [full: 1000,10000; quick: 100,500].
     #[arg(long, value_delimiter = ',')]
     fanout: Option<Vec<u32>>,
-    /// Deliveries per fan-out run [full: 4000000; quick: 100000].
+    /// Deliveries per fan-out run [full: 4000000; quick: 500000].
     #[arg(long)]
     fanout_deliveries: Option<u64>,
     /// Many-rooms scenario as ROOMSxMEMBERS [full: 1000x10; quick: 100x10].
     #[arg(long)]
     rooms: Option<String>,
-    /// Deliveries per many-rooms run [full: 2000000; quick: 50000].
+    /// Deliveries per many-rooms run [full: 2000000; quick: 200000].
     #[arg(long)]
     rooms_deliveries: Option<u64>,
     /// Client-originated runs as ROOMSxMEMBERS,... [full: 1x1000,1000x10; quick: 1x100,100x10].
     #[arg(long, value_delimiter = ',')]
     client: Option<Vec<String>>,
-    /// Deliveries per client-originated run [full: 2000000; quick: 50000].
+    /// Deliveries per client-originated run [full: 2000000; quick: 200000].
     #[arg(long)]
     client_deliveries: Option<u64>,
     /// Idle connection counts [full: 10000,19000; quick: 500,1000].
@@ -227,11 +227,11 @@ fn run_matrix(a: MatrixArgs) -> Result<(), String> {
             .fanout
             .clone()
             .unwrap_or_else(|| choose(q, vec![1000, 10_000], vec![100, 500])),
-        fanout_deliveries: a.fanout_deliveries.unwrap_or(choose(q, 4_000_000, 100_000)),
+        fanout_deliveries: a.fanout_deliveries.unwrap_or(choose(q, 4_000_000, 500_000)),
         rooms: pair(a.rooms.as_deref().unwrap_or(choose(q, "1000x10", "100x10")))?,
-        rooms_deliveries: a.rooms_deliveries.unwrap_or(choose(q, 2_000_000, 50_000)),
+        rooms_deliveries: a.rooms_deliveries.unwrap_or(choose(q, 2_000_000, 200_000)),
         client,
-        client_deliveries: a.client_deliveries.unwrap_or(choose(q, 2_000_000, 50_000)),
+        client_deliveries: a.client_deliveries.unwrap_or(choose(q, 2_000_000, 200_000)),
         idle: a
             .idle
             .clone()

@@ -108,14 +108,30 @@ fn parse(buf: &[u8], f: &mut impl FnMut(Op<'_>)) -> Result<usize, String> {
     Ok(at)
 }
 
-/// The `back`-th number from the end of a space-separated argument list.
+/// The `back`-th number from the end of a space-separated argument list
+/// (read from the bytes directly: this runs once per delivered message).
 fn last_number(args: &[u8], back: usize) -> Result<usize, String> {
-    args.split(|&b| b == b' ')
-        .filter(|t| !t.is_empty())
-        .rev()
-        .nth(back)
-        .and_then(|t| std::str::from_utf8(t).ok()?.parse().ok())
-        .ok_or_else(|| format!("bad MSG line: {}", String::from_utf8_lossy(args)))
+    let bad = || format!("bad MSG line: {}", String::from_utf8_lossy(args));
+    let mut end = args.len();
+    for _ in 0..back {
+        end = args[..end]
+            .iter()
+            .rposition(|&b| b != b' ')
+            .ok_or_else(bad)?;
+        end = args[..end]
+            .iter()
+            .rposition(|&b| b == b' ')
+            .ok_or_else(bad)?;
+    }
+    let token = args[..end].trim_ascii_end();
+    let start = token.iter().rposition(|&b| b == b' ').map_or(0, |i| i + 1);
+    let digits = &token[start..];
+    if digits.is_empty() || digits.len() > 12 || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(bad());
+    }
+    Ok(digits
+        .iter()
+        .fold(0usize, |n, &d| n * 10 + usize::from(d - b'0')))
 }
 
 /// `CONNECT` (no echo of verbose +OK) followed by `PING`.
@@ -169,6 +185,17 @@ mod tests {
         }
         let bytes: Vec<&[u8]> = s.chunks(1).collect();
         assert_eq!(ops(&bytes), whole);
+    }
+
+    #[test]
+    fn sizes_are_read_from_the_end() {
+        assert_eq!(last_number(b"a.b 1 12", 0), Ok(12));
+        assert_eq!(last_number(b"a.b 1 reply 7", 0), Ok(7));
+        assert_eq!(last_number(b"s 1 12 15", 1), Ok(12));
+        assert_eq!(last_number(b"s 1 r 12 15", 1), Ok(12));
+        assert!(last_number(b"", 0).is_err());
+        assert!(last_number(b"a 1 x", 0).is_err());
+        assert!(last_number(b"15", 1).is_err());
     }
 
     #[test]

@@ -96,6 +96,10 @@ fn columns(scenario: &str) -> &'static [(&'static str, &'static str)] {
         "idle" => &[
             ("connections", "connections"),
             ("connections_per_sec", "connections/s"),
+            ("connect_p50_ms", "connect p50 ms"),
+            ("connect_p99_ms", "connect p99 ms"),
+            ("connect_max_ms", "connect max ms"),
+            ("listen_overflows", "listen overflows"),
             ("rss_per_connection_kib", "RSS KiB/connection"),
             ("server_rss_after_kib", "server RSS KiB"),
             ("server_cpu_us_per_connection", "server CPU µs/connection"),
@@ -117,21 +121,7 @@ fn columns(scenario: &str) -> &'static [(&'static str, &'static str)] {
 
 fn cell(r: &Record, key: &str) -> String {
     match r.values.get(key) {
-        Some(Value::Number(n)) => {
-            let x = n.as_f64().unwrap_or(0.0);
-            if n.is_f64() && x.fract() != 0.0 {
-                if x.abs() >= 100.0 {
-                    format!("{x:.0}")
-                } else {
-                    format!("{x:.3}")
-                        .trim_end_matches('0')
-                        .trim_end_matches('.')
-                        .to_string()
-                }
-            } else {
-                group(x as i64)
-            }
-        }
+        Some(Value::Number(n)) => fmt_num(n.as_f64().unwrap_or(0.0)),
         Some(Value::String(s)) => s.clone(),
         Some(v) => v.to_string(),
         None => "–".into(),
@@ -213,7 +203,8 @@ impl Machine {
             .unwrap_or_default()
             .lines()
             .find_map(|l| l.strip_prefix("MemTotal:"))
-            .map(|v| v.trim().to_string())
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map(|kib| format!("{:.1} GiB", kib / 1024.0 / 1024.0))
             .unwrap_or_default();
         let read = |p: &str| {
             std::fs::read_to_string(p)
@@ -296,7 +287,7 @@ impl Goal {
     fn verdict(&self) -> String {
         let mut out = Vec::new();
         let mut all_met = true;
-        for v in &self.values {
+        for (i, v) in self.values.iter().enumerate() {
             match v {
                 Ok(x) => {
                     let met = if self.at_least {
@@ -315,7 +306,7 @@ impl Goal {
                         } else {
                             format!("{:.0}% over", (x / self.bound - 1.0) * 100.0)
                         };
-                        out.push(gap);
+                        out.push(format!("rep {}: {gap}", i + 1));
                     }
                 }
                 Err(_) => all_met = false,
@@ -338,7 +329,7 @@ impl Goal {
             });
             format!("met{}", stretch.unwrap_or_default())
         } else {
-            format!("missed ({})", out.join(", "))
+            format!("missed ({})", out.join("; "))
         }
     }
 }
@@ -752,16 +743,22 @@ pub fn markdown(records: &[Record], ctx: &Context<'_>) -> String {
             "N connections, each joined to a room of 10 (nats-ws: subscribed to the room's \
              subject). Connections per second covers TCP connect, the WebSocket upgrade and the \
              join (nats-ws: INFO, CONNECT/PING/PONG, SUB/PING/PONG), with a bounded number of \
-             handshakes in flight. RSS per connection is the server's RSS after minus before, \
-             divided by N.",
+             handshakes in flight (see Settings). Connect p50/p99/max are per connection: a \
+             connection whose SYN was dropped because the server's accept queue was full is \
+             retried by the kernel after a second, which shows as a maximum near 1,000 ms and \
+             in the listen overflows column (read machine-wide from /proc/net/netstat, so other \
+             processes count there too). RSS per connection is the server's RSS after minus \
+             before, divided by N.",
         ),
         (
             "http",
             "HTTP proxy",
             "`wrk --latency` against the upstream directly, through roomgate's reverse proxy, \
              and through nginx configured as the same reverse proxy (one worker, keep-alive \
-             upstream pool, X-Forwarded-* headers, no buffering). One warm-up second precedes \
-             each measurement.",
+             upstream pool, X-Forwarded-* headers, no buffering). roomgate runs as configured \
+             by default (a runtime thread per core); nginx with one worker process. One warm-up \
+             second precedes each measurement. The upstream is this tool's `upstream` \
+             subcommand (hyper, one thread, a 64-byte body).",
         ),
     ];
     for (scen, title, text) in sections {
@@ -844,13 +841,20 @@ pub fn markdown(records: &[Record], ctx: &Context<'_>) -> String {
     s
 }
 
+/// Numbers for tables: thousands grouped, small values with up to three
+/// decimals.
 fn fmt_num(x: f64) -> String {
     if x.abs() >= 1000.0 {
         group(x.round() as i64)
-    } else if x.abs() >= 10.0 {
-        format!("{x:.1}")
+    } else if x.abs() >= 100.0 || x.fract() == 0.0 {
+        format!("{x:.0}")
     } else {
-        format!("{x:.3}")
+        let s = if x.abs() >= 10.0 {
+            format!("{x:.1}")
+        } else {
+            format!("{x:.3}")
+        };
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
     }
 }
 
@@ -903,8 +907,12 @@ mod tests {
         let g = goals(&records, 2);
         assert_eq!(g.len(), 2);
         assert_eq!(g[0].values, vec![Ok(3.0), Ok(1.2)]);
-        assert_eq!(g[0].verdict(), "missed (needs 1.25× more)");
-        assert_eq!(g[1].verdict(), "missed (100% over)");
+        assert_eq!(g[0].verdict(), "missed (rep 2: needs 1.25× more)");
+        assert_eq!(g[1].verdict(), "missed (rep 2: 100% over)");
+        assert_eq!(fmt_num(4784.2), "4,784");
+        assert_eq!(fmt_num(0.5), "0.5");
+        assert_eq!(fmt_num(12.34), "12.3");
+        assert_eq!(fmt_num(250.0), "250");
     }
 
     #[test]

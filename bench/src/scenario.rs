@@ -630,7 +630,11 @@ pub async fn idle(bins: &Bins, k: &Knobs, n: u32, target: Target) -> Result<Valu
         .map_err(|e| format!("shard threads: {e}"))?;
     let cpu0 = stack.sut().cpu();
     let gen0 = sys::cpu_self();
+    let overflows0 = sys::listen_overflows();
     let connect = connect_all(&shards, n).await;
+    let overflows = sys::listen_overflows()
+        .zip(overflows0)
+        .map(|(a, b)| a.saturating_sub(b));
     let cpu = stack.sut().cpu() - cpu0;
     let gen_cpu = (sys::cpu_self() - gen0).own;
     let secs = connect?;
@@ -638,6 +642,10 @@ pub async fn idle(bins: &Bins, k: &Knobs, n: u32, target: Target) -> Result<Valu
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (rss1, hwm) = stack.sut().memory();
     let closed = shards.totals().closed;
+    let mut connect_hist = conn::new_histogram();
+    for r in shards.reports().await? {
+        let _ = connect_hist.add(&r.connect_hist);
+    }
     shards.stop();
     drop(stack);
     let mut v = Values::new();
@@ -648,6 +656,21 @@ pub async fn idle(bins: &Bins, k: &Knobs, n: u32, target: Target) -> Result<Valu
         "connections_per_sec".into(),
         json!((f64::from(n) / secs).round()),
     );
+    v.insert(
+        "connect_p50_ms".into(),
+        json!(round(connect_hist.value_at_quantile(0.5) as f64 / 1e6, 2)),
+    );
+    v.insert(
+        "connect_p99_ms".into(),
+        json!(round(connect_hist.value_at_quantile(0.99) as f64 / 1e6, 2)),
+    );
+    v.insert(
+        "connect_max_ms".into(),
+        json!(round(connect_hist.max() as f64 / 1e6, 2)),
+    );
+    if let Some(o) = overflows {
+        v.insert("listen_overflows".into(), json!(o));
+    }
     v.insert("server_rss_before_kib".into(), json!(rss0));
     v.insert("server_rss_after_kib".into(), json!(rss1));
     v.insert("server_hwm_kib".into(), json!(hwm));

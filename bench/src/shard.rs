@@ -22,6 +22,8 @@ enum Cmd {
 pub struct ShardReport {
     /// Latency of every delivery, nanoseconds.
     pub hist: Histogram<u64>,
+    /// Connect + upgrade + join time of every connection, nanoseconds.
+    pub connect_hist: Histogram<u64>,
     /// Deliveries out of order.
     pub out_of_order: u64,
     /// Error frames received.
@@ -169,6 +171,7 @@ fn shard_main(
                 Cmd::Report(reply) => {
                     let report = ShardReport {
                         hist: local.hist.borrow().clone(),
+                        connect_hist: local.connect_hist.borrow().clone(),
                         out_of_order: local.out_of_order.get(),
                         errors: local.errors.get(),
                         last_recv: local.last_recv.get(),

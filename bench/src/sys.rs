@@ -114,6 +114,22 @@ pub fn children_of(pid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// The machine-wide count of connections dropped because a listener's
+/// accept queue was full (`TcpExt: ListenOverflows` in `/proc/net/netstat`).
+/// A dropped SYN is retried by the client after a second, so even a few of
+/// these dominate a connection-rate measurement. Other processes on the
+/// machine count here too.
+pub fn listen_overflows() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let names = lines.next()?;
+    let values = lines.next()?;
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "ListenOverflows")?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
 /// The soft limit on open files of this process.
 pub fn open_file_limit() -> u64 {
     let mut limit = libc::rlimit {
