@@ -21,4 +21,4 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt_install "${missing[@]}"
 fi
 
-cargo test --all-targets --locked "$@"
+cargo test --workspace --all-targets --locked "$@"

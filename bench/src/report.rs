@@ -714,7 +714,9 @@ pub fn markdown(records: &[Record], ctx: &Context<'_>) -> String {
              deliver byte-identical frames. nats-ws: every member is a NATS subscriber on \
              nats-server's WebSocket listener. Server CPU is the CPU of the server under test \
              during the measured phase divided by deliveries; for roomgate, nats-server's own CPU \
-             (relaying M messages to one subscriber) is the broker column.",
+             (relaying M messages to one subscriber) is the broker column. Latency in these \
+             runs is mostly queueing behind the window; the fixed-rate runs below measure \
+             latency.",
         ),
         (
             "fanout-rate",

@@ -483,7 +483,10 @@ pub async fn broadcast(
             if received != last.0 {
                 last = (received, Instant::now());
             }
-            if published.get() && last.1.elapsed() > Duration::from_secs(3) {
+            // Nothing arrives any more: 3 s after the last publication, or
+            // 10 s while the publisher still waits for its window to open.
+            let quiet = if published.get() { 3 } else { 10 };
+            if last.1.elapsed() > Duration::from_secs(quiet) {
                 break End::Stalled;
             }
             if Instant::now() > deadline {
