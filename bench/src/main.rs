@@ -75,7 +75,8 @@ struct MatrixArgs {
     /// Small sizes and short runs: a smoke test of the whole pipeline.
     #[arg(long)]
     quick: bool,
-    /// Scenarios to run, comma-separated: fanout, rate, rooms, client, idle, http.
+    /// Scenarios to run, comma-separated: fanout, rate, rooms, client, idle, http
+    /// (rate publishes at half the fanout maxima: run it with fanout, or give --rate).
     #[arg(long, value_delimiter = ',', default_values_t = SCENARIOS.map(String::from))]
     only: Vec<String>,
     /// Repetitions of every run (at least 2 for the report's comparisons).

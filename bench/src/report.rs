@@ -77,7 +77,7 @@ fn columns(scenario: &str) -> &'static [(&'static str, &'static str)] {
             ("latency_p50_us", "p50 µs"),
             ("latency_p99_us", "p99 µs"),
             ("latency_p999_us", "p99.9 µs"),
-            ("generator_cpu_s", "generator CPU s"),
+            ("generator_cpu_us_per_delivery", "generator CPU µs/delivery"),
             ("server_cpu_s", "server CPU s"),
             ("seconds", "s"),
         ],
@@ -91,7 +91,7 @@ fn columns(scenario: &str) -> &'static [(&'static str, &'static str)] {
             ("lost", "lost"),
             ("behind_schedule_ms", "publisher behind ms"),
             ("server_cpu_us_per_delivery", "server CPU µs/delivery"),
-            ("generator_cpu_s", "generator CPU s"),
+            ("generator_cpu_us_per_delivery", "generator CPU µs/delivery"),
         ],
         "idle" => &[
             ("connections", "connections"),
@@ -103,7 +103,10 @@ fn columns(scenario: &str) -> &'static [(&'static str, &'static str)] {
             ("rss_per_connection_kib", "RSS KiB/connection"),
             ("server_rss_after_kib", "server RSS KiB"),
             ("server_cpu_us_per_connection", "server CPU µs/connection"),
-            ("generator_cpu_s", "generator CPU s"),
+            (
+                "generator_cpu_us_per_connection",
+                "generator CPU µs/connection",
+            ),
         ],
         "http" => &[
             ("requests_per_sec", "requests/s"),
@@ -648,8 +651,12 @@ pub fn markdown(records: &[Record], ctx: &Context<'_>) -> String {
     s.push_str(
         "The generator, the server under test, nats-server and the upstream share these cores: \
          every run reports the generator's CPU next to the server's so a reader can tell when the \
-         generator, not the server, was the limit. Other load on the machine (see the load \
-         average) makes numbers noisier; compare ratios from the same repetition.\n\n\
+         generator, not the server, was the limit. On loopback the kernel's work to deliver a \
+         packet is mostly done in the context of the process that sends it, so part of each \
+         side's network-stack cost is counted to the other: the generator pays for much of a \
+         TCP handshake, the server for much of receiving what it sends. Other load on the \
+         machine (see the load average) makes numbers noisier; compare ratios from the same \
+         repetition.\n\n\
          One generator process holds at most about (open-file limit − 100) client sockets: \
          with the limit above, that caps a single generator at about that many connections. \
          Client sockets bind to several source addresses (127.0.0.1, .2, …) round-robin, so the \
@@ -714,9 +721,9 @@ pub fn markdown(records: &[Record], ctx: &Context<'_>) -> String {
              deliver byte-identical frames. nats-ws: every member is a NATS subscriber on \
              nats-server's WebSocket listener. Server CPU is the CPU of the server under test \
              during the measured phase divided by deliveries; for roomgate, nats-server's own CPU \
-             (relaying M messages to one subscriber) is the broker column. Latency in these \
-             runs is mostly queueing behind the window; the fixed-rate runs below measure \
-             latency.",
+             (relaying M messages to one subscriber) is the broker column. Latency and peak \
+             RSS in these runs include what the window lets queue up (up to window × N frames); \
+             the fixed-rate runs below measure latency.",
         ),
         (
             "fanout-rate",

@@ -587,6 +587,12 @@ pub async fn broadcast(
         }
     }
     v.insert("generator_cpu_s".into(), json!(round(gen_cpu, 3)));
+    if received > 0 {
+        v.insert(
+            "generator_cpu_us_per_delivery".into(),
+            json!(round(gen_cpu * 1e6 / received as f64, 4)),
+        );
+    }
     v.insert("server_rss_kib".into(), json!(rss));
     v.insert("server_hwm_kib".into(), json!(hwm));
     v.insert("connect_seconds".into(), json!(round(connect_secs, 3)));
@@ -687,6 +693,10 @@ pub async fn idle(bins: &Bins, k: &Knobs, n: u32, target: Target) -> Result<Valu
         json!(round(cpu * 1e6 / f64::from(n), 2)),
     );
     v.insert("generator_cpu_s".into(), json!(round(gen_cpu, 3)));
+    v.insert(
+        "generator_cpu_us_per_connection".into(),
+        json!(round(gen_cpu * 1e6 / f64::from(n), 2)),
+    );
     v.insert("closed_connections".into(), json!(closed));
     Ok(v)
 }
