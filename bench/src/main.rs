@@ -76,7 +76,7 @@ struct MatrixArgs {
     #[arg(long)]
     quick: bool,
     /// Scenarios to run, comma-separated: fanout, rate, rooms, client, idle, http
-    /// (rate publishes at half the fanout maxima: run it with fanout, or give --rate).
+    /// (rate publishes at a fraction of the fanout maxima: run it with fanout, or give --rate).
     #[arg(long, value_delimiter = ',', default_values_t = SCENARIOS.map(String::from))]
     only: Vec<String>,
     /// Repetitions of every run (at least 2 for the report's comparisons).
@@ -106,9 +106,12 @@ struct MatrixArgs {
     /// Fixed-rate runs last this long, seconds [full: 5; quick: 1].
     #[arg(long)]
     rate_secs: Option<f64>,
-    /// Fixed publish rate in messages/s instead of half the measured maximum.
+    /// Fixed publish rate in messages/s instead of a fraction of the measured maximum.
     #[arg(long)]
     rate: Option<f64>,
+    /// The fixed rate as a fraction of the lower measured maximum.
+    #[arg(long, default_value_t = 0.5)]
+    rate_fraction: f64,
     /// wrk duration, seconds [full: 10; quick: 2].
     #[arg(long)]
     http_secs: Option<u32>,
@@ -239,6 +242,7 @@ fn run_matrix(a: MatrixArgs) -> Result<(), String> {
             .unwrap_or_else(|| choose(q, vec![10_000, 19_000], vec![500, 1000])),
         rate_secs: a.rate_secs.unwrap_or(choose(q, 5.0, 1.0)),
         rate: a.rate,
+        rate_fraction: a.rate_fraction.clamp(0.01, 1.0),
         wrk: WrkSpec {
             threads: a.wrk_threads.max(1),
             connections: a.wrk_connections.max(1),
@@ -366,6 +370,16 @@ fn run_matrix(a: MatrixArgs) -> Result<(), String> {
                 "{} thread(s), {} connections, {} s (+1 s warm-up)",
                 matrix.wrk.threads, matrix.wrk.connections, matrix.wrk.secs
             ),
+        ),
+        (
+            "fixed rate".into(),
+            match matrix.rate {
+                Some(r) => format!("{r} messages/s (given)"),
+                None => format!(
+                    "{} × the lower measured maximum, {} s per run",
+                    matrix.rate_fraction, matrix.rate_secs
+                ),
+            },
         ),
         ("repetitions".into(), matrix.reps.to_string()),
     ];

@@ -39,8 +39,10 @@ pub struct Matrix {
     pub idle: Vec<u32>,
     /// Fixed-rate run length, seconds.
     pub rate_secs: f64,
-    /// Fixed rate (messages/s), instead of half the measured maximum.
+    /// Fixed rate (messages/s), instead of a fraction of the measured maximum.
     pub rate: Option<f64>,
+    /// That fraction (0.5: half the maximum).
+    pub rate_fraction: f64,
     /// wrk settings.
     pub wrk: WrkSpec,
 }
@@ -200,7 +202,8 @@ impl Matrix {
         if !self.wants("rate") {
             return;
         }
-        // Half of the lower maximum, so both servers can keep up.
+        // A fraction (by default half) of the lower maximum, so both
+        // servers can keep up.
         let rate = self.rate.or_else(|| {
             let a = sink.mean("fanout", &size, "roomgate", "deliveries_per_sec");
             let b = sink.mean("fanout", &size, "nats-ws", "deliveries_per_sec");
@@ -209,7 +212,7 @@ impl Matrix {
                 (Some(x), None) | (None, Some(x)) => x,
                 (None, None) => return None,
             };
-            Some(lower / f64::from(n) / 2.0)
+            Some(lower / f64::from(n) * self.rate_fraction)
         });
         let Some(rate) = rate.filter(|r| *r > 0.0) else {
             for t in TARGETS {

@@ -21,16 +21,16 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The command lines and configuration files used, by kind of process,
 /// for the report's "exact commands" section (the latest of each kind).
-static COMMANDS: Mutex<BTreeMap<&'static str, (String, String)>> = Mutex::new(BTreeMap::new());
+static COMMANDS: Mutex<BTreeMap<String, (String, String)>> = Mutex::new(BTreeMap::new());
 
-fn record_command(kind: &'static str, command: &Command, config: String) {
+fn record_command(kind: &str, command: &Command, config: String) {
     let mut line = command.get_program().to_string_lossy().into_owned();
     for arg in command.get_args() {
         line.push(' ');
         line.push_str(&arg.to_string_lossy());
     }
     if let Ok(mut map) = COMMANDS.lock() {
-        map.insert(kind, (line, config));
+        map.insert(kind.to_string(), (line, config));
     }
 }
 
@@ -166,12 +166,13 @@ impl Drop for Proc {
 
 fn spawn(
     name: &'static str,
+    role: &str,
     mut command: Command,
     config: String,
     dir: Option<TempDir>,
     log_file: Option<PathBuf>,
 ) -> Result<Proc, String> {
-    record_command(name, &command, config);
+    record_command(role, &command, config);
     command.stdin(Stdio::null());
     if log_file.is_none() {
         command.stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -266,7 +267,14 @@ impl NatsServer {
         std::fs::write(&path, &config).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut command = Command::new(bin);
         command.arg("-c").arg(&path).current_dir(&dir.0);
-        let mut proc = spawn("nats-server", command, config, Some(dir), None)?;
+        let mut proc = spawn(
+            "nats-server",
+            "nats-server",
+            command,
+            config,
+            Some(dir),
+            None,
+        )?;
         wait_port(&mut proc, port)?;
         wait_port(&mut proc, ws_port)?;
         Ok(Self {
@@ -343,7 +351,12 @@ impl Roomgate {
                 command.env_remove(key);
             }
         }
-        let mut proc = spawn("roomgate", command, config, Some(dir), None)?;
+        let role = if s.nats_url.is_some() {
+            "roomgate (WebSocket runs)"
+        } else {
+            "roomgate (HTTP proxy runs)"
+        };
+        let mut proc = spawn("roomgate", role, command, config, Some(dir), None)?;
         let deadline = Instant::now() + START_TIMEOUT;
         let (addr, admin) = loop {
             let line = proc
@@ -418,7 +431,7 @@ impl Upstream {
             .arg("upstream")
             .arg("--listen")
             .arg(addr.to_string());
-        let mut proc = spawn("upstream", command, String::new(), None, None)?;
+        let mut proc = spawn("upstream", "upstream", command, String::new(), None, None)?;
         wait_port(&mut proc, port)?;
         Ok(Self { proc, addr })
     }
@@ -470,7 +483,7 @@ impl Nginx {
             .arg(dir.0.join("error.log"))
             .current_dir(&dir.0);
         let log_file = dir.0.join("error.log");
-        let mut proc = spawn("nginx", command, config, Some(dir), None)?;
+        let mut proc = spawn("nginx", "nginx", command, config, Some(dir), None)?;
         proc.log_file = Some(log_file);
         wait_port(&mut proc, port)?;
         let deadline = Instant::now() + START_TIMEOUT;

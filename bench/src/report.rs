@@ -728,10 +728,13 @@ pub fn markdown(records: &[Record], ctx: &Context<'_>) -> String {
         (
             "fanout-rate",
             "Fan-out at a fixed rate",
-            "The same rooms at a fixed publish rate: half of the lower of the two measured \
-             maxima (mean of the repetitions), for a few seconds, without a window. Latency is \
+            "The same rooms at a fixed publish rate (see Settings: by default half of the lower \
+             of the two measured maxima, mean of the repetitions), without a window. Latency is \
              from the publisher's timestamp to the subscriber's read, on one monotonic clock. \
-             \"Publisher behind\" is how late the publisher got against its schedule at worst.",
+             \"Publisher behind\" is how late the publisher got against its schedule at worst: \
+             when it is more than a few milliseconds, the machine was short of CPU. At a fixed \
+             rate each message reaches each member alone, without the batching of the maximum \
+             runs, so a delivery costs the server and the generator more than it does there.",
         ),
         (
             "rooms",
@@ -830,7 +833,12 @@ pub fn markdown(records: &[Record], ctx: &Context<'_>) -> String {
     }
 
     s.push_str("## Exact commands\n\n");
-    let _ = writeln!(s, "The generator:\n\n```sh\n{}\n```\n", ctx.invocation);
+    let _ = writeln!(
+        s,
+        "`bench/run.sh` builds the release binaries, then runs the generator with the same \
+         arguments:\n\n```sh\n{}\n```\n",
+        ctx.invocation
+    );
     s.push_str(
         "It started each server as below, once per run, with the configuration file shown \
          (ports and temporary paths change from run to run; these are the last run's).\n\n",
@@ -838,10 +846,12 @@ pub fn markdown(records: &[Record], ctx: &Context<'_>) -> String {
     for (kind, command, config) in procs::commands() {
         let _ = writeln!(s, "{kind}:\n\n```sh\n{command}\n```\n");
         if !config.is_empty() {
-            let lang = match kind.as_str() {
-                "roomgate" => "toml",
-                "nginx" => "nginx",
-                _ => "text",
+            let lang = if kind.starts_with("roomgate") {
+                "toml"
+            } else if kind == "nginx" {
+                "nginx"
+            } else {
+                "text"
             };
             let _ = writeln!(s, "```{lang}\n{}```\n", config);
         }
