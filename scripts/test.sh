@@ -30,4 +30,4 @@ fi
 # Deployment files (config: .yamllint; Helm templates are not plain YAML).
 yamllint --strict deploy charts
 
-cargo test --all-targets --locked "$@"
+cargo test --workspace --all-targets --locked "$@"

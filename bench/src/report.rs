@@ -1,0 +1,955 @@
+//! Results: one JSON line per run, a table on the terminal, and
+//! `BENCHMARKS.md` with the machine, the commands, every repetition, the
+//! same-run ratios and the targets.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde_json::{Map, Value, json};
+
+use crate::procs;
+use crate::scenario::Bins;
+use crate::sys;
+
+/// One run's result.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// `fanout`, `fanout-rate`, `rooms`, `client`, `idle` or `http`.
+    pub scenario: &'static str,
+    /// `1x1000` (rooms x members), `19000` (connections), `c64` (wrk connections).
+    pub size: String,
+    /// `roomgate`, `nats-ws`, `nginx` or `direct`.
+    pub target: &'static str,
+    /// Repetition, from 1.
+    pub rep: u32,
+    /// The measurements, or `error`.
+    pub values: Map<String, Value>,
+}
+
+impl Record {
+    /// The JSON line.
+    pub fn json(&self) -> String {
+        let mut m = Map::new();
+        m.insert("scenario".into(), json!(self.scenario));
+        m.insert("size".into(), json!(self.size));
+        m.insert("target".into(), json!(self.target));
+        m.insert("rep".into(), json!(self.rep));
+        for (k, v) in &self.values {
+            m.insert(k.clone(), v.clone());
+        }
+        Value::Object(m).to_string()
+    }
+
+    /// A numeric value.
+    pub fn num(&self, key: &str) -> Option<f64> {
+        self.values.get(key)?.as_f64()
+    }
+
+    /// The error, for a run that failed.
+    pub fn error(&self) -> Option<&str> {
+        self.values.get("error")?.as_str()
+    }
+}
+
+/// Looks up one record.
+pub fn find<'a>(
+    records: &'a [Record],
+    scenario: &str,
+    size: &str,
+    target: &str,
+    rep: u32,
+) -> Option<&'a Record> {
+    records
+        .iter()
+        .find(|r| r.scenario == scenario && r.size == size && r.target == target && r.rep == rep)
+}
+
+/// The columns shown for a scenario: (JSON key, heading).
+fn columns(scenario: &str) -> &'static [(&'static str, &'static str)] {
+    match scenario {
+        "fanout" | "rooms" | "client" => &[
+            ("deliveries_per_sec", "deliveries/s"),
+            ("lost", "lost"),
+            ("out_of_order", "out of order"),
+            ("server_cpu_us_per_delivery", "server CPU µs/delivery"),
+            ("broker_cpu_s", "broker CPU s"),
+            ("server_hwm_kib", "server peak RSS KiB"),
+            ("latency_p50_us", "p50 µs"),
+            ("latency_p99_us", "p99 µs"),
+            ("latency_p999_us", "p99.9 µs"),
+            ("generator_cpu_us_per_delivery", "generator CPU µs/delivery"),
+            ("server_cpu_s", "server CPU s"),
+            ("seconds", "s"),
+        ],
+        "fanout-rate" => &[
+            ("rate_msgs_per_sec", "msgs/s"),
+            ("deliveries_per_sec", "deliveries/s"),
+            ("latency_p50_us", "p50 µs"),
+            ("latency_p99_us", "p99 µs"),
+            ("latency_p999_us", "p99.9 µs"),
+            ("latency_max_us", "max µs"),
+            ("lost", "lost"),
+            ("behind_schedule_ms", "publisher behind ms"),
+            ("server_cpu_us_per_delivery", "server CPU µs/delivery"),
+            ("generator_cpu_us_per_delivery", "generator CPU µs/delivery"),
+        ],
+        "idle" => &[
+            ("connections", "connections"),
+            ("connections_per_sec", "connections/s"),
+            ("connect_p50_ms", "connect p50 ms"),
+            ("connect_p99_ms", "connect p99 ms"),
+            ("connect_max_ms", "connect max ms"),
+            ("listen_overflows", "listen overflows"),
+            ("rss_per_connection_kib", "RSS KiB/connection"),
+            ("server_rss_after_kib", "server RSS KiB"),
+            ("server_cpu_us_per_connection", "server CPU µs/connection"),
+            (
+                "generator_cpu_us_per_connection",
+                "generator CPU µs/connection",
+            ),
+        ],
+        "http" => &[
+            ("requests_per_sec", "requests/s"),
+            ("latency_p50_us", "p50 µs"),
+            ("latency_p99_us", "p99 µs"),
+            ("errors", "errors"),
+            ("proxy_cpu_us_per_request", "proxy CPU µs/request"),
+            ("upstream_cpu_s", "upstream CPU s"),
+            ("wrk_cpu_s", "wrk CPU s"),
+            ("proxy_hwm_kib", "proxy peak RSS KiB"),
+        ],
+        _ => &[],
+    }
+}
+
+fn cell(r: &Record, key: &str) -> String {
+    match r.values.get(key) {
+        Some(Value::Number(n)) => fmt_num(n.as_f64().unwrap_or(0.0)),
+        Some(Value::String(s)) => s.clone(),
+        Some(v) => v.to_string(),
+        None => "–".into(),
+    }
+}
+
+/// 1234567 → 1,234,567.
+fn group(n: i64) -> String {
+    let s = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 { format!("-{out}") } else { out }
+}
+
+/// Markdown rows for `records` of one scenario.
+fn table(records: &[&Record]) -> String {
+    let Some(first) = records.first() else {
+        return String::new();
+    };
+    let cols = columns(first.scenario);
+    let mut s = String::from("| size | target | rep |");
+    for (_, h) in cols {
+        let _ = write!(s, " {h} |");
+    }
+    s.push_str("\n|---|---|---|");
+    for _ in cols {
+        s.push_str("---:|");
+    }
+    s.push('\n');
+    for r in records {
+        let _ = write!(s, "| {} | {} | {} |", r.size, r.target, r.rep);
+        if let Some(e) = r.error() {
+            let _ = write!(s, " failed: {} |", e.replace('\n', " ").replace('|', "/"));
+            for _ in 1..cols.len() {
+                s.push_str(" |");
+            }
+        } else {
+            for (k, _) in cols {
+                let _ = write!(s, " {} |", cell(r, k));
+            }
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// The table printed at the end of a run, in plain text.
+pub fn print_table(records: &[Record]) {
+    for scenario in ["fanout", "fanout-rate", "rooms", "client", "idle", "http"] {
+        let rows: Vec<&Record> = records.iter().filter(|r| r.scenario == scenario).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        println!("\n== {scenario} ==");
+        print!("{}", table(&rows));
+    }
+}
+
+/// The machine the numbers come from.
+pub struct Machine {
+    lines: Vec<(String, String)>,
+}
+
+impl Machine {
+    /// Reads /proc and asks every binary for its version.
+    pub fn describe(bins: &Bins) -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let model = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let mem = std::fs::read_to_string("/proc/meminfo")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map(|kib| format!("{:.1} GiB", kib / 1024.0 / 1024.0))
+            .unwrap_or_default();
+        let read = |p: &str| {
+            std::fs::read_to_string(p)
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        let nproc = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0);
+        let git = std::process::Command::new("git")
+            .args(["describe", "--always", "--dirty"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let opt = |b: &Option<std::path::PathBuf>, arg: &str| {
+            b.as_ref()
+                .map(|b| procs::version_of(b, arg))
+                .unwrap_or_else(|| "not installed".into())
+        };
+        let lines = vec![
+            ("nproc".into(), nproc.to_string()),
+            ("CPU".into(), model),
+            ("memory".into(), mem),
+            ("kernel".into(), read("/proc/sys/kernel/osrelease")),
+            ("open-file limit".into(), sys::open_file_limit().to_string()),
+            (
+                "local port range".into(),
+                read("/proc/sys/net/ipv4/ip_local_port_range").replace('\t', "-"),
+            ),
+            (
+                "roomgate".into(),
+                format!(
+                    "{} (git {git})",
+                    procs::version_of(&bins.roomgate, "--version")
+                ),
+            ),
+            (
+                "nats-server".into(),
+                procs::version_of(&bins.nats, "--version"),
+            ),
+            ("nginx".into(), opt(&bins.nginx, "-v")),
+            ("wrk".into(), opt(&bins.wrk, "-v")),
+            (
+                "rustc".into(),
+                procs::find_binary(&["rustc"])
+                    .map(|b| procs::version_of(&b, "--version"))
+                    .unwrap_or_else(|| "not found".into()),
+            ),
+        ];
+        Self { lines }
+    }
+}
+
+/// Load average (1, 5, 15 minutes).
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A target the design is held to.
+struct Goal {
+    what: String,
+    /// Per repetition: the measured value, or why there is none.
+    values: Vec<Result<f64, String>>,
+    /// `≥` (true) or `≤` (false).
+    at_least: bool,
+    bound: f64,
+    unit: &'static str,
+    stretch: Option<f64>,
+}
+
+impl Goal {
+    fn verdict(&self) -> String {
+        let mut out = Vec::new();
+        let mut all_met = true;
+        for (i, v) in self.values.iter().enumerate() {
+            match v {
+                Ok(x) => {
+                    let met = if self.at_least {
+                        *x >= self.bound
+                    } else {
+                        *x <= self.bound
+                    };
+                    if !met {
+                        all_met = false;
+                        let gap = if self.at_least {
+                            if *x > 0.0 {
+                                format!("needs {:.2}× more", self.bound / x)
+                            } else {
+                                "nothing measured".into()
+                            }
+                        } else {
+                            format!("{:.0}% over", (x / self.bound - 1.0) * 100.0)
+                        };
+                        out.push(format!("rep {}: {gap}", i + 1));
+                    }
+                }
+                Err(_) => all_met = false,
+            }
+        }
+        if self.values.is_empty() || self.values.iter().all(Result::is_err) {
+            return "not measured".into();
+        }
+        if all_met {
+            let stretch = self.stretch.map(|s| {
+                let met = self.values.iter().all(|v| {
+                    v.as_ref()
+                        .is_ok_and(|x| if self.at_least { *x >= s } else { *x <= s })
+                });
+                if met {
+                    format!("; stretch {s}{} met too", self.unit)
+                } else {
+                    format!("; stretch {s}{} not met", self.unit)
+                }
+            });
+            format!("met{}", stretch.unwrap_or_default())
+        } else {
+            format!("missed ({})", out.join("; "))
+        }
+    }
+}
+
+fn ratio(
+    records: &[Record],
+    scen: &str,
+    size: &str,
+    a: &str,
+    b: &str,
+    key: &str,
+    rep: u32,
+) -> Result<f64, String> {
+    let get = |t: &str| {
+        let r = find(records, scen, size, t, rep).ok_or(format!("no {t} run"))?;
+        if let Some(e) = r.error() {
+            return Err(format!("{t} failed: {e}"));
+        }
+        r.num(key).ok_or(format!("{t}: no {key}"))
+    };
+    let (x, y) = (get(a)?, get(b)?);
+    if y == 0.0 {
+        return Err("zero".into());
+    }
+    Ok(x / y)
+}
+
+fn value(
+    records: &[Record],
+    scen: &str,
+    size: &str,
+    t: &str,
+    key: &str,
+    rep: u32,
+) -> Result<f64, String> {
+    let r = find(records, scen, size, t, rep).ok_or(format!("no {t} run"))?;
+    if let Some(e) = r.error() {
+        return Err(format!("failed: {e}"));
+    }
+    r.num(key).ok_or(format!("no {key}"))
+}
+
+/// Sizes of a scenario in the order they were run.
+fn sizes(records: &[Record], scenario: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for r in records.iter().filter(|r| r.scenario == scenario) {
+        if !out.contains(&r.size) {
+            out.push(r.size.clone());
+        }
+    }
+    out
+}
+
+fn goals(records: &[Record], reps: u32) -> Vec<Goal> {
+    let reps: Vec<u32> = (1..=reps).collect();
+    let mut goals = Vec::new();
+    let fan = sizes(records, "fanout");
+    let ratio_goal = |what: String, scen: &str, size: &str, key: &str, bound: f64| Goal {
+        what,
+        values: reps
+            .iter()
+            .map(|&r| ratio(records, scen, size, "roomgate", "nats-ws", key, r))
+            .collect(),
+        at_least: true,
+        bound,
+        unit: "×",
+        stretch: None,
+    };
+    if let Some(small) = fan.first() {
+        goals.push(ratio_goal(
+            format!("fan-out {small}: roomgate deliveries/s ÷ nats-ws"),
+            "fanout",
+            small,
+            "deliveries_per_sec",
+            1.5,
+        ));
+        goals.push(Goal {
+            what: format!("fan-out {small}: roomgate server CPU per delivery"),
+            values: reps
+                .iter()
+                .map(|&r| {
+                    value(
+                        records,
+                        "fanout",
+                        small,
+                        "roomgate",
+                        "server_cpu_us_per_delivery",
+                        r,
+                    )
+                })
+                .collect(),
+            at_least: false,
+            bound: 0.15,
+            unit: " µs",
+            stretch: None,
+        });
+    }
+    if let Some(large) = fan.get(1) {
+        goals.push(ratio_goal(
+            format!("fan-out {large}: roomgate deliveries/s ÷ nats-ws"),
+            "fanout",
+            large,
+            "deliveries_per_sec",
+            4.0,
+        ));
+    }
+    for size in sizes(records, "rooms") {
+        goals.push(ratio_goal(
+            format!("many rooms {size}: roomgate deliveries/s ÷ nats-ws"),
+            "rooms",
+            &size,
+            "deliveries_per_sec",
+            10.0,
+        ));
+    }
+    for size in sizes(records, "fanout-rate") {
+        goals.push(Goal {
+            what: format!("fixed rate {size}: roomgate p99 ÷ nats-ws p99"),
+            values: reps
+                .iter()
+                .map(|&r| {
+                    ratio(
+                        records,
+                        "fanout-rate",
+                        &size,
+                        "roomgate",
+                        "nats-ws",
+                        "latency_p99_us",
+                        r,
+                    )
+                })
+                .collect(),
+            at_least: false,
+            bound: 1.0,
+            unit: "×",
+            stretch: None,
+        });
+    }
+    if let Some(largest) = sizes(records, "idle").last() {
+        goals.push(Goal {
+            what: format!("idle {largest} connections: roomgate RSS per connection"),
+            values: reps
+                .iter()
+                .map(|&r| {
+                    value(
+                        records,
+                        "idle",
+                        largest,
+                        "roomgate",
+                        "rss_per_connection_kib",
+                        r,
+                    )
+                })
+                .collect(),
+            at_least: false,
+            bound: 8.0,
+            unit: " KiB",
+            stretch: Some(4.0),
+        });
+        goals.push(Goal {
+            what: format!(
+                "idle {largest} connections: roomgate connections/s (connect + upgrade + join)"
+            ),
+            values: reps
+                .iter()
+                .map(|&r| {
+                    value(
+                        records,
+                        "idle",
+                        largest,
+                        "roomgate",
+                        "connections_per_sec",
+                        r,
+                    )
+                })
+                .collect(),
+            at_least: true,
+            bound: 20_000.0,
+            unit: "/s",
+            stretch: None,
+        });
+    }
+    for size in sizes(records, "http") {
+        goals.push(Goal {
+            what: format!("HTTP proxy {size}: roomgate requests/s ÷ nginx"),
+            values: reps
+                .iter()
+                .map(|&r| {
+                    ratio(
+                        records,
+                        "http",
+                        &size,
+                        "roomgate",
+                        "nginx",
+                        "requests_per_sec",
+                        r,
+                    )
+                })
+                .collect(),
+            at_least: true,
+            bound: 1.0,
+            unit: "×",
+            stretch: None,
+        });
+        goals.push(Goal {
+            what: format!("HTTP proxy {size}: roomgate p99 ÷ nginx p99"),
+            values: reps
+                .iter()
+                .map(|&r| {
+                    ratio(
+                        records,
+                        "http",
+                        &size,
+                        "roomgate",
+                        "nginx",
+                        "latency_p99_us",
+                        r,
+                    )
+                })
+                .collect(),
+            at_least: false,
+            bound: 1.0,
+            unit: "×",
+            stretch: None,
+        });
+    }
+    goals
+}
+
+/// Same-run ratios roomgate ÷ peer for a scenario, as a markdown table.
+fn ratios(
+    records: &[Record],
+    scenario: &str,
+    peer: &str,
+    keys: &[(&str, &str)],
+    reps: u32,
+) -> String {
+    let sizes = sizes(records, scenario);
+    if sizes.is_empty() {
+        return String::new();
+    }
+    let mut s =
+        format!("Same-run ratios, roomgate ÷ {peer} (repetition by repetition):\n\n| size | rep |");
+    for (_, h) in keys {
+        let _ = write!(s, " {h} |");
+    }
+    s.push_str("\n|---|---|");
+    for _ in keys {
+        s.push_str("---:|");
+    }
+    s.push('\n');
+    for size in &sizes {
+        for rep in 1..=reps {
+            let _ = write!(s, "| {size} | {rep} |");
+            for (k, _) in keys {
+                match ratio(records, scenario, size, "roomgate", peer, k, rep) {
+                    Ok(x) => {
+                        let _ = write!(s, " {x:.2}× |");
+                    }
+                    Err(_) => s.push_str(" – |"),
+                }
+            }
+            s.push('\n');
+        }
+    }
+    s
+}
+
+/// What the report needs besides the records.
+pub struct Context<'a> {
+    /// The machine.
+    pub machine: &'a Machine,
+    /// How the generator was invoked.
+    pub invocation: String,
+    /// Quick (smoke) run.
+    pub quick: bool,
+    /// Repetitions.
+    pub reps: u32,
+    /// Load average before and after.
+    pub load: (String, String),
+    /// Where the JSON lines are.
+    pub jsonl: &'a Path,
+    /// Settings worth stating (window, payload, threads...).
+    pub settings: Vec<(String, String)>,
+    /// Date of the run.
+    pub date: String,
+}
+
+/// `BENCHMARKS.md`.
+pub fn markdown(records: &[Record], ctx: &Context<'_>) -> String {
+    let mut s = String::new();
+    s.push_str("# roomgate benchmarks\n\n");
+    let _ = writeln!(
+        s,
+        "Produced by `bench/run.sh` on {}{}. Regenerate with `bench/run.sh` (full matrix) or \
+         `bench/run.sh --quick` (small sizes, a smoke test whose numbers say little). Every run \
+         starts its own servers and is repeated {} times; both repetitions are shown, and ratios \
+         are taken within the same repetition so that slow drifts of the machine hit both sides.\n",
+        ctx.date,
+        if ctx.quick {
+            " as a **quick** run (small sizes)"
+        } else {
+            ""
+        },
+        ctx.reps
+    );
+    s.push_str("## Machine\n\n| | |\n|---|---|\n");
+    for (k, v) in &ctx.machine.lines {
+        let _ = writeln!(s, "| {k} | {v} |");
+    }
+    let _ = writeln!(
+        s,
+        "| load average (1/5/15 min) | {} at the start, {} at the end |\n",
+        ctx.load.0, ctx.load.1
+    );
+    s.push_str(
+        "The generator, the server under test, nats-server and the upstream share these cores: \
+         every run reports the generator's CPU next to the server's so a reader can tell when the \
+         generator, not the server, was the limit. On loopback the kernel's work to deliver a \
+         packet is mostly done in the context of the process that sends it, so part of each \
+         side's network-stack cost is counted to the other: the generator pays for much of a \
+         TCP handshake, the server for much of receiving what it sends. Other load on the \
+         machine (see the load average) makes numbers noisier; compare ratios from the same \
+         repetition.\n\n\
+         One generator process holds at most about (open-file limit − 100) client sockets: \
+         with the limit above, that caps a single generator at about that many connections. \
+         Client sockets bind to several source addresses (127.0.0.1, .2, …) round-robin, so the \
+         ephemeral port range is not the limit; the open-file limit is.\n\n",
+    );
+    s.push_str("## Settings\n\n| | |\n|---|---|\n");
+    for (k, v) in &ctx.settings {
+        let _ = writeln!(s, "| {k} | {v} |");
+    }
+    s.push('\n');
+
+    s.push_str(
+        "## Targets\n\nTargets the design is held to. They are not tests: a miss is a \
+                finding, with its gap.",
+    );
+    if ctx.quick {
+        s.push_str(
+            " In a quick run the sizes are smaller than the targets name, so the verdicts \
+                    only show that the pipeline works.",
+        );
+    }
+    s.push_str("\n\n| target | bound | ");
+    for rep in 1..=ctx.reps {
+        let _ = write!(s, "rep {rep} | ");
+    }
+    s.push_str("verdict |\n|---|---|");
+    for _ in 1..=ctx.reps {
+        s.push_str("---:|");
+    }
+    s.push_str("---|\n");
+    for g in goals(records, ctx.reps) {
+        let _ = write!(
+            s,
+            "| {} | {} {}{} | ",
+            g.what,
+            if g.at_least { "≥" } else { "≤" },
+            g.bound,
+            g.unit
+        );
+        for v in &g.values {
+            match v {
+                Ok(x) => {
+                    let _ = write!(s, "{} | ", fmt_num(*x));
+                }
+                Err(e) => {
+                    let _ = write!(s, "– ({}) | ", e.replace('|', "/").replace('\n', " "));
+                }
+            }
+        }
+        let _ = writeln!(s, "{} |", g.verdict());
+    }
+    s.push('\n');
+
+    let sections: [(&str, &str, &str); 6] = [
+        (
+            "fanout",
+            "Fan-out: one room",
+            "One room of N members; a backend publishes M messages to it through NATS as fast as \
+             accepted, keeping at most the window (see Settings) of messages in flight beyond \
+             the slowest member, so neither server is pushed into its slow-consumer policy. \
+             roomgate: `roomgate.broadcast.<room>` with `Roomgate-Raw: true`, so both servers \
+             deliver byte-identical frames. nats-ws: every member is a NATS subscriber on \
+             nats-server's WebSocket listener. Server CPU is the CPU of the server under test \
+             during the measured phase divided by deliveries; for roomgate, nats-server's own CPU \
+             (relaying M messages to one subscriber) is the broker column. Latency and peak \
+             RSS in these runs include what the window lets queue up (up to window × N frames); \
+             the fixed-rate runs below measure latency.",
+        ),
+        (
+            "fanout-rate",
+            "Fan-out at a fixed rate",
+            "The same rooms at a fixed publish rate (see Settings: by default half of the lower \
+             of the two measured maxima, mean of the repetitions), without a window. Latency is \
+             from the publisher's timestamp to the subscriber's read, on one monotonic clock. \
+             \"Publisher behind\" is how late the publisher got against its schedule at worst: \
+             when it is more than a few milliseconds, the machine was short of CPU. At a fixed \
+             rate each message reaches each member alone, without the batching of the maximum \
+             runs, so a delivery costs the server and the generator more than it does there.",
+        ),
+        (
+            "rooms",
+            "Many rooms",
+            "Many rooms of a few members; each message goes to a random room (the same sequence \
+             of rooms in every run), within the per-room window.",
+        ),
+        (
+            "client",
+            "Client-originated (roomgate only)",
+            "The first member of each room sends `message` frames over its WebSocket as fast as \
+             TCP accepts them, within the per-room window; the other members receive them. \
+             nats-server has no equivalent (its clients publish NATS, not room frames).",
+        ),
+        (
+            "idle",
+            "Idle connections",
+            "N connections, each joined to a room of 10 (nats-ws: subscribed to the room's \
+             subject). Connections per second covers TCP connect, the WebSocket upgrade and the \
+             join (nats-ws: INFO, CONNECT/PING/PONG, SUB/PING/PONG), with a bounded number of \
+             handshakes in flight (see Settings). Connect p50/p99/max are per connection: a \
+             connection whose SYN was dropped because the server's accept queue was full is \
+             retried by the kernel after a second, which shows as a maximum near 1,000 ms and \
+             in the listen overflows column (read machine-wide from /proc/net/netstat, so other \
+             processes count there too). RSS per connection is the server's RSS after minus \
+             before, divided by N.",
+        ),
+        (
+            "http",
+            "HTTP proxy",
+            "`wrk --latency` against the upstream directly, through roomgate's reverse proxy, \
+             and through nginx configured as the same reverse proxy (one worker, keep-alive \
+             upstream pool, X-Forwarded-* headers, no buffering). roomgate runs as configured \
+             by default (a runtime thread per core); nginx with one worker process. One warm-up \
+             second precedes each measurement. The upstream is this tool's `upstream` \
+             subcommand (hyper, one thread, a 64-byte body).",
+        ),
+    ];
+    for (scen, title, text) in sections {
+        let rows: Vec<&Record> = records.iter().filter(|r| r.scenario == scen).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let _ = writeln!(s, "## {title}\n\n{text}\n");
+        s.push_str(&table(&rows));
+        s.push('\n');
+        let r = match scen {
+            "fanout" | "rooms" => ratios(
+                records,
+                scen,
+                "nats-ws",
+                &[
+                    ("deliveries_per_sec", "deliveries/s"),
+                    ("server_cpu_us_per_delivery", "server CPU per delivery"),
+                    ("server_hwm_kib", "peak RSS"),
+                ],
+                ctx.reps,
+            ),
+            "fanout-rate" => ratios(
+                records,
+                scen,
+                "nats-ws",
+                &[
+                    ("latency_p50_us", "p50"),
+                    ("latency_p99_us", "p99"),
+                    ("latency_p999_us", "p99.9"),
+                ],
+                ctx.reps,
+            ),
+            "idle" => ratios(
+                records,
+                scen,
+                "nats-ws",
+                &[
+                    ("connections_per_sec", "connections/s"),
+                    ("rss_per_connection_kib", "RSS per connection"),
+                ],
+                ctx.reps,
+            ),
+            "http" => ratios(
+                records,
+                scen,
+                "nginx",
+                &[
+                    ("requests_per_sec", "requests/s"),
+                    ("latency_p99_us", "p99"),
+                ],
+                ctx.reps,
+            ),
+            _ => String::new(),
+        };
+        if !r.is_empty() {
+            s.push_str(&r);
+            s.push('\n');
+        }
+    }
+
+    s.push_str("## Exact commands\n\n");
+    let _ = writeln!(
+        s,
+        "`bench/run.sh` builds the release binaries, then runs the generator with the same \
+         arguments:\n\n```sh\n{}\n```\n",
+        ctx.invocation
+    );
+    s.push_str(
+        "It started each server as below, once per run, with the configuration file shown \
+         (ports and temporary paths change from run to run; these are the last run's).\n\n",
+    );
+    for (kind, command, config) in procs::commands() {
+        let _ = writeln!(s, "{kind}:\n\n```sh\n{command}\n```\n");
+        if !config.is_empty() {
+            let lang = if kind.starts_with("roomgate") {
+                "toml"
+            } else if kind == "nginx" {
+                "nginx"
+            } else {
+                "text"
+            };
+            let _ = writeln!(s, "```{lang}\n{}```\n", config);
+        }
+    }
+    let _ = writeln!(s, "Every run's JSON line is in `{}`.", ctx.jsonl.display());
+    s
+}
+
+/// Numbers for tables: thousands grouped, small values with up to three
+/// decimals.
+fn fmt_num(x: f64) -> String {
+    if x.abs() >= 1000.0 {
+        group(x.round() as i64)
+    } else if x.abs() >= 100.0 || x.fract() == 0.0 {
+        format!("{x:.0}")
+    } else {
+        let s = if x.abs() >= 10.0 {
+            format!("{x:.1}")
+        } else {
+            format!("{x:.3}")
+        };
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(scenario: &'static str, size: &str, target: &'static str, rep: u32, v: Value) -> Record {
+        Record {
+            scenario,
+            size: size.into(),
+            target,
+            rep,
+            values: v.as_object().unwrap().clone(),
+        }
+    }
+
+    #[test]
+    fn goals_compare_within_a_repetition() {
+        let records = vec![
+            rec(
+                "fanout",
+                "1x1000",
+                "roomgate",
+                1,
+                json!({"deliveries_per_sec": 300.0, "server_cpu_us_per_delivery": 0.1}),
+            ),
+            rec(
+                "fanout",
+                "1x1000",
+                "nats-ws",
+                1,
+                json!({"deliveries_per_sec": 100.0}),
+            ),
+            rec(
+                "fanout",
+                "1x1000",
+                "roomgate",
+                2,
+                json!({"deliveries_per_sec": 120.0, "server_cpu_us_per_delivery": 0.3}),
+            ),
+            rec(
+                "fanout",
+                "1x1000",
+                "nats-ws",
+                2,
+                json!({"deliveries_per_sec": 100.0}),
+            ),
+        ];
+        let g = goals(&records, 2);
+        assert_eq!(g.len(), 2);
+        assert_eq!(g[0].values, vec![Ok(3.0), Ok(1.2)]);
+        assert_eq!(g[0].verdict(), "missed (rep 2: needs 1.25× more)");
+        assert_eq!(g[1].verdict(), "missed (rep 2: 100% over)");
+        assert_eq!(fmt_num(4784.2), "4,784");
+        assert_eq!(fmt_num(0.5), "0.5");
+        assert_eq!(fmt_num(12.34), "12.3");
+        assert_eq!(fmt_num(250.0), "250");
+    }
+
+    #[test]
+    fn tables_and_lines() {
+        let r = rec(
+            "idle",
+            "100",
+            "roomgate",
+            1,
+            json!({"connections": 100, "rss_per_connection_kib": 3.25}),
+        );
+        assert!(
+            r.json().starts_with(r#"{"connections":100,"#)
+                || r.json().contains(r#""scenario":"idle""#)
+        );
+        let t = table(&[&r]);
+        assert!(t.contains("| 100 | roomgate | 1 | 100 |"), "{t}");
+        assert!(t.contains("3.25"), "{t}");
+        assert_eq!(group(1234567), "1,234,567");
+    }
+}

@@ -1,0 +1,65 @@
+//! The upstream of the HTTP proxy scenario: a small, fast hyper server
+//! that answers every request with the same short body, so the proxy in
+//! front of it is what the measurement sees.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+/// The body every request gets (64 bytes).
+const BODY: &[u8] = b"roomgate-bench upstream: a short fixed body of sixty-four bytes\n";
+
+/// Serves on `listen` with `threads` runtime threads until killed.
+pub fn serve(listen: SocketAddr, threads: usize) -> Result<(), String> {
+    let runtime = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+    .map_err(|e| format!("runtime: {e}"))?;
+    runtime.block_on(async move {
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                // Typically out of file descriptors: back off, don't spin.
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .header("content-type", "text/plain")
+                            .body(Full::new(Bytes::from_static(BODY)))
+                            .expect("static response"),
+                    )
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn body_is_64_bytes() {
+        assert_eq!(super::BODY.len(), 64);
+    }
+}
