@@ -60,6 +60,16 @@ pub enum Event {
         /// Unix milliseconds.
         ts: u64,
     },
+    /// The answer to a backend's control request. It goes through this
+    /// queue, not straight to NATS, so that it leaves after the room
+    /// interest the request changed: a backend told `{"ok":true}` for a
+    /// `control.join` can broadcast to the room at once.
+    Reply {
+        /// The request's reply subject.
+        subject: String,
+        /// The JSON answer.
+        body: Bytes,
+    },
 }
 
 /// Unix time in milliseconds, for the `ts` fields.
