@@ -159,6 +159,10 @@ pub async fn connect(
         // the `Roomgate-Gateway` check in `inbound` stays as a second guard.
         .no_echo()
         .connection_timeout(Duration::from_secs(2))
+        // A server that stops answering (frozen, or a dead link that TCP
+        // has not noticed) is given up after three unanswered pings: 30 s
+        // rather than async-nats' default of three minutes.
+        .ping_interval(Duration::from_secs(10))
         .subscription_capacity(SUBSCRIPTION_CAPACITY)
         .reconnect_delay_callback(reconnect_delay)
         // The callback only logs: async-nats drops events when its event
@@ -274,7 +278,10 @@ impl Bridge {
 
     /// Runs until `stop`: subscribes to the fixed subjects, then publishes
     /// events and keeps the subscriptions of the rooms with local members.
-    pub async fn run(mut self, mut events: EventStream) {
+    /// After `stop` it publishes what is still queued and flushes, within
+    /// `flush_budget`: what does not fit (NATS stalled) is counted as a
+    /// publish error rather than holding up the shutdown.
+    pub async fn run(mut self, mut events: EventStream, flush_budget: Duration) {
         self.tasks.spawn(watch_connection(
             self.client.clone(),
             self.metrics.clone(),
@@ -306,10 +313,25 @@ impl Bridge {
                 },
             }
         }
-        while let Some(event) = events.try_next_event() {
-            outbound.publish(event).await;
+        let deadline = tokio::time::Instant::now() + flush_budget;
+        let drained = tokio::time::timeout_at(deadline, async {
+            while let Some(event) = events.try_next_event() {
+                outbound.publish(event).await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            let mut left = 0;
+            while events.try_next_event().is_some() {
+                left += 1;
+            }
+            self.metrics.nats_publish_errors.inc_by(left);
+            warn!(
+                left,
+                "NATS too slow at shutdown; the last events were dropped"
+            );
         }
-        outbound.flush().await;
+        let _ = tokio::time::timeout_at(deadline, outbound.flush()).await;
         self.tasks.close();
         for (_, room) in self.rooms.drain() {
             room.token.cancel();
