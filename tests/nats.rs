@@ -575,10 +575,9 @@ async fn room_interest_follows_local_membership() {
     let mut b = gw.client().await;
     join_synced(&mut a, &mut presence, "game.42.lobby").await;
     let with_room = [
+        "roomgate.*.game.42.lobby",
         "roomgate.all",
-        "roomgate.broadcast.game.42.lobby",
         "roomgate.control.*",
-        "roomgate.message.game.42.lobby",
         "roomgate.send.*",
     ];
     assert_eq!(gateway_subjects(&server, &gw.id).await, with_room);
@@ -638,10 +637,9 @@ async fn room_interest_follows_local_membership() {
     );
     wait_subjects(&server, &gw.id, "only loop.final's subscriptions", |s| {
         s == [
+            "roomgate.*.loop.final",
             "roomgate.all",
-            "roomgate.broadcast.loop.final",
             "roomgate.control.*",
-            "roomgate.message.loop.final",
             "roomgate.send.*",
         ]
     })
@@ -649,30 +647,92 @@ async fn room_interest_follows_local_membership() {
     gw.stop().await;
 }
 
-/// With `presence = true` the instance also takes in the room's presence
-/// events (for its members); with `client_broadcast = false` it does not
-/// take in client messages, which only backends act on.
+/// Without `client_broadcast` an instance does not take in the room's
+/// client messages (only backends act on them): it subscribes to the
+/// room's broadcasts, and its presence when members are told of it.
 #[tokio::test]
-async fn room_subscriptions_depend_on_what_members_receive() {
+async fn room_subscriptions_without_client_broadcast_are_exact() {
+    for (presence, room_subjects) in [
+        (false, &["roomgate.broadcast.general"][..]),
+        (
+            true,
+            &["roomgate.broadcast.general", "roomgate.presence.general"][..],
+        ),
+    ] {
+        let server = NatsServer::start();
+        let backend = Backend::connect(&server).await;
+        let mut presence_events = backend.subscribe("roomgate.presence.>").await;
+        let gw = nats_gateway(&server, |c| {
+            c.websocket.rooms.presence = presence;
+            c.websocket.rooms.client_broadcast = false;
+        })
+        .await;
+        let mut a = gw.client().await;
+        join_synced(&mut a, &mut presence_events, "general").await;
+        let mut expected: Vec<&str> = ["roomgate.all", "roomgate.control.*", "roomgate.send.*"]
+            .into_iter()
+            .chain(room_subjects.iter().copied())
+            .collect();
+        expected.sort();
+        assert_eq!(gateway_subjects(&server, &gw.id).await, expected);
+        gw.stop().await;
+    }
+}
+
+/// A room's subscription (`roomgate.*.<room>`) also matches fixed
+/// subjects when the room is named like their last token: `join`,
+/// `open`, a connection id. Each message is still acted on once, by the
+/// subscription it is meant for.
+#[tokio::test]
+async fn rooms_named_like_fixed_subjects_do_not_double_deliver() {
     let server = NatsServer::start();
     let backend = Backend::connect(&server).await;
     let mut presence = backend.subscribe("roomgate.presence.>").await;
-    let gw = nats_gateway(&server, |c| {
-        c.websocket.rooms.presence = true;
-        c.websocket.rooms.client_broadcast = false;
-    })
-    .await;
+    let gw = nats_gateway(&server, |_| {}).await;
     let mut a = gw.client().await;
-    join_synced(&mut a, &mut presence, "general").await;
+    let a_id = a.id.clone();
+    for room in [
+        "join",
+        "leave",
+        "disconnect",
+        "open",
+        "close",
+        a_id.as_str(),
+    ] {
+        join_synced(&mut a, &mut presence, room).await;
+    }
+
+    // One `joined`, one answer.
+    let inbox = backend.client.new_inbox();
+    let mut replies = backend.subscribe(&inbox).await;
+    backend
+        .client
+        .publish_with_reply(
+            "roomgate.control.join",
+            inbox.clone(),
+            json!({"connection_id": a.id, "room": "lobby"})
+                .to_string()
+                .into(),
+        )
+        .await
+        .expect("publish");
+    assert_eq!(replies.next_json().await.1, json!({"ok": true}));
+    assert_eq!(a.recv().await, json!({"type": "joined", "room": "lobby"}));
+    // One direct message.
+    backend
+        .publish(&format!("roomgate.send.{}", a.id), "once")
+        .await;
+    assert_eq!(a.recv().await, server_message(None, "once", "server"));
+    // Other connections opening is not a message in the room `open`.
+    let b = gw.client().await;
+    drop(b);
+    a.expect_silence().await;
+    replies.expect_silence().await;
+    // The rooms' own broadcasts still arrive.
+    backend.publish("roomgate.broadcast.join", "in join").await;
     assert_eq!(
-        gateway_subjects(&server, &gw.id).await,
-        [
-            "roomgate.all",
-            "roomgate.broadcast.general",
-            "roomgate.control.*",
-            "roomgate.presence.general",
-            "roomgate.send.*",
-        ]
+        a.recv().await,
+        server_message(Some("join"), "in join", "server")
     );
     gw.stop().await;
 }
@@ -778,4 +838,96 @@ fn rss_bytes() -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map(|kb| kb * 1024)
         .expect("VmRSS")
+}
+
+/// Resident set size of process `pid`, from /proc.
+fn rss_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .expect("VmRSS")
+}
+
+/// Memory of the room interest in the real binary: 100 clients join 100
+/// rooms each (10,000 rooms), with NATS off and with NATS on under each
+/// room setting; the RSS growth is compared. Run alone:
+/// `cargo test --test nats -- --ignored --nocapture room_interest_memory`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run alone with --ignored --nocapture"]
+async fn room_interest_memory() {
+    const CLIENTS: usize = 100;
+    const ROOMS_EACH: usize = 100;
+    let server = NatsServer::start();
+    let url = server.url();
+    let variants: [(&str, &[(&str, &str)]); 4] = [
+        ("NATS off", &[("ROOMGATE_NATS_ENABLED", "false")]),
+        ("NATS on, defaults", &[("ROOMGATE_NATS_ENABLED", "true")]),
+        (
+            "NATS on, presence",
+            &[
+                ("ROOMGATE_NATS_ENABLED", "true"),
+                ("ROOMGATE_WEBSOCKET_ROOMS_PRESENCE", "true"),
+            ],
+        ),
+        (
+            "NATS on, no client_broadcast",
+            &[
+                ("ROOMGATE_NATS_ENABLED", "true"),
+                ("ROOMGATE_WEBSOCKET_ROOMS_CLIENT_BROADCAST", "false"),
+            ],
+        ),
+    ];
+    for (name, env) in variants {
+        let mut env = env.to_vec();
+        env.push(("ROOMGATE_NATS_URL", &url));
+        env.push(("ROOMGATE_WEBSOCKET_ROOMS_MAX_ROOMS_PER_CONNECTION", "100"));
+        let gateway = GatewayProcess::start(&[], &env);
+        let url = format!("ws://{}/ws", gateway.addr);
+        let mut clients = Vec::new();
+        for _ in 0..CLIENTS {
+            clients.push(WsClient::connect(&url).await);
+        }
+        let subs_before = server.monitor("/varz").await["subscriptions"]
+            .as_u64()
+            .unwrap_or(0);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let before = rss_of(gateway.child.id());
+        for (c, client) in clients.iter_mut().enumerate() {
+            for r in 0..ROOMS_EACH {
+                client
+                    .send(json!({"type": "join", "room": format!("room.{c}.{r}")}))
+                    .await;
+            }
+            for _ in 0..ROOMS_EACH {
+                assert_eq!(client.recv().await["type"], "joined");
+            }
+        }
+        // Wait for the subscriptions to settle on the server.
+        let mut subs = subs_before;
+        for _ in 0..100 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            let now = server.monitor("/varz").await["subscriptions"]
+                .as_u64()
+                .unwrap_or(0);
+            if now == subs && now != subs_before {
+                break;
+            }
+            subs = now;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let after = rss_of(gateway.child.id());
+        let rooms = (CLIENTS * ROOMS_EACH) as u64;
+        println!(
+            "{name}: RSS {} -> {} KiB for {rooms} rooms: {} B per room; server subscriptions +{}",
+            before / 1024,
+            after / 1024,
+            after.saturating_sub(before) / rooms,
+            subs.saturating_sub(subs_before),
+        );
+        drop(clients);
+        drop(gateway);
+    }
 }

@@ -84,27 +84,51 @@ impl Inbound {
         ]
     }
 
-    /// Handles one message from any subscription. It never waits: frames
-    /// are queued for clients, answers for NATS.
-    pub fn handle(&self, message: Message) {
+    /// Handles one message of a fixed subscription (`send.*`, `all`,
+    /// `control.*`). It never waits: frames are queued for clients,
+    /// answers for NATS.
+    pub fn handle_fixed(&self, message: Message) {
         self.metrics.nats_received.inc();
-        let subject = message.subject.as_str();
-        let Some(rest) = subject
-            .strip_prefix(self.settings.prefix.as_str())
-            .and_then(|r| r.strip_prefix('.'))
-        else {
+        let Some((kind, target)) = self.split(&message) else {
             return;
         };
-        let (kind, target) = rest.split_once('.').unwrap_or((rest, ""));
         match kind {
-            "broadcast" => self.broadcast(target, &message),
-            "message" => self.peer_message(target, &message),
-            "presence" => self.peer_presence(target, &message),
             "send" => self.send(target, &message),
             "all" if target.is_empty() => self.all(&message),
             "control" => self.control(target, &message),
             _ => {}
         }
+    }
+
+    /// Handles one message of `room`'s subscription. Only the room's own
+    /// subjects are acted on: with `<prefix>.*.<room>`, a room named `join`
+    /// also hears `control.join`, one named `open` hears `connection.open`;
+    /// those are the fixed subscriptions' business (or nobody's) and are
+    /// dropped here, so nothing is handled twice.
+    pub fn handle_room(&self, room: &RoomName, message: Message) {
+        self.metrics.nats_received.inc();
+        let Some((kind, target)) = self.split(&message) else {
+            return;
+        };
+        if target != room.as_str() {
+            return;
+        }
+        match kind {
+            "broadcast" => self.broadcast(target, &message),
+            "message" => self.peer_message(target, &message),
+            "presence" => self.peer_presence(target, &message),
+            _ => {}
+        }
+    }
+
+    /// The kind token after the prefix, and the rest of the subject.
+    fn split<'m>(&self, message: &'m Message) -> Option<(&'m str, &'m str)> {
+        let rest = message
+            .subject
+            .as_str()
+            .strip_prefix(self.settings.prefix.as_str())?
+            .strip_prefix('.')?;
+        Some(rest.split_once('.').unwrap_or((rest, "")))
     }
 
     fn broadcast(&self, room: &str, message: &Message) {

@@ -5,17 +5,13 @@
 //!   a bounded queue ([`crate::events`]); one publisher loop turns them into
 //!   subjects, payloads and headers. While NATS is down, events are dropped
 //!   and counted instead of piling up: publishing never blocks a client.
-//! - Inbound: fixed subscriptions for `send.*`, `all` and `control.*`, plus,
-//!   for each room with local members, subscriptions to exactly the room
-//!   subjects this instance delivers: `broadcast.<room>` always,
-//!   `message.<room>` with `client_broadcast`, `presence.<room>` with
-//!   `presence`. An instance therefore takes in only the traffic of its own
-//!   rooms, and drops the interest when the last local member leaves.
-//!   Exact subjects rather than `<prefix>.*.<room>`: that wildcard would
-//!   also match `control.join` for a room named `join`, `connection.open`
-//!   for a room named `open`, or `send.<id>` for a room named like a
-//!   connection id, and would take in traffic this instance then discards.
-//!   `docs/nats.md` measures and explains the choice.
+//! - Inbound: fixed subscriptions for `send.*`, `all` and `control.*`, plus
+//!   one subscription per room with local members (`<prefix>.*.<room>`, or
+//!   the exact subjects without `client_broadcast`, see `room_subjects`). An instance therefore takes in only the
+//!   traffic of its own rooms, and drops the interest when the last local
+//!   member leaves. Each subscription's messages are handled in its own
+//!   scope, so a room named `join` never turns a `control.join` into a
+//!   second membership change. `docs/nats.md` measures and explains this.
 //! - Interest is reconciled from the hub's current state, room by room, in
 //!   the same loop that publishes: a presence event (or a control reply)
 //!   leaves after the subscription it implies, so a backend reacting to it
@@ -384,15 +380,20 @@ impl Bridge {
         }
     }
 
-    /// The subjects of a room this instance needs: backend broadcasts
-    /// always; other instances' client messages and presence only when they
-    /// are delivered to members here.
+    /// The subjects to subscribe to for a room. With `client_broadcast`
+    /// (the default) one wildcard, `<prefix>.*.<room>`, covers the room's
+    /// broadcasts, other instances' client messages and presence: one
+    /// subscription per room instead of two or three, which is what a room
+    /// costs in memory here (`docs/nats.md`). It also takes in presence
+    /// events when `presence` is off, a small stream next to the messages.
+    /// Without `client_broadcast` a wildcard would take in every client
+    /// message only to drop it, so the exact subjects are used.
     fn room_subjects(&self, room: &RoomName) -> Vec<String> {
         let prefix = &self.settings.prefix;
-        let mut subjects = vec![format!("{prefix}.broadcast.{room}")];
         if self.settings.client_broadcast {
-            subjects.push(format!("{prefix}.message.{room}"));
+            return vec![format!("{prefix}.*.{room}")];
         }
+        let mut subjects = vec![format!("{prefix}.broadcast.{room}")];
         if self.settings.presence {
             subjects.push(format!("{prefix}.presence.{room}"));
         }
@@ -402,7 +403,7 @@ impl Bridge {
     async fn subscribe_room(&self, room: &RoomName) -> Result<RoomSubscription, SubscribeFailed> {
         let subscribers = self.subscribe_all(self.room_subjects(room)).await?;
         let token = CancellationToken::new();
-        let task = self.deliver(subscribers, token.clone());
+        let task = self.deliver(subscribers, Some(room.clone()), token.clone());
         debug!(room = room.as_str(), "room interest taken");
         Ok(RoomSubscription { token, task })
     }
@@ -414,7 +415,7 @@ impl Bridge {
         {
             Ok(subscribers) => {
                 // Lives as long as the bridge.
-                self.deliver(subscribers, CancellationToken::new());
+                self.deliver(subscribers, None, CancellationToken::new());
                 self.fixed = true;
             }
             Err(e) => warn!(error = %e, "cannot subscribe to the fixed subjects yet; will retry"),
@@ -440,22 +441,31 @@ impl Bridge {
         Ok(subscribers)
     }
 
-    /// Spawns the task that delivers what the subscribers receive, until
-    /// `token` (one room) or the bridge stops.
-    fn deliver(&self, subscribers: Vec<Subscriber>, token: CancellationToken) -> JoinHandle<()> {
+    /// Spawns the task that delivers what the subscribers receive (for
+    /// `room`, or the fixed subjects), until `token` or the bridge stops.
+    fn deliver(
+        &self,
+        subscribers: Vec<Subscriber>,
+        room: Option<RoomName>,
+        token: CancellationToken,
+    ) -> JoinHandle<()> {
         let mut messages = futures_util::stream::select_all(subscribers);
         let inbound = self.inbound.clone();
         let stop = self.stop.clone();
         self.tasks.spawn(async move {
             loop {
-                tokio::select! {
+                let message = tokio::select! {
                     biased;
                     _ = stop.cancelled() => break,
                     _ = token.cancelled() => break,
                     message = messages.next() => match message {
-                        Some(message) => inbound.handle(message),
+                        Some(message) => message,
                         None => break,
                     },
+                };
+                match &room {
+                    Some(room) => inbound.handle_room(room, message),
+                    None => inbound.handle_fixed(message),
                 }
             }
         })

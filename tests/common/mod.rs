@@ -665,9 +665,15 @@ impl GatewayProcess {
                 sink.lock().unwrap().push(line);
             }
         });
-        let line = rx
-            .recv_timeout(WAIT)
-            .expect("roomgate logged its listening line");
+        let line = match rx.recv_timeout(WAIT) {
+            Ok(line) => line,
+            Err(_) => {
+                // Not yet owned by a `GatewayProcess`, whose drop would kill it.
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("roomgate did not log its listening line within {WAIT:?}");
+            }
+        };
         let fields: HashMap<String, Value> = serde_json::from_str(&line).expect("JSON log line");
         let addr = fields["addr"]
             .as_str()
