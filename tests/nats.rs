@@ -780,49 +780,60 @@ async fn echo_backend_answers_into_the_room() {
 }
 
 /// Measures what a subscription costs in this process: RSS with 10,000
-/// async-nats subscriptions (and their delivery tasks, as the bridge keeps
-/// them) against none. Run alone, it prints the numbers `docs/nats.md`
-/// quotes: `cargo test --test nats -- --ignored --nocapture subscription_cost`.
+/// async-nats subscriptions against none, then with a delivery task each
+/// (as the bridge keeps them), and the server's memory for them. Run
+/// alone, it prints the numbers `docs/nats.md` quotes:
+/// `cargo test --test nats -- --ignored --nocapture subscription_cost`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement; run alone with --ignored --nocapture"]
 async fn subscription_cost() {
-    const N: usize = 10_000;
+    use futures_util::StreamExt;
+    const N: u64 = 10_000;
     let server = NatsServer::start();
     let client = server.client().await;
+    let server_mem = |v: &Value| v["mem"].as_u64().unwrap_or(0);
     let varz_before = server.monitor("/varz").await;
-    let rss_before = rss_bytes();
-    let mut tasks = Vec::with_capacity(N);
+    let rss_start = rss_bytes();
+    let mut subscribers = Vec::new();
     for i in 0..N {
-        let mut sub = client
+        let subscriber = client
             .subscribe(format!("roomgate.broadcast.room{i}"))
             .await
             .expect("subscribe");
-        tasks.push(tokio::spawn(async move {
-            use futures_util::StreamExt;
-            while sub.next().await.is_some() {}
-        }));
+        subscribers.push(subscriber);
     }
     client.flush().await.expect("flush");
-    // Let every task reach its first poll.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let rss_after = rss_bytes();
+    let rss_subscribed = rss_bytes();
     let varz_after = server.monitor("/varz").await;
-    let client_per_sub = (rss_after.saturating_sub(rss_before)) / N as u64;
-    let server_mem = |v: &Value| v["mem"].as_u64().unwrap_or(0);
-    let server_per_sub =
-        server_mem(&varz_after).saturating_sub(server_mem(&varz_before)) / N as u64;
+    let tasks: Vec<_> = subscribers
+        .into_iter()
+        .map(|mut subscriber| {
+            tokio::spawn(async move { while subscriber.next().await.is_some() {} })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let rss_tasks = rss_bytes();
+
+    let per_subscription = rss_subscribed.saturating_sub(rss_start) / N;
+    let per_task = rss_tasks.saturating_sub(rss_subscribed) / N;
+    let server_per_subscription =
+        server_mem(&varz_after).saturating_sub(server_mem(&varz_before)) / N;
     println!(
-        "{N} subscriptions: client RSS {} -> {} KiB ({client_per_sub} B each); \
-         nats-server mem {} -> {} KiB ({server_per_sub} B each); server subscriptions {}",
-        rss_before / 1024,
-        rss_after / 1024,
+        "{N} subscriptions: client RSS {} -> {} KiB ({per_subscription} B each), \
+         + a task each -> {} KiB ({per_task} B each); size_of::<Message>() = {} B; \
+         nats-server mem {} -> {} KiB ({server_per_subscription} B each, {} subscriptions)",
+        rss_start / 1024,
+        rss_subscribed / 1024,
+        rss_tasks / 1024,
+        std::mem::size_of::<async_nats::Message>(),
         server_mem(&varz_before) / 1024,
         server_mem(&varz_after) / 1024,
         varz_after["subscriptions"],
     );
     assert!(
-        client_per_sub < 64 * 1024,
-        "a subscription costs {client_per_sub} bytes"
+        per_subscription + per_task < 64 * 1024,
+        "a subscription costs {per_subscription} + {per_task} bytes"
     );
     for task in tasks {
         task.abort();
