@@ -1,5 +1,6 @@
 //! What the gateway tells backends: client messages, presence and connection
-//! lifecycle events, plus changes in which rooms have local members.
+//! lifecycle events, answers to control requests, plus changes in which
+//! rooms have local members.
 //!
 //! Sessions and rooms hand events over without waiting: a bounded queue
 //! feeds the NATS bridge, and a full queue (NATS slow or down) drops the
