@@ -212,6 +212,14 @@ pub async fn gateway_subjects(server: &NatsServer, gateway_id: &str) -> Vec<Stri
     subjects
 }
 
+/// Whether `subjects` include a subscription carrying `room`'s broadcasts
+/// (`roomgate.*.<room>` or `roomgate.broadcast.<room>`).
+pub fn covers_room(subjects: &[String], room: &str) -> bool {
+    subjects
+        .iter()
+        .any(|s| *s == format!("roomgate.*.{room}") || *s == format!("roomgate.broadcast.{room}"))
+}
+
 /// Waits until some client of `server` subscribes to exactly `subject`.
 pub async fn wait_for_subscriber(server: &NatsServer, subject: &str) {
     eventually_async(&format!("a subscriber to {subject}"), || async {
