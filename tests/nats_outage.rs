@@ -245,7 +245,13 @@ async fn required_nats_gates_readiness() {
 #[tokio::test]
 async fn a_server_list_works_when_the_first_is_down() {
     let server = NatsServer::start();
-    let down = format!("nats://127.0.0.1:{}", free_port());
+    // Two dead servers before the live one: whichever order the client
+    // tries them in, it most likely meets a dead one first.
+    let down = format!(
+        "nats://127.0.0.1:{},nats://127.0.0.1:{}",
+        free_port(),
+        free_port()
+    );
     let backend = Backend::connect(&server).await;
     let mut presence = backend.subscribe("roomgate.presence.>").await;
     let gw = TestGateway::start(nats_config(&format!("{down}, {}", server.url()))).await;
