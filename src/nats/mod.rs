@@ -31,6 +31,7 @@ use std::time::Duration;
 use async_nats::connection::State;
 use async_nats::{Client, ConnectOptions, ServerAddr, Subscriber};
 use futures_util::StreamExt;
+use prometheus::IntCounter;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -161,28 +162,29 @@ pub async fn connect(
         .ping_interval(Duration::from_secs(10))
         .subscription_capacity(SUBSCRIPTION_CAPACITY)
         .reconnect_delay_callback(reconnect_delay)
-        // The callback only logs: async-nats drops events when its event
-        // queue is full, so the connected gauge is taken from the client's
-        // state instead (see `watch_connection`).
-        .event_callback(move |event| {
-            let slow_consumer = slow_consumer.clone();
-            async move {
-            match event {
-                async_nats::Event::Connected => info!("NATS connected"),
-                async_nats::Event::Disconnected => warn!(
-                    "NATS disconnected; local rooms keep working, publications are dropped until it is back"
-                ),
-                async_nats::Event::SlowConsumer(sid) => {
-                    slow_consumer.inc();
-                    debug!(sid, "NATS subscription full; a message was dropped");
-                }
-                other => debug!(event = %other, "NATS event"),
-            }
-            }
-        })
+        // Events are for logs and the slow-consumer count only: async-nats
+        // drops events when its event queue is full, so the connected gauge
+        // is taken from the client's state instead (see `watch_connection`).
+        .event_callback(move |event| on_event(event, slow_consumer.clone()))
         .connect(addrs)
         .await
         .map_err(|e| NatsSetupError::Connect(e.to_string()))
+}
+
+/// Logs a client event, and counts the messages async-nats dropped because
+/// a subscription's buffer was full.
+async fn on_event(event: async_nats::Event, slow_consumer: IntCounter) {
+    match event {
+        async_nats::Event::Connected => info!("NATS connected"),
+        async_nats::Event::Disconnected => {
+            warn!("NATS disconnected; rooms keep working, events are dropped until it is back")
+        }
+        async_nats::Event::SlowConsumer(sid) => {
+            slow_consumer.inc();
+            debug!(sid, "NATS subscription full; a message was dropped");
+        }
+        other => debug!(event = %other, "NATS event"),
+    }
 }
 
 /// Exponential backoff from 100 ms, capped at 2 s: a restarted NATS is
@@ -360,8 +362,13 @@ impl Bridge {
                 self.rooms.insert(room, subscription);
             }
             Err(e) => {
-                warn!(room = room.as_str(), error = %e, "cannot subscribe to a room yet; will retry");
-                self.retry.insert(room);
+                // Warn once per room, not on every retry.
+                let room_name = room.as_str().to_string();
+                if self.retry.insert(room) {
+                    warn!(room = room_name, error = %e, "cannot subscribe to a room yet; will retry");
+                } else {
+                    debug!(room = room_name, error = %e, "room subscription retry failed");
+                }
             }
         }
     }
