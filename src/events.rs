@@ -1,5 +1,6 @@
 //! What the gateway tells backends: client messages, presence and connection
-//! lifecycle events, plus changes in which rooms have local members.
+//! lifecycle events, answers to control requests, plus changes in which
+//! rooms have local members.
 //!
 //! Sessions and rooms hand events over without waiting: a bounded queue
 //! feeds the NATS bridge, and a full queue (NATS slow or down) drops the
@@ -59,6 +60,16 @@ pub enum Event {
         code: u16,
         /// Unix milliseconds.
         ts: u64,
+    },
+    /// The answer to a backend's control request. It goes through this
+    /// queue, not straight to NATS, so that it leaves after the room
+    /// interest the request changed: a backend told `{"ok":true}` for a
+    /// `control.join` can broadcast to the room at once.
+    Reply {
+        /// The request's reply subject.
+        subject: String,
+        /// The JSON answer.
+        body: Bytes,
     },
 }
 

@@ -129,6 +129,9 @@ pub struct Metrics {
     pub dropped_slow_consumer: IntCounter,
     /// Frames refused because the sender exceeded `max_messages_per_sec`.
     pub dropped_rate_limited: IntCounter,
+    /// NATS messages dropped by the client library because a subscription's
+    /// buffer was full (the bridge could not keep up).
+    pub dropped_nats_slow_consumer: IntCounter,
     /// Payload bytes received from clients.
     pub bytes_received: IntCounter,
     /// Payload bytes handed to client connections.
@@ -189,6 +192,7 @@ impl Metrics {
             ),
             dropped_slow_consumer: dropped.with_label_values(&["slow_consumer"]),
             dropped_rate_limited: dropped.with_label_values(&["rate_limited"]),
+            dropped_nats_slow_consumer: dropped.with_label_values(&["nats_slow_consumer"]),
             bytes_received: counter(
                 "roomgate_bytes_received_total",
                 "Payload bytes received from clients.",

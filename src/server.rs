@@ -41,6 +41,10 @@ const EVENT_QUEUE: usize = 16 * 1024;
 /// Time the NATS bridge gets at the end of shutdown to publish what is left.
 const NATS_FLUSH: Duration = Duration::from_secs(5);
 
+/// Extra time, past [`NATS_FLUSH`], before the bridge task is aborted: it
+/// keeps its own budget, this only guards against a bug there.
+const NATS_FLUSH_GUARD: Duration = Duration::from_secs(2);
+
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -217,7 +221,7 @@ impl Gateway {
                 settings,
                 bridge_stop.clone(),
             );
-            tokio::spawn(bridge.run(stream))
+            tokio::spawn(bridge.run(stream, NATS_FLUSH))
         });
 
         tokio::select! {
@@ -232,10 +236,13 @@ impl Gateway {
             warn!("shutdown grace period over; remaining connections were cut");
         }
         bridge_stop.cancel();
-        if let Some(bridge) = bridge
-            && tokio::time::timeout(NATS_FLUSH, bridge).await.is_err()
+        if let Some(mut bridge) = bridge
+            && tokio::time::timeout(NATS_FLUSH + NATS_FLUSH_GUARD, &mut bridge)
+                .await
+                .is_err()
         {
             warn!("NATS flush did not finish in time");
+            bridge.abort();
         }
         background.cancel();
         let _ = tokio::join!(admin_task, sweeper);

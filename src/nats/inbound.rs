@@ -6,13 +6,15 @@
 
 use std::sync::Arc;
 
-use async_nats::{Client, Message};
+use async_nats::Message;
+use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tracing::debug;
 use uuid::Uuid;
 
 use super::{BridgeSettings, HEADER_EXCLUDE, HEADER_FROM, HEADER_GATEWAY, HEADER_RAW};
+use crate::events::Event;
 use crate::metrics::{CloseReason, Metrics};
 use crate::protocol::{self, Frame, PresenceKind, Refusal};
 use crate::rooms::{Hub, RoomName};
@@ -22,7 +24,6 @@ const DEFAULT_KICK_CODE: u16 = 1008;
 
 /// Handles messages from every subscription of the bridge.
 pub struct Inbound {
-    client: Client,
     hub: Arc<Hub>,
     metrics: Metrics,
     settings: BridgeSettings,
@@ -63,10 +64,10 @@ struct Disconnect {
 }
 
 impl Inbound {
-    /// A handler delivering into `hub`; `client` answers control requests.
-    pub fn new(client: Client, hub: Arc<Hub>, metrics: Metrics, settings: BridgeSettings) -> Self {
+    /// A handler delivering into `hub`. Control requests are answered
+    /// through the hub's event queue.
+    pub fn new(hub: Arc<Hub>, metrics: Metrics, settings: BridgeSettings) -> Self {
         Self {
-            client,
             hub,
             metrics,
             settings,
@@ -83,26 +84,51 @@ impl Inbound {
         ]
     }
 
-    /// Handles one message from any subscription.
-    pub async fn handle(&self, message: Message) {
+    /// Handles one message of a fixed subscription (`send.*`, `all`,
+    /// `control.*`). It never waits: frames are queued for clients,
+    /// answers for NATS.
+    pub fn handle_fixed(&self, message: Message) {
         self.metrics.nats_received.inc();
-        let subject = message.subject.as_str();
-        let Some(rest) = subject
-            .strip_prefix(self.settings.prefix.as_str())
-            .and_then(|r| r.strip_prefix('.'))
-        else {
+        let Some((kind, target)) = self.split(&message) else {
             return;
         };
-        let (kind, target) = rest.split_once('.').unwrap_or((rest, ""));
+        match kind {
+            "send" => self.send(target, &message),
+            "all" if target.is_empty() => self.all(&message),
+            "control" => self.control(target, &message),
+            _ => {}
+        }
+    }
+
+    /// Handles one message of `room`'s subscription. Only the room's own
+    /// subjects are acted on: with `<prefix>.*.<room>`, a room named `join`
+    /// also hears `control.join`, one named `open` hears `connection.open`;
+    /// those are the fixed subscriptions' business (or nobody's) and are
+    /// dropped here, so nothing is handled twice.
+    pub fn handle_room(&self, room: &RoomName, message: Message) {
+        self.metrics.nats_received.inc();
+        let Some((kind, target)) = self.split(&message) else {
+            return;
+        };
+        if target != room.as_str() {
+            return;
+        }
         match kind {
             "broadcast" => self.broadcast(target, &message),
             "message" => self.peer_message(target, &message),
             "presence" => self.peer_presence(target, &message),
-            "send" => self.send(target, &message),
-            "all" if target.is_empty() => self.all(&message),
-            "control" => self.control(target, &message).await,
             _ => {}
         }
+    }
+
+    /// The kind token after the prefix, and the rest of the subject.
+    fn split<'m>(&self, message: &'m Message) -> Option<(&'m str, &'m str)> {
+        let rest = message
+            .subject
+            .as_str()
+            .strip_prefix(self.settings.prefix.as_str())?
+            .strip_prefix('.')?;
+        Some(rest.split_once('.').unwrap_or((rest, "")))
     }
 
     fn broadcast(&self, room: &str, message: &Message) {
@@ -164,7 +190,7 @@ impl Inbound {
     /// `control.join|leave|disconnect`: acts only where the connection lives.
     /// A request (message with a reply subject) is answered by that instance
     /// with `{"ok":true}` or `{"ok":false,"error":CODE}`.
-    async fn control(&self, action: &str, message: &Message) {
+    fn control(&self, action: &str, message: &Message) {
         let outcome = match action {
             "join" | "leave" => {
                 let Ok(m) = serde_json::from_slice::<Membership>(&message.payload) else {
@@ -181,8 +207,7 @@ impl Inbound {
                             protocol::ErrorCode::InvalidRoom,
                             "invalid room",
                         )),
-                    )
-                    .await;
+                    );
                     return;
                 };
                 if action == "join" {
@@ -214,11 +239,13 @@ impl Inbound {
             }
             _ => return,
         };
-        self.reply(message, outcome).await;
+        self.reply(message, outcome);
     }
 
-    async fn reply(&self, message: &Message, outcome: Result<(), Refusal>) {
-        let Some(reply) = message.reply.clone() else {
+    /// Queues the answer to a control request, if it was one. It leaves
+    /// after the interest change the request caused (see [`Event::Reply`]).
+    fn reply(&self, message: &Message, outcome: Result<(), Refusal>) {
+        let Some(reply) = &message.reply else {
             return;
         };
         let body = match outcome {
@@ -228,15 +255,10 @@ impl Inbound {
                 format!(r#"{{"ok":false,"error":{code}}}"#)
             }
         };
-        if tokio::time::timeout(
-            super::PUBLISH_TIMEOUT,
-            self.client.publish(reply, body.into()),
-        )
-        .await
-        .is_err()
-        {
-            self.metrics.nats_publish_errors.inc();
-        }
+        self.hub.events().publish(Event::Reply {
+            subject: reply.to_string(),
+            body: Bytes::from(body),
+        });
     }
 }
 
@@ -261,8 +283,22 @@ fn backend_frame(room: Option<&str>, message: &Message) -> Option<Frame> {
     Some(protocol::message(room, &content, from))
 }
 
+/// A header's first value. Names are matched without regard to case, as in
+/// HTTP: NATS keeps the case a client sends, and clients differ in how they
+/// spell `Roomgate-Raw`.
 fn header<'m>(message: &'m Message, name: &str) -> Option<&'m str> {
-    message.headers.as_ref()?.get(name).map(|v| v.as_str())
+    let headers = message.headers.as_ref()?;
+    if let Some(value) = headers.get(name) {
+        return Some(value.as_str());
+    }
+    headers
+        .iter()
+        .find(|(key, _)| {
+            let key: &[u8] = key.as_ref();
+            key.eq_ignore_ascii_case(name.as_bytes())
+        })
+        .and_then(|(_, values)| values.first())
+        .map(|v| v.as_str())
 }
 
 fn exclude(message: &Message) -> Option<Uuid> {

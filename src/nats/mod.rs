@@ -1,29 +1,38 @@
 //! The NATS bridge (SPEC §2): rooms reach backends, backends reach rooms,
 //! and instances on one NATS cluster act as one gateway.
 //!
-//! - Outbound: sessions and rooms hand [`Event`]s to a bounded queue
-//!   ([`crate::events`]); one publisher loop turns them into subjects,
-//!   payloads and headers. While NATS is down, events are dropped and
-//!   counted instead of piling up: `publish` never blocks a client.
+//! - Outbound: sessions and rooms hand [`Event`](crate::events::Event)s to
+//!   a bounded queue ([`crate::events`]); one publisher loop turns them into
+//!   subjects, payloads and headers. While NATS is down, events are dropped
+//!   and counted instead of piling up: publishing never blocks a client.
 //! - Inbound: fixed subscriptions for `send.*`, `all` and `control.*`, plus
-//!   one subscription `<prefix>.*.<room>` per room with local members, which
-//!   carries the room's backend broadcasts and the other instances' client
-//!   messages and presence. An instance therefore takes in only the traffic
-//!   of its own rooms, and drops the interest when the last local member
-//!   leaves. `docs/nats.md` explains and measures this choice.
+//!   one subscription per room with local members (`<prefix>.*.<room>`, or
+//!   the exact subjects without `client_broadcast`, see `room_subjects`). An instance therefore takes in only the
+//!   traffic of its own rooms, and drops the interest when the last local
+//!   member leaves. Each subscription's messages are handled in its own
+//!   scope, so a room named `join` never turns a `control.join` into a
+//!   second membership change. `docs/nats.md` measures and explains this.
+//! - Interest is reconciled from the hub's current state, room by room, in
+//!   the same loop that publishes: a presence event (or a control reply)
+//!   leaves after the subscription it implies, so a backend reacting to it
+//!   reaches the member.
 //! - NATS is never in the way: the client connects in the background (the
-//!   gateway starts without NATS), reconnects forever, and re-subscribes
-//!   everything on reconnect.
+//!   gateway starts without NATS) and reconnects forever; async-nats
+//!   re-subscribes on reconnect, and what could not be subscribed during an
+//!   outage is retried once connected.
 
 mod inbound;
 mod outbound;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::{Client, ConnectOptions, ServerAddr};
+use async_nats::connection::State;
+use async_nats::{Client, ConnectOptions, ServerAddr, Subscriber};
 use futures_util::StreamExt;
+use prometheus::IntCounter;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -52,6 +61,21 @@ pub const HEADER_EXCLUDE: &str = "Roomgate-Exclude";
 /// it the event is dropped and counted. async-nats' `publish` waits when its
 /// internal queue is full, which happens during an outage.
 const PUBLISH_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Longest wait for a subscribe (or unsubscribe) to be accepted by the
+/// client library; past it the room is retried later.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How often failed subscriptions are retried while connected.
+const RETRY_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How often the connection state is copied into `roomgate_nats_connected`.
+const STATE_POLL: Duration = Duration::from_millis(100);
+
+/// Messages async-nats buffers per subscription before it drops (its
+/// default, 65,536, would let one flooded room hold that many payloads).
+/// The delivery task only queues frames, so it keeps up unless starved.
+const SUBSCRIPTION_CAPACITY: usize = 4096;
 
 /// Why the bridge could not be set up; reported at start-up.
 #[derive(Debug, thiserror::Error)]
@@ -105,15 +129,16 @@ fn mask(url: &str) -> String {
 }
 
 /// Creates the NATS client. It returns at once: the connection is made in
-/// the background and retried forever, and `roomgate_nats_connected`
-/// follows its state.
+/// the background and retried forever; [`Bridge::run`] keeps
+/// `roomgate_nats_connected` in line with its state.
 pub async fn connect(
     config: &NatsConfig,
     gateway_id: &str,
     metrics: &Metrics,
 ) -> Result<Client, NatsSetupError> {
     let addrs = server_addrs(config)?;
-    let mut options = if config.creds_file.is_empty() {
+    let slow_consumer = metrics.dropped_nats_slow_consumer.clone();
+    let options = if config.creds_file.is_empty() {
         ConnectOptions::new()
     } else {
         ConnectOptions::with_credentials_file(&config.creds_file)
@@ -123,35 +148,43 @@ pub async fn connect(
                 source,
             })?
     };
-    let gauge = metrics.nats_connected.clone();
-    options = options
+    options
         .name(format!("roomgate {gateway_id}"))
         .retry_on_initial_connect()
         .max_reconnects(None)
+        // The server does not send this instance's publications back to it;
+        // the `Roomgate-Gateway` check in `inbound` stays as a second guard.
         .no_echo()
         .connection_timeout(Duration::from_secs(2))
+        // A server that stops answering (frozen, or a dead link that TCP
+        // has not noticed) is given up after three unanswered pings: 30 s
+        // rather than async-nats' default of three minutes.
+        .ping_interval(Duration::from_secs(10))
+        .subscription_capacity(SUBSCRIPTION_CAPACITY)
         .reconnect_delay_callback(reconnect_delay)
-        .event_callback(move |event| {
-            let gauge = gauge.clone();
-            async move {
-                match event {
-                    async_nats::Event::Connected => {
-                        gauge.set(1);
-                        info!("NATS connected");
-                    }
-                    async_nats::Event::Disconnected => {
-                        gauge.set(0);
-                        warn!("NATS disconnected; local rooms keep working, publications are dropped until it is back");
-                    }
-                    async_nats::Event::Closed => gauge.set(0),
-                    other => debug!(event = %other, "NATS event"),
-                }
-            }
-        });
-    options
+        // Events are for logs and the slow-consumer count only: async-nats
+        // drops events when its event queue is full, so the connected gauge
+        // is taken from the client's state instead (see `watch_connection`).
+        .event_callback(move |event| on_event(event, slow_consumer.clone()))
         .connect(addrs)
         .await
         .map_err(|e| NatsSetupError::Connect(e.to_string()))
+}
+
+/// Logs a client event, and counts the messages async-nats dropped because
+/// a subscription's buffer was full.
+async fn on_event(event: async_nats::Event, slow_consumer: IntCounter) {
+    match event {
+        async_nats::Event::Connected => info!("NATS connected"),
+        async_nats::Event::Disconnected => {
+            warn!("NATS disconnected; rooms keep working, events are dropped until it is back")
+        }
+        async_nats::Event::SlowConsumer(sid) => {
+            slow_consumer.inc();
+            debug!(sid, "NATS subscription full; a message was dropped");
+        }
+        other => debug!(event = %other, "NATS event"),
+    }
 }
 
 /// Exponential backoff from 100 ms, capped at 2 s: a restarted NATS is
@@ -161,13 +194,57 @@ fn reconnect_delay(attempts: usize) -> Duration {
     Duration::from_millis(100 * 2u64.pow(exp)).min(Duration::from_secs(2))
 }
 
+/// Whether the client is connected now.
+fn is_connected(client: &Client) -> bool {
+    client.connection_state() == State::Connected
+}
+
+/// Keeps `roomgate_nats_connected` equal to the client's state until
+/// `stop`. Polling the state (a watch channel read) cannot miss a
+/// transition the way a dropped event could.
+async fn watch_connection(client: Client, metrics: Metrics, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(STATE_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => metrics.nats_connected.set(i64::from(is_connected(&client))),
+        }
+    }
+    metrics.nats_connected.set(0);
+}
+
+/// Why a subscription could not be made now; the bridge retries it.
+#[derive(Debug, thiserror::Error)]
+enum SubscribeFailed {
+    /// The client refused it (e.g. an invalid subject).
+    #[error("{0}")]
+    Client(#[from] async_nats::SubscribeError),
+    /// The client's command queue stayed full (a long outage).
+    #[error("timed out")]
+    Timeout,
+}
+
+/// A room's subscriptions: one delivery task reading all of them. Cancelling
+/// the token ends the task, and dropping its subscribers unsubscribes.
+struct RoomSubscription {
+    token: CancellationToken,
+    task: JoinHandle<()>,
+}
+
 /// The running bridge.
 pub struct Bridge {
     client: Client,
     hub: Arc<Hub>,
     metrics: Metrics,
     settings: BridgeSettings,
-    room_subs: HashMap<RoomName, CancellationToken>,
+    inbound: Arc<Inbound>,
+    /// Subscriptions of rooms with local members.
+    rooms: HashMap<RoomName, RoomSubscription>,
+    /// Rooms with local members whose subscriptions could not be made yet.
+    retry: HashSet<RoomName>,
+    /// Whether the fixed subscriptions (`send.*`, `all`, `control.*`) exist.
+    fixed: bool,
     stop: CancellationToken,
     tasks: TaskTracker,
 }
@@ -182,42 +259,50 @@ impl Bridge {
         settings: BridgeSettings,
         stop: CancellationToken,
     ) -> Self {
+        let inbound = Arc::new(Inbound::new(hub.clone(), metrics.clone(), settings.clone()));
         Self {
             client,
             hub,
             metrics,
             settings,
-            room_subs: HashMap::new(),
+            inbound,
+            rooms: HashMap::new(),
+            retry: HashSet::new(),
+            fixed: false,
             stop,
             tasks: TaskTracker::new(),
         }
     }
 
     /// Runs until `stop`: subscribes to the fixed subjects, then publishes
-    /// events and keeps one subscription per room with local members.
-    pub async fn run(mut self, mut events: EventStream) {
-        let inbound = Arc::new(Inbound::new(
+    /// events and keeps the subscriptions of the rooms with local members.
+    /// After `stop` it publishes what is still queued and flushes, within
+    /// `flush_budget`: what does not fit (NATS stalled) is counted as a
+    /// publish error rather than holding up the shutdown.
+    pub async fn run(mut self, mut events: EventStream, flush_budget: Duration) {
+        self.tasks.spawn(watch_connection(
             self.client.clone(),
-            self.hub.clone(),
             self.metrics.clone(),
-            self.settings.clone(),
+            self.stop.clone(),
         ));
-        for subject in inbound.fixed_subjects() {
-            self.subscribe(subject, inbound.clone(), CancellationToken::new())
-                .await;
-        }
+        self.subscribe_fixed().await;
         let outbound = outbound::Publisher::new(
             self.client.clone(),
             self.metrics.clone(),
             self.settings.clone(),
         );
+        let mut retry = tokio::time::interval(RETRY_INTERVAL);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => break,
+                _ = retry.tick() => self.retry_failed().await,
                 work = events.next() => match work {
                     Some(Work { interest, event }) => {
-                        self.reconcile(interest, &inbound).await;
+                        for room in interest {
+                            self.reconcile(room).await;
+                        }
                         if let Some(event) = event {
                             outbound.publish(event).await;
                         }
@@ -226,75 +311,171 @@ impl Bridge {
                 },
             }
         }
-        while let Some(event) = events.try_next_event() {
-            outbound.publish(event).await;
+        let deadline = tokio::time::Instant::now() + flush_budget;
+        let drained = tokio::time::timeout_at(deadline, async {
+            while let Some(event) = events.try_next_event() {
+                outbound.publish(event).await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            let mut left = 0;
+            while events.try_next_event().is_some() {
+                left += 1;
+            }
+            self.metrics.nats_publish_errors.inc_by(left);
+            warn!(
+                left,
+                "NATS too slow at shutdown; the last events were dropped"
+            );
         }
-        outbound.flush().await;
+        let _ = tokio::time::timeout_at(deadline, outbound.flush()).await;
         self.tasks.close();
-        for token in self.room_subs.values() {
-            token.cancel();
+        for (_, room) in self.rooms.drain() {
+            room.token.cancel();
         }
         self.stop.cancel();
         self.tasks.wait().await;
     }
 
-    /// Brings room subscriptions in line with which rooms have local members.
-    async fn reconcile(&mut self, rooms: Vec<RoomName>, inbound: &Arc<Inbound>) {
-        for room in rooms {
-            let wanted = self.hub.has_members(room.as_str());
-            match (wanted, self.room_subs.contains_key(&room)) {
-                (true, false) => {
-                    let token = CancellationToken::new();
-                    let subject = format!("{}.*.{}", self.settings.prefix, room);
-                    if self
-                        .subscribe(subject, inbound.clone(), token.clone())
-                        .await
-                    {
-                        self.room_subs.insert(room, token);
-                    }
+    /// Brings one room's subscriptions in line with whether it has local
+    /// members now, however often that changed since the last call.
+    async fn reconcile(&mut self, room: RoomName) {
+        let wanted = self.hub.has_members(room.as_str());
+        if !wanted {
+            self.retry.remove(&room);
+            if let Some(subscription) = self.rooms.remove(&room) {
+                subscription.token.cancel();
+                // Wait for the task to drop its subscribers, so the UNSUB is
+                // queued before whatever this instance publishes next.
+                let _ = tokio::time::timeout(SUBSCRIBE_TIMEOUT, subscription.task).await;
+                debug!(room = room.as_str(), "room interest dropped");
+            }
+            return;
+        }
+        if self.rooms.contains_key(&room) {
+            return;
+        }
+        match self.subscribe_room(&room).await {
+            Ok(subscription) => {
+                self.retry.remove(&room);
+                self.rooms.insert(room, subscription);
+            }
+            Err(e) => {
+                // Warn once per room, not on every retry.
+                let room_name = room.as_str().to_string();
+                if self.retry.insert(room) {
+                    warn!(room = room_name, error = %e, "cannot subscribe to a room yet; will retry");
+                } else {
+                    debug!(room = room_name, error = %e, "room subscription retry failed");
                 }
-                (false, true) => {
-                    if let Some(token) = self.room_subs.remove(&room) {
-                        token.cancel();
-                    }
-                }
-                _ => {}
             }
         }
     }
 
-    /// Subscribes and spawns the task that delivers what arrives, until
-    /// `token` (one room) or the bridge stops. Dropping the subscriber
-    /// unsubscribes.
-    async fn subscribe(
-        &self,
-        subject: String,
-        inbound: Arc<Inbound>,
-        token: CancellationToken,
-    ) -> bool {
-        let mut subscriber = match self.client.subscribe(subject.clone()).await {
-            Ok(subscriber) => subscriber,
-            Err(e) => {
-                warn!(subject, error = %e, "NATS subscribe failed");
-                return false;
+    /// Retries what could not be subscribed, once NATS is connected.
+    async fn retry_failed(&mut self) {
+        if !is_connected(&self.client) {
+            return;
+        }
+        if !self.fixed {
+            self.subscribe_fixed().await;
+        }
+        let rooms: Vec<RoomName> = self.retry.iter().cloned().collect();
+        for room in rooms {
+            self.reconcile(room).await;
+        }
+    }
+
+    /// The subjects to subscribe to for a room. With `client_broadcast`
+    /// (the default) one wildcard, `<prefix>.*.<room>`, covers the room's
+    /// broadcasts, other instances' client messages and presence: one
+    /// subscription per room instead of two or three, which is what a room
+    /// costs in memory here (`docs/nats.md`). It also takes in presence
+    /// events when `presence` is off, a small stream next to the messages.
+    /// Without `client_broadcast` a wildcard would take in every client
+    /// message only to drop it, so the exact subjects are used.
+    fn room_subjects(&self, room: &RoomName) -> Vec<String> {
+        let prefix = &self.settings.prefix;
+        if self.settings.client_broadcast {
+            return vec![format!("{prefix}.*.{room}")];
+        }
+        let mut subjects = vec![format!("{prefix}.broadcast.{room}")];
+        if self.settings.presence {
+            subjects.push(format!("{prefix}.presence.{room}"));
+        }
+        subjects
+    }
+
+    async fn subscribe_room(&self, room: &RoomName) -> Result<RoomSubscription, SubscribeFailed> {
+        let subscribers = self.subscribe_all(self.room_subjects(room)).await?;
+        let token = CancellationToken::new();
+        let task = self.deliver(subscribers, Some(room.clone()), token.clone());
+        debug!(room = room.as_str(), "room interest taken");
+        Ok(RoomSubscription { token, task })
+    }
+
+    async fn subscribe_fixed(&mut self) {
+        match self
+            .subscribe_all(self.inbound.fixed_subjects().to_vec())
+            .await
+        {
+            Ok(subscribers) => {
+                // Lives as long as the bridge.
+                self.deliver(subscribers, None, CancellationToken::new());
+                self.fixed = true;
             }
-        };
-        debug!(subject, "subscribed");
+            Err(e) => warn!(error = %e, "cannot subscribe to the fixed subjects yet; will retry"),
+        }
+    }
+
+    /// Subscribes to every subject or to none: on a failure, the
+    /// subscriptions already made are dropped (and so unsubscribed).
+    async fn subscribe_all(
+        &self,
+        subjects: Vec<String>,
+    ) -> Result<Vec<Subscriber>, SubscribeFailed> {
+        let mut subscribers = Vec::with_capacity(subjects.len());
+        for subject in subjects {
+            // While disconnected, `subscribe` only queues the command (sent
+            // on reconnect); it waits only when that queue is full.
+            let subscriber =
+                tokio::time::timeout(SUBSCRIBE_TIMEOUT, self.client.subscribe(subject))
+                    .await
+                    .map_err(|_| SubscribeFailed::Timeout)??;
+            subscribers.push(subscriber);
+        }
+        Ok(subscribers)
+    }
+
+    /// Spawns the task that delivers what the subscribers receive (for
+    /// `room`, or the fixed subjects), until `token` or the bridge stops.
+    fn deliver(
+        &self,
+        subscribers: Vec<Subscriber>,
+        room: Option<RoomName>,
+        token: CancellationToken,
+    ) -> JoinHandle<()> {
+        let mut messages = futures_util::stream::select_all(subscribers);
+        let inbound = self.inbound.clone();
         let stop = self.stop.clone();
         self.tasks.spawn(async move {
             loop {
-                tokio::select! {
+                let message = tokio::select! {
                     biased;
                     _ = stop.cancelled() => break,
                     _ = token.cancelled() => break,
-                    message = subscriber.next() => match message {
-                        Some(message) => inbound.handle(message).await,
+                    message = messages.next() => match message {
+                        Some(message) => message,
                         None => break,
                     },
+                };
+                match &room {
+                    Some(room) => inbound.handle_room(room, message),
+                    None => inbound.handle_fixed(message),
                 }
             }
-        });
-        true
+        })
     }
 }
 

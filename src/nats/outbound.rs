@@ -3,8 +3,9 @@
 
 use std::fmt::Write as _;
 
-use async_nats::{Client, HeaderMap};
+use async_nats::{Client, HeaderMap, HeaderValue};
 use bytes::Bytes;
+use tracing::debug;
 
 use super::{BridgeSettings, HEADER_CONNECTION, HEADER_GATEWAY, HEADER_USER, PUBLISH_TIMEOUT};
 use crate::events::Event;
@@ -37,12 +38,19 @@ impl Publisher {
             return;
         }
         let (subject, conn, payload) = self.encode(&event);
-        let headers = self.headers(conn);
-        let sent = tokio::time::timeout(
-            PUBLISH_TIMEOUT,
-            self.client.publish_with_headers(subject, headers, payload),
-        )
-        .await;
+        let sent = match conn {
+            Some(conn) => {
+                let headers = self.headers(conn);
+                tokio::time::timeout(
+                    PUBLISH_TIMEOUT,
+                    self.client.publish_with_headers(subject, headers, payload),
+                )
+                .await
+            }
+            None => {
+                tokio::time::timeout(PUBLISH_TIMEOUT, self.client.publish(subject, payload)).await
+            }
+        };
         match sent {
             Ok(Ok(())) => self.metrics.nats_published.inc(),
             _ => self.metrics.nats_publish_errors.inc(),
@@ -59,15 +67,22 @@ impl Publisher {
     fn headers(&self, conn: &Connection) -> HeaderMap {
         let mut headers = HeaderMap::new();
         headers.insert(HEADER_CONNECTION, conn.id_str());
+        // A user comes from a token's `sub` and may hold a line break, which
+        // a header cannot carry (async-nats panics on it). The payload's
+        // `user` has it exactly; the header is left out.
         if let Some(user) = conn.user() {
-            headers.insert(HEADER_USER, user);
+            match user.parse::<HeaderValue>() {
+                Ok(value) => headers.insert(HEADER_USER, value),
+                Err(_) => debug!("user cannot be a NATS header value; only in the payload"),
+            }
         }
         headers.insert(HEADER_GATEWAY, &*self.settings.gateway_id);
         headers
     }
 
-    /// The subject, the connection it concerns, and the JSON payload.
-    fn encode<'e>(&self, event: &'e Event) -> (String, &'e Connection, Bytes) {
+    /// The subject, the connection it concerns (whose headers it gets), and
+    /// the payload.
+    fn encode<'e>(&self, event: &'e Event) -> (String, Option<&'e Connection>, Bytes) {
         let prefix = &self.settings.prefix;
         let gateway = &*self.settings.gateway_id;
         match event {
@@ -84,7 +99,7 @@ impl Publisher {
                 out.str("user", from.user());
                 out.str("gateway", Some(gateway));
                 out.num("ts", *ts);
-                (format!("{prefix}.message.{room}"), from, out.finish())
+                (format!("{prefix}.message.{room}"), Some(from), out.finish())
             }
             Event::Presence {
                 room,
@@ -99,17 +114,30 @@ impl Publisher {
                 out.str("user", conn.user());
                 out.str("gateway", Some(gateway));
                 out.num("ts", *ts);
-                (format!("{prefix}.presence.{room}"), conn, out.finish())
+                (
+                    format!("{prefix}.presence.{room}"),
+                    Some(conn),
+                    out.finish(),
+                )
             }
             Event::ConnectionOpen { conn, ts } => {
                 let out = lifecycle(conn, gateway, *ts);
-                (format!("{prefix}.connection.open"), conn, out.finish())
+                (
+                    format!("{prefix}.connection.open"),
+                    Some(conn),
+                    out.finish(),
+                )
             }
             Event::ConnectionClose { conn, code, ts } => {
                 let mut out = lifecycle(conn, gateway, *ts);
                 out.num("code", u64::from(*code));
-                (format!("{prefix}.connection.close"), conn, out.finish())
+                (
+                    format!("{prefix}.connection.close"),
+                    Some(conn),
+                    out.finish(),
+                )
             }
+            Event::Reply { subject, body } => (subject.clone(), None, body.clone()),
         }
     }
 }

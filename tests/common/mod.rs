@@ -728,6 +728,8 @@ pub struct NatsServer {
     pub port: u16,
     /// Cluster (route) port, when clustered.
     pub cluster_port: Option<u16>,
+    /// HTTP monitoring port (`-m`): `/connz`, `/subsz`, `/varz`.
+    pub monitor_port: u16,
     args: Vec<String>,
     child: Option<Child>,
     dir: PathBuf,
@@ -791,6 +793,7 @@ impl NatsServer {
         let mut server = Self {
             port: free_port(),
             cluster_port,
+            monitor_port: free_port(),
             args,
             child: None,
             dir,
@@ -802,6 +805,7 @@ impl NatsServer {
     fn spawn(&mut self) {
         let child = Command::new(nats_server_binary())
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-m", &self.monitor_port.to_string()])
             .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -810,6 +814,25 @@ impl NatsServer {
             .expect("spawn nats-server");
         self.child = Some(child);
         wait_for_port(self.port);
+        wait_for_port(self.monitor_port);
+    }
+
+    /// Whether the process is running (not stopped by [`NatsServer::stop`]).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// A monitoring endpoint (e.g. `/connz?subs=1`) parsed as JSON.
+    pub async fn monitor(&self, path: &str) -> Value {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.monitor_port));
+        let (status, body) = http_get(addr, path).await;
+        assert_eq!(status, 200, "nats-server monitoring {path}: {body}");
+        serde_json::from_str(&body).expect("monitoring endpoint returns JSON")
     }
 
     /// `nats://127.0.0.1:port`.
@@ -993,9 +1016,15 @@ impl GatewayProcess {
                 sink.lock().unwrap().push(line);
             }
         });
-        let line = rx
-            .recv_timeout(WAIT)
-            .expect("roomgate logged its listening line");
+        let line = match rx.recv_timeout(WAIT) {
+            Ok(line) => line,
+            Err(_) => {
+                // Not yet owned by a `GatewayProcess`, whose drop would kill it.
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("roomgate did not log its listening line within {WAIT:?}");
+            }
+        };
         let fields: HashMap<String, Value> = serde_json::from_str(&line).expect("JSON log line");
         let addr = fields["addr"]
             .as_str()

@@ -1,0 +1,944 @@
+//! The NATS bridge of one gateway against a real `nats-server` (SPEC §2):
+//! what it publishes for backends (subjects, payloads, headers), what
+//! backends reach through it (rooms, one connection, everyone, control),
+//! and the room interest it keeps on the server.
+
+mod common;
+mod nats_support;
+
+#[allow(dead_code)]
+#[path = "../examples/echo_backend.rs"]
+mod echo_backend;
+
+use common::*;
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use nats_support::*;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+/// Checks `ts` is Unix milliseconds taken during the test.
+fn assert_ts(value: &Value, since: u64) {
+    let ts = value["ts"].as_u64().expect("ts is an integer");
+    assert!(
+        ts >= since && ts <= now_ms(),
+        "ts {ts} is not a Unix time in ms taken during the test (since {since})"
+    );
+}
+
+/// Checks the `Roomgate-*` headers of a published event.
+fn assert_headers(
+    message: &async_nats::Message,
+    connection: &str,
+    gateway: &str,
+    user: Option<&str>,
+) {
+    assert_eq!(
+        header(message, "Roomgate-Connection").as_deref(),
+        Some(connection)
+    );
+    assert_eq!(
+        header(message, "Roomgate-Gateway").as_deref(),
+        Some(gateway)
+    );
+    assert_eq!(header(message, "Roomgate-User").as_deref(), user);
+}
+
+#[tokio::test]
+async fn client_events_are_published_with_every_field_and_header() {
+    let server = NatsServer::start();
+    let backend = Backend::connect(&server).await;
+    let mut events = backend.subscribe("roomgate.>").await;
+    let since = now_ms();
+    let gw = nats_gateway(&server, |_| {}).await;
+
+    let mut a = gw.client().await;
+    let (msg, open) = events.next_json().await;
+    assert_eq!(msg.subject.as_str(), "roomgate.connection.open");
+    assert_eq!(
+        open,
+        json!({"connection_id": a.id, "user": null, "gateway": gw.id, "ts": open["ts"]})
+    );
+    assert_ts(&open, since);
+    assert_headers(&msg, &a.id, &gw.id, None);
+
+    // A hierarchical room maps to subject tokens.
+    a.join("game.42.lobby").await;
+    let (msg, join) = events.next_json().await;
+    assert_eq!(msg.subject.as_str(), "roomgate.presence.game.42.lobby");
+    assert_eq!(
+        join,
+        json!({"event": "join", "room": "game.42.lobby", "connection_id": a.id,
+               "user": null, "gateway": gw.id, "ts": join["ts"]})
+    );
+    assert_ts(&join, since);
+    assert_headers(&msg, &a.id, &gw.id, None);
+
+    // `content` reaches NATS byte for byte: spacing, number spelling and
+    // escapes are not normalised by a re-encoding.
+    let content = r#"{"n": 1.50, "s":"\u00e9\"q", "list":[1,{"x":null}]}"#;
+    a.send_text(&format!(
+        r#"{{"type":"message","room":"game.42.lobby","content":{content},"id":"m1"}}"#
+    ))
+    .await;
+    assert_eq!(a.recv().await, json!({"type": "ack", "id": "m1"}));
+    let (msg, message) = events.next_json().await;
+    assert_eq!(msg.subject.as_str(), "roomgate.message.game.42.lobby");
+    let raw = String::from_utf8_lossy(&msg.payload);
+    assert!(
+        raw.contains(&format!(r#""content":{content}"#)),
+        "content changed on its way to NATS: {raw}"
+    );
+    let parsed_content: Value = serde_json::from_str(content).expect("content is JSON");
+    assert_eq!(
+        message,
+        json!({"room": "game.42.lobby", "content": parsed_content, "from": a.id,
+               "user": null, "gateway": gw.id, "ts": message["ts"]})
+    );
+    assert_ts(&message, since);
+    assert_headers(&msg, &a.id, &gw.id, None);
+
+    a.send(json!({"type": "leave", "room": "game.42.lobby"}))
+        .await;
+    assert_eq!(
+        a.recv().await,
+        json!({"type": "left", "room": "game.42.lobby"})
+    );
+    let (msg, leave) = events.next_json().await;
+    assert_eq!(msg.subject.as_str(), "roomgate.presence.game.42.lobby");
+    assert_eq!(leave["event"], "leave");
+    assert_eq!(leave["connection_id"], a.id.as_str());
+
+    a.ws.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "".into(),
+    }))
+    .await
+    .expect("close");
+    let (msg, close) = events.next_json().await;
+    assert_eq!(msg.subject.as_str(), "roomgate.connection.close");
+    assert_eq!(
+        close,
+        json!({"connection_id": a.id, "user": null, "gateway": gw.id, "ts": close["ts"], "code": 1000})
+    );
+    assert_ts(&close, since);
+    assert_headers(&msg, &a.id, &gw.id, None);
+
+    // A client that vanishes without a close frame: 1006, and it leaves
+    // its rooms (a presence event) before the close event.
+    let mut b = gw.client().await;
+    events.next_json().await; // its connection.open
+    b.join("general").await;
+    events.next_json().await; // its presence join
+    drop(b);
+    let (msg, leave) = events.next_json().await;
+    assert_eq!(msg.subject.as_str(), "roomgate.presence.general");
+    assert_eq!(leave["event"], "leave");
+    let (msg, close) = events.next_json().await;
+    assert_eq!(msg.subject.as_str(), "roomgate.connection.close");
+    assert_eq!(close["code"], 1006);
+    events.expect_silence().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn presence_is_published_whatever_the_presence_setting() {
+    for presence in [false, true] {
+        let server = NatsServer::start();
+        let backend = Backend::connect(&server).await;
+        let mut events = backend.subscribe("roomgate.presence.>").await;
+        let gw = nats_gateway(&server, |c| c.websocket.rooms.presence = presence).await;
+        let mut a = gw.client().await;
+        a.join("general").await;
+        let (_, join) = events.next_json().await;
+        assert_eq!(join["event"], "join", "presence = {presence}");
+        gw.stop().await;
+    }
+}
+
+/// The user of an authenticated connection is in every payload and in the
+/// `Roomgate-User` header; a user that cannot be a header value (a line
+/// break) stays in the payload and cannot break the bridge.
+#[tokio::test]
+async fn authenticated_user_is_in_payloads_and_headers() {
+    // The HS256 secret is read from the environment variable the config
+    // names; PATH is always set, so its value serves as the secret.
+    let secret = std::env::var("PATH").expect("PATH is set");
+    let token = |sub: &str| {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &json!({"sub": sub, "exp": now_ms() / 1000 + 3600}),
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .expect("sign")
+    };
+    let server = NatsServer::start();
+    let backend = Backend::connect(&server).await;
+    let mut events = backend.subscribe("roomgate.>").await;
+    let gw = nats_gateway(&server, |c| {
+        c.auth.mode = roomgate::config::AuthMode::Jwt;
+        c.auth.jwt.secret_env = "PATH".into();
+    })
+    .await;
+
+    let mut alice = WsClient::connect(&format!("{}?token={}", gw.ws_url(), token("alice"))).await;
+    let (msg, open) = events.next_json().await;
+    assert_eq!(open["user"], "alice");
+    assert_headers(&msg, &alice.id, &gw.id, Some("alice"));
+    alice.join("general").await;
+    let (msg, join) = events.next_json().await;
+    assert_eq!(join["user"], "alice");
+    assert_headers(&msg, &alice.id, &gw.id, Some("alice"));
+    alice
+        .send(json!({"type": "message", "room": "general", "content": "hi"}))
+        .await;
+    let (msg, message) = events.next_json().await;
+    assert_eq!(message["user"], "alice");
+    assert_headers(&msg, &alice.id, &gw.id, Some("alice"));
+
+    let odd = "mallory\r\nRoomgate-Gateway: forged";
+    let mut mallory = WsClient::connect(&format!("{}?token={}", gw.ws_url(), token(odd))).await;
+    let (msg, open) = events.next_json().await;
+    assert_eq!(open["user"], odd);
+    assert_headers(&msg, &mallory.id, &gw.id, None);
+    // The bridge is still alive.
+    mallory.join("general").await;
+    let (_, join) = events.next_json().await;
+    assert_eq!(join["connection_id"], mallory.id.as_str());
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_custom_subject_prefix_is_honoured_both_ways() {
+    let server = NatsServer::start();
+    let backend = Backend::connect(&server).await;
+    let mut default_prefix = backend.subscribe("roomgate.>").await;
+    let mut events = backend.subscribe("acme.rooms.>").await;
+    let gw = nats_gateway(&server, |c| c.nats.subject_prefix = "acme.rooms".into()).await;
+    let mut a = gw.client().await;
+    let (msg, _) = events.next_json().await;
+    assert_eq!(msg.subject.as_str(), "acme.rooms.connection.open");
+    a.join("general").await;
+    let (msg, _) = events.next_json().await;
+    assert_eq!(msg.subject.as_str(), "acme.rooms.presence.general");
+    a.send(json!({"type": "message", "room": "general", "content": "hi"}))
+        .await;
+    let (msg, _) = events.next_json().await;
+    assert_eq!(msg.subject.as_str(), "acme.rooms.message.general");
+
+    backend
+        .publish("roomgate.broadcast.general", "wrong prefix")
+        .await;
+    // The test's own publication is the only thing on the default prefix.
+    assert_eq!(&default_prefix.next().await.payload[..], b"wrong prefix");
+    backend
+        .publish("acme.rooms.broadcast.general", "hello")
+        .await;
+    assert_eq!(
+        a.recv().await,
+        server_message(Some("general"), "hello", "server")
+    );
+    backend
+        .publish(&format!("acme.rooms.send.{}", a.id), "direct")
+        .await;
+    assert_eq!(a.recv().await, server_message(None, "direct", "server"));
+    default_prefix.expect_silence().await;
+    a.expect_silence().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn backend_broadcast_reaches_members_wrapped_raw_or_excluding_one() {
+    let server = NatsServer::start();
+    let backend = Backend::connect(&server).await;
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    let gw = nats_gateway(&server, |_| {}).await;
+    let mut a = gw.client().await;
+    let mut b = gw.client().await;
+    let mut outsider = gw.client().await;
+    join_synced(&mut a, &mut presence, "game.42.lobby").await;
+    join_synced(&mut b, &mut presence, "game.42.lobby").await;
+    outsider.join("game.42").await;
+
+    // The payload is the content, as text, even when it is JSON.
+    let subject = "roomgate.broadcast.game.42.lobby";
+    backend.publish(subject, r#"{"score":3}"#).await;
+    let wrapped = server_message(Some("game.42.lobby"), r#"{"score":3}"#, "server");
+    assert_eq!(a.recv().await, wrapped);
+    assert_eq!(b.recv().await, wrapped);
+
+    backend
+        .publish_with(subject, &[("Roomgate-From", "bot")], "beep")
+        .await;
+    let from_bot = server_message(Some("game.42.lobby"), "beep", "bot");
+    assert_eq!(a.recv().await, from_bot);
+    assert_eq!(b.recv().await, from_bot);
+
+    let raw = r#"{"type":"scoreboard","scores":[1,2]}"#;
+    backend
+        .publish_with(subject, &[("Roomgate-Raw", "true")], raw)
+        .await;
+    let raw_value: Value = serde_json::from_str(raw).expect("JSON");
+    assert_eq!(a.recv().await, raw_value);
+    assert_eq!(b.recv().await, raw_value);
+
+    backend
+        .publish_with(subject, &[("Roomgate-Exclude", &a.id)], "not for a")
+        .await;
+    assert_eq!(
+        b.recv().await,
+        server_message(Some("game.42.lobby"), "not for a", "server")
+    );
+    // Header names are matched without regard to case, as in HTTP.
+    backend
+        .publish_with(subject, &[("roomgate-from", "lower")], "case")
+        .await;
+    assert_eq!(
+        a.recv().await,
+        server_message(Some("game.42.lobby"), "case", "lower")
+    );
+    assert_eq!(
+        b.recv().await,
+        server_message(Some("game.42.lobby"), "case", "lower")
+    );
+
+    a.expect_silence().await;
+    b.expect_silence().await;
+    outsider.expect_silence().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn send_reaches_one_connection_and_all_reaches_everyone() {
+    let server = NatsServer::start();
+    let backend = Backend::connect(&server).await;
+    let gw = nats_gateway(&server, |_| {}).await;
+    let mut a = gw.client().await;
+    let mut b = gw.client().await;
+    let mut c = gw.client().await;
+    a.join("general").await;
+
+    backend
+        .publish(&format!("roomgate.send.{}", b.id), "just you")
+        .await;
+    assert_eq!(b.recv().await, server_message(None, "just you", "server"));
+    backend
+        .publish_with(
+            &format!("roomgate.send.{}", b.id),
+            &[("Roomgate-Raw", "true")],
+            r#"{"type":"notice","n":1}"#,
+        )
+        .await;
+    assert_eq!(b.recv().await, json!({"type": "notice", "n": 1}));
+    // Nobody has these ids; nothing happens, nothing breaks.
+    backend
+        .publish(&format!("roomgate.send.{}", uuid::Uuid::new_v4()), "lost")
+        .await;
+    backend.publish("roomgate.send.not-a-uuid", "lost").await;
+
+    backend.publish("roomgate.all", "everyone").await;
+    let everyone = server_message(None, "everyone", "server");
+    assert_eq!(a.recv().await, everyone);
+    assert_eq!(b.recv().await, everyone);
+    assert_eq!(c.recv().await, everyone);
+    backend
+        .publish_with(
+            "roomgate.all",
+            &[("Roomgate-Exclude", &c.id), ("Roomgate-From", "ops")],
+            "not c",
+        )
+        .await;
+    assert_eq!(a.recv().await, server_message(None, "not c", "ops"));
+    assert_eq!(b.recv().await, server_message(None, "not c", "ops"));
+
+    a.expect_silence().await;
+    b.expect_silence().await;
+    c.expect_silence().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn control_subjects_change_membership_and_close_connections() {
+    let server = NatsServer::start();
+    let backend = Backend::connect(&server).await;
+    let gw = nats_gateway(&server, |_| {}).await;
+    let mut a = gw.client().await;
+    let mut b = gw.client().await;
+
+    // Fire and forget.
+    backend
+        .publish(
+            "roomgate.control.join",
+            &json!({"connection_id": a.id, "room": "vip.lounge"}).to_string(),
+        )
+        .await;
+    assert_eq!(
+        a.recv().await,
+        json!({"type": "joined", "room": "vip.lounge"})
+    );
+
+    // As a request: the owning instance answers once its work is done, so
+    // a broadcast sent after the answer reaches the new member.
+    let reply = backend
+        .request(
+            "roomgate.control.join",
+            json!({"connection_id": b.id, "room": "vip.lounge"}),
+        )
+        .await;
+    assert_eq!(reply, json!({"ok": true}));
+    assert_eq!(
+        b.recv().await,
+        json!({"type": "joined", "room": "vip.lounge"})
+    );
+    backend
+        .publish("roomgate.broadcast.vip.lounge", "welcome")
+        .await;
+    let welcome = server_message(Some("vip.lounge"), "welcome", "server");
+    assert_eq!(a.recv().await, welcome);
+    assert_eq!(b.recv().await, welcome);
+    // Members added by a backend talk like any other.
+    b.send(json!({"type": "message", "room": "vip.lounge", "content": "hi"}))
+        .await;
+    assert_eq!(
+        a.recv().await,
+        json!({"type": "message", "room": "vip.lounge", "content": "hi", "from": b.id})
+    );
+
+    let reply = backend
+        .request(
+            "roomgate.control.leave",
+            json!({"connection_id": a.id, "room": "vip.lounge"}),
+        )
+        .await;
+    assert_eq!(reply, json!({"ok": true}));
+    assert_eq!(
+        a.recv().await,
+        json!({"type": "left", "room": "vip.lounge", "reason": "kicked"})
+    );
+    let reply = backend
+        .request(
+            "roomgate.control.leave",
+            json!({"connection_id": a.id, "room": "vip.lounge"}),
+        )
+        .await;
+    assert_eq!(reply, json!({"ok": false, "error": "not_member"}));
+    let reply = backend
+        .request(
+            "roomgate.control.join",
+            json!({"connection_id": a.id, "room": "no spaces"}),
+        )
+        .await;
+    assert_eq!(reply, json!({"ok": false, "error": "invalid_room"}));
+    // Malformed payloads are ignored.
+    backend.publish("roomgate.control.join", "not json").await;
+    backend
+        .publish(
+            "roomgate.control.leave",
+            r#"{"connection_id":"nope","room":"x"}"#,
+        )
+        .await;
+    a.expect_silence().await;
+
+    let reply = backend
+        .request(
+            "roomgate.control.disconnect",
+            json!({"connection_id": a.id, "code": 4001, "reason": "banned"}),
+        )
+        .await;
+    assert_eq!(reply, json!({"ok": true}));
+    assert_eq!(a.recv_close().await, Some(4001));
+    // Without a code (or with one a server may not send): 1008.
+    backend
+        .publish(
+            "roomgate.control.disconnect",
+            &json!({"connection_id": b.id, "code": 1006}).to_string(),
+        )
+        .await;
+    assert_eq!(b.recv_close().await, Some(1008));
+    gw.stop().await;
+}
+
+/// Client messages of other instances arrive on `message.<room>`; an
+/// instance recognises its own publications by `Roomgate-Gateway` and
+/// does not deliver them twice.
+#[tokio::test]
+async fn peer_messages_are_delivered_unless_they_carry_this_gateway() {
+    let server = NatsServer::start();
+    let backend = Backend::connect(&server).await;
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    let gw = nats_gateway(&server, |_| {}).await;
+    let mut a = gw.client().await;
+    join_synced(&mut a, &mut presence, "general").await;
+    let peer = uuid::Uuid::new_v4().to_string();
+    let payload = |content: &str| {
+        json!({"room": "general", "content": content, "from": peer, "user": null,
+               "gateway": "elsewhere", "ts": now_ms()})
+        .to_string()
+    };
+    backend
+        .publish_with(
+            "roomgate.message.general",
+            &[("Roomgate-Gateway", &gw.id)],
+            &payload("own"),
+        )
+        .await;
+    backend
+        .publish_with(
+            "roomgate.message.general",
+            &[("Roomgate-Gateway", "another-instance")],
+            &payload("theirs"),
+        )
+        .await;
+    assert_eq!(
+        a.recv().await,
+        json!({"type": "message", "room": "general", "content": "theirs", "from": peer})
+    );
+    a.expect_silence().await;
+    gw.stop().await;
+}
+
+/// Whatever a backend sends, the gateway neither stops nor delivers a
+/// broken frame.
+#[tokio::test]
+async fn malformed_backend_input_is_dropped_and_the_bridge_carries_on() {
+    let server = NatsServer::start();
+    let backend = Backend::connect(&server).await;
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    let gw = nats_gateway(&server, |_| {}).await;
+    let mut a = gw.client().await;
+    join_synced(&mut a, &mut presence, "general").await;
+
+    let raw = [("Roomgate-Raw", "true")];
+    let non_utf8 = async_nats::HeaderMap::from_iter([(
+        "Roomgate-Raw".parse().expect("name"),
+        "true".parse().expect("value"),
+    )]);
+    backend
+        .client
+        .publish_with_headers(
+            "roomgate.broadcast.general",
+            non_utf8,
+            bytes::Bytes::from_static(&[0xff, 0xfe, b'{']),
+        )
+        .await
+        .expect("publish");
+    backend
+        .publish("roomgate.message.general", "not a peer message")
+        .await;
+    backend
+        .publish("roomgate.presence.general", r#"{"event":"dance"}"#)
+        .await;
+    backend.publish("roomgate.control.disconnect", "{").await;
+    backend
+        .publish_with("roomgate.send.xyz", &raw, "no such connection")
+        .await;
+    backend
+        .publish("roomgate.all.extra", "not a subject of ours")
+        .await;
+    // A wrapped payload that is not UTF-8 is delivered with replacement
+    // characters rather than dropped.
+    backend
+        .client
+        .publish(
+            "roomgate.broadcast.general",
+            bytes::Bytes::from_static(&[b'h', 0xff, b'i']),
+        )
+        .await
+        .expect("publish");
+    assert_eq!(
+        a.recv().await,
+        server_message(Some("general"), "h\u{fffd}i", "server")
+    );
+    backend
+        .publish("roomgate.broadcast.general", "still here")
+        .await;
+    assert_eq!(
+        a.recv().await,
+        server_message(Some("general"), "still here", "server")
+    );
+    a.expect_silence().await;
+    gw.stop().await;
+}
+
+/// An instance subscribes to a room's subjects only while the room has
+/// local members, as the server itself reports.
+#[tokio::test]
+async fn room_interest_follows_local_membership() {
+    let server = NatsServer::start();
+    let backend = Backend::connect(&server).await;
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    let gw = nats_gateway(&server, |_| {}).await;
+    let fixed = ["roomgate.all", "roomgate.control.*", "roomgate.send.*"];
+    wait_subjects(&server, &gw.id, "the fixed subscriptions", |s| s == fixed).await;
+
+    let mut a = gw.client().await;
+    let mut b = gw.client().await;
+    join_synced(&mut a, &mut presence, "game.42.lobby").await;
+    let with_room = [
+        "roomgate.*.game.42.lobby",
+        "roomgate.all",
+        "roomgate.control.*",
+        "roomgate.send.*",
+    ];
+    assert_eq!(gateway_subjects(&server, &gw.id).await, with_room);
+    join_synced(&mut b, &mut presence, "game.42.lobby").await;
+    assert_eq!(gateway_subjects(&server, &gw.id).await, with_room);
+
+    // Messages for the room are taken in while it has members...
+    let received = gw.metric("roomgate_nats_received_total").await;
+    backend
+        .publish("roomgate.broadcast.game.42.lobby", "one")
+        .await;
+    a.recv().await;
+    b.recv().await;
+    assert_eq!(
+        gw.metric("roomgate_nats_received_total").await,
+        received + 1.0
+    );
+
+    // ... still with one member left ...
+    a.send(json!({"type": "leave", "room": "game.42.lobby"}))
+        .await;
+    a.recv().await;
+    presence.next_matching(|_, v| v["event"] == "leave").await;
+    assert_eq!(gateway_subjects(&server, &gw.id).await, with_room);
+
+    // ... and not once the last one is gone (here by disconnecting).
+    drop(b);
+    presence.next_matching(|_, v| v["event"] == "leave").await;
+    wait_subjects(&server, &gw.id, "the room's subscriptions to go", |s| {
+        s == fixed
+    })
+    .await;
+    backend
+        .publish("roomgate.broadcast.game.42.lobby", "two")
+        .await;
+    backend.publish("roomgate.all", "three").await;
+    assert_eq!(a.recv().await, server_message(None, "three", "server"));
+    assert_eq!(
+        gw.metric("roomgate_nats_received_total").await,
+        received + 2.0
+    );
+
+    // A client that joins and leaves in a loop leaves no interest behind,
+    // and the room it ends up in is subscribed.
+    for i in 0..50 {
+        let room = format!("loop.{}", i % 5);
+        a.send(json!({"type": "join", "room": room})).await;
+        a.send(json!({"type": "leave", "room": room})).await;
+    }
+    a.send(json!({"type": "join", "room": "loop.final"})).await;
+    for _ in 0..100 {
+        a.recv().await;
+    }
+    assert_eq!(
+        a.recv().await,
+        json!({"type": "joined", "room": "loop.final"})
+    );
+    wait_subjects(&server, &gw.id, "only loop.final's subscriptions", |s| {
+        s == [
+            "roomgate.*.loop.final",
+            "roomgate.all",
+            "roomgate.control.*",
+            "roomgate.send.*",
+        ]
+    })
+    .await;
+    gw.stop().await;
+}
+
+/// Without `client_broadcast` an instance does not take in the room's
+/// client messages (only backends act on them): it subscribes to the
+/// room's broadcasts, and its presence when members are told of it.
+#[tokio::test]
+async fn room_subscriptions_without_client_broadcast_are_exact() {
+    for (presence, room_subjects) in [
+        (false, &["roomgate.broadcast.general"][..]),
+        (
+            true,
+            &["roomgate.broadcast.general", "roomgate.presence.general"][..],
+        ),
+    ] {
+        let server = NatsServer::start();
+        let backend = Backend::connect(&server).await;
+        let mut presence_events = backend.subscribe("roomgate.presence.>").await;
+        let gw = nats_gateway(&server, |c| {
+            c.websocket.rooms.presence = presence;
+            c.websocket.rooms.client_broadcast = false;
+        })
+        .await;
+        let mut a = gw.client().await;
+        join_synced(&mut a, &mut presence_events, "general").await;
+        let mut expected: Vec<&str> = ["roomgate.all", "roomgate.control.*", "roomgate.send.*"]
+            .into_iter()
+            .chain(room_subjects.iter().copied())
+            .collect();
+        expected.sort();
+        assert_eq!(gateway_subjects(&server, &gw.id).await, expected);
+        gw.stop().await;
+    }
+}
+
+/// A room's subscription (`roomgate.*.<room>`) also matches fixed
+/// subjects when the room is named like their last token: `join`,
+/// `open`, a connection id. Each message is still acted on once, by the
+/// subscription it is meant for.
+#[tokio::test]
+async fn rooms_named_like_fixed_subjects_do_not_double_deliver() {
+    let server = NatsServer::start();
+    let backend = Backend::connect(&server).await;
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    let gw = nats_gateway(&server, |_| {}).await;
+    let mut a = gw.client().await;
+    let a_id = a.id.clone();
+    for room in [
+        "join",
+        "leave",
+        "disconnect",
+        "open",
+        "close",
+        a_id.as_str(),
+    ] {
+        join_synced(&mut a, &mut presence, room).await;
+    }
+
+    // One `joined`, one answer.
+    let inbox = backend.client.new_inbox();
+    let mut replies = backend.subscribe(&inbox).await;
+    backend
+        .client
+        .publish_with_reply(
+            "roomgate.control.join",
+            inbox.clone(),
+            json!({"connection_id": a.id, "room": "lobby"})
+                .to_string()
+                .into(),
+        )
+        .await
+        .expect("publish");
+    assert_eq!(replies.next_json().await.1, json!({"ok": true}));
+    assert_eq!(a.recv().await, json!({"type": "joined", "room": "lobby"}));
+    // One direct message.
+    backend
+        .publish(&format!("roomgate.send.{}", a.id), "once")
+        .await;
+    assert_eq!(a.recv().await, server_message(None, "once", "server"));
+    // Other connections opening is not a message in the room `open`.
+    let b = gw.client().await;
+    drop(b);
+    a.expect_silence().await;
+    replies.expect_silence().await;
+    // The rooms' own broadcasts still arrive.
+    backend.publish("roomgate.broadcast.join", "in join").await;
+    assert_eq!(
+        a.recv().await,
+        server_message(Some("join"), "in join", "server")
+    );
+    gw.stop().await;
+}
+
+/// The example backend (`examples/echo_backend.rs`) against a real gateway.
+#[tokio::test]
+async fn echo_backend_answers_into_the_room() {
+    let server = NatsServer::start();
+    let bot = echo_backend::EchoBot::start(server.client().await, "roomgate")
+        .await
+        .expect("the bot subscribes");
+    let bot = tokio::spawn(bot.run());
+    wait_for_subscriber(&server, "roomgate.message.>").await;
+    let backend = Backend::connect(&server).await;
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    let gw = nats_gateway(&server, |_| {}).await;
+    let mut a = gw.client().await;
+    let mut b = gw.client().await;
+    join_synced(&mut a, &mut presence, "general").await;
+    join_synced(&mut b, &mut presence, "general").await;
+
+    a.send(json!({"type": "message", "room": "general", "content": "ping"}))
+        .await;
+    assert_eq!(
+        b.recv().await,
+        json!({"type": "message", "room": "general", "content": "ping", "from": a.id})
+    );
+    let echo = server_message(Some("general"), "echo: ping", "bot");
+    assert_eq!(a.recv().await, echo);
+    assert_eq!(b.recv().await, echo);
+
+    // The moderation rule: a blocked word is not echoed, and only its
+    // author is told why.
+    a.send(json!({"type": "message", "room": "general", "content": "you badword"}))
+        .await;
+    b.recv_type("message").await;
+    assert_eq!(
+        a.recv().await,
+        server_message(None, echo_backend::WARNING, "bot")
+    );
+    a.expect_silence().await;
+    b.expect_silence().await;
+    gw.stop().await;
+    bot.abort();
+}
+
+/// Measures what a subscription costs in this process: RSS with 10,000
+/// async-nats subscriptions against none, then with a delivery task each
+/// (as the bridge keeps them), and the server's memory for them. Run
+/// alone, it prints the numbers `docs/nats.md` quotes:
+/// `cargo test --test nats -- --ignored --nocapture subscription_cost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run alone with --ignored --nocapture"]
+async fn subscription_cost() {
+    use futures_util::StreamExt;
+    const N: u64 = 10_000;
+    let server = NatsServer::start();
+    let client = server.client().await;
+    let server_mem = |v: &Value| v["mem"].as_u64().unwrap_or(0);
+    let varz_before = server.monitor("/varz").await;
+    let rss_start = rss_bytes();
+    let mut subscribers = Vec::new();
+    for i in 0..N {
+        let subscriber = client
+            .subscribe(format!("roomgate.broadcast.room{i}"))
+            .await
+            .expect("subscribe");
+        subscribers.push(subscriber);
+    }
+    client.flush().await.expect("flush");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let rss_subscribed = rss_bytes();
+    let varz_after = server.monitor("/varz").await;
+    let tasks: Vec<_> = subscribers
+        .into_iter()
+        .map(|mut subscriber| {
+            tokio::spawn(async move { while subscriber.next().await.is_some() {} })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let rss_tasks = rss_bytes();
+
+    let per_subscription = rss_subscribed.saturating_sub(rss_start) / N;
+    let per_task = rss_tasks.saturating_sub(rss_subscribed) / N;
+    let server_per_subscription =
+        server_mem(&varz_after).saturating_sub(server_mem(&varz_before)) / N;
+    println!(
+        "{N} subscriptions: client RSS {} -> {} KiB ({per_subscription} B each), \
+         + a task each -> {} KiB ({per_task} B each); size_of::<Message>() = {} B; \
+         nats-server mem {} -> {} KiB ({server_per_subscription} B each, {} subscriptions)",
+        rss_start / 1024,
+        rss_subscribed / 1024,
+        rss_tasks / 1024,
+        std::mem::size_of::<async_nats::Message>(),
+        server_mem(&varz_before) / 1024,
+        server_mem(&varz_after) / 1024,
+        varz_after["subscriptions"],
+    );
+    assert!(
+        per_subscription + per_task < 64 * 1024,
+        "a subscription costs {per_subscription} + {per_task} bytes"
+    );
+    for task in tasks {
+        task.abort();
+    }
+}
+
+/// Resident set size of this process, from /proc.
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .expect("VmRSS")
+}
+
+/// Resident set size of process `pid`, from /proc.
+fn rss_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .expect("VmRSS")
+}
+
+/// Memory of the room interest in the real binary: 100 clients join 100
+/// rooms each (10,000 rooms), with NATS off and with NATS on under each
+/// room setting; the RSS growth is compared. Run alone:
+/// `cargo test --test nats -- --ignored --nocapture room_interest_memory`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run alone with --ignored --nocapture"]
+async fn room_interest_memory() {
+    const CLIENTS: usize = 100;
+    const ROOMS_EACH: usize = 100;
+    let server = NatsServer::start();
+    let url = server.url();
+    let variants: [(&str, &[(&str, &str)]); 4] = [
+        ("NATS off", &[("ROOMGATE_NATS_ENABLED", "false")]),
+        ("NATS on, defaults", &[("ROOMGATE_NATS_ENABLED", "true")]),
+        (
+            "NATS on, presence",
+            &[
+                ("ROOMGATE_NATS_ENABLED", "true"),
+                ("ROOMGATE_WEBSOCKET_ROOMS_PRESENCE", "true"),
+            ],
+        ),
+        (
+            "NATS on, no client_broadcast",
+            &[
+                ("ROOMGATE_NATS_ENABLED", "true"),
+                ("ROOMGATE_WEBSOCKET_ROOMS_CLIENT_BROADCAST", "false"),
+            ],
+        ),
+    ];
+    for (name, env) in variants {
+        let mut env = env.to_vec();
+        env.push(("ROOMGATE_NATS_URL", &url));
+        env.push(("ROOMGATE_WEBSOCKET_ROOMS_MAX_ROOMS_PER_CONNECTION", "100"));
+        let gateway = GatewayProcess::start(&[], &env);
+        let url = format!("ws://{}/ws", gateway.addr);
+        let mut clients = Vec::new();
+        for _ in 0..CLIENTS {
+            clients.push(WsClient::connect(&url).await);
+        }
+        let subs_before = server.monitor("/varz").await["subscriptions"]
+            .as_u64()
+            .unwrap_or(0);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let before = rss_of(gateway.child.id());
+        for (c, client) in clients.iter_mut().enumerate() {
+            for r in 0..ROOMS_EACH {
+                client
+                    .send(json!({"type": "join", "room": format!("room.{c}.{r}")}))
+                    .await;
+            }
+            for _ in 0..ROOMS_EACH {
+                assert_eq!(client.recv().await["type"], "joined");
+            }
+        }
+        // Wait for the subscriptions to settle on the server.
+        let mut subs = subs_before;
+        for _ in 0..100 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            let now = server.monitor("/varz").await["subscriptions"]
+                .as_u64()
+                .unwrap_or(0);
+            if now == subs && now != subs_before {
+                break;
+            }
+            subs = now;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let after = rss_of(gateway.child.id());
+        let rooms = (CLIENTS * ROOMS_EACH) as u64;
+        println!(
+            "{name}: RSS {} -> {} KiB for {rooms} rooms: {} B per room; server subscriptions +{}",
+            before / 1024,
+            after / 1024,
+            after.saturating_sub(before) / rooms,
+            subs.saturating_sub(subs_before),
+        );
+        drop(clients);
+        drop(gateway);
+    }
+}

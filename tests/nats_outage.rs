@@ -1,0 +1,309 @@
+//! NATS is never in the way (SPEC §8): the gateway starts and serves
+//! in-process rooms without NATS, survives nats-server dying mid-traffic,
+//! comes back with its room interest when the server returns, reports
+//! readiness as configured, and flushes its last events at shutdown.
+
+mod common;
+mod nats_support;
+
+use common::*;
+use nats_support::*;
+use serde_json::json;
+
+/// Sends `n` messages with ids from `sender`, each acknowledged before the
+/// next; returns the sender.
+async fn send_acked(mut sender: WsClient, room: &str, from: u64, n: u64) -> WsClient {
+    for seq in from..from + n {
+        let id = seq.to_string();
+        sender
+            .send(json!({"type": "message", "room": room, "content": {"seq": seq}, "id": id}))
+            .await;
+        assert_eq!(sender.recv().await, json!({"type": "ack", "id": id}));
+    }
+    sender
+}
+
+/// Receives messages `from..from + n` of `room` in order.
+async fn receive_seq(client: &mut WsClient, room: &str, from: u64, n: u64) {
+    for seq in from..from + n {
+        let frame = client.recv().await;
+        assert_eq!(frame["room"], room);
+        assert_eq!(frame["content"]["seq"], seq, "{frame}");
+    }
+}
+
+#[tokio::test]
+async fn gateway_starts_without_nats_and_bridges_once_it_appears() {
+    let mut server = NatsServer::start();
+    server.stop();
+    let gw = TestGateway::start(nats_config(&server.url())).await;
+
+    // In-process rooms work without NATS.
+    let mut a = gw.client().await;
+    let mut b = gw.client().await;
+    a.join("general").await;
+    b.join("general").await;
+    a = send_acked(a, "general", 0, 3).await;
+    receive_seq(&mut b, "general", 0, 3).await;
+    assert_eq!(gw.metric("roomgate_nats_connected").await, 0.0);
+    assert_eq!(gw.admin_get("/readyz").await.0, 200);
+    // What could not be published is counted, not queued.
+    eventually_async("publish errors to be counted", || async {
+        gw.metric("roomgate_nats_publish_errors_total").await > 0.0
+    })
+    .await;
+
+    server.restart();
+    wait_nats_connected(&gw, true).await;
+    let backend = Backend::connect(&server).await;
+    let mut messages = backend.subscribe("roomgate.message.>").await;
+    // The rooms joined before NATS was reachable are subscribed now.
+    wait_subjects(&server, &gw.id, "general's subscription", |s| {
+        covers_room(s, "general")
+    })
+    .await;
+    backend.publish("roomgate.broadcast.general", "hello").await;
+    let hello = server_message(Some("general"), "hello", "server");
+    assert_eq!(a.recv().await, hello);
+    assert_eq!(b.recv().await, hello);
+    a = send_acked(a, "general", 3, 1).await;
+    let (_, message) = messages.next_json().await;
+    assert_eq!(message["content"], json!({"seq": 3}));
+    receive_seq(&mut b, "general", 3, 1).await;
+    drop(a);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_dying_mid_traffic_does_not_stop_local_rooms() {
+    let mut server = NatsServer::start();
+    let backend = Backend::connect(&server).await;
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    let gw = nats_gateway(&server, |_| {}).await;
+    let mut a = gw.client().await;
+    let mut b = gw.client().await;
+    join_synced(&mut a, &mut presence, "general").await;
+    join_synced(&mut b, &mut presence, "general").await;
+    drop(presence);
+    drop(backend);
+
+    // `a` keeps sending (each message acknowledged) while nats-server is
+    // killed under it; `b` must get every message, in order.
+    const N: u64 = 200;
+    let (killed_tx, killed_rx) = tokio::sync::oneshot::channel::<()>();
+    let sender = tokio::spawn(async move {
+        let a = send_acked(a, "general", 0, N / 2).await;
+        within("the kill", killed_rx).await.expect("killed");
+        send_acked(a, "general", N / 2, N / 2).await
+    });
+    receive_seq(&mut b, "general", 0, N / 4).await;
+    let errors = gw.metric("roomgate_nats_publish_errors_total").await;
+    server.stop();
+    let _ = killed_tx.send(());
+    receive_seq(&mut b, "general", N / 4, N - N / 4).await;
+    let mut a = within("the sender", sender).await.expect("sender task");
+    wait_nats_connected(&gw, false).await;
+    eventually_async("publish errors to be counted", || async {
+        gw.metric("roomgate_nats_publish_errors_total").await > errors
+    })
+    .await;
+
+    // A room joined during the outage, and a brand-new connection.
+    let mut c = gw.client().await;
+    c.join("joined.during.outage").await;
+    a.join("joined.during.outage").await;
+    a = send_acked(a, "joined.during.outage", 0, 1).await;
+    receive_seq(&mut c, "joined.during.outage", 0, 1).await;
+
+    server.restart();
+    wait_nats_connected(&gw, true).await;
+    let backend = Backend::connect(&server).await;
+    let mut messages = backend.subscribe("roomgate.message.>").await;
+    wait_subjects(&server, &gw.id, "both rooms' subscriptions", |s| {
+        covers_room(s, "general") && covers_room(s, "joined.during.outage")
+    })
+    .await;
+    backend.publish("roomgate.broadcast.general", "back").await;
+    let back = server_message(Some("general"), "back", "server");
+    assert_eq!(a.recv().await, back);
+    assert_eq!(b.recv().await, back);
+    backend
+        .publish("roomgate.broadcast.joined.during.outage", "back too")
+        .await;
+    let back_too = server_message(Some("joined.during.outage"), "back too", "server");
+    assert_eq!(a.recv().await, back_too);
+    assert_eq!(c.recv().await, back_too);
+    backend
+        .publish(&format!("roomgate.send.{}", c.id), "direct")
+        .await;
+    assert_eq!(c.recv().await, server_message(None, "direct", "server"));
+    // Publishing works again.
+    a = send_acked(a, "general", N, 1).await;
+    let (_, message) = messages.next_json().await;
+    assert_eq!(message["content"], json!({"seq": N}));
+    assert_eq!(message["from"], a.id.as_str());
+    gw.stop().await;
+}
+
+/// Sends a signal (e.g. "STOP", "CONT") to a process this test started.
+fn signal(pid: u32, name: &str) {
+    let status = std::process::Command::new("kill")
+        .args([format!("-{name}"), pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
+/// A nats-server that stops answering (frozen with SIGSTOP: its TCP
+/// connections stay open, nothing is read) does not slow clients down:
+/// messages are acknowledged and delivered locally, and shutdown finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_nats_server_does_not_slow_clients() {
+    let server = NatsServer::start();
+    let backend = Backend::connect(&server).await;
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    let mut gw = nats_gateway(&server, |_| {}).await;
+    let mut a = gw.client().await;
+    let mut b = gw.client().await;
+    join_synced(&mut a, &mut presence, "general").await;
+    join_synced(&mut b, &mut presence, "general").await;
+    let published = gw.metric("roomgate_nats_published_total").await;
+
+    let pid = server.pid().expect("nats-server runs");
+    signal(pid, "STOP");
+    const N: u64 = 500;
+    let padding = "x".repeat(1024);
+    let receiver = tokio::spawn(async move {
+        receive_seq(&mut b, "general", 0, N).await;
+        b
+    });
+    for seq in 0..N {
+        let id = seq.to_string();
+        a.send(json!({"type": "message", "room": "general",
+                      "content": {"seq": seq, "padding": padding}, "id": id}))
+            .await;
+        assert_eq!(a.recv().await, json!({"type": "ack", "id": id}));
+    }
+    let mut b = within("b to get every message", receiver)
+        .await
+        .expect("receiver task");
+    // The bridge kept publishing into its buffers meanwhile.
+    eventually_async("the messages to be handed to the NATS client", || async {
+        gw.metric("roomgate_nats_published_total").await >= published + N as f64
+    })
+    .await;
+    gw.begin_stop();
+    assert_eq!(a.recv_close().await, Some(1001));
+    assert_eq!(b.recv_close().await, Some(1001));
+    gw.wait_stopped().await;
+    signal(pid, "CONT");
+}
+
+/// Shutting down while NATS is unreachable finishes (bounded) and still
+/// closes every client with 1001.
+#[tokio::test]
+async fn shutdown_while_nats_is_down_does_not_hang() {
+    let mut server = NatsServer::start();
+    server.stop();
+    let mut gw = TestGateway::start(nats_config(&server.url())).await;
+    let mut a = gw.client().await;
+    a.join("general").await;
+    gw.begin_stop();
+    assert_eq!(a.recv_close().await, Some(1001));
+    gw.wait_stopped().await;
+}
+
+#[tokio::test]
+async fn required_nats_gates_readiness() {
+    let mut server = NatsServer::start();
+    server.stop();
+    let gw = TestGateway::start({
+        let mut config = nats_config(&server.url());
+        config.nats.required = true;
+        config
+    })
+    .await;
+    let (status, body) = gw.admin_get("/readyz").await;
+    assert_eq!((status, body.trim()), (503, "NATS disconnected"));
+    // Not ready, yet serving: rooms work.
+    let mut a = gw.client().await;
+    a.join("general").await;
+
+    server.restart();
+    eventually_async("/readyz to be 200 once NATS is up", || async {
+        gw.admin_get("/readyz").await.0 == 200
+    })
+    .await;
+    server.stop();
+    eventually_async("/readyz to be 503 once NATS is gone", || async {
+        gw.admin_get("/readyz").await.0 == 503
+    })
+    .await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_list_works_when_the_first_is_down() {
+    let server = NatsServer::start();
+    // Two dead servers before the live one: whichever order the client
+    // tries them in, it most likely meets a dead one first.
+    let down = format!(
+        "nats://127.0.0.1:{},nats://127.0.0.1:{}",
+        free_port(),
+        free_port()
+    );
+    let backend = Backend::connect(&server).await;
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    let gw = TestGateway::start(nats_config(&format!("{down}, {}", server.url()))).await;
+    wait_nats_connected(&gw, true).await;
+    let mut a = gw.client().await;
+    join_synced(&mut a, &mut presence, "general").await;
+    backend.publish("roomgate.broadcast.general", "hi").await;
+    assert_eq!(
+        a.recv().await,
+        server_message(Some("general"), "hi", "server")
+    );
+    gw.stop().await;
+}
+
+/// The `connection.close` events of the clients that shutdown closes reach
+/// backends: the bridge publishes what is queued and flushes before `run`
+/// returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_flushes_the_last_events_to_nats() {
+    let server = NatsServer::start();
+    let backend = Backend::connect(&server).await;
+    let mut closes = backend.subscribe("roomgate.connection.close").await;
+    let mut leaves = backend.subscribe("roomgate.presence.>").await;
+    let mut gw = nats_gateway(&server, |_| {}).await;
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        let mut client = gw.client().await;
+        client.join("general").await;
+        clients.push(client);
+    }
+    for _ in 0..5 {
+        leaves.next().await; // the joins
+    }
+    gw.begin_stop();
+    for client in &mut clients {
+        assert_eq!(client.recv_close().await, Some(1001));
+    }
+    gw.wait_stopped().await;
+    let mut closed: Vec<String> = Vec::new();
+    for _ in 0..5 {
+        let (_, close) = closes.next_json().await;
+        assert_eq!(close["code"], 1001);
+        assert_eq!(close["gateway"], gw.id.as_str());
+        closed.push(close["connection_id"].as_str().expect("id").to_string());
+    }
+    let mut ids: Vec<String> = clients.iter().map(|c| c.id.clone()).collect();
+    closed.sort();
+    ids.sort();
+    assert_eq!(closed, ids);
+    for _ in 0..5 {
+        let (_, leave) = leaves.next_json().await;
+        assert_eq!(leave["event"], "leave");
+    }
+    closes.expect_silence().await;
+}
