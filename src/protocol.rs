@@ -10,47 +10,78 @@
 use std::borrow::Cow;
 use std::fmt;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data as OpData, OpCode};
 
 /// Longest `id` a client may attach to a frame.
 pub const MAX_ID_LEN: usize = 64;
 
-/// An encoded outgoing text frame. Cloning shares the bytes.
+/// An outgoing text frame, encoded once as the bytes that go on the wire
+/// (WebSocket header included). Cloning shares the bytes: every recipient's
+/// writer hands the same buffer to the kernel, so a broadcast costs one
+/// encoding whatever the number of members.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Frame(Utf8Bytes);
+pub struct Frame(Bytes);
 
 impl Frame {
-    /// Wraps an already encoded JSON text.
+    /// Frames an already encoded JSON text.
     pub fn from_text(text: String) -> Self {
-        Self(Utf8Bytes::from(text))
+        let payload = text.into_bytes();
+        let mut wire = Vec::with_capacity(payload.len() + MAX_SERVER_HEADER);
+        let header = FrameHeader {
+            opcode: OpCode::Data(OpData::Text),
+            ..FrameHeader::default()
+        };
+        // Writing into a Vec cannot fail.
+        let _ = header.format(payload.len() as u64, &mut wire);
+        wire.extend_from_slice(&payload);
+        Self(Bytes::from(wire))
     }
 
-    /// Length in bytes, for the bytes-sent counter.
-    pub fn len(&self) -> usize {
-        self.0.len()
+    /// The encoded frame, header and payload.
+    pub fn wire(&self) -> &Bytes {
+        &self.0
     }
 
-    /// Whether the frame is empty (never, for frames built here).
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// The frame as text.
-    pub fn as_str(&self) -> &str {
-        self.0.as_str()
-    }
-
-    /// The bytes, for handing to the WebSocket codec without copying.
-    pub fn into_utf8_bytes(self) -> Utf8Bytes {
+    /// The encoded frame, for the writer.
+    pub fn into_wire(self) -> Bytes {
         self.0
+    }
+
+    /// Payload length in bytes, for the bytes-sent counter.
+    pub fn len(&self) -> usize {
+        self.0.len() - self.header_len()
+    }
+
+    /// Whether the payload is empty (never, for frames built here).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The payload as text.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0[self.header_len()..]).unwrap_or_default()
+    }
+
+    /// A server frame's header is 2, 4 or 10 bytes, by its length byte.
+    fn header_len(&self) -> usize {
+        match self.0.get(1).map(|b| b & 0x7f) {
+            Some(126) => 4,
+            Some(127) => 10,
+            _ => 2,
+        }
     }
 }
 
+/// Longest header of an unmasked (server) frame.
+const MAX_SERVER_HEADER: usize = 10;
+
 impl fmt::Debug for Frame {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Frame({})", self.0.as_str())
+        write!(f, "Frame({})", self.as_str())
     }
 }
 
@@ -463,6 +494,22 @@ mod tests {
             request_id(&format!(r#"{{"id":"{}"}}"#, "x".repeat(65))),
             None
         );
+    }
+
+    #[test]
+    fn frames_carry_the_websocket_header_for_every_length() {
+        use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
+        for len in [0usize, 1, 125, 126, 127, 65_535, 65_536, 70_000] {
+            let text = "x".repeat(len);
+            let frame = Frame::from_text(text.clone());
+            let mut expected = Vec::new();
+            WsFrame::message(text.clone(), OpCode::Data(OpData::Text), true)
+                .format(&mut expected)
+                .expect("format");
+            assert_eq!(frame.wire().as_ref(), &expected[..], "length {len}");
+            assert_eq!(frame.len(), len);
+            assert_eq!(frame.as_str(), text);
+        }
     }
 
     #[test]

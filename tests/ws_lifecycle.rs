@@ -405,6 +405,82 @@ async fn a_client_that_answers_pings_stays_connected() {
     );
 }
 
+#[tokio::test]
+async fn a_busy_client_that_answers_pings_stays_connected_under_continuous_traffic() {
+    // Pings that fall due while the writer is busy must still be sent:
+    // counting them as sent without sending them would close every busy,
+    // healthy client for "not answering".
+    let gw = TestGateway::with(|c| {
+        c.websocket.ping_interval_secs = 1;
+        c.websocket.pong_timeout_secs = 1;
+        // The flood outpaces the reader; what it cannot take is dropped,
+        // so only the heartbeat can close it.
+        c.websocket.slow_consumer = roomgate::config::SlowConsumerPolicy::Drop;
+    })
+    .await;
+    // A small receive buffer and a reader that pauses now and then keep the
+    // gateway's writes to it in progress most of the time, so pings fall
+    // due in the middle of writes.
+    let mut reader = WsClient::connect_with(&gw.ws_url(), None, Some(4096)).await;
+    let mut sender = gw.client().await;
+    reader.join("busy").await;
+    sender.join("busy").await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            // Bounded: stops when told, or after this many messages.
+            for i in 0..2_000_000u64 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                sender
+                    .send(json!({"type": "message", "room": "busy", "content": i}))
+                    .await;
+                if i % 64 == 0 {
+                    // Read what came in: that is also how the client
+                    // library answers the gateway's pings to the sender.
+                    while let Some(Some(_)) =
+                        futures_util::FutureExt::now_or_never(sender.ws.next())
+                    {
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }
+            sender
+        })
+    };
+    let (pings, messages) = within("four pings amid the flood", async {
+        let (mut pings, mut messages) = (0, 0u64);
+        while pings < 4 {
+            match reader.ws.next().await {
+                Some(Ok(Message::Ping(_))) => pings += 1,
+                Some(Ok(Message::Text(_))) => {
+                    messages += 1;
+                    if messages % 50 == 0 {
+                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    }
+                }
+                Some(Ok(_)) => {}
+                other => panic!("the busy client lost its connection: {other:?}"),
+            }
+        }
+        (pings, messages)
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _sender = within("the flood to stop", flood)
+        .await
+        .expect("flood task");
+    assert_eq!(pings, 4);
+    assert!(messages > 0, "the room was busy");
+    assert_eq!(
+        gw.metric("roomgate_connections_closed_total{reason=\"ping_timeout\"}")
+            .await,
+        0.0
+    );
+}
+
 /// A raw client with a tiny receive buffer that joins `room`, reads up to
 /// its `joined` reply, and then never reads again.
 async fn client_that_stops_reading(addr: SocketAddr, room: &str) -> TcpStream {

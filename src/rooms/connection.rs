@@ -10,12 +10,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::SystemTime;
 
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::Room;
 use super::name::RoomPatterns;
+use super::outbox::{Outbox, PushError};
 use crate::config::SlowConsumerPolicy;
 use crate::metrics::CloseReason;
 use crate::protocol::Frame;
@@ -56,15 +56,12 @@ pub enum Delivery {
     Closing,
 }
 
-/// The receiving end of a connection's queue, owned by its writer task.
-pub type Outbox = mpsc::Receiver<Frame>;
-
 /// A connection as seen by rooms, backends and admin.
 pub struct Connection {
     id: Uuid,
     id_text: Box<str>,
     identity: Identity,
-    outbox: mpsc::Sender<Frame>,
+    outbox: Outbox,
     policy: SlowConsumerPolicy,
     closing: CancellationToken,
     close: OnceLock<CloseRequest>,
@@ -84,21 +81,19 @@ impl Connection {
         capacity: usize,
         policy: SlowConsumerPolicy,
         closing: CancellationToken,
-    ) -> (Arc<Self>, Outbox) {
+    ) -> Arc<Self> {
         let id = Uuid::new_v4();
-        let (outbox, rx) = mpsc::channel(capacity.max(1));
-        let conn = Arc::new(Self {
+        Arc::new(Self {
             id,
             id_text: id.hyphenated().to_string().into_boxed_str(),
             identity,
-            outbox,
+            outbox: Outbox::new(capacity),
             policy,
             closing,
             close: OnceLock::new(),
             pongs: AtomicU64::new(0),
             rooms: Mutex::new(Vec::new()),
-        });
-        (conn, rx)
+        })
     }
 
     /// The connection id.
@@ -124,9 +119,9 @@ impl Connection {
     /// Queues a frame without waiting; applies the slow-consumer policy when
     /// the queue is full.
     pub fn deliver(&self, frame: Frame) -> Delivery {
-        match self.outbox.try_send(frame) {
+        match self.outbox.push(frame) {
             Ok(()) => Delivery::Queued,
-            Err(mpsc::error::TrySendError::Full(_)) => match self.policy {
+            Err(PushError::Full) => match self.policy {
                 SlowConsumerPolicy::Drop => Delivery::Dropped,
                 SlowConsumerPolicy::Close => {
                     self.close(
@@ -137,8 +132,13 @@ impl Connection {
                     Delivery::Closing
                 }
             },
-            Err(mpsc::error::TrySendError::Closed(_)) => Delivery::Closing,
+            Err(PushError::Closed) => Delivery::Closing,
         }
+    }
+
+    /// The send queue, for the session's writer and reader.
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
     }
 
     /// Asks the session to close with `code`. The first request decides the

@@ -17,6 +17,7 @@
 
 mod connection;
 mod name;
+mod outbox;
 
 use std::collections::{BinaryHeap, HashMap};
 use std::hash::BuildHasher;
@@ -28,8 +29,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-pub use connection::{CLOSE_SLOW_CONSUMER, CloseRequest, Connection, Delivery, Identity, Outbox};
+pub use connection::{CLOSE_SLOW_CONSUMER, CloseRequest, Connection, Delivery, Identity};
 pub use name::{MAX_ROOM_LEN, RoomName, RoomPatterns, is_valid};
+pub use outbox::{Batch, MAX_CONTROL_BYTES, Outbox, PushError};
 
 use crate::config::RoomsConfig;
 use crate::events::{Event, Events, now_ms};

@@ -7,8 +7,10 @@
 //! for it, because hyper's own graceful shutdown does not see upgraded
 //! connections.
 
+mod io;
 mod ratelimit;
 mod session;
+mod writer;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -41,8 +44,9 @@ use crate::shutdown::Shutdown;
 /// `max_message_size_bytes`.
 const READ_BUFFER: usize = 4 * 1024;
 
-/// Outgoing frames are buffered up to this size between flushes.
-const WRITE_BUFFER: usize = 16 * 1024;
+/// What tungstenite writes itself (pongs, close replies) is handed to the
+/// writer at once, so its own write buffering is off.
+const CONTROL_WRITE_BUFFER: usize = 0;
 
 /// Terminates upgrades on `server.ws_paths` and runs their sessions.
 pub struct Upgrader {
@@ -67,9 +71,8 @@ impl Upgrader {
         let ws = &config.websocket;
         let codec = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER)
-            .write_buffer_size(WRITE_BUFFER)
-            // Bounded: a frame never waits behind more than this much data.
-            .max_write_buffer_size(WRITE_BUFFER + 2 * ws.max_message_size_bytes.max(1 << 20))
+            .write_buffer_size(CONTROL_WRITE_BUFFER)
+            .max_write_buffer_size(crate::rooms::MAX_CONTROL_BYTES)
             .max_message_size(Some(ws.max_message_size_bytes))
             .max_frame_size(Some(ws.max_message_size_bytes));
         Self {
@@ -139,28 +142,32 @@ impl Upgrader {
         client: SocketAddr,
     ) {
         let closing = self.shutdown.stopping().child_token();
-        let (conn, outbox) =
-            Connection::new(identity, self.queue_capacity, self.slow_consumer, closing);
+        let conn = Connection::new(identity, self.queue_capacity, self.slow_consumer, closing);
         let span =
             info_span!("conn", id = %conn.id_str(), peer = %client, path = %parts.uri.path());
         let ctx = self.ctx.clone();
         let codec = self.codec;
         self.shutdown.spawn(
             async move {
-                let upgraded = match on_upgrade.await {
-                    Ok(upgraded) => upgraded,
-                    Err(e) => {
-                        debug!(error = %e, "upgrade did not complete");
-                        return;
+                match on_upgrade
+                    .await
+                    .map(|upgraded| upgraded.downcast::<TokioIo<TcpStream>>())
+                {
+                    Ok(Ok(parts)) => {
+                        let (read, write) = parts.io.into_inner().into_split();
+                        let read = io::ReadSide::new(read, conn.clone());
+                        let ws = WebSocketStream::from_partially_read(
+                            read,
+                            parts.read_buf.to_vec(),
+                            Role::Server,
+                            Some(codec),
+                        )
+                        .await;
+                        session::run(ws, write, conn, ctx).await;
                     }
-                };
-                let ws = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(codec),
-                )
-                .await;
-                session::run(ws, conn, outbox, ctx).await;
+                    Ok(Err(_)) => tracing::error!("upgraded connection is not a TCP stream"),
+                    Err(e) => debug!(error = %e, "upgrade did not complete"),
+                }
                 drop(permit);
             }
             .instrument(span),

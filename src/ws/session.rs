@@ -1,41 +1,37 @@
 //! One WebSocket session: a reader that serves the client's frames and a
 //! writer that owns the socket's sending side.
 //!
-//! The reader runs in the session's task and the writer in its own; both
-//! stop when the connection's `closing` token is cancelled, by either of
-//! them, by a backend, by the slow-consumer policy or by shutdown. The
-//! writer is the only one that writes: it drains the connection's bounded
-//! queue in batches (feed many frames, flush once), sends the heartbeat pings
-//! and, at the end, the close frame.
+//! The reader runs in the session's task and the writer ([`super::writer`])
+//! in its own; both stop when the connection's `closing` token is
+//! cancelled, by either of them, by a backend, by the slow-consumer policy
+//! or by shutdown.
 
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tracing::{Instrument, debug};
 
+use super::io::ReadSide;
 use super::ratelimit::TokenBucket;
+use super::writer::Writer;
 use crate::events::{Event, now_ms};
 use crate::metrics::{CloseReason, Metrics};
 use crate::protocol::{self, ErrorCode, Refusal, Request};
-use crate::rooms::{Connection, Hub, Outbox, RoomName};
+use crate::rooms::{Connection, Hub, RoomName};
 
-/// The WebSocket over an upgraded hyper connection.
-pub type WsStream = WebSocketStream<TokioIo<Upgraded>>;
+/// The reading side of a client's WebSocket.
+pub type WsStream = WebSocketStream<ReadSide>;
 
-/// Most frames written between two flushes.
-const MAX_BATCH: usize = 256;
-
-/// Close codes that must not be sent in a close frame (RFC 6455 §7.4.1).
-const CLOSE_NO_STATUS: u16 = 1005;
-const CLOSE_ABNORMAL: u16 = 1006;
+/// Close codes that must not be sent in a close frame (RFC 6455 §7.4.1):
+/// no status given, and the connection dropped without a close frame.
+pub const CLOSE_NO_STATUS: u16 = 1005;
+/// See [`CLOSE_NO_STATUS`].
+pub const CLOSE_ABNORMAL: u16 = 1006;
 
 /// Per-session settings, resolved once from the configuration.
 #[derive(Debug, Clone)]
@@ -62,7 +58,12 @@ pub struct SessionContext {
 
 /// Runs a session to its end: registers the connection, serves it, and
 /// cleans up every trace of it (rooms, registry, metrics) when it closes.
-pub async fn run(ws: WsStream, conn: Arc<Connection>, outbox: Outbox, ctx: Arc<SessionContext>) {
+pub async fn run(
+    mut stream: WsStream,
+    write: OwnedWriteHalf,
+    conn: Arc<Connection>,
+    ctx: Arc<SessionContext>,
+) {
     let hub = &ctx.hub;
     hub.deliver(&conn, protocol::welcome(conn.id_str()));
     hub.register(&conn);
@@ -74,9 +75,9 @@ pub async fn run(ws: WsStream, conn: Arc<Connection>, outbox: Outbox, ctx: Arc<S
     });
     debug!("connection opened");
 
-    let (sink, mut stream) = ws.split();
     let writer = tokio::spawn(
-        write_loop(sink, outbox, conn.clone(), ctx.settings.clone())
+        Writer::new(write, conn.clone(), ctx.settings.clone())
+            .run()
             .instrument(tracing::Span::current()),
     );
     Reader::new(&conn, &ctx).run(&mut stream).await;
@@ -87,11 +88,7 @@ pub async fn run(ws: WsStream, conn: Arc<Connection>, outbox: Outbox, ctx: Arc<S
     // would still fill a `max_members` slot, be listed and miss its
     // presence `leave`, while nothing more can reach it.
     hub.unregister(&conn);
-    match writer.await {
-        Ok(Some(deadline)) => await_close_reply(&mut stream, deadline).await,
-        Ok(None) => {}
-        Err(e) => tracing::error!(error = %e, "writer task failed"),
-    }
+    let ended = writer.await;
     let (code, reason) = conn
         .close_request()
         .map(|r| (r.code, r.reason))
@@ -103,6 +100,17 @@ pub async fn run(ws: WsStream, conn: Arc<Connection>, outbox: Outbox, ctx: Arc<S
         code,
         ts: now_ms(),
     });
+    // The sending half goes only now, after the books are closed, so a
+    // client that sees the end of the stream sees consistent metrics. Its
+    // drop sends FIN; the client's close reply is still read.
+    match ended {
+        Ok((write, Some(deadline))) => {
+            drop(write);
+            await_close_reply(&mut stream, deadline).await;
+        }
+        Ok((_write, None)) => {}
+        Err(e) => tracing::error!(error = %e, "writer task failed"),
+    }
     debug!(code, reason = reason.as_str(), "connection closed");
 }
 
@@ -122,7 +130,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    async fn run(mut self, stream: &mut SplitStream<WsStream>) {
+    async fn run(mut self, stream: &mut WsStream) {
         let expiry = pin!(expiry_sleep(self.conn.identity().expires_at));
         let mut expiry = expiry;
         loop {
@@ -136,11 +144,15 @@ impl<'a> Reader<'a> {
                 next = stream.next() => next,
             };
             match next {
-                Some(Ok(message)) => {
-                    if !self.on_message(message) {
-                        return;
-                    }
+                Some(Ok(Message::Close(frame))) => {
+                    // tungstenite has queued the close reply; flushing hands
+                    // it to the writer before the writer is told to finish.
+                    let _ = stream.flush().await;
+                    let code = frame.map(|f| u16::from(f.code)).unwrap_or(CLOSE_NO_STATUS);
+                    self.conn.close(code, "", CloseReason::Client);
+                    return;
                 }
+                Some(Ok(message)) => self.on_message(message),
                 Some(Err(e)) => {
                     self.on_error(e);
                     return;
@@ -153,8 +165,8 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// Handles one message; `false` ends the session.
-    fn on_message(&mut self, message: Message) -> bool {
+    /// Handles one message other than a close frame.
+    fn on_message(&mut self, message: Message) {
         match message {
             Message::Text(text) => {
                 self.count_in(text.len());
@@ -175,15 +187,10 @@ impl<'a> Reader<'a> {
                 }
             }
             Message::Pong(_) => self.conn.pong_received(),
-            // tungstenite queues the pong itself; the writer's next flush sends it.
-            Message::Ping(_) | Message::Frame(_) => {}
-            Message::Close(frame) => {
-                let code = frame.map(|f| u16::from(f.code)).unwrap_or(CLOSE_NO_STATUS);
-                self.conn.close(code, "", CloseReason::Client);
-                return false;
-            }
+            // tungstenite queues the pong itself and hands it over on the
+            // next read.
+            Message::Ping(_) | Message::Frame(_) | Message::Close(_) => {}
         }
-        true
     }
 
     fn on_error(&self, error: WsError) {
@@ -329,216 +336,6 @@ async fn expiry_sleep(at: Option<SystemTime>) {
     }
 }
 
-/// Ping bookkeeping for the writer: after each ping, the client has
-/// `pong_timeout` to answer.
-struct Heartbeat {
-    deadline: Option<tokio::time::Instant>,
-    pongs_at_ping: u64,
-}
-
-impl Heartbeat {
-    fn far_future() -> tokio::time::Instant {
-        tokio::time::Instant::now() + Duration::from_secs(86_400 * 365)
-    }
-
-    fn deadline(&self) -> tokio::time::Instant {
-        self.deadline.unwrap_or_else(Self::far_future)
-    }
-
-    /// Starts the clock for a ping just sent, unless an earlier ping is
-    /// still unanswered: that one keeps its deadline. Restarting the clock
-    /// on every ping would never expire when `pong_timeout` is not shorter
-    /// than `ping_interval` (the next tick comes first and resets it), so a
-    /// dead client would be kept forever.
-    fn ping_sent(&mut self, conn: &Connection, timeout: Duration) {
-        if self.deadline.is_some() && conn.pongs() == self.pongs_at_ping {
-            return;
-        }
-        self.deadline = Some(tokio::time::Instant::now() + timeout);
-        self.pongs_at_ping = conn.pongs();
-    }
-
-    /// Called at the deadline: `true` if the ping went unanswered.
-    fn expired(&mut self, conn: &Connection) -> bool {
-        self.deadline = None;
-        conn.pongs() == self.pongs_at_ping
-    }
-}
-
-type Sink = SplitSink<WsStream, Message>;
-
-/// What the writer does next.
-enum Step {
-    Frame(crate::protocol::Frame),
-    Ping,
-    Stop,
-}
-
-/// Writes until the connection closes; returns the deadline for the
-/// client's close reply when our close frame went out (see [`finish`]).
-async fn write_loop(
-    mut sink: Sink,
-    mut outbox: Outbox,
-    conn: Arc<Connection>,
-    settings: SessionSettings,
-) -> Option<tokio::time::Instant> {
-    let period = settings.ping_interval;
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut heartbeat = Heartbeat {
-        deadline: None,
-        pongs_at_ping: 0,
-    };
-    loop {
-        let step = tokio::select! {
-            biased;
-            _ = conn.closing().cancelled() => Step::Stop,
-            _ = tokio::time::sleep_until(heartbeat.deadline()), if heartbeat.deadline.is_some() => {
-                if heartbeat.expired(&conn) {
-                    conn.close(1001, "ping timeout", CloseReason::PingTimeout);
-                    Step::Stop
-                } else {
-                    continue;
-                }
-            }
-            _ = ticker.tick() => Step::Ping,
-            frame = outbox.recv() => frame.map_or(Step::Stop, Step::Frame),
-        };
-        let write = match step {
-            Step::Stop => break,
-            Step::Ping => {
-                heartbeat.ping_sent(&conn, settings.pong_timeout);
-                let ping = write_ping(&mut sink);
-                match guard(
-                    ping,
-                    &conn,
-                    &mut heartbeat,
-                    &mut ticker,
-                    settings.pong_timeout,
-                )
-                .await
-                {
-                    Some(result) => result,
-                    None => break,
-                }
-            }
-            Step::Frame(first) => {
-                let batch = write_batch(&mut sink, first, &mut outbox);
-                match guard(
-                    batch,
-                    &conn,
-                    &mut heartbeat,
-                    &mut ticker,
-                    settings.pong_timeout,
-                )
-                .await
-                {
-                    Some(result) => result,
-                    None => break,
-                }
-            }
-        };
-        if let Err(e) = write {
-            debug!(error = %e, "write failed");
-            conn.close(CLOSE_ABNORMAL, "", CloseReason::Error);
-            break;
-        }
-    }
-    finish(&mut sink, &conn, settings.pong_timeout).await
-}
-
-/// Runs a write, but gives up when the connection starts closing or an
-/// unanswered ping expires meanwhile (a client that stops reading also stops
-/// answering). `None` means the write was abandoned.
-///
-/// Every write goes through here, pings included: a client that stopped
-/// reading fills the socket, and an unguarded write would then wait forever,
-/// deaf to closing. While a write is stuck, the pings that fall due cannot be
-/// sent; each is counted as sent (it would wait behind the stuck bytes), so
-/// such a client is closed for not answering after `pong_timeout`, like any
-/// other, instead of being kept open for as long as it does not read.
-async fn guard(
-    write: impl Future<Output = Result<(), WsError>>,
-    conn: &Connection,
-    heartbeat: &mut Heartbeat,
-    ticker: &mut tokio::time::Interval,
-    pong_timeout: Duration,
-) -> Option<Result<(), WsError>> {
-    let mut write = pin!(write);
-    loop {
-        tokio::select! {
-            biased;
-            _ = conn.closing().cancelled() => return None,
-            _ = tokio::time::sleep_until(heartbeat.deadline()), if heartbeat.deadline.is_some() => {
-                if heartbeat.expired(conn) {
-                    conn.close(1001, "ping timeout", CloseReason::PingTimeout);
-                    return None;
-                }
-            }
-            result = &mut write => return Some(result),
-            _ = ticker.tick() => heartbeat.ping_sent(conn, pong_timeout),
-        }
-    }
-}
-
-async fn write_ping(sink: &mut Sink) -> Result<(), WsError> {
-    sink.send(Message::Ping(bytes::Bytes::new())).await
-}
-
-/// Feeds `first` and whatever else is already queued (up to `MAX_BATCH`),
-/// then flushes once: one syscall for a burst instead of one per frame.
-async fn write_batch(
-    sink: &mut Sink,
-    first: crate::protocol::Frame,
-    outbox: &mut Outbox,
-) -> Result<(), WsError> {
-    sink.feed(Message::Text(first.into_utf8_bytes())).await?;
-    for _ in 1..MAX_BATCH {
-        match outbox.try_recv() {
-            Ok(frame) => sink.feed(Message::Text(frame.into_utf8_bytes())).await?,
-            Err(_) => break,
-        }
-    }
-    sink.flush().await
-}
-
-/// Ends the WebSocket: sends our close frame (or flushes tungstenite's reply
-/// to the client's), bounded by `grace` so a client that stopped reading
-/// cannot hold the task. Returns the same deadline when our close frame was
-/// sent (other than at shutdown), for the session to wait for the client's
-/// reply until then.
-async fn finish(
-    sink: &mut Sink,
-    conn: &Connection,
-    grace: Duration,
-) -> Option<tokio::time::Instant> {
-    if conn.close_request().is_none() {
-        // Only the shutdown token cancels without saying why.
-        conn.close(1001, "server shutting down", CloseReason::Shutdown);
-    }
-    let request = conn.close_request()?;
-    let deadline = tokio::time::Instant::now() + grace;
-    match request.reason {
-        CloseReason::Client => {
-            let _ = tokio::time::timeout_at(deadline, sink.flush()).await;
-            None
-        }
-        _ if request.code == CLOSE_ABNORMAL || request.code == CLOSE_NO_STATUS => None,
-        _ => {
-            let frame = CloseFrame {
-                code: request.code.into(),
-                reason: request.text.clone().into(),
-            };
-            let sent = tokio::time::timeout_at(deadline, sink.send(Message::Close(Some(frame))));
-            // At shutdown the whole gateway is going away, bounded by
-            // `shutdown_grace_secs`: it does not also wait on every idle
-            // client's reply.
-            let awaits_reply = request.reason != CloseReason::Shutdown;
-            (matches!(sent.await, Ok(Ok(()))) && awaits_reply).then_some(deadline)
-        }
-    }
-}
-
 /// After our close frame, reads and discards what the client still sends
 /// until its close frame or the end of the stream, at most until
 /// `deadline`. Dropping the TCP connection before that (RFC 6455 §7.1.1
@@ -546,7 +343,7 @@ async fn finish(
 /// meanwhile, such as pongs to pings it had not read yet, with a reset;
 /// client libraries then report 1006 instead of our close code (1013 for
 /// a slow consumer, 1001 for a missed heartbeat).
-async fn await_close_reply(stream: &mut SplitStream<WsStream>, deadline: tokio::time::Instant) {
+async fn await_close_reply(stream: &mut WsStream, deadline: tokio::time::Instant) {
     let drain = async {
         while let Some(Ok(message)) = stream.next().await {
             if message.is_close() {

@@ -1,0 +1,233 @@
+//! A connection's send queue: many producers (rooms, backends, the
+//! session's own replies), one consumer (the writer task).
+//!
+//! Built for the broadcast path. Queueing a frame is one uncontended lock,
+//! a pointer-sized push and, only when the queue goes from empty to
+//! non-empty, one wake-up. The writer takes everything queued in one lock
+//! by swapping buffers, so a burst of frames costs the writer one lock and
+//! one vectored write. Nothing is allocated until the first frame arrives,
+//! which keeps idle connections small.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use crate::protocol::Frame;
+
+/// Control bytes (pongs, close replies) held for a client that does not
+/// read are capped: past this, the connection is failed rather than grown.
+pub const MAX_CONTROL_BYTES: usize = 64 * 1024;
+
+/// Queue buffers above this many slots are released when the queue runs
+/// empty.
+const IDLE_CAPACITY: usize = 16;
+
+/// Why a frame was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushError {
+    /// `capacity` frames are queued already.
+    Full,
+    /// The writer is gone; nothing will be sent any more.
+    Closed,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// Encoded data frames, as the wire bytes of each.
+    frames: VecDeque<Bytes>,
+    /// Encoded control frames from the WebSocket codec, sent before the
+    /// next data frames.
+    control: Vec<u8>,
+    closed: bool,
+}
+
+impl Queue {
+    fn is_empty(&self) -> bool {
+        self.frames.is_empty() && self.control.is_empty()
+    }
+}
+
+/// The bounded queue between a connection's producers and its writer.
+pub struct Outbox {
+    queue: Mutex<Queue>,
+    ready: Notify,
+    capacity: usize,
+}
+
+/// What the writer takes in one go: encoded frames in the order they go on
+/// the wire, control frames first.
+pub type Batch = VecDeque<Bytes>;
+
+impl Outbox {
+    /// A queue of at most `capacity` data frames.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            queue: Mutex::new(Queue::default()),
+            ready: Notify::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        // The critical sections below cannot panic; recover anyway.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a data frame without waiting.
+    pub fn push(&self, frame: Frame) -> Result<(), PushError> {
+        let mut queue = self.lock();
+        if queue.closed {
+            return Err(PushError::Closed);
+        }
+        if queue.frames.len() >= self.capacity {
+            return Err(PushError::Full);
+        }
+        let was_empty = queue.is_empty();
+        queue.frames.push_back(frame.into_wire());
+        drop(queue);
+        // A non-empty queue has already woken the writer (or stored the
+        // permit); it takes everything when it runs.
+        if was_empty {
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Queues encoded control frames (pongs, close replies) ahead of data.
+    pub fn push_control(&self, bytes: &[u8]) -> Result<(), PushError> {
+        let mut queue = self.lock();
+        if queue.closed {
+            return Err(PushError::Closed);
+        }
+        if queue.control.len() + bytes.len() > MAX_CONTROL_BYTES {
+            return Err(PushError::Full);
+        }
+        let was_empty = queue.is_empty();
+        queue.control.extend_from_slice(bytes);
+        drop(queue);
+        if was_empty {
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Moves everything queued into `batch` (which must be empty), reusing
+    /// its buffer so steady traffic allocates nothing. When nothing is
+    /// queued, buffers grown by a past burst are released instead: an idle
+    /// connection goes back to costing almost nothing.
+    pub fn take(&self, batch: &mut Batch) {
+        let mut queue = self.lock();
+        if queue.is_empty() {
+            if queue.frames.capacity() > IDLE_CAPACITY {
+                queue.frames = VecDeque::new();
+            }
+            if batch.capacity() > IDLE_CAPACITY {
+                *batch = VecDeque::new();
+            }
+            return;
+        }
+        std::mem::swap(&mut queue.frames, batch);
+        if !queue.control.is_empty() {
+            batch.push_front(Bytes::from(std::mem::take(&mut queue.control)));
+        }
+    }
+
+    /// Resolves when something may have been queued since the last `take`.
+    pub async fn ready(&self) {
+        self.ready.notified().await
+    }
+
+    /// Stops accepting frames and frees the queued data frames: the
+    /// connection is closing and no data may follow the close handshake.
+    /// Returns the control frames still queued (a reply to the client's
+    /// close frame must still go out).
+    pub fn close(&self) -> Option<Bytes> {
+        let mut queue = self.lock();
+        queue.closed = true;
+        queue.frames = VecDeque::new();
+        let control = std::mem::take(&mut queue.control);
+        (!control.is_empty()).then(|| Bytes::from(control))
+    }
+
+    /// Frames queued now (for tests and introspection).
+    pub fn len(&self) -> usize {
+        self.lock().frames.len()
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(text: &str) -> Frame {
+        Frame::from_text(text.to_string())
+    }
+
+    #[test]
+    fn bounded_and_ordered() {
+        let outbox = Outbox::new(2);
+        assert_eq!(outbox.push(frame("a")), Ok(()));
+        assert_eq!(outbox.push(frame("b")), Ok(()));
+        assert_eq!(outbox.push(frame("c")), Err(PushError::Full));
+        let mut batch = Batch::default();
+        outbox.take(&mut batch);
+        let expected: Vec<Bytes> = ["a", "b"].iter().map(|t| frame(t).into_wire()).collect();
+        assert_eq!(Vec::from(batch), expected);
+        assert!(outbox.is_empty());
+        assert_eq!(outbox.push(frame("d")), Ok(()));
+    }
+
+    #[test]
+    fn control_goes_in_its_own_capped_buffer() {
+        let outbox = Outbox::new(1);
+        outbox.push(frame("a")).expect("room for one");
+        outbox
+            .push_control(&[0x8a, 0x00])
+            .expect("control is not counted as a frame");
+        assert_eq!(
+            outbox.push_control(&vec![0; MAX_CONTROL_BYTES]),
+            Err(PushError::Full)
+        );
+        let mut batch = Batch::default();
+        outbox.take(&mut batch);
+        assert_eq!(batch.len(), 2);
+        assert_eq!(
+            batch[0].as_ref(),
+            &[0x8a, 0x00][..],
+            "control frames go first"
+        );
+    }
+
+    #[test]
+    fn closed_refuses_and_frees() {
+        let outbox = Outbox::new(4);
+        outbox.push(frame("a")).expect("open");
+        outbox.push_control(&[0x88, 0x00]).expect("open");
+        assert_eq!(outbox.close().as_deref(), Some(&[0x88, 0x00][..]));
+        assert!(outbox.is_empty());
+        assert_eq!(outbox.push(frame("b")), Err(PushError::Closed));
+        assert_eq!(outbox.push_control(&[1]), Err(PushError::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_push_wakes_a_waiting_writer() {
+        let outbox = std::sync::Arc::new(Outbox::new(4));
+        let waiter = {
+            let outbox = outbox.clone();
+            tokio::spawn(async move { outbox.ready().await })
+        };
+        tokio::task::yield_now().await;
+        outbox.push(frame("a")).expect("open");
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .expect("task");
+    }
+}

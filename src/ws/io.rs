@@ -1,0 +1,66 @@
+//! The two halves of a client's socket after the upgrade.
+//!
+//! The socket is split without a lock: the writer task owns the sending
+//! half and writes pre-encoded frames straight from the connection's queue
+//! (one vectored write per batch, no copy per recipient). tungstenite reads
+//! from the receiving half through [`ReadSide`]; what tungstenite itself
+//! wants to send (pongs, the reply to a close frame) is queued as control
+//! bytes for the writer, which stays the only one writing to the socket.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::tcp::OwnedReadHalf;
+
+use crate::rooms::{Connection, PushError};
+
+/// The receiving half as a `Read + Write` stream for tungstenite.
+pub struct ReadSide {
+    read: OwnedReadHalf,
+    conn: Arc<Connection>,
+}
+
+impl ReadSide {
+    /// Reads from `read`; writes go to `conn`'s queue as control frames.
+    pub fn new(read: OwnedReadHalf, conn: Arc<Connection>) -> Self {
+        Self { read, conn }
+    }
+}
+
+impl AsyncRead for ReadSide {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.read).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ReadSide {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        // tungstenite hands over whole frames, so queueing all of it (or
+        // nothing) keeps frame boundaries intact.
+        Poll::Ready(match self.conn.outbox().push_control(buf) {
+            Ok(()) => Ok(buf.len()),
+            // A client that sends pings but never reads the pongs.
+            Err(PushError::Full) => Err(io::Error::other("control frames backlog exceeded")),
+            Err(PushError::Closed) => Err(io::ErrorKind::BrokenPipe.into()),
+        })
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}

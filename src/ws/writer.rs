@@ -1,0 +1,306 @@
+//! The writer task of a session: the only code that writes to a client's
+//! socket.
+//!
+//! It takes everything queued for the connection in one go and writes it
+//! with one vectored write: the frames are the shared, pre-encoded buffers
+//! of the broadcast, so nothing is copied or encoded per recipient. It also
+//! sends the heartbeat pings and, at the end, the close frame.
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::io::IoSlice;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use tokio::io::AsyncWrite;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
+use tracing::debug;
+
+use super::session::{CLOSE_ABNORMAL, CLOSE_NO_STATUS, SessionSettings};
+use crate::metrics::CloseReason;
+use crate::rooms::{Batch, Connection};
+
+/// Most buffers handed to one `writev` (Linux accepts 1024).
+const MAX_IOV: usize = 128;
+
+/// An empty, unmasked ping frame.
+const PING: &[u8] = &[0x89, 0x00];
+
+/// Ping bookkeeping: after a ping, the client has `pong_timeout` to answer.
+struct Heartbeat {
+    deadline: Option<Instant>,
+    pongs_at_ping: u64,
+}
+
+impl Heartbeat {
+    fn far_future() -> Instant {
+        Instant::now() + Duration::from_secs(86_400 * 365)
+    }
+
+    fn deadline(&self) -> Instant {
+        self.deadline.unwrap_or_else(Self::far_future)
+    }
+
+    /// Starts the clock for a ping just sent, unless an earlier ping is
+    /// still unanswered: that one keeps its deadline. Restarting the clock
+    /// on every ping would never expire when `pong_timeout` is not shorter
+    /// than `ping_interval` (the next tick comes first and resets it), so a
+    /// dead client would be kept forever.
+    fn ping_sent(&mut self, conn: &Connection, timeout: Duration) {
+        if self.deadline.is_some() && conn.pongs() == self.pongs_at_ping {
+            return;
+        }
+        self.deadline = Some(Instant::now() + timeout);
+        self.pongs_at_ping = conn.pongs();
+    }
+
+    /// Called at the deadline: `true` if the ping went unanswered.
+    fn expired(&mut self, conn: &Connection) -> bool {
+        self.deadline = None;
+        conn.pongs() == self.pongs_at_ping
+    }
+}
+
+/// The writer's state.
+pub struct Writer {
+    io: OwnedWriteHalf,
+    conn: Arc<Connection>,
+    settings: SessionSettings,
+    batch: Batch,
+    /// Whether the first buffer of `batch` is partly written (a write was
+    /// abandoned in the middle of it).
+    front_started: bool,
+    heartbeat: Heartbeat,
+    /// A ping fell due (its deadline runs) but has not been written yet.
+    ping_due: bool,
+    ticker: Interval,
+}
+
+impl Writer {
+    /// A writer for `conn` on the sending half `io`.
+    pub fn new(io: OwnedWriteHalf, conn: Arc<Connection>, settings: SessionSettings) -> Self {
+        let period = settings.ping_interval;
+        let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Self {
+            io,
+            conn,
+            settings,
+            batch: VecDeque::new(),
+            front_started: false,
+            heartbeat: Heartbeat {
+                deadline: None,
+                pongs_at_ping: 0,
+            },
+            ping_due: false,
+            ticker,
+        }
+    }
+
+    /// Writes until the connection closes, then closes the WebSocket.
+    /// Returns the sending half, for the session to drop (FIN) when it is
+    /// done, and the deadline for the client's close reply when our close
+    /// frame went out (see [`Writer::finish`]).
+    pub async fn run(mut self) -> (OwnedWriteHalf, Option<Instant>) {
+        loop {
+            self.conn.outbox().take(&mut self.batch);
+            if self.batch.is_empty() && !self.ping_due {
+                if self.wait().await {
+                    continue;
+                }
+                break;
+            }
+            if self.ping_due {
+                // The batch is whole frames here, so the ping may go first.
+                self.batch.push_front(Bytes::from_static(PING));
+                self.ping_due = false;
+            }
+            match self.guarded_write().await {
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    debug!(error = %e, "write failed");
+                    self.conn.close(CLOSE_ABNORMAL, "", CloseReason::Error);
+                    break;
+                }
+                None => break,
+            }
+        }
+        self.finish().await
+    }
+
+    /// A ping falls due: its deadline starts now, and it is sent with the
+    /// next write.
+    fn ping_due(
+        heartbeat: &mut Heartbeat,
+        ping_due: &mut bool,
+        conn: &Connection,
+        timeout: Duration,
+    ) {
+        heartbeat.ping_sent(conn, timeout);
+        *ping_due = true;
+    }
+
+    /// Waits for frames, the next ping, the heartbeat deadline or closing;
+    /// `false` when the connection is closing.
+    async fn wait(&mut self) -> bool {
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.conn.closing().cancelled() => return false,
+                _ = tokio::time::sleep_until(self.heartbeat.deadline()), if self.heartbeat.deadline.is_some() => {
+                    if self.heartbeat.expired(&self.conn) {
+                        self.conn.close(1001, "ping timeout", CloseReason::PingTimeout);
+                        return false;
+                    }
+                }
+                _ = self.ticker.tick() => {
+                    Self::ping_due(&mut self.heartbeat, &mut self.ping_due, &self.conn, self.settings.pong_timeout);
+                    return true;
+                }
+                _ = self.conn.outbox().ready() => return true,
+            }
+        }
+    }
+
+    /// Writes the batch, but gives up when the connection starts closing or
+    /// an unanswered ping expires meanwhile (a client that stops reading
+    /// also stops answering). `None` means the write was abandoned.
+    ///
+    /// A ping that falls due during a write starts its deadline at once
+    /// and is sent right after the write. So a client that stopped reading,
+    /// whose write never completes, is closed for not answering after
+    /// `pong_timeout` like any other, instead of being kept open for as long
+    /// as it does not read; a busy but healthy client gets its ping a moment
+    /// later and answers in time.
+    async fn guarded_write(&mut self) -> Option<std::io::Result<()>> {
+        let Self {
+            io,
+            conn,
+            settings,
+            batch,
+            front_started,
+            heartbeat,
+            ping_due,
+            ticker,
+        } = self;
+        let mut write = pin!(write_all(io, batch, front_started));
+        loop {
+            tokio::select! {
+                biased;
+                _ = conn.closing().cancelled() => return None,
+                _ = tokio::time::sleep_until(heartbeat.deadline()), if heartbeat.deadline.is_some() => {
+                    if heartbeat.expired(conn) {
+                        conn.close(1001, "ping timeout", CloseReason::PingTimeout);
+                        return None;
+                    }
+                }
+                result = &mut write => return Some(result),
+                _ = ticker.tick() => Self::ping_due(heartbeat, ping_due, conn, settings.pong_timeout),
+            }
+        }
+    }
+
+    /// Ends the WebSocket: sends our close frame (or the reply to the
+    /// client's), bounded by `pong_timeout` so a client that stopped reading
+    /// cannot hold the task. Queued data frames are dropped: nothing may
+    /// follow a close frame. Returns the same deadline when our close frame
+    /// was sent (other than at shutdown), for the session to wait for the
+    /// client's reply until then.
+    async fn finish(mut self) -> (OwnedWriteHalf, Option<Instant>) {
+        if self.conn.close_request().is_none() {
+            // Only the shutdown token cancels without saying why.
+            self.conn
+                .close(1001, "server shutting down", CloseReason::Shutdown);
+        }
+        let control = self.conn.outbox().close();
+        let Some(request) = self.conn.close_request().cloned() else {
+            return (self.io, None);
+        };
+        let deadline = Instant::now() + self.settings.pong_timeout;
+        // An abandoned write may have stopped in the middle of a frame: its
+        // rest must go out before anything else can.
+        let mut out: Batch = VecDeque::new();
+        if self.front_started
+            && let Some(rest) = self.batch.pop_front()
+        {
+            out.push_back(rest);
+        }
+        out.extend(control);
+        let ours = request.reason != CloseReason::Client
+            && request.code != CLOSE_ABNORMAL
+            && request.code != CLOSE_NO_STATUS;
+        if ours {
+            out.push_back(close_frame(request.code, &request.text));
+        }
+        let mut started = false;
+        let sent =
+            tokio::time::timeout_at(deadline, write_all(&mut self.io, &mut out, &mut started))
+                .await;
+        // At shutdown the whole gateway is going away, bounded by
+        // `shutdown_grace_secs`: it does not also wait on every idle
+        // client's reply.
+        let awaits_reply = ours && request.reason != CloseReason::Shutdown;
+        let awaits = (matches!(sent, Ok(Ok(()))) && awaits_reply).then_some(deadline);
+        (self.io, awaits)
+    }
+}
+
+/// An encoded close frame.
+fn close_frame(code: u16, text: &str) -> Bytes {
+    let frame = WsFrame::close(Some(CloseFrame {
+        code: code.into(),
+        reason: text.into(),
+    }));
+    let mut out = Vec::with_capacity(4 + text.len());
+    // Writing into a Vec cannot fail.
+    let _ = frame.format(&mut out);
+    Bytes::from(out)
+}
+
+/// Writes every buffer of `parts` with as few `writev` calls as the kernel
+/// allows, removing what has been written. A partly written buffer is
+/// advanced and flagged in `front_started`, so an abandoned call leaves an
+/// exact record of what is still owed to the client.
+async fn write_all(
+    io: &mut OwnedWriteHalf,
+    parts: &mut Batch,
+    front_started: &mut bool,
+) -> std::io::Result<()> {
+    while !parts.is_empty() {
+        let mut written = poll_fn(|cx| {
+            // Built inside the poll, so the slice array lives on the stack
+            // for the call only and not in every connection's task.
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let mut count = 0;
+            for (slot, part) in slices.iter_mut().zip(parts.iter()) {
+                *slot = IoSlice::new(part);
+                count += 1;
+            }
+            Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count])
+        })
+        .await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 {
+            let Some(front) = parts.front_mut() else {
+                break;
+            };
+            if front.len() <= written {
+                written -= front.len();
+                parts.pop_front();
+                *front_started = false;
+            } else {
+                front.advance(written);
+                *front_started = true;
+                written = 0;
+            }
+        }
+    }
+    Ok(())
+}
