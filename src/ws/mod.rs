@@ -39,10 +39,11 @@ use crate::rooms::{Connection, Identity};
 use crate::shutdown::Shutdown;
 
 /// tungstenite's read buffer is allocated up front for every connection; its
-/// 128 KiB default would dominate an idle connection's memory. Frames larger
-/// than this still arrive: the buffer grows for them and the codec enforces
-/// `max_message_size_bytes`.
-const READ_BUFFER: usize = 4 * 1024;
+/// 128 KiB default would dominate an idle connection's memory (this size is
+/// most of it: an idle connection costs about 6 KiB in all, see
+/// BENCHMARKS.md). Client frames are small; a larger one still arrives, the
+/// buffer grows for it and the codec enforces `max_message_size_bytes`.
+const READ_BUFFER: usize = 1024;
 
 /// What tungstenite writes itself (pongs, close replies) is handed to the
 /// writer at once, so its own write buffering is off.
@@ -156,9 +157,15 @@ impl Upgrader {
                     Ok(Ok(parts)) => {
                         let (read, write) = parts.io.into_inner().into_split();
                         let read = io::ReadSide::new(read, conn.clone());
+                        // hyper's leftover bytes share its whole read buffer
+                        // (8 KiB or more): copy what was read ahead and let
+                        // the buffer go, instead of holding it for the life
+                        // of the connection.
+                        let ahead = parts.read_buf.to_vec();
+                        drop(parts.read_buf);
                         let ws = WebSocketStream::from_partially_read(
                             read,
-                            parts.read_buf.to_vec(),
+                            ahead,
                             Role::Server,
                             Some(codec),
                         )
