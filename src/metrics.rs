@@ -6,6 +6,8 @@
 //! Hot paths hold pre-resolved counters (`IntCounter` clones are atomics
 //! behind an `Arc`), so counting a delivery never hashes a label.
 
+use std::sync::{Arc, OnceLock};
+
 use prometheus::core::Collector;
 use prometheus::process_collector::ProcessCollector;
 use prometheus::{
@@ -145,6 +147,9 @@ pub struct Metrics {
     /// Messages taken in from NATS subscriptions.
     pub nats_received: IntCounter,
     proxy_requests: IntCounterVec,
+    /// One resolved counter per status code, filled on first use, so the
+    /// proxy's per-request count is an index instead of a label lookup.
+    proxy_by_code: Arc<[OnceLock<IntCounter>]>,
     /// Time from receiving a proxied request to the upstream's response headers.
     pub proxy_duration: Histogram,
 }
@@ -214,6 +219,7 @@ impl Metrics {
                 "roomgate_nats_received_total",
                 "Messages received from NATS.",
             ),
+            proxy_by_code: (100..600).map(|_| OnceLock::new()).collect(),
             proxy_requests: counter_vec(
                 "roomgate_proxy_requests_total",
                 "Proxied HTTP requests, by response status code.",
@@ -282,9 +288,16 @@ impl Metrics {
 
     /// Counts a proxied request and its time to response headers.
     pub fn proxy_request(&self, status: hyper::StatusCode, seconds: f64) {
-        self.proxy_requests
-            .with_label_values(&[status.as_str()])
-            .inc();
+        let code = usize::from(status.as_u16());
+        match self.proxy_by_code.get(code.wrapping_sub(100)) {
+            Some(slot) => slot
+                .get_or_init(|| self.proxy_requests.with_label_values(&[status.as_str()]))
+                .inc(),
+            None => self
+                .proxy_requests
+                .with_label_values(&[status.as_str()])
+                .inc(),
+        }
         self.proxy_duration.observe(seconds);
     }
 

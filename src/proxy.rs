@@ -9,13 +9,14 @@
 
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -57,8 +58,17 @@ impl ProxyError {
 /// proxy and by forward auth.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpConnector, Body>,
-    base: Option<Uri>,
+    client: Client<HttpConnector, UpstreamBody>,
+    base: Option<Base>,
+}
+
+/// The upstream's base URL, split once so that building each request's URI
+/// is a few reference-count increments, not a format and a parse.
+#[derive(Clone)]
+struct Base {
+    authority: Authority,
+    /// The base path without its trailing `/`; usually empty.
+    prefix: String,
 }
 
 impl Upstream {
@@ -73,9 +83,12 @@ impl Upstream {
             .timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);
-        let base = (!config.url.is_empty())
-            .then(|| config.url.parse().ok())
-            .flatten();
+        let base = config.url.parse::<Uri>().ok().and_then(|uri| {
+            Some(Base {
+                authority: uri.authority()?.clone(),
+                prefix: uri.path().trim_end_matches('/').to_string(),
+            })
+        });
         Self { client, base }
     }
 
@@ -87,10 +100,34 @@ impl Upstream {
     /// The upstream URI for a client's path and query, below the base path.
     pub fn uri_for(&self, path_and_query: &str) -> Result<Uri, ProxyError> {
         let base = self.base.as_ref().ok_or(ProxyError::NoUpstream)?;
-        let prefix = base.path().trim_end_matches('/');
-        let authority = base.authority().map(|a| a.as_str()).unwrap_or_default();
-        format!("http://{authority}{prefix}{path_and_query}")
-            .parse()
+        let path = if base.prefix.is_empty() {
+            PathAndQuery::try_from(path_and_query)
+        } else {
+            PathAndQuery::try_from(format!("{}{path_and_query}", base.prefix))
+        };
+        self.uri_with(
+            base,
+            path.map_err(|e| ProxyError::Unreachable(format!("cannot build upstream URI: {e}")))?,
+        )
+    }
+
+    /// Like [`Upstream::uri_for`], reusing the client's parsed path when the
+    /// base URL has no path of its own (the common case: no copy at all).
+    fn uri_from(&self, original: &Uri) -> Result<Uri, ProxyError> {
+        let base = self.base.as_ref().ok_or(ProxyError::NoUpstream)?;
+        match original.path_and_query() {
+            Some(path) if base.prefix.is_empty() => self.uri_with(base, path.clone()),
+            Some(path) => self.uri_for(path.as_str()),
+            None => self.uri_for("/"),
+        }
+    }
+
+    fn uri_with(&self, base: &Base, path: PathAndQuery) -> Result<Uri, ProxyError> {
+        Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(base.authority.clone())
+            .path_and_query(path)
+            .build()
             .map_err(|e| ProxyError::Unreachable(format!("cannot build upstream URI: {e}")))
     }
 
@@ -99,30 +136,23 @@ impl Upstream {
     /// long between two chunks of the request body, and that long to answer
     /// once it has the whole request. A clock on the whole exchange would cut
     /// off every upload that takes longer than `timeout` to transfer, however
-    /// well it flows.
+    /// well it flows. A request without a body needs only one clock.
     pub async fn send(
         &self,
         request: Request<Body>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let progress = Progress::new();
-        let request = request.map(|body| {
-            Watched {
-                inner: body,
-                progress: progress.clone(),
+        let result = if hyper::body::Body::is_end_stream(request.body()) {
+            let request = request.map(|inner| UpstreamBody {
+                inner,
+                progress: None,
+            });
+            match tokio::time::timeout(timeout, self.client.request(request)).await {
+                Ok(result) => result,
+                Err(_) => return Err(ProxyError::Timeout),
             }
-            .boxed()
-        });
-        let mut response = pin!(self.client.request(request));
-        let result = loop {
-            tokio::select! {
-                result = &mut response => break result,
-                _ = tokio::time::sleep_until(progress.last() + timeout) => {
-                    if progress.last() + timeout <= tokio::time::Instant::now() {
-                        return Err(ProxyError::Timeout);
-                    }
-                }
-            }
+        } else {
+            self.send_watched(request, timeout).await?
         };
         match result {
             Ok(response) => Ok(response),
@@ -130,36 +160,67 @@ impl Upstream {
             Err(e) => Err(ProxyError::Unreachable(error_chain(&e))),
         }
     }
+
+    async fn send_watched(
+        &self,
+        request: Request<Body>,
+        timeout: Duration,
+    ) -> Result<Result<Response<Incoming>, hyper_util::client::legacy::Error>, ProxyError> {
+        let progress = Arc::new(Progress::new());
+        let request = request.map(|inner| UpstreamBody {
+            inner,
+            progress: Some(progress.clone()),
+        });
+        let mut response = pin!(self.client.request(request));
+        loop {
+            tokio::select! {
+                result = &mut response => return Ok(result),
+                _ = tokio::time::sleep_until(progress.last() + timeout) => {
+                    if progress.last() + timeout <= tokio::time::Instant::now() {
+                        return Err(ProxyError::Timeout);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// When a request to the upstream last moved: created, or a chunk of its
-/// body (or its end) taken by the upstream connection.
-#[derive(Clone)]
-struct Progress(Arc<Mutex<tokio::time::Instant>>);
+/// body (or its end) taken by the upstream connection. Nanoseconds since
+/// `start`, so the body can record it with one atomic store.
+struct Progress {
+    start: tokio::time::Instant,
+    last: AtomicU64,
+}
 
 impl Progress {
     fn new() -> Self {
-        Self(Arc::new(Mutex::new(tokio::time::Instant::now())))
+        Self {
+            start: tokio::time::Instant::now(),
+            last: AtomicU64::new(0),
+        }
     }
 
     fn touch(&self) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = tokio::time::Instant::now();
+        let nanos = self.start.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+        self.last.store(nanos, Ordering::Relaxed);
     }
 
     fn last(&self) -> tokio::time::Instant {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.start + Duration::from_nanos(self.last.load(Ordering::Relaxed))
     }
 }
 
-/// A request body that reports to [`Progress`] each time the upstream
-/// connection takes a frame from it; otherwise it is the body unchanged
-/// (size hint included, so a `Content-Length` upload stays one).
-struct Watched {
+/// A request body on its way to the upstream. With `progress`, it reports
+/// each time the upstream connection takes a frame from it; otherwise it is
+/// the body unchanged (size hint included, so a `Content-Length` upload
+/// stays one).
+pub struct UpstreamBody {
     inner: Body,
-    progress: Progress,
+    progress: Option<Arc<Progress>>,
 }
 
-impl hyper::body::Body for Watched {
+impl hyper::body::Body for UpstreamBody {
     type Data = bytes::Bytes;
     type Error = hyper::Error;
 
@@ -168,8 +229,10 @@ impl hyper::body::Body for Watched {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if polled.is_ready() {
-            self.progress.touch();
+        if polled.is_ready()
+            && let Some(progress) = &self.progress
+        {
+            progress.touch();
         }
         polled
     }
@@ -245,7 +308,7 @@ impl Proxy {
             return Ok(Response::from_parts(parts, response::empty()));
         }
         strip_hop_by_hop(response.headers_mut(), false);
-        Ok(response.map(|body| body.boxed()))
+        Ok(response.map(Body::stream))
     }
 
     /// The upstream request: same method, path, query, headers (minus
@@ -257,12 +320,7 @@ impl Proxy {
         upgrade: bool,
     ) -> Result<Request<Body>, ProxyError> {
         let (mut parts, body) = request.into_parts();
-        let path = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        parts.uri = self.upstream.uri_for(path)?;
+        parts.uri = self.upstream.uri_from(&parts.uri)?;
         parts.version = hyper::Version::HTTP_11;
         let host = parts.headers.get(header::HOST).cloned().or_else(|| {
             parts
@@ -272,16 +330,13 @@ impl Proxy {
         });
         strip_hop_by_hop(&mut parts.headers, upgrade);
         append_forwarded_for(&mut parts.headers, client);
-        parts.headers.insert(
-            HeaderName::from_static("x-forwarded-proto"),
-            HeaderValue::from_static("http"),
-        );
+        parts
+            .headers
+            .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
         if let Some(host) = host {
-            parts
-                .headers
-                .insert(HeaderName::from_static("x-forwarded-host"), host);
+            parts.headers.insert(X_FORWARDED_HOST, host);
         }
-        Ok(Request::from_parts(parts, body.boxed()))
+        Ok(Request::from_parts(parts, Body::stream(body)))
     }
 }
 
@@ -313,37 +368,48 @@ async fn splice(
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1,
 /// plus the proxy headers of RFC 2616 that intermediaries still strip).
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Constants, so removing them hashes no parsed strings.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Removes hop-by-hop headers, including those named in `Connection`. For a
 /// tunneled upgrade, `Upgrade` and `Connection: upgrade` are kept: they are
 /// the point of the request.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    let upgrade = headers.get(header::UPGRADE).cloned();
-    for name in named {
+    let upgrade = if keep_upgrade {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
-    if keep_upgrade && let Some(upgrade) = upgrade {
+    if let Some(upgrade) = upgrade {
         headers.insert(header::UPGRADE, upgrade);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
@@ -356,20 +422,19 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, client: SocketAddr) {
-    let name = HeaderName::from_static("x-forwarded-for");
-    let prior: Vec<&str> = headers
-        .get_all(&name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
     let ip = client.ip().to_string();
-    let value = if prior.is_empty() {
-        ip
-    } else {
+    let value = if headers.contains_key(&X_FORWARDED_FOR) {
+        let prior: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
         format!("{}, {ip}", prior.join(", "))
+    } else {
+        ip
     };
     if let Ok(value) = HeaderValue::from_str(&value) {
-        headers.insert(name, value);
+        headers.insert(X_FORWARDED_FOR, value);
     }
 }
 

@@ -2,28 +2,80 @@
 //! the responses the gateway writes itself (errors, admin JSON).
 //!
 //! Proxied bodies stream through untouched; the gateway's own responses are
-//! small and complete. One boxed body type covers both so the services have
-//! a single response type.
+//! small and complete. One body type covers both, so every service has a
+//! single response type.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Response, StatusCode};
 
-/// A response body: streamed from the upstream or written by the gateway.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+/// A response (or proxied request) body: streamed from a peer, or written
+/// by the gateway. An enum rather than a boxed trait object, so proxying a
+/// request allocates no box per body.
+pub struct Body(Kind);
+
+enum Kind {
+    Empty,
+    Full(Option<Bytes>),
+    Stream(Incoming),
+}
+
+impl Body {
+    /// A body streamed from a peer as it arrives.
+    pub fn stream(incoming: Incoming) -> Self {
+        Self(Kind::Stream(incoming))
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut self.0 {
+            Kind::Empty => Poll::Ready(None),
+            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Stream(incoming) => Pin::new(incoming).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Kind::Empty => true,
+            Kind::Full(bytes) => bytes.is_none(),
+            Kind::Stream(incoming) => incoming.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Kind::Empty => SizeHint::with_exact(0),
+            Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Stream(incoming) => incoming.size_hint(),
+        }
+    }
+}
 
 /// A complete body from bytes.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed()
+    let bytes = bytes.into();
+    if bytes.is_empty() {
+        Body(Kind::Empty)
+    } else {
+        Body(Kind::Full(Some(bytes)))
+    }
 }
 
 /// An empty body.
 pub fn empty() -> Body {
-    Empty::new().map_err(|never| match never {}).boxed()
+    Body(Kind::Empty)
 }
 
 /// A plain-text response, e.g. `400 bad handshake: missing Sec-WebSocket-Key`.

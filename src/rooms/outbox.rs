@@ -114,23 +114,29 @@ impl Outbox {
     }
 
     /// Moves everything queued into `batch` (which must be empty), reusing
-    /// its buffer so steady traffic allocates nothing. When nothing is
-    /// queued, buffers grown by a past burst are released instead: an idle
-    /// connection goes back to costing almost nothing.
+    /// its buffer so steady traffic allocates nothing.
     pub fn take(&self, batch: &mut Batch) {
         let mut queue = self.lock();
         if queue.is_empty() {
-            if queue.frames.capacity() > IDLE_CAPACITY {
-                queue.frames = VecDeque::new();
-            }
-            if batch.capacity() > IDLE_CAPACITY {
-                *batch = VecDeque::new();
-            }
             return;
         }
         std::mem::swap(&mut queue.frames, batch);
         if !queue.control.is_empty() {
             batch.push_front(Bytes::from(std::mem::take(&mut queue.control)));
+        }
+    }
+
+    /// Releases buffers grown by a past burst if nothing is queued, so an
+    /// idle connection goes back to costing almost nothing. Called now and
+    /// then (on the writer's ping tick), not on every empty queue, which
+    /// would free and regrow them under steady traffic.
+    pub fn trim(&self, batch: &mut Batch) {
+        let mut queue = self.lock();
+        if queue.is_empty() && queue.frames.capacity() > IDLE_CAPACITY {
+            queue.frames = VecDeque::new();
+        }
+        if batch.is_empty() && batch.capacity() > IDLE_CAPACITY {
+            *batch = VecDeque::new();
         }
     }
 
@@ -214,6 +220,37 @@ mod tests {
         assert!(outbox.is_empty());
         assert_eq!(outbox.push(frame("b")), Err(PushError::Closed));
         assert_eq!(outbox.push_control(&[1]), Err(PushError::Closed));
+    }
+
+    #[test]
+    fn trim_releases_burst_buffers_only_when_idle() {
+        let outbox = Outbox::new(1000);
+        let mut batch = Batch::default();
+        for _ in 0..2 {
+            for _ in 0..500 {
+                outbox.push(frame("x")).expect("room");
+            }
+            outbox.take(&mut batch);
+            batch.clear();
+        }
+        assert!(batch.capacity() >= 500, "both buffers grew");
+        outbox.push(frame("y")).expect("room");
+        outbox.trim(&mut batch);
+        assert!(
+            batch.capacity() < 500,
+            "the writer's empty buffer is released"
+        );
+        assert_eq!(outbox.len(), 1, "a queued frame is kept");
+        outbox.take(&mut batch);
+        batch.clear();
+        outbox.trim(&mut batch);
+        let mut probe = Batch::default();
+        outbox.push(frame("z")).expect("room");
+        outbox.take(&mut probe);
+        assert!(
+            probe.capacity() < 500,
+            "the queue's buffer was released too"
+        );
     }
 
     #[tokio::test]

@@ -159,6 +159,7 @@ impl Writer {
                     }
                 }
                 _ = self.ticker.tick() => {
+                    self.conn.outbox().trim(&mut self.batch);
                     Self::ping_due(&mut self.heartbeat, &mut self.ping_due, &self.conn, self.settings.pong_timeout);
                     return true;
                 }
