@@ -621,6 +621,10 @@ pub struct Context<'a> {
     pub date: String,
 }
 
+/// Hand-written analysis included in every report (relative to the
+/// repository root, where `bench/run.sh` runs the tool).
+const ANALYSIS: &str = "bench/ANALYSIS.md";
+
 /// `BENCHMARKS.md`.
 pub fn markdown(records: &[Record], ctx: &Context<'_>) -> String {
     let mut s = String::new();
@@ -830,6 +834,13 @@ pub fn markdown(records: &[Record], ctx: &Context<'_>) -> String {
             s.push_str(&r);
             s.push('\n');
         }
+    }
+
+    // The reading of the numbers (profiles, why a target is missed) is
+    // written by hand next to the tool and carried into every report.
+    if let Ok(analysis) = std::fs::read_to_string(ANALYSIS) {
+        s.push_str(analysis.trim_end());
+        s.push_str("\n\n");
     }
 
     s.push_str("## Exact commands\n\n");

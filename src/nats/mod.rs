@@ -7,9 +7,9 @@
 //!   and counted instead of piling up: publishing never blocks a client.
 //! - Inbound: fixed subscriptions for `send.*`, `all` and `control.*`, plus
 //!   one subscription per room with local members (`<prefix>.*.<room>`, or
-//!   the exact subjects without `client_broadcast`, see `room_subjects`). An instance therefore takes in only the
-//!   traffic of its own rooms, and drops the interest when the last local
-//!   member leaves. Each subscription's messages are handled in its own
+//!   the exact subjects without `client_broadcast`, see `room_subjects`).
+//!   An instance therefore takes in only the traffic of its own rooms, and
+//!   drops the interest when the last local member leaves. Each subscription's messages are handled in its own
 //!   scope, so a room named `join` never turns a `control.join` into a
 //!   second membership change. `docs/nats.md` measures and explains this.
 //! - Interest is reconciled from the hub's current state, room by room, in
