@@ -117,6 +117,8 @@ pub struct Metrics {
     registry: Registry,
     /// Open WebSocket connections.
     pub connections: IntGauge,
+    /// `server.max_connections`, so alerts can compare against the setting.
+    pub connections_max: IntGauge,
     /// WebSocket connections accepted since start.
     pub connections_opened: IntCounter,
     connections_closed: IntCounterVec,
@@ -169,6 +171,10 @@ impl Metrics {
         let m = Self {
             registry: Registry::new(),
             connections: gauge("roomgate_connections", "Open WebSocket connections."),
+            connections_max: gauge(
+                "roomgate_connections_max",
+                "WebSocket connections allowed (server.max_connections).",
+            ),
             connections_opened: counter(
                 "roomgate_connections_opened_total",
                 "WebSocket connections accepted.",
@@ -250,6 +256,7 @@ impl Metrics {
     fn register_all(&self, dropped: IntCounterVec) {
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(self.connections.clone()),
+            Box::new(self.connections_max.clone()),
             Box::new(self.connections_opened.clone()),
             Box::new(self.connections_closed.clone()),
             Box::new(self.upgrades_rejected.clone()),
@@ -340,6 +347,7 @@ mod tests {
         let text = String::from_utf8(m.render()).expect("utf-8");
         for name in [
             "roomgate_connections ",
+            "roomgate_connections_max ",
             "roomgate_connections_opened_total",
             "roomgate_connections_closed_total{reason=\"slow_consumer\"}",
             "roomgate_upgrades_rejected_total{reason=\"max_connections\"}",

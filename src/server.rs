@@ -119,6 +119,9 @@ impl Gateway {
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         let id: Arc<str> = uuid::Uuid::new_v4().to_string().into();
         let metrics = Metrics::new();
+        metrics
+            .connections_max
+            .set(i64::try_from(config.server.max_connections).unwrap_or(i64::MAX));
         let shutdown = Shutdown::new();
         let upstream = Upstream::new(&config.upstream);
         let auth = Authenticator::new(&config.auth, &upstream, |v| std::env::var(v).ok())?;
