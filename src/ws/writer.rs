@@ -130,7 +130,10 @@ impl Writer {
                 None => break,
             }
         }
-        self.finish().await
+        // Boxed: the close handshake runs once per connection, and its
+        // state inline would make every connection's writer task larger
+        // for its whole life (about 200 bytes).
+        Box::pin(self.finish()).await
     }
 
     /// A ping falls due: its deadline starts now, and it is sent with the
@@ -305,3 +308,4 @@ async fn write_all(
     }
     Ok(())
 }
+
