@@ -28,10 +28,12 @@
 //! # Data path of a room message
 //!
 //! A session's reader parses the frame (borrowing, no copy of `content`),
-//! encodes the outgoing `message` frame once, and the hub queues that one
-//! shared buffer into each member's bounded queue without waiting. Each
-//! member's writer drains its queue in batches. The same message goes to
-//! NATS through the event queue, never blocking the reader.
+//! encodes the outgoing `message` frame once, WebSocket header included,
+//! and the hub queues that one shared buffer into each member's bounded
+//! queue without waiting. Each member's writer takes its whole queue at once
+//! and hands it to the kernel in one vectored write. The same message goes
+//! to NATS through the event queue, never blocking the reader. The longer
+//! tour is `docs/architecture.md`.
 
 #![warn(missing_docs)]
 
