@@ -308,4 +308,3 @@ async fn write_all(
     }
     Ok(())
 }
-
