@@ -355,6 +355,52 @@ async fn upstream_slower_than_timeout_gives_504() {
 }
 
 #[tokio::test]
+async fn an_upstream_that_cannot_take_a_connection_gives_504_after_the_connect_timeout() {
+    // A listener that never accepts, with the smallest backlog: once its
+    // accept queue is full the kernel drops further SYNs, so the gateway's
+    // connect hangs until `connect_timeout_secs` (SPEC §3: upstream too
+    // slow; 504, as nginx answers a connect timeout).
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let listener = socket.listen(1).expect("listen");
+    let addr = listener.local_addr().expect("addr");
+    let connected = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let fillers: Vec<_> = (0..16)
+        .map(|_| {
+            let connected = connected.clone();
+            tokio::spawn(async move {
+                if let Ok(stream) = tokio::net::TcpStream::connect(addr).await {
+                    connected.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    std::future::pending::<()>().await;
+                    drop(stream);
+                }
+            })
+        })
+        .collect();
+    // The queue holds at most two; the other fillers' SYNs are dropped.
+    eventually("the accept queue to fill", || {
+        connected.load(std::sync::atomic::Ordering::SeqCst) >= 2
+    })
+    .await;
+    let gw = TestGateway::with(|c| {
+        c.upstream.url = format!("http://{addr}");
+        c.upstream.connect_timeout_secs = 1;
+        // Far beyond the test's own bound: only the connect timeout can
+        // produce the answer in time.
+        c.upstream.timeout_secs = 600;
+    })
+    .await;
+    let (status, body) = http_get(gw.addr, "/anything").await;
+    assert_eq!(status, 504, "{body}");
+    for filler in fillers {
+        filler.abort();
+    }
+    drop(listener);
+}
+
+#[tokio::test]
 async fn no_upstream_configured_gives_404() {
     let gw = TestGateway::start(test_config()).await;
     let (status, _) = http_get(gw.addr, "/index.html").await;
