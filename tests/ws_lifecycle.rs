@@ -171,6 +171,8 @@ async fn upgrades_beyond_max_connections_get_503_until_a_client_leaves() {
             .await,
         1.0
     );
+    // The limit is exported, so alerts can compare against the setting.
+    assert_eq!(gw.metric("roomgate_connections_max").await, 2.0);
 
     a.ws.close(Some(CloseFrame {
         code: CloseCode::Normal,
@@ -512,6 +514,39 @@ async fn client_that_stops_reading(addr: SocketAddr, room: &str) -> TcpStream {
     })
     .await;
     stream
+}
+
+#[tokio::test]
+async fn a_client_that_pings_but_never_reads_the_pongs_is_disconnected() {
+    // Pongs queue up behind a full socket; past a bounded backlog the
+    // gateway ends the connection instead of holding them all.
+    let gw = TestGateway::with(|c| c.websocket.ping_interval_secs = 600).await;
+    let mut stream = client_that_stops_reading(gw.addr, "pings").await;
+    const MASK: [u8; 4] = [0x11, 0x22, 0x33, 0x44];
+    let mut ping = vec![0x89, 0x80 | 125];
+    ping.extend_from_slice(&MASK);
+    ping.extend((0..125).map(|i| b'p' ^ MASK[i % 4]));
+    let burst: Vec<u8> = ping
+        .iter()
+        .copied()
+        .cycle()
+        .take(ping.len() * 1000)
+        .collect();
+    // Bounded: 200,000 pings would queue about 25 MB of pongs.
+    let refused = within("the gateway to drop the connection", async {
+        for _ in 0..200 {
+            if stream.write_all(&burst).await.is_err() {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert!(refused, "the connection survived 200,000 unread pongs");
+    eventually_async("the connection to be counted as closed", || async {
+        gw.metric("roomgate_connections").await == 0.0
+    })
+    .await;
 }
 
 /// A client that keeps reading (and so answering pings) in the background

@@ -80,11 +80,11 @@ impl Room {
     }
 
     fn read(&self) -> RwLockReadGuard<'_, RoomState> {
-        self.state.read().unwrap_or_else(|e| e.into_inner())
+        read(&self.state)
     }
 
     fn write(&self) -> RwLockWriteGuard<'_, RoomState> {
-        self.state.write().unwrap_or_else(|e| e.into_inner())
+        write(&self.state)
     }
 }
 
@@ -243,13 +243,16 @@ impl Hub {
 
     /// Queues `frame` for every member of `room` except `exclude`.
     pub fn broadcast(&self, room: &Room, frame: &Frame, exclude: Option<Uuid>) -> Fanout {
+        self.fan_out(&room.read(), frame, exclude)
+    }
+
+    /// Queues `frame` for every member in `state` except `exclude`: the one
+    /// walk behind broadcasts and presence frames.
+    fn fan_out(&self, state: &RoomState, frame: &Frame, exclude: Option<Uuid>) -> Fanout {
         let mut fanout = Fanout::default();
-        {
-            let state = room.read();
-            for member in &state.members {
-                if Some(member.id()) != exclude {
-                    fanout.count(member.deliver(frame.clone()));
-                }
+        for member in &state.members {
+            if Some(member.id()) != exclude {
+                fanout.count(member.deliver(frame.clone()));
             }
         }
         self.count(fanout, frame.len() as u64);
@@ -411,7 +414,7 @@ impl Hub {
                     conn.id_str(),
                     conn.user(),
                 );
-                self.deliver_to_others(&state, &frame, conn.id());
+                self.fan_out(&state, &frame, Some(conn.id()));
             }
             let first = state.members.len() == 1;
             drop(state);
@@ -471,7 +474,7 @@ impl Hub {
                     conn.id_str(),
                     conn.user(),
                 );
-                self.deliver_to_others(&state, &frame, conn.id());
+                self.fan_out(&state, &frame, Some(conn.id()));
             }
             let emptied = state.members.is_empty();
             let free_now = emptied && self.schedule_expiry(&mut state, room);
@@ -507,16 +510,6 @@ impl Hub {
 
     fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.config.idle_timeout_secs)
-    }
-
-    fn deliver_to_others(&self, state: &RoomState, frame: &Frame, exclude: Uuid) {
-        let mut fanout = Fanout::default();
-        for member in &state.members {
-            if member.id() != exclude {
-                fanout.count(member.deliver(frame.clone()));
-            }
-        }
-        self.count(fanout, frame.len() as u64);
     }
 
     fn publish_presence(&self, room: &RoomName, kind: PresenceKind, conn: &Arc<Connection>) {
