@@ -18,7 +18,7 @@
 //! | [`rooms`] | rooms, connections and the broadcaster API |
 //! | [`events`] | the queue of what the gateway tells backends |
 //! | [`nats`] | the bridge: publishing events, delivering backend messages |
-//! | [`proxy`] | the reverse proxy and tunnel to the upstream |
+//! | [`proxy`] | the reverse proxy and tunnel to the upstream, and its connection pool |
 //! | [`auth`] | origin checks, JWT and forward auth at the upgrade |
 //! | [`admin`] | `/metrics`, `/healthz`, `/readyz`, `/rooms` |
 //! | [`metrics`] | every Prometheus family, in one place |

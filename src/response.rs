@@ -13,6 +13,8 @@ use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Response, StatusCode};
 
+use crate::proxy::pool::PooledBody;
+
 /// A response (or proxied request) body: streamed from a peer, or written
 /// by the gateway. An enum rather than a boxed trait object, so proxying a
 /// request allocates no box per body.
@@ -22,12 +24,18 @@ enum Kind {
     Empty,
     Full(Option<Bytes>),
     Stream(Incoming),
+    Pooled(PooledBody),
 }
 
 impl Body {
     /// A body streamed from a peer as it arrives.
     pub fn stream(incoming: Incoming) -> Self {
         Self(Kind::Stream(incoming))
+    }
+
+    /// An upstream response body that drives its pooled connection.
+    pub fn pooled(body: PooledBody) -> Self {
+        Self(Kind::Pooled(body))
     }
 }
 
@@ -43,6 +51,7 @@ impl hyper::body::Body for Body {
             Kind::Empty => Poll::Ready(None),
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Stream(incoming) => Pin::new(incoming).poll_frame(cx),
+            Kind::Pooled(body) => Pin::new(body).poll_frame(cx),
         }
     }
 
@@ -51,6 +60,7 @@ impl hyper::body::Body for Body {
             Kind::Empty => true,
             Kind::Full(bytes) => bytes.is_none(),
             Kind::Stream(incoming) => incoming.is_end_stream(),
+            Kind::Pooled(body) => body.is_end_stream(),
         }
     }
 
@@ -59,6 +69,7 @@ impl hyper::body::Body for Body {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Stream(incoming) => incoming.size_hint(),
+            Kind::Pooled(body) => body.size_hint(),
         }
     }
 }

@@ -107,7 +107,9 @@ struct Router {
 impl Router {
     async fn route(&self, request: Request<Incoming>, client: SocketAddr) -> Response<Body> {
         if self.upgrader.owns(request.uri().path()) {
-            self.upgrader.upgrade(request, client).await
+            // Once per connection, and large: boxed so that it does not size
+            // the future of every proxied request.
+            Box::pin(self.upgrader.upgrade(request, client)).await
         } else {
             self.proxy.forward(request, client).await
         }

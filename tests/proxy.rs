@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -777,4 +778,159 @@ async fn an_upstream_that_stops_taking_the_upload_gets_504() {
     stalled.notify_waiters();
     assert_eq!(response.status(), 504);
     feeder.abort();
+}
+
+/// An upstream that answers one request per connection and, when told to,
+/// closes that connection without having said so (no `Connection: close`),
+/// as an upstream whose keep-alive timeout ran out would. Reports each
+/// close.
+async fn closing_upstream() -> (
+    SocketAddr,
+    mpsc::UnboundedSender<()>,
+    mpsc::UnboundedReceiver<usize>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (close_tx, mut close_rx) = mpsc::unbounded_channel::<()>();
+    let (closed_tx, closed_rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        for n in 0.. {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.ends_with(b"\r\n\r\n") {
+                match tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(read) => head.extend_from_slice(&buf[..read]),
+                }
+            }
+            let body = format!("connection {n}");
+            let response = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+            if close_rx.recv().await.is_none() {
+                return;
+            }
+            drop(stream);
+            let _ = closed_tx.send(n);
+        }
+    });
+    (addr, close_tx, closed_rx)
+}
+
+#[tokio::test]
+async fn an_idle_upstream_connection_the_upstream_closed_is_not_reused() {
+    let (addr, close, mut closed) = closing_upstream().await;
+    let gw = TestGateway::with(|c| c.upstream.url = format!("http://{addr}")).await;
+    for n in 0..4 {
+        let (status, body) = http_get(gw.addr, "/").await;
+        assert_eq!(
+            (status, body.as_str()),
+            (200, format!("connection {n}").as_str())
+        );
+        // The gateway now holds the connection as idle; the upstream drops it.
+        close.send(()).expect("upstream running");
+        let seen = within("the upstream closes its connection", closed.recv()).await;
+        assert_eq!(seen, Some(n));
+    }
+}
+
+#[tokio::test]
+async fn a_response_the_client_abandons_does_not_leak_into_the_next_one() {
+    // `/stream` sends one chunk and then holds the rest back until the
+    // gateway gives up the connection; `/` answers at once.
+    let (gone_tx, gone_rx) = oneshot::channel::<()>();
+    let gone = Arc::new(Mutex::new(Some(gone_tx)));
+    let upstream = Upstream::start(move |request: Request<Incoming>| {
+        let gone = gone.clone();
+        async move {
+            if request.uri().path() != "/stream" {
+                return Response::new(full("short and complete"));
+            }
+            let (tx, body) = body_channel();
+            tokio::spawn(async move {
+                let _ = tx
+                    .send(Bytes::from_static(b"the start of a long body"))
+                    .await;
+                tx.closed().await;
+                if let Some(gone) = gone.lock().unwrap().take() {
+                    let _ = gone.send(());
+                }
+            });
+            Response::new(body)
+        }
+    })
+    .await;
+    let gw = gateway_for(&upstream).await;
+
+    let response = send_request(
+        gw.addr,
+        Request::get("/stream")
+            .header("host", "app.example.test")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    let mut body = response.into_body();
+    let first = within("the first chunk", body.frame())
+        .await
+        .expect("body open")
+        .expect("frame");
+    assert_eq!(
+        first.into_data().ok(),
+        Some(Bytes::from_static(b"the start of a long body"))
+    );
+    drop(body);
+    within(
+        "the gateway closes the upstream connection of the abandoned response",
+        gone_rx,
+    )
+    .await
+    .expect("signal");
+
+    let (status, text) = http_get(gw.addr, "/").await;
+    assert_eq!((status, text.as_str()), (200, "short and complete"));
+    assert_eq!(
+        upstream.connections_accepted(),
+        2,
+        "the half-read connection is closed, not pooled"
+    );
+}
+
+#[tokio::test]
+async fn connections_that_carried_bodiless_responses_are_reused() {
+    let upstream = Upstream::start(|request: Request<Incoming>| async move {
+        let status = if request.uri().path() == "/none" {
+            StatusCode::NO_CONTENT
+        } else {
+            StatusCode::OK
+        };
+        let mut response = Response::new(full(if status == StatusCode::OK { "x" } else { "" }));
+        *response.status_mut() = status;
+        response
+    })
+    .await;
+    let gw = gateway_for(&upstream).await;
+    let head = |path: &str| {
+        Request::head(path)
+            .header("host", "app.example.test")
+            .body(empty())
+            .unwrap()
+    };
+    for _ in 0..3 {
+        assert_eq!(http_request(gw.addr, head("/")).await.0, 200);
+        assert_eq!(http_get(gw.addr, "/none").await.0, 204);
+        assert_eq!(http_get(gw.addr, "/").await, (200, "x".to_string()));
+    }
+    assert_eq!(
+        upstream.connections_accepted(),
+        1,
+        "HEAD and 204 responses leave the connection reusable"
+    );
 }

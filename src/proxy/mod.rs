@@ -3,8 +3,10 @@
 //! Bodies stream both ways: the incoming request body is handed to the
 //! upstream request as it arrives, and the upstream's response body reaches
 //! the client chunk by chunk, so uploads and server-sent events are never
-//! held in memory. Connections to the upstream are pooled and kept alive.
-//! WebSocket upgrades to paths that are not the gateway's are tunneled:
+//! held in memory. Connections to the upstream are pooled and kept alive:
+//! plain requests use [`pool`], whose connections are driven by the task
+//! serving the client; upgrades and forward-auth checks use hyper-util's
+//! pooled client. WebSocket upgrades to paths that are not the gateway's are tunneled:
 //! after the upstream's 101 both upgraded sockets are spliced together.
 
 use std::net::SocketAddr;
@@ -28,6 +30,10 @@ use crate::metrics::Metrics;
 use crate::request::header_has_token;
 use crate::response::{self, Body};
 use crate::shutdown::Shutdown;
+
+pub mod pool;
+
+use pool::{Pool, PoolError, PooledBody};
 
 /// Why a request could not be proxied; each maps to the status of SPEC §3.
 #[derive(Debug, thiserror::Error)]
@@ -54,12 +60,17 @@ impl ProxyError {
     }
 }
 
+/// How long an idle upstream connection is kept for reuse.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// A pooled HTTP client bound to the upstream's base URL. Shared by the
 /// proxy and by forward auth.
 #[derive(Clone)]
 pub struct Upstream {
     client: Client<HttpConnector, UpstreamBody>,
     base: Option<Base>,
+    /// Connections for plain proxied requests; `None` without an upstream.
+    pool: Option<Arc<Pool>>,
 }
 
 /// The upstream's base URL, split once so that building each request's URI
@@ -67,6 +78,8 @@ pub struct Upstream {
 #[derive(Clone)]
 struct Base {
     authority: Authority,
+    /// The `Host` header for requests that arrived without one.
+    host: HeaderValue,
     /// The base path without its trailing `/`; usually empty.
     prefix: String,
 }
@@ -81,15 +94,29 @@ impl Upstream {
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(IDLE_TIMEOUT)
             .build(connector);
         let base = config.url.parse::<Uri>().ok().and_then(|uri| {
+            let authority = uri.authority()?.clone();
             Some(Base {
-                authority: uri.authority()?.clone(),
+                host: HeaderValue::from_str(authority.as_str()).ok()?,
+                authority,
                 prefix: uri.path().trim_end_matches('/').to_string(),
             })
         });
-        Self { client, base }
+        let pool = base.as_ref().map(|base| {
+            let target = format!(
+                "{}:{}",
+                base.authority.host(),
+                base.authority.port_u16().unwrap_or(80)
+            );
+            Arc::new(Pool::new(
+                target,
+                Duration::from_secs(config.connect_timeout_secs),
+                IDLE_TIMEOUT,
+            ))
+        });
+        Self { client, base, pool }
     }
 
     /// Whether an upstream is configured.
@@ -122,6 +149,25 @@ impl Upstream {
         }
     }
 
+    /// The `Host` header for a request that arrived without one.
+    fn host(&self) -> Result<HeaderValue, ProxyError> {
+        let base = self.base.as_ref().ok_or(ProxyError::NoUpstream)?;
+        Ok(base.host.clone())
+    }
+
+    /// The origin-form URI (path and query only) for a request sent on a
+    /// connection of [`pool`], below the base path.
+    fn origin_form(&self, original: &Uri) -> Result<Uri, ProxyError> {
+        let base = self.base.as_ref().ok_or(ProxyError::NoUpstream)?;
+        let path = match original.path_and_query() {
+            Some(path) if base.prefix.is_empty() => Ok(path.clone()),
+            Some(path) => PathAndQuery::try_from(format!("{}{}", base.prefix, path.as_str())),
+            None => PathAndQuery::try_from(format!("{}/", base.prefix)),
+        }
+        .map_err(|e| ProxyError::Unreachable(format!("cannot build upstream URI: {e}")))?;
+        Ok(Uri::from(path))
+    }
+
     fn uri_with(&self, base: &Base, path: PathAndQuery) -> Result<Uri, ProxyError> {
         Uri::builder()
             .scheme(Scheme::HTTP)
@@ -132,53 +178,68 @@ impl Upstream {
     }
 
     /// Sends a request and waits for the response headers, giving up when
-    /// the exchange stands still for `timeout`: the upstream may take that
-    /// long between two chunks of the request body, and that long to answer
-    /// once it has the whole request. A clock on the whole exchange would cut
-    /// off every upload that takes longer than `timeout` to transfer, however
-    /// well it flows. A request without a body needs only one clock.
+    /// the exchange stands still for `timeout` (see [`timed`]).
     pub async fn send(
         &self,
         request: Request<Body>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let result = if hyper::body::Body::is_end_stream(request.body()) {
-            let request = request.map(|inner| UpstreamBody {
-                inner,
-                progress: None,
-            });
-            match tokio::time::timeout(timeout, self.client.request(request)).await {
-                Ok(result) => result,
-                Err(_) => return Err(ProxyError::Timeout),
-            }
-        } else {
-            self.send_watched(request, timeout).await?
-        };
-        match result {
+        match timed(request, timeout, |request| self.client.request(request)).await? {
             Ok(response) => Ok(response),
             Err(e) if is_timeout(&e) => Err(ProxyError::Timeout),
             Err(e) => Err(ProxyError::Unreachable(error_chain(&e))),
         }
     }
 
-    async fn send_watched(
+    /// Like [`Upstream::send`] for a plain request with an origin-form URI,
+    /// on a connection of [`pool`] that the response body then drives.
+    async fn send_pooled(
         &self,
         request: Request<Body>,
         timeout: Duration,
-    ) -> Result<Result<Response<Incoming>, hyper_util::client::legacy::Error>, ProxyError> {
-        let progress = Arc::new(Progress::new());
+    ) -> Result<Response<PooledBody>, ProxyError> {
+        let pool = self.pool.as_ref().ok_or(ProxyError::NoUpstream)?;
+        match timed(request, timeout, |request| pool.send(request)).await? {
+            Ok(response) => Ok(response),
+            Err(PoolError::ConnectTimeout) => Err(ProxyError::Timeout),
+            Err(PoolError::Http(e)) if is_timeout(&e) => Err(ProxyError::Timeout),
+            Err(e) => Err(ProxyError::Unreachable(error_chain(&e))),
+        }
+    }
+}
+
+/// Runs `send` on `request`, giving up when the exchange stands still for
+/// `timeout`: the upstream may take that long between two chunks of the
+/// request body, and that long to answer once it has the whole request. A
+/// clock on the whole exchange would cut off every upload that takes longer
+/// than `timeout` to transfer, however well it flows. A request without a
+/// body needs only one clock.
+async fn timed<F: Future>(
+    request: Request<Body>,
+    timeout: Duration,
+    send: impl FnOnce(Request<UpstreamBody>) -> F,
+) -> Result<F::Output, ProxyError> {
+    if hyper::body::Body::is_end_stream(request.body()) {
         let request = request.map(|inner| UpstreamBody {
             inner,
-            progress: Some(progress.clone()),
+            progress: None,
         });
-        let mut response = pin!(self.client.request(request));
-        loop {
-            tokio::select! {
-                result = &mut response => return Ok(result),
-                _ = tokio::time::sleep_until(progress.last() + timeout) => {
-                    if progress.last() + timeout <= tokio::time::Instant::now() {
-                        return Err(ProxyError::Timeout);
-                    }
+        return tokio::time::timeout(timeout, send(request))
+            .await
+            .map_err(|_| ProxyError::Timeout);
+    }
+    let progress = Arc::new(Progress::new());
+    let request = request.map(|inner| UpstreamBody {
+        inner,
+        progress: Some(progress.clone()),
+    });
+    let mut response = pin!(send(request));
+    loop {
+        tokio::select! {
+            result = &mut response => return Ok(result),
+            _ = tokio::time::sleep_until(progress.last() + timeout) => {
+                if progress.last() + timeout <= tokio::time::Instant::now() {
+                    return Err(ProxyError::Timeout);
                 }
             }
         }
@@ -288,16 +349,31 @@ impl Proxy {
 
     async fn try_forward(
         &self,
+        request: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Result<Response<Body>, ProxyError> {
+        if is_upgrade(request.headers()) {
+            // Rare and large: boxed, so it does not size every request's
+            // future.
+            return Box::pin(self.tunnel(request, client)).await;
+        }
+        let outgoing = self.outgoing(request, client, false)?;
+        let mut response = Box::pin(self.upstream.send_pooled(outgoing, self.timeout)).await?;
+        strip_hop_by_hop(response.headers_mut(), false);
+        Ok(response.map(Body::pooled))
+    }
+
+    /// Forwards an upgrade request; after the upstream's 101 both upgraded
+    /// connections are spliced together.
+    async fn tunnel(
+        &self,
         mut request: Request<Incoming>,
         client: SocketAddr,
     ) -> Result<Response<Body>, ProxyError> {
-        let upgrade = is_upgrade(request.headers());
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
-        let outgoing = self.outgoing(request, client, upgrade)?;
+        let client_upgrade = hyper::upgrade::on(&mut request);
+        let outgoing = self.outgoing(request, client, true)?;
         let mut response = self.upstream.send(outgoing, self.timeout).await?;
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS
-            && let Some(client_upgrade) = client_upgrade
-        {
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
             self.shutdown.spawn(splice(
                 client_upgrade,
@@ -313,6 +389,8 @@ impl Proxy {
 
     /// The upstream request: same method, path, query, headers (minus
     /// hop-by-hop) and streaming body, plus the `X-Forwarded-*` headers.
+    /// Upgrades go through hyper-util's client, which wants an absolute URI;
+    /// plain requests go on a pooled connection as origin-form.
     fn outgoing(
         &self,
         request: Request<Incoming>,
@@ -320,22 +398,26 @@ impl Proxy {
         upgrade: bool,
     ) -> Result<Request<Body>, ProxyError> {
         let (mut parts, body) = request.into_parts();
-        parts.uri = self.upstream.uri_from(&parts.uri)?;
+        parts.uri = if upgrade {
+            self.upstream.uri_from(&parts.uri)?
+        } else {
+            self.upstream.origin_form(&parts.uri)?
+        };
         parts.version = hyper::Version::HTTP_11;
-        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
         strip_hop_by_hop(&mut parts.headers, upgrade);
         append_forwarded_for(&mut parts.headers, client);
         parts
             .headers
             .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-        if let Some(host) = host {
-            parts.headers.insert(X_FORWARDED_HOST, host);
-        }
+        let host = match parts.headers.get(header::HOST) {
+            Some(host) => host.clone(),
+            None => {
+                let host = self.upstream.host()?;
+                parts.headers.insert(header::HOST, host.clone());
+                host
+            }
+        };
+        parts.headers.insert(X_FORWARDED_HOST, host);
         Ok(Request::from_parts(parts, Body::stream(body)))
     }
 }
@@ -438,8 +520,8 @@ fn append_forwarded_for(headers: &mut HeaderMap, client: SocketAddr) {
     }
 }
 
-fn is_timeout(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
     while let Some(err) = source {
         if let Some(io) = err.downcast_ref::<std::io::Error>()
             && io.kind() == std::io::ErrorKind::TimedOut

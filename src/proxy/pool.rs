@@ -1,0 +1,281 @@
+//! Keep-alive connections to the upstream for plain (non-upgrade) requests,
+//! each driven by the task that is using it.
+//!
+//! A general-purpose pooled client runs every upstream connection as a task
+//! of its own and hands each request and each response over a channel
+//! between that task and the task serving the client: two wake-ups, often
+//! on different threads, for every request. Here the connection's state
+//! machine is polled by whoever holds it: while waiting for the response
+//! headers by the request's future, then by the response body as the client
+//! connection writes it out. The whole exchange runs in the task that serves
+//! the client, and the connection goes back to the pool when its response
+//! body has been read to the end.
+//!
+//! A connection that sat idle in the pool is not polled, so the pool learns
+//! only at checkout that the upstream closed it; checkout skips such
+//! connections, and a request that a reused connection turns out unable to
+//! carry is sent again on a fresh one (only when it never left, so nothing
+//! is sent twice).
+
+use std::collections::VecDeque;
+use std::future::{Future, poll_fn};
+use std::pin::{Pin, pin};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::UpstreamBody;
+
+/// Idle connections kept at most; more are closed when they come back.
+const MAX_IDLE: usize = 512;
+
+/// Why a pooled exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// No TCP connection within `upstream.connect_timeout_secs`.
+    #[error("connect to upstream timed out")]
+    ConnectTimeout,
+    /// Refused, unresolvable, or reset while connecting.
+    #[error("cannot connect to upstream: {0}")]
+    Connect(#[source] std::io::Error),
+    /// The connection failed or the upstream broke HTTP/1.1.
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+}
+
+/// The pool of idle upstream connections. Shared by every request.
+pub struct Pool {
+    /// `host:port` of the upstream, resolved at each new connection so a
+    /// DNS change (a restarted container) is picked up.
+    target: String,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    /// Oldest at the front; checkout takes the newest, which is the least
+    /// likely to have been closed by the upstream's own idle timeout.
+    idle: Mutex<VecDeque<Idle>>,
+}
+
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+/// One HTTP/1.1 connection to the upstream: the handle to send on and the
+/// state machine that does the I/O, polled by whoever holds the `Conn`.
+pub struct Conn {
+    sender: http1::SendRequest<UpstreamBody>,
+    /// `None` once the connection has finished (closed or failed). Boxed:
+    /// the state machine with its buffers is large, and a `Conn` moves from
+    /// the pool into a request, then into its response body, and back.
+    driver: Option<Box<http1::Connection<TokioIo<TcpStream>, UpstreamBody>>>,
+}
+
+impl Conn {
+    /// Lets the connection do whatever I/O is pending; `false` once it has
+    /// finished and can carry nothing more.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(driver) = self.driver.as_mut()
+            && Pin::new(driver.as_mut()).poll(cx).is_ready()
+        {
+            self.driver = None;
+        }
+        self.driver.is_some()
+    }
+
+    /// Whether a request can be sent right now, without waiting.
+    fn ready_now(&mut self, cx: &mut Context<'_>) -> bool {
+        self.drive(cx) && matches!(self.sender.poll_ready(cx), Poll::Ready(Ok(())))
+    }
+
+    /// Whether the connection may serve another request.
+    fn reusable(&self) -> bool {
+        self.driver.is_some() && !self.sender.is_closed()
+    }
+
+    /// Sends `request` and drives the connection until the response
+    /// headers arrive. On failure the request comes back when it never
+    /// left, so it can be sent elsewhere.
+    async fn send(
+        &mut self,
+        request: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, (hyper::Error, Option<Request<UpstreamBody>>)> {
+        let mut response = pin!(self.sender.try_send_request(request));
+        let driver = &mut self.driver;
+        let result = poll_fn(|cx| {
+            if let Some(d) = driver.as_mut()
+                && Pin::new(d.as_mut()).poll(cx).is_ready()
+            {
+                *driver = None;
+            }
+            response.as_mut().poll(cx)
+        })
+        .await;
+        result.map_err(|mut e| {
+            let request = e.take_message();
+            (e.into_error(), request)
+        })
+    }
+}
+
+impl Pool {
+    /// A pool for the upstream at `target` (`host:port`).
+    pub fn new(target: String, connect_timeout: Duration, idle_timeout: Duration) -> Self {
+        Self {
+            target,
+            connect_timeout,
+            idle_timeout,
+            idle: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Sends `request` (origin-form URI) on a pooled or new connection and
+    /// returns the response with the connection that carries its body.
+    pub async fn send(
+        self: &Arc<Self>,
+        mut request: Request<UpstreamBody>,
+    ) -> Result<Response<PooledBody>, PoolError> {
+        loop {
+            let (mut conn, reused) = match self.checkout().await {
+                Some(conn) => (conn, true),
+                None => (self.connect().await?, false),
+            };
+            match conn.send(request).await {
+                Ok(response) => {
+                    let pool = self.clone();
+                    return Ok(response.map(|inner| PooledBody {
+                        inner,
+                        conn: Some(conn),
+                        pool,
+                    }));
+                }
+                // The upstream closed the idle connection before taking the
+                // request: nothing was sent, try a fresh connection.
+                Err((_, Some(unsent))) if reused => request = unsent,
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The newest idle connection that can take a request right now.
+    async fn checkout(&self) -> Option<Conn> {
+        loop {
+            let Idle { mut conn, since } = self.lock().pop_back()?;
+            if since.elapsed() >= self.idle_timeout {
+                // Everything older is expired too.
+                self.lock().clear();
+                return None;
+            }
+            if poll_fn(|cx| Poll::Ready(conn.ready_now(cx))).await {
+                return Some(conn);
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Conn, PoolError> {
+        let stream = tokio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect(self.target.as_str()),
+        )
+        .await
+        .map_err(|_| PoolError::ConnectTimeout)?
+        .map_err(PoolError::Connect)?;
+        // Requests are small writes that must leave at once.
+        let _ = stream.set_nodelay(true);
+        let (sender, driver) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await?;
+        Ok(Conn {
+            sender,
+            driver: Some(Box::new(driver)),
+        })
+    }
+
+    fn checkin(&self, conn: Conn) {
+        if !conn.reusable() {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self.lock();
+        while idle
+            .front()
+            .is_some_and(|i| idle.len() >= MAX_IDLE || now - i.since >= self.idle_timeout)
+        {
+            idle.pop_front();
+        }
+        idle.push_back(Idle { conn, since: now });
+    }
+
+    fn lock(&self) -> MutexGuard<'_, VecDeque<Idle>> {
+        // A panic elsewhere cannot leave the deque half-changed.
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A response body from the upstream that also drives its connection, and
+/// returns the connection to the pool once the body has been read to the
+/// end. Dropped before that (the client went away), it closes the
+/// connection: what is left of the response would otherwise arrive as the
+/// start of the next one.
+pub struct PooledBody {
+    inner: Incoming,
+    conn: Option<Conn>,
+    pool: Arc<Pool>,
+}
+
+impl hyper::body::Body for PooledBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        if let Some(conn) = self.conn.as_mut()
+            && !conn.drive(cx)
+        {
+            // Finished, but what it read is still in the body's channel.
+            self.conn = None;
+        }
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        match &frame {
+            // A broken body leaves the connection in an unknown state.
+            Some(Err(_)) => self.conn = None,
+            None => self.release(),
+            Some(Ok(_)) if self.inner.is_end_stream() => self.release(),
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl PooledBody {
+    fn release(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.checkin(conn);
+        }
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // A body with nothing to read (204, HEAD, `Content-Length: 0`) may
+        // never be polled at all.
+        if self.inner.is_end_stream() {
+            self.release();
+        }
+    }
+}
