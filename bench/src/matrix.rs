@@ -170,6 +170,13 @@ impl Matrix {
                     }
                 }
             }
+            // The floor the connection rates are read against.
+            let size = format!("c{}", scenario::FLOOR_WRK_CONNECTIONS);
+            for rep in 1..=self.reps {
+                let r = scenario::connect_floor(bins, self.wrk.secs);
+                sink.push("connect-floor", size.clone(), "nginx-static", rep, r);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
         }
         if self.wants("http") {
             let size = format!("c{}", self.wrk.connections);

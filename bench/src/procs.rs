@@ -26,8 +26,13 @@ static COMMANDS: Mutex<BTreeMap<String, (String, String)>> = Mutex::new(BTreeMap
 fn record_command(kind: &str, command: &Command, config: String) {
     let mut line = command.get_program().to_string_lossy().into_owned();
     for arg in command.get_args() {
+        let arg = arg.to_string_lossy();
         line.push(' ');
-        line.push_str(&arg.to_string_lossy());
+        if arg.contains(' ') {
+            line.push_str(&format!("'{arg}'"));
+        } else {
+            line.push_str(&arg);
+        }
     }
     if let Ok(mut map) = COMMANDS.lock() {
         map.insert(kind.to_string(), (line, config));
@@ -450,26 +455,58 @@ pub struct Nginx {
 impl Nginx {
     /// Starts `bin` with one worker proxying to `upstream`.
     pub fn start(bin: &Path, upstream: SocketAddr, keepalive: u32) -> Result<Self, String> {
+        let location = "proxy_pass http://app;\n      proxy_http_version 1.1;\n\
+             \x20     proxy_set_header Connection \"\";\n      proxy_set_header Host $http_host;\n\
+             \x20     proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
+             \x20     proxy_set_header X-Forwarded-Proto $scheme;\n\
+             \x20     proxy_set_header X-Forwarded-Host $http_host;\n\
+             \x20     # roomgate streams both ways; so does nginx here\n\
+             \x20     proxy_buffering off;\n      proxy_request_buffering off;";
+        let upstream_block =
+            format!("upstream app {{\n    server {upstream};\n    keepalive {keepalive};\n  }}");
+        Self::launch_with(
+            bin,
+            "nginx",
+            "one worker, the same job as roomgate's proxy",
+            &upstream_block,
+            location,
+        )
+    }
+
+    /// Starts `bin` with one worker that answers every request itself with
+    /// a 3-byte body: the cheapest HTTP server at hand, for the floor of
+    /// what a new connection costs on this machine.
+    pub fn start_static(bin: &Path) -> Result<Self, String> {
+        Self::launch_with(
+            bin,
+            "nginx (connect floor)",
+            "one worker answering every request itself",
+            "",
+            "return 200 \"ok\\n\";",
+        )
+    }
+
+    fn launch_with(
+        bin: &Path,
+        role: &str,
+        what: &str,
+        upstream_block: &str,
+        location: &str,
+    ) -> Result<Self, String> {
         let dir = TempDir::new("nginx")?;
         let port = free_port()?;
         let d = dir.0.display();
         let config = format!(
-            "# written by roomgate-bench for one run: one worker, the same job as roomgate's proxy\n\
+            "# written by roomgate-bench for one run: {what}\n\
              daemon off;\nmaster_process on;\nworker_processes 1;\npid {d}/nginx.pid;\n\
              error_log {d}/error.log warn;\n\
              events {{\n  worker_connections 4096;\n}}\n\
              http {{\n  access_log off;\n\
              \x20 client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
              \x20 fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-             \x20 upstream app {{\n    server {upstream};\n    keepalive {keepalive};\n  }}\n\
-             \x20 server {{\n    listen 127.0.0.1:{port};\n\
-             \x20   location / {{\n      proxy_pass http://app;\n      proxy_http_version 1.1;\n\
-             \x20     proxy_set_header Connection \"\";\n      proxy_set_header Host $http_host;\n\
-             \x20     proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
-             \x20     proxy_set_header X-Forwarded-Proto $scheme;\n\
-             \x20     proxy_set_header X-Forwarded-Host $http_host;\n\
-             \x20     # roomgate streams both ways; so does nginx here\n\
-             \x20     proxy_buffering off;\n      proxy_request_buffering off;\n    }}\n  }}\n}}\n"
+             \x20 {upstream_block}\n\
+             \x20 server {{\n    listen 127.0.0.1:{port} backlog=4096;\n\
+             \x20   location / {{\n      {location}\n    }}\n  }}\n}}\n"
         );
         let path = dir.0.join("nginx.conf");
         std::fs::write(&path, &config).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -483,7 +520,7 @@ impl Nginx {
             .arg(dir.0.join("error.log"))
             .current_dir(&dir.0);
         let log_file = dir.0.join("error.log");
-        let mut proc = spawn("nginx", "nginx", command, config, Some(dir), None)?;
+        let mut proc = spawn("nginx", role, command, config, Some(dir), None)?;
         proc.log_file = Some(log_file);
         wait_port(&mut proc, port)?;
         let deadline = Instant::now() + START_TIMEOUT;
@@ -528,14 +565,31 @@ pub fn wrk(
     connections: u32,
     secs: u32,
 ) -> Result<WrkResult, String> {
+    wrk_with(bin, url, threads, connections, secs, false)
+}
+
+/// [`wrk`], and with `close` every request on a new connection
+/// (`Connection: close`), which measures connection set-up.
+pub fn wrk_with(
+    bin: &Path,
+    url: &str,
+    threads: u32,
+    connections: u32,
+    secs: u32,
+    close: bool,
+) -> Result<WrkResult, String> {
     let mut command = Command::new(bin);
     command
         .arg(format!("-t{threads}"))
         .arg(format!("-c{connections}"))
         .arg(format!("-d{secs}s"))
-        .arg("--latency")
-        .arg(url);
-    record_command("wrk", &command, String::new());
+        .arg("--latency");
+    if close {
+        command.arg("-H").arg("Connection: close");
+    }
+    command.arg(url);
+    let role = if close { "wrk (connect floor)" } else { "wrk" };
+    record_command(role, &command, String::new());
     let before = sys::cpu_self();
     let mut child = command
         .stdin(Stdio::null())

@@ -108,6 +108,14 @@ fn columns(scenario: &str) -> &'static [(&'static str, &'static str)] {
                 "generator CPU µs/connection",
             ),
         ],
+        "connect-floor" => &[
+            ("connections_per_sec", "connections/s"),
+            ("latency_p50_us", "p50 µs"),
+            ("latency_p99_us", "p99 µs"),
+            ("errors", "errors"),
+            ("server_cpu_us_per_connection", "server CPU µs/connection"),
+            ("generator_cpu_us_per_connection", "wrk CPU µs/connection"),
+        ],
         "http" => &[
             ("requests_per_sec", "requests/s"),
             ("latency_p50_us", "p50 µs"),
@@ -178,7 +186,15 @@ fn table(records: &[&Record]) -> String {
 
 /// The table printed at the end of a run, in plain text.
 pub fn print_table(records: &[Record]) {
-    for scenario in ["fanout", "fanout-rate", "rooms", "client", "idle", "http"] {
+    for scenario in [
+        "fanout",
+        "fanout-rate",
+        "rooms",
+        "client",
+        "idle",
+        "connect-floor",
+        "http",
+    ] {
         let rows: Vec<&Record> = records.iter().filter(|r| r.scenario == scenario).collect();
         if rows.is_empty() {
             continue;
@@ -515,6 +531,31 @@ fn goals(records: &[Record], reps: u32) -> Vec<Goal> {
             stretch: None,
         });
     }
+    if let Some(size) = sizes(records, "connect-floor").last() {
+        goals.push(Goal {
+            what: format!(
+                "for comparison, connect floor {size}: nginx answering one request per new \
+                 connection, connections/s (not roomgate; see \"Connection set-up floor\")"
+            ),
+            values: reps
+                .iter()
+                .map(|&r| {
+                    value(
+                        records,
+                        "connect-floor",
+                        size,
+                        "nginx-static",
+                        "connections_per_sec",
+                        r,
+                    )
+                })
+                .collect(),
+            at_least: true,
+            bound: 20_000.0,
+            unit: "/s",
+            stretch: None,
+        });
+    }
     for size in sizes(records, "http") {
         goals.push(Goal {
             what: format!("HTTP proxy {size}: roomgate requests/s ÷ nginx"),
@@ -714,7 +755,7 @@ pub fn markdown(records: &[Record], ctx: &Context<'_>) -> String {
     }
     s.push('\n');
 
-    let sections: [(&str, &str, &str); 6] = [
+    let sections: [(&str, &str, &str); 7] = [
         (
             "fanout",
             "Fan-out: one room",
@@ -765,6 +806,17 @@ pub fn markdown(records: &[Record], ctx: &Context<'_>) -> String {
              in the listen overflows column (read machine-wide from /proc/net/netstat, so other \
              processes count there too). RSS per connection is the server's RSS after minus \
              before, divided by N.",
+        ),
+        (
+            "connect-floor",
+            "Connection set-up floor",
+            "What a new connection costs this machine at the least, for reading the \
+             connections/s above: nginx (one worker) answers every request itself, and `wrk` \
+             (2 threads, 256 connections) sends each request on a new TCP connection \
+             (`Connection: close`). One connection here is connect, one small request and \
+             answer, and close, which is less work on both sides than the idle runs' connect, \
+             upgrade and join, and wrk is a leaner client than the generator. The rate is \
+             therefore an upper bound for any server in the idle runs on these cores.",
         ),
         (
             "http",

@@ -812,6 +812,50 @@ pub fn http(bins: &Bins, w: &WrkSpec, proxy: Proxy) -> Result<Values, String> {
     Ok(v)
 }
 
+/// wrk threads and connections of the connect floor: as much parallelism
+/// as helps on two cores, so the floor is not held back by the client.
+pub const FLOOR_WRK_THREADS: u32 = 2;
+/// See [`FLOOR_WRK_THREADS`].
+pub const FLOOR_WRK_CONNECTIONS: u32 = 256;
+
+/// The machine's floor for new connections, measured with the same cores
+/// as the idle runs: nginx answering every request itself, wrk opening a
+/// new TCP connection for every request. A connection there is connect,
+/// one small request and answer, and close: less than the idle scenario's
+/// connect, upgrade and join, so its rate bounds what any server could
+/// reach there.
+pub fn connect_floor(bins: &Bins, secs: u32) -> Result<Values, String> {
+    let wrk = bins
+        .wrk
+        .as_ref()
+        .ok_or("wrk is not installed (apt-get install -y wrk)")?;
+    let bin = bins
+        .nginx
+        .as_ref()
+        .ok_or("nginx is not installed (apt-get install -y nginx)")?;
+    let nginx = Nginx::start_static(bin)?;
+    let url = format!("http://{}/", nginx.addr);
+    let (threads, connections) = (FLOOR_WRK_THREADS, FLOOR_WRK_CONNECTIONS);
+    procs::wrk_with(wrk, &url, threads, connections, 1, true)?;
+    let cpu0 = nginx.proc.cpu();
+    let r = procs::wrk_with(wrk, &url, threads, connections, secs, true)?;
+    let cpu = nginx.proc.cpu() - cpu0;
+    drop(nginx);
+    let mut v = Values::new();
+    v.insert("seconds".into(), json!(secs));
+    v.insert("connections".into(), json!(r.requests));
+    v.insert("connections_per_sec".into(), json!(r.rps.round()));
+    v.insert("latency_p50_us".into(), json!(round(r.p50_us, 1)));
+    v.insert("latency_p99_us".into(), json!(round(r.p99_us, 1)));
+    v.insert("errors".into(), json!(r.errors));
+    if r.requests > 0 {
+        let per = |s: f64| json!(round(s * 1e6 / r.requests as f64, 2));
+        v.insert("server_cpu_us_per_connection".into(), per(cpu));
+        v.insert("generator_cpu_us_per_connection".into(), per(r.cpu));
+    }
+    Ok(v)
+}
+
 fn us(ns: u64) -> f64 {
     round(ns as f64 / 1e3, 1)
 }
