@@ -184,6 +184,38 @@ async fn sets_forwarded_for_when_the_client_sent_none() {
 }
 
 #[tokio::test]
+async fn an_http_1_0_request_without_host_reaches_the_upstream_with_its_host() {
+    let (upstream, log) = recording_upstream().await;
+    let gw = gateway_for(&upstream).await;
+    let mut stream = within("connect", tokio::net::TcpStream::connect(gw.addr))
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET /old HTTP/1.0\r\n\r\n")
+        .await
+        .expect("write");
+    let mut response = Vec::new();
+    within(
+        "the response, then the close of an HTTP/1.0 connection",
+        tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut response),
+    )
+    .await
+    .expect("read");
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.0 201"), "{response}");
+    let seen = only(&log);
+    let upstream_host = upstream.addr.to_string();
+    assert_eq!(
+        header(&seen.seen.headers, "host"),
+        Some(upstream_host.as_str())
+    );
+    assert_eq!(
+        header(&seen.seen.headers, "x-forwarded-host"),
+        Some(upstream_host.as_str())
+    );
+}
+
+#[tokio::test]
 async fn upload_is_streamed_to_the_upstream() {
     const CHUNK: usize = 1024 * 1024;
     const CHUNKS: usize = 4;
