@@ -150,36 +150,46 @@ impl Upgrader {
         let codec = self.codec;
         self.shutdown.spawn(
             async move {
-                match on_upgrade
-                    .await
-                    .map(|upgraded| upgraded.downcast::<TokioIo<TcpStream>>())
-                {
-                    Ok(Ok(parts)) => {
-                        let (read, write) = parts.io.into_inner().into_split();
-                        let read = io::ReadSide::new(read, conn.clone());
-                        // hyper's leftover bytes share its whole read buffer
-                        // (8 KiB or more): copy what was read ahead and let
-                        // the buffer go, instead of holding it for the life
-                        // of the connection.
-                        let ahead = parts.read_buf.to_vec();
-                        drop(parts.read_buf);
-                        let ws = WebSocketStream::from_partially_read(
-                            read,
-                            ahead,
-                            Role::Server,
-                            Some(codec),
-                        )
-                        .await;
-                        session::run(ws, write, conn, ctx).await;
-                    }
-                    Ok(Err(_)) => tracing::error!("upgraded connection is not a TCP stream"),
-                    Err(e) => debug!(error = %e, "upgrade did not complete"),
+                // The upgrade's state ends before the session starts, so
+                // the task keeps only the session's for its whole life.
+                if let Some((ws, write)) = take_over(on_upgrade, &conn, codec).await {
+                    session::run(ws, write, conn, ctx).await;
                 }
                 drop(permit);
             }
             .instrument(span),
         );
     }
+}
+
+/// Waits for hyper to hand over the upgraded connection and sets up the
+/// WebSocket on it: the reading half for tungstenite, the writing half for
+/// the session's writer.
+async fn take_over(
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    conn: &Arc<Connection>,
+    codec: WebSocketConfig,
+) -> Option<(session::WsStream, tokio::net::tcp::OwnedWriteHalf)> {
+    let upgraded = match on_upgrade.await {
+        Ok(upgraded) => upgraded,
+        Err(e) => {
+            debug!(error = %e, "upgrade did not complete");
+            return None;
+        }
+    };
+    let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+        tracing::error!("upgraded connection is not a TCP stream");
+        return None;
+    };
+    let (read, write) = parts.io.into_inner().into_split();
+    let read = io::ReadSide::new(read, conn.clone());
+    // hyper's leftover bytes share its whole read buffer (8 KiB or more):
+    // copy what was read ahead and let the buffer go, instead of holding it
+    // for the life of the connection.
+    let ahead = parts.read_buf.to_vec();
+    drop(parts.read_buf);
+    let ws = WebSocketStream::from_partially_read(read, ahead, Role::Server, Some(codec)).await;
+    Some((ws, write))
 }
 
 /// Checks an upgrade request against RFC 6455 §4.2.1 and returns the
