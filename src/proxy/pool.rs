@@ -106,13 +106,9 @@ impl Conn {
         request: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, (hyper::Error, Option<Request<UpstreamBody>>)> {
         let mut response = pin!(self.sender.try_send_request(request));
-        let driver = &mut self.driver;
         let result = poll_fn(|cx| {
-            if let Some(d) = driver.as_mut()
-                && Pin::new(d.as_mut()).poll(cx).is_ready()
-            {
-                *driver = None;
-            }
+            // A finished connection fails the response; nothing to do here.
+            self.drive(cx);
             response.as_mut().poll(cx)
         })
         .await;
