@@ -402,203 +402,135 @@ fn sizes(records: &[Record], scenario: &str) -> Vec<String> {
     out
 }
 
+impl Goal {
+    /// A goal met when every repetition's value is at least `bound`.
+    fn at_least(
+        what: String,
+        values: Vec<Result<f64, String>>,
+        bound: f64,
+        unit: &'static str,
+    ) -> Self {
+        Self {
+            what,
+            values,
+            at_least: true,
+            bound,
+            unit,
+            stretch: None,
+        }
+    }
+
+    /// A goal met when every repetition's value is at most `bound`.
+    fn at_most(
+        what: String,
+        values: Vec<Result<f64, String>>,
+        bound: f64,
+        unit: &'static str,
+    ) -> Self {
+        Self {
+            at_least: false,
+            ..Self::at_least(what, values, bound, unit)
+        }
+    }
+}
+
 fn goals(records: &[Record], reps: u32) -> Vec<Goal> {
     let reps: Vec<u32> = (1..=reps).collect();
+    // One figure of `target` per repetition.
+    let of = |scen: &str, size: &str, target: &str, key: &str| -> Vec<Result<f64, String>> {
+        reps.iter()
+            .map(|&r| value(records, scen, size, target, key, r))
+            .collect()
+    };
+    // roomgate ÷ `peer`, within each repetition.
+    let vs = |scen: &str, size: &str, peer: &str, key: &str| -> Vec<Result<f64, String>> {
+        reps.iter()
+            .map(|&r| ratio(records, scen, size, "roomgate", peer, key, r))
+            .collect()
+    };
     let mut goals = Vec::new();
     let fan = sizes(records, "fanout");
-    let ratio_goal = |what: String, scen: &str, size: &str, key: &str, bound: f64| Goal {
-        what,
-        values: reps
-            .iter()
-            .map(|&r| ratio(records, scen, size, "roomgate", "nats-ws", key, r))
-            .collect(),
-        at_least: true,
-        bound,
-        unit: "×",
-        stretch: None,
-    };
     if let Some(small) = fan.first() {
-        goals.push(ratio_goal(
+        goals.push(Goal::at_least(
             format!("fan-out {small}: roomgate deliveries/s ÷ nats-ws"),
-            "fanout",
-            small,
-            "deliveries_per_sec",
+            vs("fanout", small, "nats-ws", "deliveries_per_sec"),
             1.5,
+            "×",
         ));
-        goals.push(Goal {
-            what: format!("fan-out {small}: roomgate server CPU per delivery"),
-            values: reps
-                .iter()
-                .map(|&r| {
-                    value(
-                        records,
-                        "fanout",
-                        small,
-                        "roomgate",
-                        "server_cpu_us_per_delivery",
-                        r,
-                    )
-                })
-                .collect(),
-            at_least: false,
-            bound: 0.15,
-            unit: " µs",
-            stretch: None,
-        });
+        goals.push(Goal::at_most(
+            format!("fan-out {small}: roomgate server CPU per delivery"),
+            of("fanout", small, "roomgate", "server_cpu_us_per_delivery"),
+            0.15,
+            " µs",
+        ));
     }
     if let Some(large) = fan.get(1) {
-        goals.push(ratio_goal(
+        goals.push(Goal::at_least(
             format!("fan-out {large}: roomgate deliveries/s ÷ nats-ws"),
-            "fanout",
-            large,
-            "deliveries_per_sec",
+            vs("fanout", large, "nats-ws", "deliveries_per_sec"),
             4.0,
+            "×",
         ));
     }
     for size in sizes(records, "rooms") {
-        goals.push(ratio_goal(
+        goals.push(Goal::at_least(
             format!("many rooms {size}: roomgate deliveries/s ÷ nats-ws"),
-            "rooms",
-            &size,
-            "deliveries_per_sec",
+            vs("rooms", &size, "nats-ws", "deliveries_per_sec"),
             10.0,
+            "×",
         ));
     }
     for size in sizes(records, "fanout-rate") {
-        goals.push(Goal {
-            what: format!("fixed rate {size}: roomgate p99 ÷ nats-ws p99"),
-            values: reps
-                .iter()
-                .map(|&r| {
-                    ratio(
-                        records,
-                        "fanout-rate",
-                        &size,
-                        "roomgate",
-                        "nats-ws",
-                        "latency_p99_us",
-                        r,
-                    )
-                })
-                .collect(),
-            at_least: false,
-            bound: 1.0,
-            unit: "×",
-            stretch: None,
-        });
+        goals.push(Goal::at_most(
+            format!("fixed rate {size}: roomgate p99 ÷ nats-ws p99"),
+            vs("fanout-rate", &size, "nats-ws", "latency_p99_us"),
+            1.0,
+            "×",
+        ));
     }
     if let Some(largest) = sizes(records, "idle").last() {
         goals.push(Goal {
-            what: format!("idle {largest} connections: roomgate RSS per connection"),
-            values: reps
-                .iter()
-                .map(|&r| {
-                    value(
-                        records,
-                        "idle",
-                        largest,
-                        "roomgate",
-                        "rss_per_connection_kib",
-                        r,
-                    )
-                })
-                .collect(),
-            at_least: false,
-            bound: 8.0,
-            unit: " KiB",
             stretch: Some(4.0),
+            ..Goal::at_most(
+                format!("idle {largest} connections: roomgate RSS per connection"),
+                of("idle", largest, "roomgate", "rss_per_connection_kib"),
+                8.0,
+                " KiB",
+            )
         });
-        goals.push(Goal {
-            what: format!(
+        goals.push(Goal::at_least(
+            format!(
                 "idle {largest} connections: roomgate connections/s (connect + upgrade + join)"
             ),
-            values: reps
-                .iter()
-                .map(|&r| {
-                    value(
-                        records,
-                        "idle",
-                        largest,
-                        "roomgate",
-                        "connections_per_sec",
-                        r,
-                    )
-                })
-                .collect(),
-            at_least: true,
-            bound: 20_000.0,
-            unit: "/s",
-            stretch: None,
-        });
+            of("idle", largest, "roomgate", "connections_per_sec"),
+            20_000.0,
+            "/s",
+        ));
     }
     if let Some(size) = sizes(records, "connect-floor").last() {
-        goals.push(Goal {
-            what: format!(
+        goals.push(Goal::at_least(
+            format!(
                 "for comparison, connect floor {size}: nginx answering one request per new \
                  connection, connections/s (not roomgate; see \"Connection set-up floor\")"
             ),
-            values: reps
-                .iter()
-                .map(|&r| {
-                    value(
-                        records,
-                        "connect-floor",
-                        size,
-                        "nginx-static",
-                        "connections_per_sec",
-                        r,
-                    )
-                })
-                .collect(),
-            at_least: true,
-            bound: 20_000.0,
-            unit: "/s",
-            stretch: None,
-        });
+            of("connect-floor", size, "nginx-static", "connections_per_sec"),
+            20_000.0,
+            "/s",
+        ));
     }
     for size in sizes(records, "http") {
-        goals.push(Goal {
-            what: format!("HTTP proxy {size}: roomgate requests/s ÷ nginx"),
-            values: reps
-                .iter()
-                .map(|&r| {
-                    ratio(
-                        records,
-                        "http",
-                        &size,
-                        "roomgate",
-                        "nginx",
-                        "requests_per_sec",
-                        r,
-                    )
-                })
-                .collect(),
-            at_least: true,
-            bound: 1.0,
-            unit: "×",
-            stretch: None,
-        });
-        goals.push(Goal {
-            what: format!("HTTP proxy {size}: roomgate p99 ÷ nginx p99"),
-            values: reps
-                .iter()
-                .map(|&r| {
-                    ratio(
-                        records,
-                        "http",
-                        &size,
-                        "roomgate",
-                        "nginx",
-                        "latency_p99_us",
-                        r,
-                    )
-                })
-                .collect(),
-            at_least: false,
-            bound: 1.0,
-            unit: "×",
-            stretch: None,
-        });
+        goals.push(Goal::at_least(
+            format!("HTTP proxy {size}: roomgate requests/s ÷ nginx"),
+            vs("http", &size, "nginx", "requests_per_sec"),
+            1.0,
+            "×",
+        ));
+        goals.push(Goal::at_most(
+            format!("HTTP proxy {size}: roomgate p99 ÷ nginx p99"),
+            vs("http", &size, "nginx", "latency_p99_us"),
+            1.0,
+            "×",
+        ));
     }
     goals
 }

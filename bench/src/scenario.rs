@@ -4,7 +4,7 @@
 
 use std::cell::Cell;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,22 @@ pub struct Bins {
     pub nginx: Option<PathBuf>,
     /// wrk, when installed.
     pub wrk: Option<PathBuf>,
+}
+
+impl Bins {
+    /// wrk, or why the HTTP runs cannot happen.
+    pub fn wrk(&self) -> Result<&Path, String> {
+        self.wrk
+            .as_deref()
+            .ok_or_else(|| "wrk is not installed (apt-get install -y wrk)".into())
+    }
+
+    /// nginx, or why its runs cannot happen.
+    pub fn nginx(&self) -> Result<&Path, String> {
+        self.nginx
+            .as_deref()
+            .ok_or_else(|| "nginx is not installed (apt-get install -y nginx)".into())
+    }
 }
 
 /// Knobs shared by every run.
@@ -736,10 +752,7 @@ pub struct WrkSpec {
 
 /// One HTTP run: a warm-up second, then `wrk --latency`.
 pub fn http(bins: &Bins, w: &WrkSpec, proxy: Proxy) -> Result<Values, String> {
-    let wrk = bins
-        .wrk
-        .as_ref()
-        .ok_or("wrk is not installed (apt-get install -y wrk)")?;
+    let wrk = bins.wrk()?;
     let upstream = Upstream::start()?;
     let mut gateway = None;
     let mut nginx = None;
@@ -761,11 +774,7 @@ pub fn http(bins: &Bins, w: &WrkSpec, proxy: Proxy) -> Result<Values, String> {
             a
         }
         Proxy::Nginx => {
-            let bin = bins
-                .nginx
-                .as_ref()
-                .ok_or("nginx is not installed (apt-get install -y nginx)")?;
-            let n = Nginx::start(bin, upstream.addr, w.connections)?;
+            let n = Nginx::start(bins.nginx()?, upstream.addr, w.connections)?;
             let a = n.addr;
             nginx = Some(n);
             a
@@ -825,15 +834,8 @@ pub const FLOOR_WRK_CONNECTIONS: u32 = 256;
 /// connect, upgrade and join, so its rate bounds what any server could
 /// reach there.
 pub fn connect_floor(bins: &Bins, secs: u32) -> Result<Values, String> {
-    let wrk = bins
-        .wrk
-        .as_ref()
-        .ok_or("wrk is not installed (apt-get install -y wrk)")?;
-    let bin = bins
-        .nginx
-        .as_ref()
-        .ok_or("nginx is not installed (apt-get install -y nginx)")?;
-    let nginx = Nginx::start_static(bin)?;
+    let wrk = bins.wrk()?;
+    let nginx = Nginx::start_static(bins.nginx()?)?;
     let url = format!("http://{}/", nginx.addr);
     let (threads, connections) = (FLOOR_WRK_THREADS, FLOOR_WRK_CONNECTIONS);
     procs::wrk_with(wrk, &url, threads, connections, 1, true)?;

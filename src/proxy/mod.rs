@@ -84,6 +84,41 @@ struct Base {
     prefix: String,
 }
 
+impl Base {
+    /// `path_and_query` below the base path.
+    fn join(&self, path_and_query: &str) -> Result<PathAndQuery, ProxyError> {
+        if self.prefix.is_empty() {
+            PathAndQuery::try_from(path_and_query)
+        } else {
+            PathAndQuery::try_from(format!("{}{path_and_query}", self.prefix))
+        }
+        .map_err(bad_uri)
+    }
+
+    /// A client's path and query below the base path: the client's parsed
+    /// path itself when the base URL has none (the common case: no copy).
+    fn below(&self, original: &Uri) -> Result<PathAndQuery, ProxyError> {
+        match original.path_and_query() {
+            Some(path) if self.prefix.is_empty() => Ok(path.clone()),
+            Some(path) => self.join(path.as_str()),
+            None => self.join("/"),
+        }
+    }
+
+    fn absolute(&self, path: PathAndQuery) -> Result<Uri, ProxyError> {
+        Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(self.authority.clone())
+            .path_and_query(path)
+            .build()
+            .map_err(bad_uri)
+    }
+}
+
+fn bad_uri(e: impl std::fmt::Display) -> ProxyError {
+    ProxyError::Unreachable(format!("cannot build upstream URI: {e}"))
+}
+
 impl Upstream {
     /// Builds the client; with an empty `upstream.url` every call answers
     /// [`ProxyError::NoUpstream`].
@@ -124,57 +159,32 @@ impl Upstream {
         self.base.is_some()
     }
 
-    /// The upstream URI for a client's path and query, below the base path.
+    /// The upstream URI for a path and query, below the base path.
     pub fn uri_for(&self, path_and_query: &str) -> Result<Uri, ProxyError> {
-        let base = self.base.as_ref().ok_or(ProxyError::NoUpstream)?;
-        let path = if base.prefix.is_empty() {
-            PathAndQuery::try_from(path_and_query)
-        } else {
-            PathAndQuery::try_from(format!("{}{path_and_query}", base.prefix))
-        };
-        self.uri_with(
-            base,
-            path.map_err(|e| ProxyError::Unreachable(format!("cannot build upstream URI: {e}")))?,
-        )
+        let base = self.base()?;
+        base.absolute(base.join(path_and_query)?)
     }
 
-    /// Like [`Upstream::uri_for`], reusing the client's parsed path when the
-    /// base URL has no path of its own (the common case: no copy at all).
+    /// The absolute upstream URI for a client's request (hyper-util's client
+    /// wants one).
     fn uri_from(&self, original: &Uri) -> Result<Uri, ProxyError> {
-        let base = self.base.as_ref().ok_or(ProxyError::NoUpstream)?;
-        match original.path_and_query() {
-            Some(path) if base.prefix.is_empty() => self.uri_with(base, path.clone()),
-            Some(path) => self.uri_for(path.as_str()),
-            None => self.uri_for("/"),
-        }
+        let base = self.base()?;
+        base.absolute(base.below(original)?)
+    }
+
+    /// The origin-form URI (path and query only) for a client's request sent
+    /// on a connection of [`pool`].
+    fn origin_form(&self, original: &Uri) -> Result<Uri, ProxyError> {
+        Ok(Uri::from(self.base()?.below(original)?))
     }
 
     /// The `Host` header for a request that arrived without one.
     fn host(&self) -> Result<HeaderValue, ProxyError> {
-        let base = self.base.as_ref().ok_or(ProxyError::NoUpstream)?;
-        Ok(base.host.clone())
+        Ok(self.base()?.host.clone())
     }
 
-    /// The origin-form URI (path and query only) for a request sent on a
-    /// connection of [`pool`], below the base path.
-    fn origin_form(&self, original: &Uri) -> Result<Uri, ProxyError> {
-        let base = self.base.as_ref().ok_or(ProxyError::NoUpstream)?;
-        let path = match original.path_and_query() {
-            Some(path) if base.prefix.is_empty() => Ok(path.clone()),
-            Some(path) => PathAndQuery::try_from(format!("{}{}", base.prefix, path.as_str())),
-            None => PathAndQuery::try_from(format!("{}/", base.prefix)),
-        }
-        .map_err(|e| ProxyError::Unreachable(format!("cannot build upstream URI: {e}")))?;
-        Ok(Uri::from(path))
-    }
-
-    fn uri_with(&self, base: &Base, path: PathAndQuery) -> Result<Uri, ProxyError> {
-        Uri::builder()
-            .scheme(Scheme::HTTP)
-            .authority(base.authority.clone())
-            .path_and_query(path)
-            .build()
-            .map_err(|e| ProxyError::Unreachable(format!("cannot build upstream URI: {e}")))
+    fn base(&self) -> Result<&Base, ProxyError> {
+        self.base.as_ref().ok_or(ProxyError::NoUpstream)
     }
 
     /// Sends a request and waits for the response headers, giving up when
