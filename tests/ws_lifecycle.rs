@@ -420,16 +420,23 @@ async fn a_busy_client_that_answers_pings_stays_connected_under_continuous_traff
         c.websocket.slow_consumer = roomgate::config::SlowConsumerPolicy::Drop;
     })
     .await;
-    // A small receive buffer and a reader that pauses now and then keep the
-    // gateway's writes to it in progress most of the time, so pings fall
-    // due in the middle of writes.
-    let mut reader = WsClient::connect_with(&gw.ws_url(), None, Some(4096)).await;
+    // A reader that pauses whenever it has caught up keeps the gateway's
+    // writes to it in progress most of the time, so pings fall due in the
+    // middle of writes. Between pauses it drains without stopping, and the
+    // messages are large: what is queued ahead of a ping (the socket
+    // buffers and two bounded batches) is a few hundred frames, read in a
+    // moment whatever the build's speed, so a ping sent after the write is
+    // answered well within the timeout. (A receive buffer below loopback's
+    // 64 KiB segment size would stall the connection itself on zero-window
+    // probes.)
+    let mut reader = WsClient::connect_with(&gw.ws_url(), None, Some(256 * 1024)).await;
     let mut sender = gw.client().await;
     reader.join("busy").await;
     sender.join("busy").await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flood = {
         let stop = stop.clone();
+        let filler = "x".repeat(8 * 1024);
         tokio::spawn(async move {
             // Bounded: stops when told, or after this many messages.
             for i in 0..2_000_000u64 {
@@ -437,7 +444,7 @@ async fn a_busy_client_that_answers_pings_stays_connected_under_continuous_traff
                     break;
                 }
                 sender
-                    .send(json!({"type": "message", "room": "busy", "content": i}))
+                    .send(json!({"type": "message", "room": "busy", "content": [i, &filler]}))
                     .await;
                 if i % 64 == 0 {
                     // Read what came in: that is also how the client
@@ -455,14 +462,17 @@ async fn a_busy_client_that_answers_pings_stays_connected_under_continuous_traff
     let (pings, messages) = within("four pings amid the flood", async {
         let (mut pings, mut messages) = (0, 0u64);
         while pings < 4 {
-            match reader.ws.next().await {
-                Some(Ok(Message::Ping(_))) => pings += 1,
-                Some(Ok(Message::Text(_))) => {
-                    messages += 1;
-                    if messages % 50 == 0 {
-                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                    }
+            let next = match futures_util::FutureExt::now_or_never(reader.ws.next()) {
+                Some(next) => next,
+                None => {
+                    // Caught up: pause, so the gateway's writes block.
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    reader.ws.next().await
                 }
+            };
+            match next {
+                Some(Ok(Message::Ping(_))) => pings += 1,
+                Some(Ok(Message::Text(_))) => messages += 1,
                 Some(Ok(_)) => {}
                 other => panic!("the busy client lost its connection: {other:?}"),
             }

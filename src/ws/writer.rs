@@ -203,8 +203,8 @@ impl Writer {
                         return None;
                     }
                 }
-                result = &mut write => return Some(result),
                 _ = ticker.tick() => Self::ping_due(heartbeat, ping_due, conn, settings.pong_timeout),
+                result = &mut write => return Some(result),
             }
         }
     }
