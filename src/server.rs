@@ -33,7 +33,7 @@ use crate::proxy::{Proxy, Upstream};
 use crate::response::Body;
 use crate::rooms::Hub;
 use crate::shutdown::Shutdown;
-use crate::ws::{SessionContext, SessionSettings, Upgrader};
+use crate::ws::{ClientStream, HoldSwitch, SessionContext, SessionSettings, Upgrader};
 
 /// Events queued for NATS before further ones are dropped and counted.
 const EVENT_QUEUE: usize = 16 * 1024;
@@ -105,11 +105,16 @@ struct Router {
 }
 
 impl Router {
-    async fn route(&self, request: Request<Incoming>, client: SocketAddr) -> Response<Body> {
+    async fn route(
+        &self,
+        request: Request<Incoming>,
+        client: SocketAddr,
+        hold: &HoldSwitch,
+    ) -> Response<Body> {
         if self.upgrader.owns(request.uri().path()) {
             // Once per connection, and large: boxed so that it does not size
             // the future of every proxied request.
-            Box::pin(self.upgrader.upgrade(request, client)).await
+            Box::pin(self.upgrader.upgrade(request, client, hold)).await
         } else {
             self.proxy.forward(request, client).await
         }
@@ -310,14 +315,17 @@ async fn serve_connection(
     router: Arc<Router>,
     shutdown: Shutdown,
 ) {
+    let hold = HoldSwitch::default();
+    let io = TokioIo::new(ClientStream::new(stream, hold.clone()));
     let service = service_fn(move |request| {
         let router = router.clone();
-        async move { Ok::<_, Infallible>(router.route(request, client).await) }
+        let hold = hold.clone();
+        async move { Ok::<_, Infallible>(router.route(request, client, &hold).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30))
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection(io, service)
         .with_upgrades();
     let mut conn = pin!(conn);
     let result = tokio::select! {

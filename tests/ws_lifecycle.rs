@@ -105,6 +105,51 @@ async fn bad_handshakes_get_400_with_the_reason_and_never_a_websocket() {
 }
 
 #[tokio::test]
+async fn the_switching_response_and_the_welcome_arrive_together() {
+    // Both leave in one write, so a new client wakes once, not twice: the
+    // client's socket counts one segment with data for the two.
+    let gw = TestGateway::start(test_config()).await;
+    let mut stream = within("connect", TcpStream::connect(gw.addr))
+        .await
+        .expect("connect");
+    stream
+        .write_all(raw_upgrade_request(gw.addr, "/ws", "").as_bytes())
+        .await
+        .expect("write handshake");
+    let (status, head) = read_response_head(&mut stream).await;
+    assert_eq!(status, 101, "{head}");
+    let welcome = within("the welcome", read_raw_frame(&mut stream))
+        .await
+        .expect("a frame");
+    assert_eq!(welcome.opcode, 1);
+    assert!(
+        String::from_utf8_lossy(&welcome.payload).contains("Connected as"),
+        "{welcome:?}"
+    );
+    assert_eq!(data_segments_received(&stream), 1);
+}
+
+/// Segments with data the kernel received on `stream` (Linux `TCP_INFO`).
+fn data_segments_received(stream: &TcpStream) -> u32 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `info` is a properly sized, writable `tcp_info`, and `len`
+    // tells the kernel its size; the descriptor is open for the call.
+    unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        );
+        assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+        info.tcpi_data_segs_in
+    }
+}
+
+#[tokio::test]
 async fn a_bad_handshake_on_a_raw_socket_gets_no_websocket_bytes() {
     // The raw form, so nothing in an HTTP client can hide an upgrade: the
     // answer is a plain 400 and the socket speaks HTTP afterwards.

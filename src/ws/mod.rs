@@ -7,6 +7,7 @@
 //! for it, because hyper's own graceful shutdown does not see upgraded
 //! connections.
 
+mod handover;
 mod io;
 mod ratelimit;
 mod session;
@@ -20,13 +21,13 @@ use hyper::header::{self, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tracing::{Instrument, debug, info_span};
 
+pub use handover::{ClientStream, HoldSwitch};
 pub use ratelimit::TokenBucket;
 pub use session::{SessionContext, SessionSettings};
 
@@ -97,9 +98,18 @@ impl Upgrader {
 
     /// Answers a request to a gateway path: 101 and a session, or the reason
     /// it was refused.
-    pub async fn upgrade(&self, request: Request<Incoming>, client: SocketAddr) -> Response<Body> {
+    pub async fn upgrade(
+        &self,
+        request: Request<Incoming>,
+        client: SocketAddr,
+        hold: &HoldSwitch,
+    ) -> Response<Body> {
         match self.try_upgrade(request, client).await {
-            Ok(response) => response,
+            Ok(response) => {
+                // The 101 leaves with the session's welcome frame.
+                hold.arm();
+                response
+            }
             Err(rejection) => {
                 debug!(
                     reason = rejection.reason.as_str(),
@@ -177,11 +187,16 @@ async fn take_over(
             return None;
         }
     };
-    let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
-        tracing::error!("upgraded connection is not a TCP stream");
+    let Ok(parts) = upgraded.downcast::<TokioIo<ClientStream>>() else {
+        tracing::error!("upgraded connection is not a client stream");
         return None;
     };
-    let (read, write) = parts.io.into_inner().into_split();
+    let (tcp, response) = parts.io.into_inner().into_parts();
+    // The held 101 goes first, in the writer's first write.
+    if conn.outbox().push_control(&response).is_err() {
+        return None;
+    }
+    let (read, write) = tcp.into_split();
     let read = io::ReadSide::new(read, conn.clone());
     // hyper's leftover bytes share its whole read buffer (8 KiB or more):
     // copy what was read ahead and let the buffer go, instead of holding it
