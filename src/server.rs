@@ -95,6 +95,8 @@ pub struct Gateway {
     health: Arc<Health>,
     shutdown: Shutdown,
     router: Arc<Router>,
+    /// Kept for its pool's sweeper; the proxy and forward auth hold clones.
+    upstream: Upstream,
     nats: Option<(async_nats::Client, EventStream)>,
 }
 
@@ -154,7 +156,7 @@ impl Gateway {
         let router = Arc::new(Router {
             upgrader: Upgrader::new(&config, ctx, auth, shutdown.clone()),
             proxy: Proxy::new(
-                upstream,
+                upstream.clone(),
                 &config.upstream,
                 metrics.clone(),
                 shutdown.clone(),
@@ -175,6 +177,7 @@ impl Gateway {
             hub,
             shutdown,
             router,
+            upstream,
             nats,
         })
     }
@@ -216,6 +219,7 @@ impl Gateway {
         });
         let admin_task = tokio::spawn(admin.serve(self.admin_listener, background.clone()));
         let sweeper = tokio::spawn(self.hub.clone().run_sweeper(background.clone()));
+        let pool_sweeper = tokio::spawn(self.upstream.clone().run_sweeper(background.clone()));
         let bridge_stop = CancellationToken::new();
         let bridge = self.nats.map(|(client, stream)| {
             let settings = BridgeSettings {
@@ -255,7 +259,7 @@ impl Gateway {
             bridge.abort();
         }
         background.cancel();
-        let _ = tokio::join!(admin_task, sweeper);
+        let _ = tokio::join!(admin_task, sweeper, pool_sweeper);
         info!("roomgate stopped");
     }
 }

@@ -815,8 +815,11 @@ async fn an_upstream_that_stops_taking_the_upload_gets_504() {
 /// An upstream that answers one request per connection and, when told to,
 /// closes that connection without having said so (no `Connection: close`),
 /// as an upstream whose keep-alive timeout ran out would. Reports each
-/// close.
-async fn closing_upstream() -> (
+/// close; with `until_peer_closes`, only once the gateway has closed its
+/// end too.
+async fn closing_upstream(
+    until_peer_closes: bool,
+) -> (
     SocketAddr,
     mpsc::UnboundedSender<()>,
     mpsc::UnboundedReceiver<usize>,
@@ -849,6 +852,10 @@ async fn closing_upstream() -> (
             if close_rx.recv().await.is_none() {
                 return;
             }
+            if until_peer_closes {
+                let _ = stream.shutdown().await;
+                while let Ok(1..) = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await {}
+            }
             drop(stream);
             let _ = closed_tx.send(n);
         }
@@ -858,7 +865,7 @@ async fn closing_upstream() -> (
 
 #[tokio::test]
 async fn an_idle_upstream_connection_the_upstream_closed_is_not_reused() {
-    let (addr, close, mut closed) = closing_upstream().await;
+    let (addr, close, mut closed) = closing_upstream(false).await;
     let gw = TestGateway::with(|c| c.upstream.url = format!("http://{addr}")).await;
     for n in 0..4 {
         let (status, body) = http_get(gw.addr, "/").await;
@@ -871,6 +878,19 @@ async fn an_idle_upstream_connection_the_upstream_closed_is_not_reused() {
         let seen = within("the upstream closes its connection", closed.recv()).await;
         assert_eq!(seen, Some(n));
     }
+}
+
+#[tokio::test]
+async fn an_idle_upstream_connection_the_upstream_closed_is_closed_without_traffic() {
+    // No request follows, so only the pool's sweep can notice the close:
+    // without it the gateway's end would sit half-closed (CLOSE_WAIT).
+    let (addr, close, mut closed) = closing_upstream(true).await;
+    let gw = TestGateway::with(|c| c.upstream.url = format!("http://{addr}")).await;
+    let (status, body) = http_get(gw.addr, "/").await;
+    assert_eq!((status, body.as_str()), (200, "connection 0"));
+    close.send(()).expect("upstream running");
+    let seen = within("the gateway to close the connection", closed.recv()).await;
+    assert_eq!(seen, Some(0));
 }
 
 #[tokio::test]

@@ -23,6 +23,7 @@ use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::config::UpstreamConfig;
@@ -152,6 +153,14 @@ impl Upstream {
             ))
         });
         Self { client, base, pool }
+    }
+
+    /// Closes idle pooled connections the upstream has closed or that have
+    /// expired, until `stop`; returns at once without an upstream.
+    pub async fn run_sweeper(self, stop: CancellationToken) {
+        if let Some(pool) = self.pool {
+            pool.run_sweeper(stop).await;
+        }
     }
 
     /// Whether an upstream is configured.

@@ -11,17 +11,18 @@
 //! the client, and the connection goes back to the pool when its response
 //! body has been read to the end.
 //!
-//! A connection that sat idle in the pool is not polled, so the pool learns
-//! only at checkout that the upstream closed it; checkout skips such
-//! connections, and a request that a reused connection turns out unable to
-//! carry is sent again on a fresh one (only when it never left, so nothing
-//! is sent twice).
+//! A connection idle in the pool is polled only by a sweep once a second,
+//! which closes those the upstream has closed (instead of leaving them
+//! half-closed until the next request) and those past the idle timeout.
+//! Between sweeps checkout skips closed connections, and a request that a
+//! reused connection turns out unable to carry is sent again on a fresh one
+//! (only when it never left, so nothing is sent twice).
 
 use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::{Duration, Instant};
 
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
@@ -29,11 +30,18 @@ use hyper::client::conn::http1;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
 
 use super::UpstreamBody;
 
 /// Idle connections kept at most; more are closed when they come back.
 const MAX_IDLE: usize = 512;
+
+/// How often idle connections are checked for having been closed or
+/// expired. Short, so a connection the upstream closed does not sit in
+/// CLOSE_WAIT; cheap, as it is one lock and one poll per idle connection.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Why a pooled exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -205,6 +213,28 @@ impl Pool {
             idle.pop_front();
         }
         idle.push_back(Idle { conn, since: now });
+    }
+
+    /// Sweeps the idle connections every [`SWEEP_INTERVAL`] until `stop`.
+    pub async fn run_sweeper(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => self.sweep(),
+            }
+        }
+    }
+
+    /// Closes the idle connections that have expired or that the upstream
+    /// has closed. Polling one reads its end of stream; the no-op waker is
+    /// enough because whoever takes the connection next polls it again.
+    fn sweep(&self) {
+        let mut cx = Context::from_waker(Waker::noop());
+        let now = Instant::now();
+        self.lock()
+            .retain_mut(|i| now - i.since < self.idle_timeout && i.conn.ready_now(&mut cx));
     }
 
     fn lock(&self) -> MutexGuard<'_, VecDeque<Idle>> {
