@@ -798,12 +798,22 @@ impl NatsServer {
             child: None,
             dir,
         };
-        server.spawn();
-        server
+        // A port found free can be taken by another test's socket before
+        // the server binds it; the server then exits, and new ports fix it.
+        for _ in 0..SPAWN_ATTEMPTS {
+            if server.try_spawn() {
+                return server;
+            }
+            server.port = free_port();
+            server.monitor_port = free_port();
+        }
+        panic!("nats-server did not start in {SPAWN_ATTEMPTS} attempts");
     }
 
-    fn spawn(&mut self) {
-        let child = Command::new(nats_server_binary())
+    /// Starts the process on the current ports; `false` if it exited
+    /// instead of listening (a port was taken meanwhile).
+    fn try_spawn(&mut self) -> bool {
+        let mut child = Command::new(nats_server_binary())
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
             .args(["-m", &self.monitor_port.to_string()])
             .args(&self.args)
@@ -812,9 +822,27 @@ impl NatsServer {
             .current_dir(&self.dir)
             .spawn()
             .expect("spawn nats-server");
-        self.child = Some(child);
-        wait_for_port(self.port);
-        wait_for_port(self.monitor_port);
+        let listening = wait_while_running(&mut child, self.port)
+            && wait_while_running(&mut child, self.monitor_port)
+            && matches!(child.try_wait(), Ok(None));
+        if listening {
+            self.child = Some(child);
+        } else {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        listening
+    }
+
+    fn spawn(&mut self) {
+        // A restart keeps its port (clients reconnect to it): only retry.
+        for _ in 0..SPAWN_ATTEMPTS {
+            if self.try_spawn() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("nats-server did not restart on port {}", self.port);
     }
 
     /// Whether the process is running (not stopped by [`NatsServer::stop`]).
@@ -867,6 +895,26 @@ impl Drop for NatsServer {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Tries to start a `nats-server` this many times.
+const SPAWN_ATTEMPTS: usize = 5;
+
+/// Blocks until something listens on `port` (bounded by `WAIT`); `false`
+/// as soon as `child` exits instead.
+fn wait_while_running(child: &mut Child, port: u16) -> bool {
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return false;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing listening on port {port} after {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
 }
 
 /// Blocks until something listens on `port` (bounded by `WAIT`).
