@@ -95,8 +95,6 @@ pub struct Gateway {
     health: Arc<Health>,
     shutdown: Shutdown,
     router: Arc<Router>,
-    /// Kept for its pool's sweeper; the proxy and forward auth hold clones.
-    upstream: Upstream,
     nats: Option<(async_nats::Client, EventStream)>,
 }
 
@@ -156,7 +154,7 @@ impl Gateway {
         let router = Arc::new(Router {
             upgrader: Upgrader::new(&config, ctx, auth, shutdown.clone()),
             proxy: Proxy::new(
-                upstream.clone(),
+                upstream,
                 &config.upstream,
                 metrics.clone(),
                 shutdown.clone(),
@@ -177,7 +175,6 @@ impl Gateway {
             hub,
             shutdown,
             router,
-            upstream,
             nats,
         })
     }
@@ -219,7 +216,13 @@ impl Gateway {
         });
         let admin_task = tokio::spawn(admin.serve(self.admin_listener, background.clone()));
         let sweeper = tokio::spawn(self.hub.clone().run_sweeper(background.clone()));
-        let pool_sweeper = tokio::spawn(self.upstream.clone().run_sweeper(background.clone()));
+        let pool_sweeper = tokio::spawn(
+            self.router
+                .proxy
+                .upstream()
+                .clone()
+                .run_sweeper(background.clone()),
+        );
         let bridge_stop = CancellationToken::new();
         let bridge = self.nats.map(|(client, stream)| {
             let settings = BridgeSettings {

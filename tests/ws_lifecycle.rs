@@ -109,15 +109,7 @@ async fn the_switching_response_and_the_welcome_arrive_together() {
     // Both leave in one write, so a new client wakes once, not twice: the
     // client's socket counts one segment with data for the two.
     let gw = TestGateway::start(test_config()).await;
-    let mut stream = within("connect", TcpStream::connect(gw.addr))
-        .await
-        .expect("connect");
-    stream
-        .write_all(raw_upgrade_request(gw.addr, "/ws", "").as_bytes())
-        .await
-        .expect("write handshake");
-    let (status, head) = read_response_head(&mut stream).await;
-    assert_eq!(status, 101, "{head}");
+    let mut stream = silent_client(gw.addr).await;
     let welcome = within("the welcome", read_raw_frame(&mut stream))
         .await
         .expect("a frame");

@@ -6,8 +6,9 @@
 //! held in memory. Connections to the upstream are pooled and kept alive:
 //! plain requests use [`pool`], whose connections are driven by the task
 //! serving the client; upgrades and forward-auth checks use hyper-util's
-//! pooled client. WebSocket upgrades to paths that are not the gateway's are tunneled:
-//! after the upstream's 101 both upgraded sockets are spliced together.
+//! pooled client. WebSocket upgrades to paths that are not the gateway's
+//! are tunneled: after the upstream's 101 both upgraded sockets are spliced
+//! together.
 
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
@@ -348,6 +349,11 @@ impl Proxy {
             metrics,
             shutdown,
         }
+    }
+
+    /// The upstream it forwards to (the gateway runs its pool's sweeper).
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
     }
 
     /// Forwards one request and returns the upstream's response, or the

@@ -903,9 +903,20 @@ const SPAWN_ATTEMPTS: usize = 5;
 /// Blocks until something listens on `port` (bounded by `WAIT`); `false`
 /// as soon as `child` exits instead.
 fn wait_while_running(child: &mut Child, port: u16) -> bool {
+    wait_listening(port, || matches!(child.try_wait(), Ok(None)))
+}
+
+/// Blocks until something listens on `port` (bounded by `WAIT`).
+pub fn wait_for_port(port: u16) {
+    wait_listening(port, || true);
+}
+
+/// Polls `port` until it accepts a connection (`true`) or `alive` says the
+/// process meant to listen there is gone (`false`).
+fn wait_listening(port: u16, mut alive: impl FnMut() -> bool) -> bool {
     let deadline = std::time::Instant::now() + WAIT;
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if !matches!(child.try_wait(), Ok(None)) {
+        if !alive() {
             return false;
         }
         assert!(
@@ -915,18 +926,6 @@ fn wait_while_running(child: &mut Child, port: u16) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     true
-}
-
-/// Blocks until something listens on `port` (bounded by `WAIT`).
-pub fn wait_for_port(port: u16) {
-    let deadline = std::time::Instant::now() + WAIT;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "nothing listening on port {port} after {WAIT:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 // ----- files ------------------------------------------------------------
