@@ -12,6 +12,7 @@
 //! |---|---|
 //! | [`matrix`] | which runs, in which order, with which sizes |
 //! | [`scenario`] | one run: servers, connections, publisher, measurements |
+//! | [`floor`] | the delivery floor: frames written to loopback sockets and nothing else |
 //! | [`shard`] | generator threads, each with its own runtime and histogram |
 //! | [`conn`] | one client connection: handshake, join, receive, send |
 //! | [`ws`], [`natsproto`] | WebSocket framing and the NATS subscriber protocol |
@@ -24,6 +25,7 @@
 #![warn(missing_docs)]
 
 mod conn;
+mod floor;
 mod matrix;
 mod natsproto;
 mod payload;

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use crate::floor::{self, FloorSpec};
 use crate::report::{self, Record};
 use crate::scenario::{self, Bins, BroadcastSpec, Knobs, Origin, Pace, Proxy, Target, WrkSpec};
 
@@ -113,6 +114,11 @@ impl Sink {
 
 const TARGETS: [Target; 2] = [Target::Roomgate, Target::NatsWs];
 
+/// The delivery floor with a window of frames per `writev`.
+pub const FLOOR_AT_WINDOW: &str = "writev-window";
+/// The delivery floor with roomgate's mean frames per write.
+pub const FLOOR_AT_ROOMGATE: &str = "writev-as-roomgate";
+
 impl Matrix {
     fn wants(&self, name: &str) -> bool {
         self.only.iter().any(|o| o == name)
@@ -205,6 +211,12 @@ impl Matrix {
                     sink.push("fanout", size.clone(), t.name(), rep, r);
                 }
             }
+            // The floor the smallest room's CPU per delivery is read
+            // against (it holds both ends of every socket: twice the
+            // descriptors of a run, so not for the largest rooms).
+            if self.fanout.iter().min() == Some(&n) {
+                self.delivery_floor(k, &spec, sink);
+            }
         }
         if !self.wants("rate") {
             return;
@@ -246,6 +258,41 @@ impl Matrix {
             for t in TARGETS {
                 let r = scenario::broadcast(bins, k, &spec, t).await;
                 sink.push("fanout-rate", size.clone(), t.name(), rep, r);
+            }
+        }
+    }
+}
+
+impl Matrix {
+    /// The delivery floor of a fan-out room, at two batch sizes: a window
+    /// of frames per `writev` (the most any server can batch in these
+    /// runs) and roomgate's own mean in the runs just made.
+    fn delivery_floor(&self, k: &Knobs, spec: &BroadcastSpec, sink: &mut Sink) {
+        let size = format!("1x{}", spec.members);
+        let window = k.window.max(1) as usize;
+        let roomgate = sink
+            .mean("fanout", &size, "roomgate", "server_deliveries_per_write")
+            .map(|b| (b.round() as usize).clamp(1, window));
+        let batches = [
+            (FLOOR_AT_WINDOW, Some(window)),
+            (FLOOR_AT_ROOMGATE, roomgate),
+        ];
+        for rep in 1..=self.reps {
+            for (target, batch) in batches {
+                let Some(batch) = batch else { continue };
+                let floor = FloorSpec {
+                    members: spec.members,
+                    messages: spec.messages,
+                    batch,
+                    frame: k.payload,
+                };
+                sink.push(
+                    "delivery-floor",
+                    size.clone(),
+                    target,
+                    rep,
+                    floor::delivery_floor(floor),
+                );
             }
         }
     }

@@ -98,6 +98,14 @@ impl Proc {
             .sum()
     }
 
+    /// Write system calls of all its processes.
+    pub fn write_calls(&self) -> u64 {
+        std::iter::once(self.pid())
+            .chain(self.extra.iter().copied())
+            .filter_map(sys::write_calls_of)
+            .sum()
+    }
+
     /// (VmRSS, VmHWM) in KiB, summed over its processes.
     pub fn memory(&self) -> (u64, u64) {
         std::iter::once(self.pid())

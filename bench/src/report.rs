@@ -72,6 +72,7 @@ fn columns(scenario: &str) -> &'static [(&'static str, &'static str)] {
             ("lost", "lost"),
             ("out_of_order", "out of order"),
             ("server_cpu_us_per_delivery", "server CPU µs/delivery"),
+            ("server_deliveries_per_write", "deliveries per write call"),
             ("broker_cpu_s", "broker CPU s"),
             ("server_hwm_kib", "server peak RSS KiB"),
             ("latency_p50_us", "p50 µs"),
@@ -79,6 +80,16 @@ fn columns(scenario: &str) -> &'static [(&'static str, &'static str)] {
             ("latency_p999_us", "p99.9 µs"),
             ("generator_cpu_us_per_delivery", "generator CPU µs/delivery"),
             ("server_cpu_s", "server CPU s"),
+            ("seconds", "s"),
+        ],
+        "delivery-floor" => &[
+            ("deliveries_per_sec", "deliveries/s"),
+            ("lost_bytes", "lost bytes"),
+            ("batch", "frames per writev"),
+            ("writev_calls", "writev calls"),
+            ("writer_cpu_us_per_delivery", "writer CPU µs/delivery"),
+            ("writer_user_us_per_delivery", "of which user µs"),
+            ("reader_cpu_us_per_delivery", "reader CPU µs/delivery"),
             ("seconds", "s"),
         ],
         "fanout-rate" => &[
@@ -188,6 +199,7 @@ fn table(records: &[&Record]) -> String {
 pub fn print_table(records: &[Record]) {
     for scenario in [
         "fanout",
+        "delivery-floor",
         "fanout-rate",
         "rooms",
         "client",
@@ -464,6 +476,22 @@ fn goals(records: &[Record], reps: u32) -> Vec<Goal> {
             " µs",
         ));
     }
+    if let Some(size) = sizes(records, "delivery-floor").first() {
+        goals.push(Goal::at_most(
+            format!(
+                "for comparison, delivery floor {size}: one thread only writing the frames, a window per writev, \
+                 CPU per delivery (not roomgate; see \"Delivery floor\")"
+            ),
+            of(
+                "delivery-floor",
+                size,
+                crate::matrix::FLOOR_AT_WINDOW,
+                "writer_cpu_us_per_delivery",
+            ),
+            0.15,
+            " µs",
+        ));
+    }
     if let Some(large) = fan.get(1) {
         goals.push(Goal::at_least(
             format!("fan-out {large}: roomgate deliveries/s ÷ nats-ws"),
@@ -687,7 +715,7 @@ pub fn markdown(records: &[Record], ctx: &Context<'_>) -> String {
     }
     s.push('\n');
 
-    let sections: [(&str, &str, &str); 7] = [
+    let sections: [(&str, &str, &str); 8] = [
         (
             "fanout",
             "Fan-out: one room",
@@ -701,6 +729,25 @@ pub fn markdown(records: &[Record], ctx: &Context<'_>) -> String {
              (relaying M messages to one subscriber) is the broker column. Latency and peak \
              RSS in these runs include what the window lets queue up (up to window × N frames); \
              the fixed-rate runs below measure latency.",
+        ),
+        (
+            "delivery-floor",
+            "Delivery floor",
+            "What a delivery costs this machine at the least, for reading the fan-out runs' \
+             server CPU per delivery: one thread of the generator writes the same number of \
+             frames of the same size to each of N loopback sockets, a batch of frames per \
+             `writev`, and does nothing else: `writev-window` writes a window's worth per call \
+             (the most a server can batch when at most a window of messages is in flight), \
+             `writev-as-roomgate` as many as roomgate's writes carried on average in the runs \
+             above (its deliveries per write call); another thread reads every socket with a task per \
+             socket, as the generator does. Writer CPU is user plus kernel time of that one \
+             thread (`getrusage(RUSAGE_THREAD)`, the same accounting as the servers' `/proc` \
+             figures), divided by deliveries. On loopback the kernel runs the receiving \
+             side's TCP processing and wakes the reader inside the writer's `writev`, so this \
+             is what the kernel charges any sender per delivery at that batch size: a server \
+             that also queues, schedules and talks to NATS cannot spend less. Deliveries per \
+             write call in the fan-out tables are the server's deliveries divided by its write \
+             system calls in the measured phase (`syscw` in `/proc/<pid>/io`).",
         ),
         (
             "fanout-rate",

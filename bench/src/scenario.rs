@@ -468,6 +468,7 @@ pub async fn broadcast(
 
     let expected = spec.expected();
     let sut0 = stack.sut().cpu();
+    let writes0 = stack.sut().write_calls();
     let broker0 = stack.broker().map(Proc::cpu);
     let gen0 = sys::cpu_self();
     let t0 = now_ns();
@@ -514,6 +515,7 @@ pub async fn broadcast(
     };
     let (behind, end) = tokio::join!(publishing, watching);
     let sut_cpu = stack.sut().cpu() - sut0;
+    let sut_writes = stack.sut().write_calls().saturating_sub(writes0);
     let broker_cpu = stack
         .broker()
         .map(Proc::cpu)
@@ -587,6 +589,13 @@ pub async fn broadcast(
     );
     v.insert("latency_max_us".into(), json!(us(hist.max())));
     v.insert("server_cpu_s".into(), json!(round(sut_cpu, 3)));
+    if sut_writes > 0 {
+        // How many deliveries each write call carried: the batching.
+        v.insert(
+            "server_deliveries_per_write".into(),
+            json!(round(received as f64 / sut_writes as f64, 1)),
+        );
+    }
     if received > 0 {
         v.insert(
             "server_cpu_us_per_delivery".into(),

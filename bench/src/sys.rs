@@ -56,6 +56,15 @@ pub fn cpu_of(pid: u32) -> Option<CpuTimes> {
     parse_stat(&text)
 }
 
+/// Write system calls (`write`, `writev`, `send`...) `pid` has made, from
+/// `/proc/<pid>/io` (`None` once the process is gone).
+pub fn write_calls_of(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("syscw:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// CPU times of this process (every thread included).
 pub fn cpu_self() -> CpuTimes {
     std::fs::read_to_string("/proc/self/stat")
