@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use crate::scenario::Values;
+use crate::scenario::{Values, round};
 
 /// One floor run.
 #[derive(Debug, Clone, Copy)]
@@ -210,11 +210,6 @@ fn thread_cpu() -> (f64, f64) {
     }
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     (secs(ru.ru_utime), secs(ru.ru_stime))
-}
-
-fn round(x: f64, digits: i32) -> f64 {
-    let p = 10f64.powi(digits);
-    (x * p).round() / p
 }
 
 #[cfg(test)]

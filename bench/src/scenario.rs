@@ -871,7 +871,8 @@ fn us(ns: u64) -> f64 {
     round(ns as f64 / 1e3, 1)
 }
 
-fn round(x: f64, digits: i32) -> f64 {
+/// `x` rounded to `digits` decimals, for the report.
+pub fn round(x: f64, digits: i32) -> f64 {
     let p = 10f64.powi(digits);
     (x * p).round() / p
 }
