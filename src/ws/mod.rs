@@ -25,7 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tracing::{Instrument, debug, info_span};
+use tracing::{Instrument, debug, debug_span};
 
 pub use handover::{ClientStream, HoldSwitch};
 pub use ratelimit::TokenBucket;
@@ -154,8 +154,12 @@ impl Upgrader {
     ) {
         let closing = self.shutdown.stopping().child_token();
         let conn = Connection::new(identity, self.queue_capacity, self.slow_consumer, closing);
+        // At debug: the only events inside a connection at info and above
+        // are two internal errors, which name the connection themselves,
+        // and an enabled span costs every connection a registry entry and
+        // its formatted fields, and every poll an enter and exit.
         let span =
-            info_span!("conn", id = %conn.id_str(), peer = %client, path = %parts.uri.path());
+            debug_span!("conn", id = %conn.id_str(), peer = %client, path = %parts.uri.path());
         let ctx = self.ctx.clone();
         let codec = self.codec;
         self.shutdown.spawn(
@@ -188,7 +192,7 @@ async fn take_over(
         }
     };
     let Ok(parts) = upgraded.downcast::<TokioIo<ClientStream>>() else {
-        tracing::error!("upgraded connection is not a client stream");
+        tracing::error!(conn = %conn.id_str(), "upgraded connection is not a client stream");
         return None;
     };
     let (tcp, response) = parts.io.into_inner().into_parts();

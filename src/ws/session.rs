@@ -109,7 +109,7 @@ pub async fn run(
             await_close_reply(&mut stream, deadline).await;
         }
         Ok((_write, None)) => {}
-        Err(e) => tracing::error!(error = %e, "writer task failed"),
+        Err(e) => tracing::error!(conn = %conn.id_str(), error = %e, "writer task failed"),
     }
     debug!(code, reason = reason.as_str(), "connection closed");
 }
