@@ -68,8 +68,8 @@ pub fn parse(frame: &[u8]) -> Option<(u32, u64)> {
     parse_with_hint(frame, &mut 0)
 }
 
-/// [`parse`], looking first where the marker was in the previous frame of
-/// the same connection (frames of one stream share their layout), which
+/// Finds the sequence number and timestamp in a delivered frame, looking
+/// first where the marker was in the previous frame of the same connection (frames of one stream share their layout), which
 /// spares the byte search on almost every frame.
 #[inline]
 pub fn parse_with_hint(frame: &[u8], hint: &mut u16) -> Option<(u32, u64)> {

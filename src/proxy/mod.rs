@@ -198,7 +198,8 @@ impl Upstream {
     }
 
     /// Sends a request and waits for the response headers, giving up when
-    /// the exchange stands still for `timeout` (see [`timed`]).
+    /// the upstream takes longer than `timeout` between two chunks of the
+    /// request body, or to answer once it has the whole request.
     pub async fn send(
         &self,
         request: Request<Body>,

@@ -215,7 +215,8 @@ impl Pool {
         idle.push_back(Idle { conn, since: now });
     }
 
-    /// Sweeps the idle connections every [`SWEEP_INTERVAL`] until `stop`.
+    /// Sweeps the idle connections once a second until `stop`, so that
+    /// connections the upstream closed do not wait for the next request.
     pub async fn run_sweeper(self: Arc<Self>, stop: CancellationToken) {
         let mut tick = tokio::time::interval(SWEEP_INTERVAL);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
