@@ -261,9 +261,7 @@ impl Matrix {
             }
         }
     }
-}
 
-impl Matrix {
     /// The delivery floor of a fan-out room, at two batch sizes: a window
     /// of frames per `writev` (the most any server can batch in these
     /// runs) and roomgate's own mean in the runs just made.
