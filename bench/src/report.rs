@@ -479,8 +479,8 @@ fn goals(records: &[Record], reps: u32) -> Vec<Goal> {
     if let Some(size) = sizes(records, "delivery-floor").first() {
         goals.push(Goal::at_most(
             format!(
-                "for comparison, delivery floor {size}: one thread only writing the frames, a window per writev, \
-                 CPU per delivery (not roomgate; see \"Delivery floor\")"
+                "for comparison, delivery floor {size}: one thread only writing the frames, \
+                 a window per writev, CPU per delivery (not roomgate; see \"Delivery floor\")"
             ),
             of(
                 "delivery-floor",
