@@ -29,7 +29,7 @@ use crate::config::Config;
 use crate::events::{EventStream, Events};
 use crate::metrics::Metrics;
 use crate::nats::{Bridge, BridgeSettings, NatsSetupError};
-use crate::proxy::{Proxy, Upstream};
+use crate::proxy::{Peer, Proxy, Upstream};
 use crate::response::Body;
 use crate::rooms::Hub;
 use crate::shutdown::Shutdown;
@@ -105,20 +105,27 @@ struct Router {
 }
 
 impl Router {
-    async fn route(
-        &self,
-        request: Request<Incoming>,
-        client: SocketAddr,
-        hold: &HoldSwitch,
-    ) -> Response<Body> {
+    async fn route(&self, request: Request<Incoming>, client: &Client) -> Response<Body> {
         if self.upgrader.owns(request.uri().path()) {
             // Once per connection, and large: boxed so that it does not size
             // the future of every proxied request.
-            Box::pin(self.upgrader.upgrade(request, client, hold)).await
+            Box::pin(
+                self.upgrader
+                    .upgrade(request, client.peer.addr(), &client.hold),
+            )
+            .await
         } else {
-            self.proxy.forward(request, client).await
+            self.proxy.forward(request, &client.peer).await
         }
     }
+}
+
+/// What every request on one client connection shares, behind a single
+/// reference count per request.
+struct Client {
+    router: Arc<Router>,
+    peer: Peer,
+    hold: HoldSwitch,
 }
 
 impl Gateway {
@@ -324,10 +331,14 @@ async fn serve_connection(
 ) {
     let hold = HoldSwitch::default();
     let io = TokioIo::new(ClientStream::new(stream, hold.clone()));
+    let client = Arc::new(Client {
+        router,
+        peer: Peer::new(client),
+        hold,
+    });
     let service = service_fn(move |request| {
-        let router = router.clone();
-        let hold = hold.clone();
-        async move { Ok::<_, Infallible>(router.route(request, client, &hold).await) }
+        let client = client.clone();
+        async move { Ok::<_, Infallible>(client.router.route(request, &client).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
