@@ -12,8 +12,8 @@
 
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -329,13 +329,13 @@ impl hyper::body::Body for UpstreamBody {
 }
 
 /// The client end of a connection, as the proxy reports it upstream.
-/// Worked out once per client connection, not per request: formatting the
-/// address is a large share of what the gateway itself adds to a small
-/// proxied request.
+/// Its `X-Forwarded-For` entry is formatted at most once per client
+/// connection, at its first proxied request: formatting the address is a
+/// large share of what the gateway itself adds to a small proxied request,
+/// and a WebSocket connection never needs it.
 pub struct Peer {
     addr: SocketAddr,
-    /// The entry this client adds to `X-Forwarded-For`.
-    forwarded_for: Option<HeaderValue>,
+    forwarded_for: OnceLock<Option<HeaderValue>>,
 }
 
 impl Peer {
@@ -343,13 +343,20 @@ impl Peer {
     pub fn new(addr: SocketAddr) -> Self {
         Self {
             addr,
-            forwarded_for: HeaderValue::from_str(&addr.ip().to_string()).ok(),
+            forwarded_for: OnceLock::new(),
         }
     }
 
     /// The client's address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The entry this client adds to `X-Forwarded-For`.
+    fn forwarded_for(&self) -> Option<&HeaderValue> {
+        self.forwarded_for
+            .get_or_init(|| HeaderValue::from_str(&self.addr.ip().to_string()).ok())
+            .as_ref()
     }
 }
 
@@ -560,7 +567,7 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, client: &Peer) {
-    let Some(ip) = &client.forwarded_for else {
+    let Some(ip) = client.forwarded_for() else {
         return;
     };
     if !headers.contains_key(&X_FORWARDED_FOR) {
