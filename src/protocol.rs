@@ -312,13 +312,15 @@ impl<'a> Reply<'a> {
 
 /// `{"type":"system","message":"Connected as <id>","connection_id":"<id>"}`.
 pub fn welcome(connection_id: &str) -> Frame {
-    let message = format!("Connected as {connection_id}");
-    Reply {
-        message: Some(&message),
-        connection_id: Some(connection_id),
-        ..Reply::new("system")
-    }
-    .encode()
+    // Written out by hand: one per connection, and serialising the `Reply`
+    // costs several times more.
+    let mut out = String::with_capacity(80 + 2 * connection_id.len());
+    out.push_str(r#"{"type":"system","message":"Connected as "#);
+    push_escaped(&mut out, connection_id);
+    out.push_str(r#"","connection_id":""#);
+    push_escaped(&mut out, connection_id);
+    out.push_str(r#""}"#);
+    Frame::from_text(out)
 }
 
 /// `{"type":"joined","room":R}`, with the request's `id` if any.
@@ -411,18 +413,25 @@ pub fn message(room: Option<&str>, content: &str, from: &str) -> Frame {
 /// Appends a JSON string (escaped) or `null`.
 pub fn push_json_str(out: &mut String, s: Option<&str>) {
     match s {
-        // Room names and connection ids never need escaping, and are the
-        // common case: skip serde for them.
-        Some(s)
-            if s.bytes()
-                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\') =>
-        {
+        Some(s) => {
             out.push('"');
-            out.push_str(s);
+            push_escaped(out, s);
             out.push('"');
         }
-        Some(s) => out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())),
         None => out.push_str("null"),
+    }
+}
+
+/// Appends the inside of a JSON string: `s`, escaped.
+fn push_escaped(out: &mut String, s: &str) {
+    // Room names and connection ids never need escaping, and are the
+    // common case: skip serde for them.
+    if s.bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    {
+        out.push_str(s);
+    } else if let Ok(quoted) = serde_json::to_string(s) {
+        out.push_str(&quoted[1..quoted.len() - 1]);
     }
 }
 
@@ -535,8 +544,13 @@ mod tests {
             err.as_str(),
             r#"{"type":"error","code":"room_full","message":"full","id":"x"}"#
         );
-        let v: serde_json::Value = serde_json::from_str(welcome("id-1").as_str()).expect("json");
-        assert_eq!(v["connection_id"], "id-1");
-        assert_eq!(v["message"], "Connected as id-1");
+        assert_eq!(
+            welcome("id-1").as_str(),
+            r#"{"type":"system","message":"Connected as id-1","connection_id":"id-1"}"#
+        );
+        let odd = "a \"b\"\n";
+        let v: serde_json::Value = serde_json::from_str(welcome(odd).as_str()).expect("json");
+        assert_eq!(v["connection_id"], odd);
+        assert_eq!(v["message"], format!("Connected as {odd}"));
     }
 }

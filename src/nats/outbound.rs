@@ -1,9 +1,7 @@
 //! Turning events into NATS publications: subjects, JSON payloads and the
 //! `Roomgate-*` headers of SPEC §2.
 
-use std::fmt::Write as _;
-
-use async_nats::{Client, HeaderMap, HeaderValue};
+use async_nats::{Client, HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 use tracing::debug;
 
@@ -12,6 +10,12 @@ use crate::events::Event;
 use crate::metrics::Metrics;
 use crate::protocol::{PresenceKind, push_json_str};
 use crate::rooms::Connection;
+
+// Built once: a name given as a string is validated, matched against the
+// standard names and copied on every insert.
+const CONNECTION: HeaderName = HeaderName::from_static(HEADER_CONNECTION);
+const USER: HeaderName = HeaderName::from_static(HEADER_USER);
+const GATEWAY: HeaderName = HeaderName::from_static(HEADER_GATEWAY);
 
 /// Publishes events, dropping (and counting) what NATS cannot take now.
 pub struct Publisher {
@@ -66,17 +70,17 @@ impl Publisher {
 
     fn headers(&self, conn: &Connection) -> HeaderMap {
         let mut headers = HeaderMap::new();
-        headers.insert(HEADER_CONNECTION, conn.id_str());
+        headers.insert(CONNECTION, conn.id_str());
         // A user comes from a token's `sub` and may hold a line break, which
         // a header cannot carry (async-nats panics on it). The payload's
         // `user` has it exactly; the header is left out.
         if let Some(user) = conn.user() {
             match user.parse::<HeaderValue>() {
-                Ok(value) => headers.insert(HEADER_USER, value),
+                Ok(value) => headers.insert(USER, value),
                 Err(_) => debug!("user cannot be a NATS header value; only in the payload"),
             }
         }
-        headers.insert(HEADER_GATEWAY, &*self.settings.gateway_id);
+        headers.insert(GATEWAY, &*self.settings.gateway_id);
         headers
     }
 
@@ -99,7 +103,11 @@ impl Publisher {
                 out.str("user", from.user());
                 out.str("gateway", Some(gateway));
                 out.num("ts", *ts);
-                (format!("{prefix}.message.{room}"), Some(from), out.finish())
+                (
+                    subject(prefix, "message.", room.as_str()),
+                    Some(from),
+                    out.finish(),
+                )
             }
             Event::Presence {
                 room,
@@ -115,7 +123,7 @@ impl Publisher {
                 out.str("gateway", Some(gateway));
                 out.num("ts", *ts);
                 (
-                    format!("{prefix}.presence.{room}"),
+                    subject(prefix, "presence.", room.as_str()),
                     Some(conn),
                     out.finish(),
                 )
@@ -123,7 +131,7 @@ impl Publisher {
             Event::ConnectionOpen { conn, ts } => {
                 let out = lifecycle(conn, gateway, *ts);
                 (
-                    format!("{prefix}.connection.open"),
+                    subject(prefix, "connection.open", ""),
                     Some(conn),
                     out.finish(),
                 )
@@ -132,7 +140,7 @@ impl Publisher {
                 let mut out = lifecycle(conn, gateway, *ts);
                 out.num("code", u64::from(*code));
                 (
-                    format!("{prefix}.connection.close"),
+                    subject(prefix, "connection.close", ""),
                     Some(conn),
                     out.finish(),
                 )
@@ -140,6 +148,16 @@ impl Publisher {
             Event::Reply { subject, body } => (subject.clone(), None, body.clone()),
         }
     }
+}
+
+/// `<prefix>.<kind><room>`, in one allocation of the exact size.
+fn subject(prefix: &str, kind: &str, room: &str) -> String {
+    let mut out = String::with_capacity(prefix.len() + 1 + kind.len() + room.len());
+    out.push_str(prefix);
+    out.push('.');
+    out.push_str(kind);
+    out.push_str(room);
+    out
 }
 
 fn lifecycle(conn: &Connection, gateway: &str, ts: u64) -> Json {
@@ -164,7 +182,10 @@ struct Json(String);
 
 impl Json {
     fn object() -> Self {
-        Self(String::from("{"))
+        // Room for a typical event, so that building it rarely reallocates.
+        let mut out = String::with_capacity(256);
+        out.push('{');
+        Self(out)
     }
 
     fn key(&mut self, key: &str) {
@@ -189,7 +210,7 @@ impl Json {
 
     fn num(&mut self, key: &str, value: u64) {
         self.key(key);
-        let _ = write!(self.0, "{value}");
+        self.0.push_str(itoa::Buffer::new().format(value));
     }
 
     fn finish(mut self) -> Bytes {
