@@ -39,9 +39,12 @@ cargo build --release --locked -p roomgate -p roomgate-bench
 bin=$PWD/target/release
 roomgate=$(realpath "${1:-$bin/roomgate}")
 work=$(mktemp -d)
-pids=()
+# Stops whatever this script still runs in the background (only its own
+# jobs: those already waited for are not in the list any more).
 cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    local running
+    running=$(jobs -p)
+    [ -z "$running" ] || kill $running 2>/dev/null || true
     wait 2>/dev/null || true
     rm -rf "$work"
 }
@@ -69,8 +72,8 @@ wait_for() {
     return 1
 }
 
-# Instructions per request of the proxy just started under callgrind as
-# `pid`, writing to `out`, serving `url`.
+# Prints the instructions per request of the proxy just started under
+# callgrind as `pid`, writing to `out`, serving `url`; then stops it.
 per_request() {
     local pid=$1 out=$2 url=$3 requests
     wait_for "$url"
@@ -80,13 +83,12 @@ per_request() {
     callgrind_control -d "$pid" >/dev/null 2>&1
     kill "$pid"
     wait "$pid" 2>/dev/null || true
-    echo $(($(total "$out.1") / requests))
+    echo "$(($(total "$out.1") / requests)) instructions per request"
 }
 
 http() {
     local up=$(free_port) port=$(free_port) admin=$(free_port) nginx_port=$(free_port)
     "$bin/roomgate-bench" upstream --listen "127.0.0.1:$up" &
-    pids+=($!)
     cat >"$work/roomgate.toml" <<EOF
 [server]
 listen = "127.0.0.1:$port"
@@ -101,7 +103,8 @@ level = "warn"
 EOF
     valgrind --tool=callgrind --callgrind-out-file="$work/http-roomgate" \
         "$roomgate" --config "$work/roomgate.toml" 2>"$work/roomgate.log" &
-    echo "HTTP proxy, roomgate: $(per_request $! "$work/http-roomgate" "http://127.0.0.1:$port/") instructions per request"
+    echo -n "HTTP proxy, roomgate: "
+    per_request $! "$work/http-roomgate" "http://127.0.0.1:$port/"
     [ -x "$nginx" ] || return 0
     mkdir -p "$work/nginx/logs"
     cat >"$work/nginx/nginx.conf" <<EOF
@@ -133,7 +136,8 @@ http {
 EOF
     valgrind --tool=callgrind --callgrind-out-file="$work/http-nginx" \
         "$nginx" -p "$work/nginx" -c "$work/nginx/nginx.conf" 2>"$work/nginx.log" &
-    echo "HTTP proxy, nginx:    $(per_request $! "$work/http-nginx" "http://127.0.0.1:$nginx_port/") instructions per request"
+    echo -n "HTTP proxy, nginx:    "
+    per_request $! "$work/http-nginx" "http://127.0.0.1:$nginx_port/"
 }
 
 # Runs `roomgate-bench matrix` with roomgate under callgrind and prints the
