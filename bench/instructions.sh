@@ -25,6 +25,7 @@ have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
 missing=()
 have valgrind || missing+=(valgrind)
 have wrk || missing+=(wrk)
+have curl || missing+=(curl)
 have nats-server || missing+=(nats-server)
 if [ ${#missing[@]} -gt 0 ]; then
     sudo=""
