@@ -425,10 +425,12 @@ pub fn push_json_str(out: &mut String, s: Option<&str>) {
 /// Appends the inside of a JSON string: `s`, escaped.
 fn push_escaped(out: &mut String, s: &str) {
     // Room names and connection ids never need escaping, and are the
-    // common case: skip serde for them.
-    if s.bytes()
-        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
-    {
+    // common case: skip serde for them. No early exit, so the check
+    // compiles to a vectorised loop.
+    let plain = s.bytes().fold(true, |plain, b| {
+        plain & b.is_ascii_graphic() & (b != b'"') & (b != b'\\')
+    });
+    if plain {
         out.push_str(s);
     } else if let Ok(quoted) = serde_json::to_string(s) {
         out.push_str(&quoted[1..quoted.len() - 1]);
@@ -519,6 +521,26 @@ mod tests {
             assert_eq!(frame.len(), len);
             assert_eq!(frame.as_str(), text);
         }
+    }
+
+    #[test]
+    fn json_strings_are_escaped_only_when_needed() {
+        for (input, expected) in [
+            ("plain-id_1.x", r#""plain-id_1.x""#),
+            ("a b", r#""a b""#),
+            ("quote\"back\\", r#""quote\"back\\""#),
+            ("line\nbreak\u{1}", r#""line\nbreak\u0001""#),
+            ("é", r#""é""#),
+        ] {
+            let mut out = String::new();
+            push_json_str(&mut out, Some(input));
+            assert_eq!(out, expected);
+            let back: String = serde_json::from_str(&out).expect("valid JSON");
+            assert_eq!(back, input);
+        }
+        let mut out = String::new();
+        push_json_str(&mut out, None);
+        assert_eq!(out, "null");
     }
 
     #[test]

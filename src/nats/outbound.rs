@@ -22,6 +22,8 @@ pub struct Publisher {
     client: Client,
     metrics: Metrics,
     settings: BridgeSettings,
+    /// `Roomgate-Gateway`'s value, checked once; each event gets a copy.
+    gateway: HeaderValue,
 }
 
 impl Publisher {
@@ -30,6 +32,7 @@ impl Publisher {
         Self {
             client,
             metrics,
+            gateway: HeaderValue::from(&*settings.gateway_id),
             settings,
         }
     }
@@ -80,7 +83,7 @@ impl Publisher {
                 Err(_) => debug!("user cannot be a NATS header value; only in the payload"),
             }
         }
-        headers.insert(GATEWAY, &*self.settings.gateway_id);
+        headers.insert(GATEWAY, self.gateway.clone());
         headers
     }
 
