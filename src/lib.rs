@@ -21,6 +21,7 @@
 //! | [`proxy`] | the reverse proxy and tunnel to the upstream, and its connection pool |
 //! | [`auth`] | origin checks, JWT and forward auth at the upgrade |
 //! | [`admin`] | `/metrics`, `/healthz`, `/readyz`, `/rooms` |
+//! | [`alloc`] | the memory allocator the binary installs |
 //! | [`metrics`] | every Prometheus family, in one place |
 //! | [`shutdown`] | signals, cancellation and task tracking |
 //! | [`request`], [`response`] | small HTTP helpers shared by the above |
@@ -38,6 +39,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod alloc;
 pub mod auth;
 pub mod config;
 pub mod events;

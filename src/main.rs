@@ -30,7 +30,7 @@ enum Command {
 /// BENCHMARKS.md), and connection set-up allocates and frees many small
 /// buffers, which glibc handles with more overhead.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: roomgate::alloc::Allocator = roomgate::alloc::Allocator;
 
 /// Exit code for configuration errors.
 const EXIT_CONFIG: u8 = 2;
