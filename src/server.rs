@@ -302,9 +302,10 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 /// tracked task, handshake included, so a slow client never holds up the
 /// accept loop.
 async fn accept_loop(listener: &TcpListener, router: &Arc<Router>, shutdown: &Shutdown) {
+    let mut stopped = shutdown.stopped();
     loop {
         let (stream, client) = tokio::select! {
-            _ = shutdown.stopping().cancelled() => return,
+            _ = &mut stopped => return,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -353,7 +354,7 @@ async fn serve_connection(
     let mut conn = pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,
-        _ = shutdown.stopping().cancelled() => {
+        _ = shutdown.stopped() => {
             conn.as_mut().graceful_shutdown();
             tokio::select! {
                 result = conn.as_mut() => result,

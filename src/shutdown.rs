@@ -5,15 +5,22 @@
 //! `Gateway::run` returns only when nothing it started is left behind.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tokio_util::task::TaskTracker;
 
 /// The gateway's shutdown state, passed explicitly to everything that spawns.
 #[derive(Clone, Default)]
 pub struct Shutdown {
     stop: CancellationToken,
+    /// Set just before `stop` is cancelled, so [`Stopped`] can check it
+    /// without a lock.
+    stopped: Arc<AtomicBool>,
     force: CancellationToken,
     tasks: TaskTracker,
 }
@@ -30,6 +37,18 @@ impl Shutdown {
         &self.stop
     }
 
+    /// Resolves when shutdown begins, like `stopping().cancelled()`, for
+    /// tasks woken many times over their life, such as a keep-alive HTTP
+    /// connection: every poll of a token's own future takes two locks on a
+    /// token that every connection shares.
+    pub fn stopped(&self) -> Stopped<'_> {
+        Stopped {
+            flag: &self.stopped,
+            wait: Box::pin(self.stop.cancelled()),
+            waker: None,
+        }
+    }
+
     /// Cancelled when the grace period is over: drop what is left.
     pub fn forced(&self) -> &CancellationToken {
         &self.force
@@ -37,7 +56,7 @@ impl Shutdown {
 
     /// Whether shutdown has begun.
     pub fn is_stopping(&self) -> bool {
-        self.stop.is_cancelled()
+        self.stopped.load(Ordering::Acquire)
     }
 
     /// Spawns a task that shutdown waits for.
@@ -51,6 +70,7 @@ impl Shutdown {
 
     /// Begins shutdown.
     pub fn begin(&self) {
+        self.stopped.store(true, Ordering::Release);
         self.stop.cancel();
     }
 
@@ -66,6 +86,33 @@ impl Shutdown {
             let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
         }
         clean
+    }
+}
+
+/// See [`Shutdown::stopped`]. It registers with the token at its first
+/// poll, and again only when polled with another waker; otherwise a poll is
+/// one atomic load. Cancelling the token wakes the registered waker, and
+/// the flag is set before that, so the poll that follows sees it.
+pub struct Stopped<'a> {
+    flag: &'a AtomicBool,
+    wait: Pin<Box<WaitForCancellationFuture<'a>>>,
+    waker: Option<Waker>,
+}
+
+impl Future for Stopped<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        if this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return if this.flag.load(Ordering::Acquire) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            };
+        }
+        this.waker = Some(cx.waker().clone());
+        this.wait.as_mut().poll(cx)
     }
 }
 
@@ -107,5 +154,51 @@ impl Signals {
         {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A task polled many times with the same waker still sees shutdown.
+    #[tokio::test]
+    async fn stopped_resolves_after_many_polls_with_the_same_waker() {
+        let shutdown = Shutdown::new();
+        let (wake, mut woken) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let watcher = {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let mut stopped = std::pin::pin!(shutdown.stopped());
+                let mut wakes = 0;
+                loop {
+                    tokio::select! {
+                        _ = &mut stopped => return wakes,
+                        Some(()) = woken.recv() => wakes += 1,
+                    }
+                }
+            })
+        };
+        for _ in 0..5 {
+            wake.send(()).expect("watcher running");
+            tokio::task::yield_now().await;
+        }
+        assert!(!shutdown.is_stopping());
+        shutdown.begin();
+        assert!(shutdown.is_stopping());
+        let wakes = tokio::time::timeout(Duration::from_secs(20), watcher)
+            .await
+            .expect("the watcher saw shutdown")
+            .expect("watcher task");
+        assert!(wakes >= 1, "the watcher was polled before shutdown");
+    }
+
+    #[tokio::test]
+    async fn stopped_resolves_at_once_when_shutdown_has_begun() {
+        let shutdown = Shutdown::new();
+        shutdown.begin();
+        tokio::time::timeout(Duration::from_secs(20), shutdown.stopped())
+            .await
+            .expect("already stopped");
     }
 }

@@ -148,3 +148,55 @@ async fn sigterm_with_nothing_in_flight_exits_zero() {
         .any(|l| l.contains("roomgate stopped"));
     assert!(logged_stop, "{:?}", gateway.log);
 }
+
+/// A keep-alive connection waiting for its next request does not hold up
+/// shutdown: it is closed as soon as shutdown begins, not at the end of the
+/// grace period (an hour here, far beyond the test's bounded waits).
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_when_shutdown_begins() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let upstream = Upstream::start(|_request| async { Response::new(full("ok")) }).await;
+    let url = upstream.url();
+    let mut gateway = TestGateway::with(|config| {
+        config.upstream.url = url;
+        config.server.shutdown_grace_secs = 3600;
+    })
+    .await;
+    let mut stream = within("connect", tokio::net::TcpStream::connect(gateway.addr))
+        .await
+        .expect("connect");
+    // Several exchanges, so the connection's task has been woken many times.
+    for _ in 0..3 {
+        stream
+            .write_all(b"GET /a HTTP/1.1\r\nhost: app.example.test\r\n\r\n")
+            .await
+            .expect("request written");
+        let mut response = Vec::new();
+        within("a response", async {
+            while !response.ends_with(b"\r\n\r\nok") {
+                let mut chunk = [0u8; 1024];
+                let n = stream.read(&mut chunk).await.expect("read");
+                assert!(
+                    n > 0,
+                    "closed early: {:?}",
+                    String::from_utf8_lossy(&response)
+                );
+                response.extend_from_slice(&chunk[..n]);
+            }
+        })
+        .await;
+        assert!(response.starts_with(b"HTTP/1.1 200"), "{response:?}");
+    }
+
+    gateway.begin_stop();
+    let mut rest = Vec::new();
+    within(
+        "the idle connection to be closed",
+        stream.read_to_end(&mut rest),
+    )
+    .await
+    .expect("clean close");
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    gateway.wait_stopped().await;
+}
