@@ -13,6 +13,7 @@
 //! |---|---|
 //! | [`config`] | the TOML file, `ROOMGATE_*` overrides, validation |
 //! | [`server`] | the public listener, routing, start-up and shutdown order |
+//! | [`deadline`] | the timeouts of a client connection's requests, on one timer |
 //! | [`ws`] | upgrade checks and WebSocket sessions (reader, writer, heartbeat) |
 //! | [`protocol`] | the client's JSON frames, parsed and encoded |
 //! | [`rooms`] | rooms, connections and the broadcaster API |
@@ -42,6 +43,7 @@ pub mod admin;
 pub mod alloc;
 pub mod auth;
 pub mod config;
+pub mod deadline;
 pub mod events;
 pub mod metrics;
 pub mod nats;

@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 use crate::admin::{Admin, Health};
 use crate::auth::{AuthSetupError, Authenticator};
 use crate::config::Config;
+use crate::deadline::Deadlines;
 use crate::events::{EventStream, Events};
 use crate::metrics::Metrics;
 use crate::nats::{Bridge, BridgeSettings, NatsSetupError};
@@ -115,7 +116,9 @@ impl Router {
             )
             .await
         } else {
-            self.proxy.forward(request, &client.peer).await
+            self.proxy
+                .forward(request, &client.peer, &client.deadlines)
+                .await
         }
     }
 }
@@ -126,6 +129,9 @@ struct Client {
     router: Arc<Router>,
     peer: Peer,
     hold: HoldSwitch,
+    /// The timer of hyper's header-read timeout and the proxy's upstream
+    /// timeout.
+    deadlines: Deadlines,
 }
 
 impl Gateway {
@@ -337,17 +343,19 @@ async fn serve_connection(
 ) {
     let hold = HoldSwitch::default();
     let io = TokioIo::new(ClientStream::new(stream, hold.clone()));
+    let deadlines = Deadlines::new();
     let client = Arc::new(Client {
         router,
         peer: Peer::new(client),
         hold,
+        deadlines: deadlines.clone(),
     });
     let service = service_fn(move |request| {
         let client = client.clone();
         async move { Ok::<_, Infallible>(client.router.route(request, &client).await) }
     });
     let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
+        .timer(deadlines)
         .header_read_timeout(Duration::from_secs(30))
         .serve_connection(io, service)
         .with_upgrades();

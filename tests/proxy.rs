@@ -982,3 +982,68 @@ async fn connections_that_carried_bodiless_responses_are_reused() {
         "HEAD and 204 responses leave the connection reusable"
     );
 }
+
+/// A client connection that stops sending, whether between requests or in
+/// the middle of a request head, is closed after the 30 s header-read
+/// timeout, and not before it. On a paused clock: the runtime moves time
+/// on whenever every task is waiting, so the test does not take 30 s.
+#[tokio::test(start_paused = true)]
+async fn a_client_that_stops_sending_is_closed_after_the_header_timeout() {
+    use tokio::io::AsyncReadExt;
+    use tokio::time::{Duration, Instant, timeout};
+
+    const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+    // Virtual time, far beyond the timeout: only reached if it never fires.
+    const BOUND: Duration = Duration::from_secs(600);
+
+    // No upstream: the gateway answers 404 itself, so nothing is in flight
+    // on the network while the clock is moved on.
+    let gw = TestGateway::with(|_| {}).await;
+
+    // Between requests: one complete request and its answer, then silence.
+    let mut idle = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    idle.write_all(b"GET /a HTTP/1.1\r\nhost: app.example.test\r\n\r\n")
+        .await
+        .expect("request written");
+    // Mid-head: a request line and no end to the headers.
+    let mut partial = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    partial
+        .write_all(b"GET /b HTTP/1.1\r\nhost: app.exa")
+        .await
+        .expect("partial head written");
+    let start = Instant::now();
+
+    let mut answer = Vec::new();
+    timeout(BOUND, async {
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut chunk = [0u8; 512];
+            let n = idle.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "closed before answering");
+            answer.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await
+    .expect("the first request is answered");
+    assert!(answer.starts_with(b"HTTP/1.1 404"), "{answer:?}");
+
+    for (name, stream) in [("idle", &mut idle), ("mid-head", &mut partial)] {
+        let mut rest = Vec::new();
+        timeout(BOUND, stream.read_to_end(&mut rest))
+            .await
+            .unwrap_or_else(|_| panic!("the {name} connection is never closed"))
+            .ok();
+        let after = start.elapsed();
+        assert!(
+            after >= HEADER_TIMEOUT,
+            "the {name} connection was closed after {after:?}"
+        );
+        assert!(
+            !rest.starts_with(b"HTTP/1.1 404"),
+            "the {name} connection got a second answer"
+        );
+    }
+}

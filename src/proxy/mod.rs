@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::config::UpstreamConfig;
+use crate::deadline::Deadlines;
 use crate::metrics::Metrics;
 use crate::request::header_has_token;
 use crate::response::{self, Body};
@@ -205,7 +206,13 @@ impl Upstream {
         request: Request<Body>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, ProxyError> {
-        match timed(request, timeout, |request| self.client.request(request)).await? {
+        // Rare (upgrades, forward auth): a timer of its own.
+        let deadlines = Deadlines::new();
+        match timed(request, timeout, &deadlines, |request| {
+            self.client.request(request)
+        })
+        .await?
+        {
             Ok(response) => Ok(response),
             Err(e) if is_timeout(&e) => Err(ProxyError::Timeout),
             Err(e) => Err(ProxyError::Unreachable(error_chain(&e))),
@@ -213,14 +220,16 @@ impl Upstream {
     }
 
     /// Like [`Upstream::send`] for a plain request with an origin-form URI,
-    /// on a connection of [`pool`] that the response body then drives.
+    /// on a connection of [`pool`] that the response body then drives, and
+    /// with the timer of the client's connection.
     async fn send_pooled(
         &self,
         request: Request<Body>,
         timeout: Duration,
+        deadlines: &Deadlines,
     ) -> Result<Response<PooledBody>, ProxyError> {
         let pool = self.pool.as_ref().ok_or(ProxyError::NoUpstream)?;
-        match timed(request, timeout, |request| pool.send(request)).await? {
+        match timed(request, timeout, deadlines, |request| pool.send(request)).await? {
             Ok(response) => Ok(response),
             Err(PoolError::ConnectTimeout) => Err(ProxyError::Timeout),
             Err(PoolError::Http(e)) if is_timeout(&e) => Err(ProxyError::Timeout),
@@ -234,10 +243,11 @@ impl Upstream {
 /// request body, and that long to answer once it has the whole request. A
 /// clock on the whole exchange would cut off every upload that takes longer
 /// than `timeout` to transfer, however well it flows. A request without a
-/// body needs only one clock.
+/// body needs only one deadline.
 async fn timed<F: Future>(
     request: Request<Body>,
     timeout: Duration,
+    deadlines: &Deadlines,
     send: impl FnOnce(Request<UpstreamBody>) -> F,
 ) -> Result<F::Output, ProxyError> {
     if hyper::body::Body::is_end_stream(request.body()) {
@@ -245,9 +255,11 @@ async fn timed<F: Future>(
             inner,
             progress: None,
         });
-        return tokio::time::timeout(timeout, send(request))
-            .await
-            .map_err(|_| ProxyError::Timeout);
+        return tokio::select! {
+            biased;
+            result = send(request) => Ok(result),
+            _ = deadlines.after(timeout) => Err(ProxyError::Timeout),
+        };
     }
     let progress = Arc::new(Progress::new());
     let request = request.map(|inner| UpstreamBody {
@@ -258,7 +270,7 @@ async fn timed<F: Future>(
     loop {
         tokio::select! {
             result = &mut response => return Ok(result),
-            _ = tokio::time::sleep_until(progress.last() + timeout) => {
+            _ = deadlines.at(progress.last() + timeout) => {
                 if progress.last() + timeout <= tokio::time::Instant::now() {
                     return Err(ProxyError::Timeout);
                 }
@@ -391,9 +403,14 @@ impl Proxy {
 
     /// Forwards one request and returns the upstream's response, or the
     /// gateway's error response.
-    pub async fn forward(&self, request: Request<Incoming>, client: &Peer) -> Response<Body> {
+    pub async fn forward(
+        &self,
+        request: Request<Incoming>,
+        client: &Peer,
+        deadlines: &Deadlines,
+    ) -> Response<Body> {
         let started = Instant::now();
-        let response = match self.try_forward(request, client).await {
+        let response = match self.try_forward(request, client, deadlines).await {
             Ok(response) => response,
             Err(e) => {
                 debug!(error = %e, "proxy error");
@@ -409,6 +426,7 @@ impl Proxy {
         &self,
         request: Request<Incoming>,
         client: &Peer,
+        deadlines: &Deadlines,
     ) -> Result<Response<Body>, ProxyError> {
         if is_upgrade(request.headers()) {
             // Rare and large: boxed, so it does not size every request's
@@ -416,7 +434,8 @@ impl Proxy {
             return Box::pin(self.tunnel(request, client)).await;
         }
         let outgoing = self.outgoing(request, client, false)?;
-        let mut response = Box::pin(self.upstream.send_pooled(outgoing, self.timeout)).await?;
+        let mut response =
+            Box::pin(self.upstream.send_pooled(outgoing, self.timeout, deadlines)).await?;
         strip_hop_by_hop(response.headers_mut(), false);
         Ok(response.map(Body::pooled))
     }
