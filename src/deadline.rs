@@ -44,9 +44,18 @@ impl Deadlines {
 
     /// Resolves `after` from now.
     pub fn after(&self, after: Duration) -> Deadline {
-        self.at(Instant::now() + after)
+        self.at(later(Instant::now(), after))
     }
 }
+
+/// `at` plus `by`, or a time too far off to matter when that sum cannot be
+/// represented: a timeout of any configured length must not panic.
+pub fn later(at: Instant, by: Duration) -> Instant {
+    at.checked_add(by).unwrap_or_else(|| at + FAR_OFF)
+}
+
+/// About thirty years.
+const FAR_OFF: Duration = Duration::from_secs(86_400 * 365 * 30);
 
 /// One deadline on a connection's timer; see [`Deadlines`].
 pub struct Deadline {
@@ -139,6 +148,14 @@ mod tests {
         let before = Instant::now();
         deadlines.at(before - SECOND / 2).await;
         assert_eq!(Instant::now(), before);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_beyond_the_clock_range_waits_instead_of_panicking() {
+        let deadlines = Deadlines::new();
+        let never = tokio::time::timeout(SECOND, deadlines.after(Duration::MAX)).await;
+        assert!(never.is_err());
+        assert!(later(Instant::now(), Duration::MAX) > Instant::now() + FAR_OFF / 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -1047,3 +1047,30 @@ async fn a_client_that_stops_sending_is_closed_after_the_header_timeout() {
         );
     }
 }
+
+/// An upstream timeout too long for the clock to represent means "wait":
+/// requests with and without a body are proxied, nothing panics.
+#[tokio::test]
+async fn an_upstream_timeout_beyond_the_clock_range_is_accepted() {
+    let (upstream, log) = recording_upstream().await;
+    let url = upstream.url();
+    let gw = TestGateway::with(|c| {
+        c.upstream.url = url;
+        c.upstream.timeout_secs = u64::MAX;
+    })
+    .await;
+    let (status, _) = http_get(gw.addr, "/plain").await;
+    assert_eq!(status, 201);
+    let response = send_request(
+        gw.addr,
+        Request::post("/upload")
+            .header("host", "app.example.test")
+            .body(full("a body"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(response.status(), 201);
+    let seen = log.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].body, Bytes::from_static(b"a body"));
+}

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::config::UpstreamConfig;
-use crate::deadline::Deadlines;
+use crate::deadline::{self, Deadlines};
 use crate::metrics::Metrics;
 use crate::request::header_has_token;
 use crate::response::{self, Body};
@@ -270,8 +270,8 @@ async fn timed<F: Future>(
     loop {
         tokio::select! {
             result = &mut response => return Ok(result),
-            _ = deadlines.at(progress.last() + timeout) => {
-                if progress.last() + timeout <= tokio::time::Instant::now() {
+            _ = deadlines.at(deadline::later(progress.last(), timeout)) => {
+                if deadline::later(progress.last(), timeout) <= tokio::time::Instant::now() {
                     return Err(ProxyError::Timeout);
                 }
             }
