@@ -573,13 +573,24 @@ impl Config {
 impl WebSocketConfig {
     /// `ping_interval_secs` as a duration.
     pub fn ping_interval(&self) -> Duration {
-        Duration::from_secs(self.ping_interval_secs)
+        secs(self.ping_interval_secs)
     }
 
     /// `pong_timeout_secs` as a duration.
     pub fn pong_timeout(&self) -> Duration {
-        Duration::from_secs(self.pong_timeout_secs)
+        secs(self.pong_timeout_secs)
     }
+}
+
+/// The longest a configured duration is taken to be: a century.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// A `*_secs` setting as a duration, at most [`MAX_DURATION`]. Any longer
+/// value means the same thing ("practically never"), and the clock cannot
+/// represent "now" plus the largest ones: unclamped, they made connections
+/// panic at their first ping, close or emptied room.
+pub fn secs(secs: u64) -> Duration {
+    Duration::from_secs(secs).min(MAX_DURATION)
 }
 
 fn read_file(explicit: Option<&Path>) -> Result<(PathBuf, Option<String>), ConfigError> {

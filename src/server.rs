@@ -261,7 +261,7 @@ impl Gateway {
         drop(self.listener);
         self.health.set_draining();
         self.shutdown.begin();
-        let grace = Duration::from_secs(self.config.server.shutdown_grace_secs);
+        let grace = crate::config::secs(self.config.server.shutdown_grace_secs);
         if !self.shutdown.drain(grace).await {
             warn!("shutdown grace period over; remaining connections were cut");
         }

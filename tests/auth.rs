@@ -359,6 +359,17 @@ async fn connection_closes_with_1008_when_the_token_expires() {
     );
 }
 
+/// An expiry too far off for the clock is one that never comes: the
+/// token is accepted and the session lives.
+#[tokio::test]
+async fn a_token_expiring_beyond_the_clock_range_is_accepted() {
+    let gw = jwt_gateway(&[]);
+    let token = hs256(&claims(|c| c["exp"] = json!(u64::MAX)));
+    let mut client = WsClient::connect(&format!("ws://{}/ws?token={token}", gw.addr)).await;
+    client.join("room").await;
+    client.ping_pong().await;
+}
+
 #[tokio::test]
 async fn rooms_claim_limits_joins() {
     let gw = jwt_gateway(&[]);

@@ -713,3 +713,35 @@ async fn a_client_that_stops_reading_during_a_flood_is_closed() {
             .await;
     assert_eq!(closed, 1.0);
 }
+
+/// Durations too long for the clock (ping interval, pong timeout, room idle
+/// timeout, shutdown grace) mean "practically never": a session still
+/// pings, joins, leaves (scheduling its empty room's expiry), closes, and
+/// the gateway still stops.
+#[tokio::test]
+async fn durations_beyond_the_clock_range_do_not_break_sessions() {
+    let gw = TestGateway::with(|c| {
+        c.websocket.ping_interval_secs = 1;
+        c.websocket.pong_timeout_secs = u64::MAX;
+        c.websocket.rooms.idle_timeout_secs = u64::MAX;
+        c.server.shutdown_grace_secs = u64::MAX;
+    })
+    .await;
+    let mut client = gw.client().await;
+    within("a ping from the gateway", async {
+        loop {
+            match client.ws.next().await {
+                Some(Ok(Message::Ping(_))) => return,
+                Some(Ok(_)) => continue,
+                other => panic!("connection ended before a ping: {other:?}"),
+            }
+        }
+    })
+    .await;
+    client.join("room").await;
+    client.leave("room").await;
+    client.join("room").await;
+    client.ping_pong().await;
+    client.close_normally().await;
+    gw.stop().await;
+}

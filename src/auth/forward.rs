@@ -38,7 +38,7 @@ impl ForwardAuth {
         Self {
             upstream,
             path: config.path.clone(),
-            timeout: Duration::from_secs(config.timeout_secs),
+            timeout: crate::config::secs(config.timeout_secs),
         }
     }
 

@@ -110,7 +110,10 @@ impl JwtVerifier {
                 RoomsClaim::List(list) => RoomPatterns::new(list),
                 RoomsClaim::Text(text) => RoomPatterns::new(text.split(',')),
             }),
-            expires_at: claims.exp.map(|exp| UNIX_EPOCH + Duration::from_secs(exp)),
+            // An expiry past what the clock can represent never comes.
+            expires_at: claims
+                .exp
+                .and_then(|exp| UNIX_EPOCH.checked_add(Duration::from_secs(exp))),
         })
     }
 

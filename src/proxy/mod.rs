@@ -27,7 +27,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::config::UpstreamConfig;
+use crate::config::{self, UpstreamConfig};
 use crate::deadline::{self, Deadlines};
 use crate::metrics::Metrics;
 use crate::request::header_has_token;
@@ -127,7 +127,7 @@ impl Upstream {
     /// [`ProxyError::NoUpstream`].
     pub fn new(config: &UpstreamConfig) -> Self {
         let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(config.connect_timeout_secs)));
+        connector.set_connect_timeout(Some(config::secs(config.connect_timeout_secs)));
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
@@ -150,7 +150,7 @@ impl Upstream {
             );
             Arc::new(Pool::new(
                 target,
-                Duration::from_secs(config.connect_timeout_secs),
+                config::secs(config.connect_timeout_secs),
                 IDLE_TIMEOUT,
             ))
         });
@@ -390,7 +390,7 @@ impl Proxy {
     ) -> Self {
         Self {
             upstream,
-            timeout: Duration::from_secs(config.timeout_secs),
+            timeout: config::secs(config.timeout_secs),
             metrics,
             shutdown,
         }

@@ -509,7 +509,7 @@ impl Hub {
     }
 
     fn idle_timeout(&self) -> Duration {
-        Duration::from_secs(self.config.idle_timeout_secs)
+        crate::config::secs(self.config.idle_timeout_secs)
     }
 
     fn publish_presence(&self, room: &RoomName, kind: PresenceKind, conn: &Arc<Connection>) {
