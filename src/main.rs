@@ -87,8 +87,18 @@ fn run(loaded: roomgate::config::Loaded) -> ExitCode {
         };
         match roomgate::Gateway::bind(loaded.config).await {
             Ok(gateway) => {
-                gateway.run(signals.recv()).await;
-                ExitCode::SUCCESS
+                // On a worker thread, not this one: `block_on` runs its
+                // future outside the runtime's workers, so the accept loop
+                // would be woken across threads for every connection and
+                // would hand each new connection task over through the
+                // runtime's shared queue instead of the worker's own.
+                match tokio::spawn(gateway.run(signals.recv())).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        tracing::error!("gateway task failed: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
             }
             Err(e) => {
                 tracing::error!("{e}");
