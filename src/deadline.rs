@@ -9,12 +9,13 @@
 //! them all: it stays armed at the earliest deadline it was given, and when
 //! it goes off before the deadline now awaited it is moved, once, to that
 //! one. Under steady traffic it is re-armed about once per timeout period
-//! instead of twice per request.
+//! instead of twice per request, and while it waits a poll checks only
+//! whether it went off.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
@@ -25,7 +26,47 @@ use tokio::time::{Instant, Sleep};
 /// (the connection's): the timer wakes whichever waker polled it last.
 #[derive(Clone, Default)]
 pub struct Deadlines {
-    timer: Arc<Mutex<Option<Pin<Box<Sleep>>>>>,
+    timer: Arc<Mutex<Option<Timer>>>,
+}
+
+/// The shared timer, and the waker it will wake.
+struct Timer {
+    sleep: Pin<Box<Sleep>>,
+    /// The waker `sleep` was last polled with, as long as it has not been
+    /// moved since: polling it again with the same waker changes nothing,
+    /// so a poll then only checks whether it went off.
+    registered: Option<Waker>,
+}
+
+impl Timer {
+    fn new(at: Instant) -> Self {
+        Self {
+            sleep: Box::pin(tokio::time::sleep_until(at)),
+            registered: None,
+        }
+    }
+
+    fn reset(&mut self, at: Instant) {
+        self.sleep.as_mut().reset(at);
+        self.registered = None;
+    }
+
+    /// Whether polling the timer with `waker` would change nothing: it
+    /// already holds that waker and has not gone off.
+    fn waiting_with(&self, waker: &Waker) -> bool {
+        self.registered.as_ref().is_some_and(|w| w.will_wake(waker)) && !self.sleep.is_elapsed()
+    }
+
+    fn poll_sleep(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        // Unconstrained: out of cooperative budget, a tokio timer returns
+        // `Pending` without taking the waker, and `waiting_with` would then
+        // wait on a timer that wakes nobody.
+        let polled = std::pin::pin!(tokio::task::unconstrained(self.sleep.as_mut())).poll(cx);
+        if polled.is_pending() {
+            self.registered = Some(cx.waker().clone());
+        }
+        polled
+    }
 }
 
 impl Deadlines {
@@ -60,7 +101,7 @@ const FAR_OFF: Duration = Duration::from_secs(86_400 * 365 * 30);
 /// One deadline on a connection's timer; see [`Deadlines`].
 pub struct Deadline {
     at: Instant,
-    timer: Arc<Mutex<Option<Pin<Box<Sleep>>>>>,
+    timer: Arc<Mutex<Option<Timer>>>,
 }
 
 impl Future for Deadline {
@@ -72,18 +113,21 @@ impl Future for Deadline {
         // is never contended; a panic while it was held leaves a timer that
         // is still usable.
         let mut timer = self.timer.lock().unwrap_or_else(PoisonError::into_inner);
-        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
-        if timer.deadline() > at {
-            timer.as_mut().reset(at);
+        let timer = timer.get_or_insert_with(|| Timer::new(at));
+        if timer.sleep.deadline() > at {
+            timer.reset(at);
+        }
+        if timer.waiting_with(cx.waker()) {
+            return Poll::Pending;
         }
         loop {
-            match timer.as_mut().poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                // It went off at or after `at`: this deadline has passed.
-                Poll::Ready(()) if timer.deadline() >= at => return Poll::Ready(()),
-                // An earlier deadline went off: move on to this one.
-                Poll::Ready(()) => timer.as_mut().reset(at),
+            ready!(timer.poll_sleep(cx));
+            // It went off at or after `at`: this deadline has passed.
+            if timer.sleep.deadline() >= at {
+                return Poll::Ready(());
             }
+            // An earlier deadline went off: move on to this one.
+            timer.reset(at);
         }
     }
 }
@@ -107,14 +151,23 @@ mod tests {
 
     const SECOND: Duration = Duration::from_secs(1);
 
+    /// Awaits `deadline`, failing the test if it has not resolved within an
+    /// hour of the paused clock (which jumps there at once when nothing
+    /// else can happen first).
+    async fn reach(deadline: impl Future<Output = ()>) {
+        tokio::time::timeout(3600 * SECOND, deadline)
+            .await
+            .expect("the deadline resolves");
+    }
+
     /// Deadlines in a row, each later than the last, on a paused clock.
     #[tokio::test(start_paused = true)]
     async fn each_deadline_resolves_at_its_own_time() {
         let deadlines = Deadlines::new();
         let start = Instant::now();
-        deadlines.at(start + SECOND).await;
+        reach(deadlines.at(start + SECOND)).await;
         assert_eq!(Instant::now(), start + SECOND);
-        deadlines.at(start + 3 * SECOND).await;
+        reach(deadlines.at(start + 3 * SECOND)).await;
         assert_eq!(Instant::now(), start + 3 * SECOND);
     }
 
@@ -126,7 +179,7 @@ mod tests {
         let start = Instant::now();
         let first = tokio::time::timeout(SECOND / 2, deadlines.at(start + SECOND)).await;
         assert!(first.is_err(), "abandoned before its time");
-        deadlines.at(start + 10 * SECOND).await;
+        reach(deadlines.at(start + 10 * SECOND)).await;
         assert_eq!(Instant::now(), start + 10 * SECOND);
     }
 
@@ -137,7 +190,7 @@ mod tests {
         let start = Instant::now();
         let late = tokio::time::timeout(SECOND, deadlines.at(start + 60 * SECOND)).await;
         assert!(late.is_err());
-        deadlines.at(start + 2 * SECOND).await;
+        reach(deadlines.at(start + 2 * SECOND)).await;
         assert_eq!(Instant::now(), start + 2 * SECOND);
     }
 
@@ -146,7 +199,7 @@ mod tests {
         let deadlines = Deadlines::new();
         tokio::time::sleep(SECOND).await;
         let before = Instant::now();
-        deadlines.at(before - SECOND / 2).await;
+        reach(deadlines.at(before - SECOND / 2)).await;
         assert_eq!(Instant::now(), before);
     }
 
@@ -158,14 +211,36 @@ mod tests {
         assert!(later(Instant::now(), Duration::MAX) > Instant::now() + FAR_OFF / 2);
     }
 
+    /// A task out of cooperative budget gets `Pending` from tokio's timers
+    /// without them taking its waker; the deadline must still fire.
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_first_polled_out_of_budget_still_fires() {
+        let deadlines = Deadlines::new();
+        let start = Instant::now();
+        let mut deadline = std::pin::pin!(deadlines.at(start + SECOND));
+        std::future::poll_fn(|cx| {
+            // Spend the budget of this poll of the task, then poll the
+            // deadline for the first time.
+            while std::pin::pin!(tokio::task::consume_budget())
+                .poll(cx)
+                .is_ready()
+            {}
+            assert!(deadline.as_mut().poll(cx).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        reach(deadline).await;
+        assert_eq!(Instant::now(), start + SECOND);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn hyper_sleeps_use_the_same_timer() {
         use hyper::rt::Timer;
         let deadlines = Deadlines::new();
         let start = Instant::now();
-        deadlines.sleep(2 * SECOND).await;
+        reach(deadlines.sleep(2 * SECOND)).await;
         assert_eq!(Instant::now(), start + 2 * SECOND);
-        deadlines.sleep_until((start + 5 * SECOND).into_std()).await;
+        reach(deadlines.sleep_until((start + 5 * SECOND).into_std())).await;
         assert_eq!(Instant::now(), start + 5 * SECOND);
     }
 }
