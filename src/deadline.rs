@@ -29,6 +29,37 @@ pub struct Deadlines {
     timer: Arc<Mutex<Option<Timer>>>,
 }
 
+impl Deadlines {
+    /// A connection's timer; nothing is armed until a deadline is awaited.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Resolves at `at`.
+    pub fn at(&self, at: Instant) -> Deadline {
+        Deadline {
+            at,
+            timer: self.timer.clone(),
+        }
+    }
+
+    /// Resolves `after` from now.
+    pub fn after(&self, after: Duration) -> Deadline {
+        self.at(later(Instant::now(), after))
+    }
+}
+
+/// `at` plus `by`, or a time too far off to matter when that sum cannot be
+/// represented. Configured timeouts are already capped (`config::secs`);
+/// this keeps the timer itself as forgiving as tokio's own sleep for any
+/// duration a caller hands it.
+pub fn later(at: Instant, by: Duration) -> Instant {
+    at.checked_add(by).unwrap_or_else(|| at + FAR_OFF)
+}
+
+/// About thirty years.
+const FAR_OFF: Duration = Duration::from_secs(86_400 * 365 * 30);
+
 /// The shared timer, and the waker it will wake.
 struct Timer {
     sleep: Pin<Box<Sleep>>,
@@ -68,35 +99,6 @@ impl Timer {
         polled
     }
 }
-
-impl Deadlines {
-    /// A connection's timer; nothing is armed until a deadline is awaited.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Resolves at `at`.
-    pub fn at(&self, at: Instant) -> Deadline {
-        Deadline {
-            at,
-            timer: self.timer.clone(),
-        }
-    }
-
-    /// Resolves `after` from now.
-    pub fn after(&self, after: Duration) -> Deadline {
-        self.at(later(Instant::now(), after))
-    }
-}
-
-/// `at` plus `by`, or a time too far off to matter when that sum cannot be
-/// represented: a timeout of any configured length must not panic.
-pub fn later(at: Instant, by: Duration) -> Instant {
-    at.checked_add(by).unwrap_or_else(|| at + FAR_OFF)
-}
-
-/// About thirty years.
-const FAR_OFF: Duration = Duration::from_secs(86_400 * 365 * 30);
 
 /// One deadline on a connection's timer; see [`Deadlines`].
 pub struct Deadline {

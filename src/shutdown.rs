@@ -92,7 +92,10 @@ impl Shutdown {
 /// See [`Shutdown::stopped`]. It registers with the token at its first
 /// poll, and again only when polled with another waker; otherwise a poll is
 /// one atomic load. Cancelling the token wakes the registered waker, and
-/// the flag is set before that, so the poll that follows sees it.
+/// the flag is set before that, so the poll that follows sees it. The
+/// token's future registers the waker on every `Pending` it returns (it
+/// spends no cooperative budget), so the waker kept here is always the one
+/// the token holds.
 pub struct Stopped<'a> {
     flag: &'a AtomicBool,
     wait: Pin<Box<WaitForCancellationFuture<'a>>>,
