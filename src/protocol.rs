@@ -66,13 +66,116 @@ impl Frame {
         std::str::from_utf8(&self.0[self.header_len()..]).unwrap_or_default()
     }
 
-    /// A server frame's header is 2, 4 or 10 bytes, by its length byte.
     fn header_len(&self) -> usize {
-        match self.0.get(1).map(|b| b & 0x7f) {
-            Some(126) => 4,
-            Some(127) => 10,
-            _ => 2,
+        frame_size(&self.0).map_or(2, |(header, _)| header)
+    }
+}
+
+/// Header and payload length of the unmasked (server) frame that `wire`
+/// starts with: the header is 2, 4 or 10 bytes, by its length byte. `None`
+/// if `wire` does not start with a whole header.
+pub fn frame_size(wire: &[u8]) -> Option<(usize, usize)> {
+    let extended = |n: usize| -> Option<usize> {
+        let bytes = wire.get(2..2 + n)?;
+        let len = bytes.iter().fold(0u64, |len, b| len << 8 | u64::from(*b));
+        usize::try_from(len).ok()
+    };
+    match wire.get(1)? & 0x7f {
+        126 => Some((4, extended(2)?)),
+        127 => Some((10, extended(8)?)),
+        len => Some((2, usize::from(len))),
+    }
+}
+
+/// Where the frame covering byte `offset` of `wire` (whole frames back to
+/// back) ends: what must still be written after a write stopped at
+/// `offset`, before anything else may go out. The end of `wire` when its
+/// frames cannot be told apart.
+pub fn frame_end(wire: &[u8], offset: usize) -> usize {
+    let mut start = 0;
+    while start <= offset {
+        let Some((header, payload)) = frame_size(&wire[start..]) else {
+            break;
+        };
+        let end = start + header + payload;
+        if end > offset || end >= wire.len() {
+            return end.min(wire.len());
         }
+        start = end;
+    }
+    wire.len()
+}
+
+/// Frames for the same recipients, encoded back to back in one buffer.
+/// A burst of a room's messages becomes one run: queued as one entry and
+/// written as one buffer, it costs each member one reference count and one
+/// queue slot, whatever its length, and the kernel one contiguous copy.
+#[derive(Clone)]
+pub struct Run {
+    wire: Bytes,
+    frames: usize,
+    payload: u64,
+}
+
+impl Run {
+    /// The run of `frames`, in order. A single frame keeps its own buffer;
+    /// more are copied once into a new one.
+    pub fn new(frames: &[Frame]) -> Self {
+        let wire = match frames {
+            [one] => one.0.clone(),
+            _ => {
+                let mut wire = Vec::with_capacity(frames.iter().map(|f| f.0.len()).sum());
+                for frame in frames {
+                    wire.extend_from_slice(&frame.0);
+                }
+                Bytes::from(wire)
+            }
+        };
+        Self {
+            wire,
+            frames: frames.len(),
+            payload: frames.iter().map(|f| f.len() as u64).sum(),
+        }
+    }
+
+    /// Number of frames.
+    pub fn len(&self) -> usize {
+        self.frames
+    }
+
+    /// Whether the run has no frames.
+    pub fn is_empty(&self) -> bool {
+        self.frames == 0
+    }
+
+    /// The wire bytes of the first `n` frames (all of them when `n` is at
+    /// least the length): what a queue with room for only `n` takes.
+    pub fn wire(&self, n: usize) -> Bytes {
+        if n >= self.frames {
+            return self.wire.clone();
+        }
+        self.wire.slice(..self.walk(n).0)
+    }
+
+    /// Payload bytes of the first `n` frames, for the bytes-sent counter.
+    pub fn payload(&self, n: usize) -> u64 {
+        if n >= self.frames {
+            return self.payload;
+        }
+        self.walk(n).1
+    }
+
+    /// Wire end and payload bytes of the first `n` frames.
+    fn walk(&self, n: usize) -> (usize, u64) {
+        let (mut end, mut payload) = (0, 0);
+        for _ in 0..n {
+            let Some((header, len)) = frame_size(&self.wire[end..]) else {
+                break;
+            };
+            end += header + len;
+            payload += len as u64;
+        }
+        (end.min(self.wire.len()), payload)
     }
 }
 
@@ -457,6 +560,69 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    /// Frames with 2-, 4- and 10-byte headers.
+    fn sized_frames() -> [Frame; 3] {
+        [
+            Frame::from_text("a".repeat(5)),
+            Frame::from_text("b".repeat(300)),
+            Frame::from_text("c".repeat(70_000)),
+        ]
+    }
+
+    #[test]
+    fn frame_sizes_are_read_from_every_header_form() {
+        let [small, medium, large] = sized_frames();
+        assert_eq!(frame_size(small.wire()), Some((2, 5)));
+        assert_eq!(frame_size(medium.wire()), Some((4, 300)));
+        assert_eq!(frame_size(large.wire()), Some((10, 70_000)));
+        assert_eq!(frame_size(&medium.wire()[..3]), None, "a cut header");
+        assert_eq!(frame_size(&[]), None);
+        assert_eq!((small.len(), medium.len(), large.len()), (5, 300, 70_000));
+    }
+
+    #[test]
+    fn a_run_is_its_frames_back_to_back_and_can_be_cut_between_them() {
+        let frames = sized_frames();
+        let run = Run::new(&frames);
+        let wire: Vec<u8> = frames.iter().flat_map(|f| f.wire().to_vec()).collect();
+        assert_eq!(run.len(), 3);
+        assert_eq!(run.wire(3).as_ref(), wire.as_slice());
+        assert_eq!(run.wire(9).as_ref(), wire.as_slice());
+        let two = frames[0].wire().len() + frames[1].wire().len();
+        assert_eq!(run.wire(2).as_ref(), &wire[..two]);
+        assert_eq!(run.wire(1).as_ref(), frames[0].wire().as_ref());
+        assert!(run.wire(0).is_empty());
+        assert_eq!(
+            (
+                run.payload(0),
+                run.payload(1),
+                run.payload(2),
+                run.payload(3)
+            ),
+            (0, 5, 305, 70_305)
+        );
+        let one = Run::new(&frames[1..2]);
+        assert_eq!(one.wire(1).as_ptr(), frames[1].wire().as_ptr(), "shared");
+        assert!(Run::new(&[]).is_empty());
+    }
+
+    #[test]
+    fn the_rest_of_a_cut_frame_ends_where_that_frame_ends() {
+        let frames = sized_frames();
+        let wire: Vec<u8> = frames.iter().flat_map(|f| f.wire().to_vec()).collect();
+        let first = frames[0].wire().len();
+        let second = first + frames[1].wire().len();
+        assert_eq!(frame_end(&wire, 1), first);
+        assert_eq!(frame_end(&wire, first - 1), first);
+        assert_eq!(frame_end(&wire, first), second, "the next frame");
+        assert_eq!(frame_end(&wire, second + 5), wire.len());
+        assert_eq!(
+            frame_end(&[0x81, 0x7e, 0x01], 1),
+            3,
+            "unreadable: all of it"
+        );
     }
 
     #[test]

@@ -942,3 +942,143 @@ async fn room_interest_memory() {
         drop(gateway);
     }
 }
+
+#[tokio::test]
+async fn a_burst_of_broadcasts_reaches_each_member_complete_and_in_order() {
+    const MESSAGES: usize = 150;
+    let server = NatsServer::start();
+    let backend = Backend::connect(&server).await;
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    let gw = nats_gateway(&server, |_| {}).await;
+    let mut members = Vec::new();
+    for _ in 0..3 {
+        let mut client = gw.client().await;
+        join_synced(&mut client, &mut presence, "burst").await;
+        members.push(client);
+    }
+    let ids: Vec<String> = members.iter().map(|m| m.id.clone()).collect();
+    let delivered_before = gw.metric("roomgate_messages_delivered_total").await;
+
+    // Published back to back and flushed once, so the gateway receives them
+    // together; each message skips the first member, the second, or nobody,
+    // in turn, which splits every burst into short runs.
+    let skipped = |i: usize| (i % 3 < 2).then_some(i % 3);
+    for i in 0..MESSAGES {
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(m) = skipped(i) {
+            headers.insert("Roomgate-Exclude", ids[m].as_str());
+        }
+        within(
+            "backend publish",
+            backend.client.publish_with_headers(
+                "roomgate.broadcast.burst",
+                headers,
+                i.to_string().into(),
+            ),
+        )
+        .await
+        .expect("publish");
+    }
+    within("backend flush", backend.client.flush())
+        .await
+        .expect("flush");
+
+    for (m, member) in members.iter_mut().enumerate() {
+        for i in (0..MESSAGES).filter(|i| skipped(*i) != Some(m)) {
+            assert_eq!(
+                member.recv().await,
+                server_message(Some("burst"), &i.to_string(), "server"),
+                "member {m}, message {i}"
+            );
+        }
+    }
+    let delivered = gw.metric("roomgate_messages_delivered_total").await - delivered_before;
+    let skips = (0..MESSAGES).filter(|i| skipped(*i).is_some()).count();
+    assert_eq!(delivered, (3 * MESSAGES - skips) as f64);
+    for member in &mut members {
+        member.expect_silence().await;
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_write_cut_short_by_a_kick_ends_on_a_whole_frame_before_the_close() {
+    // A burst reaches a member as one buffer of frames back to back. The
+    // client reads nothing, so the write stops somewhere inside it; when
+    // the member is then kicked, the frame in progress is finished, the
+    // frames after it are dropped, and the close frame follows: the client
+    // sees whole frames only.
+    const MESSAGES: usize = 100;
+    const SIZE: usize = 70_000;
+    let server = NatsServer::start();
+    let backend = Backend::connect(&server).await;
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    let gw = nats_gateway(&server, |c| c.websocket.ping_interval_secs = 3600).await;
+    let mut stream = client_that_stops_reading(gw.addr, "torn").await;
+    let (_, joined) = presence
+        .next_matching(|_, v| v["event"] == "join" && v["room"] == "torn")
+        .await;
+    let id = joined["connection_id"]
+        .as_str()
+        .expect("the connection id")
+        .to_string();
+
+    // 7 MB: more than the socket buffers between the gateway and a client
+    // that does not read can hold.
+    let payload = |i: usize| format!("{i:05}{}", "x".repeat(SIZE - 5));
+    for i in 0..MESSAGES {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Roomgate-Raw", "true");
+        within(
+            "backend publish",
+            backend.client.publish_with_headers(
+                "roomgate.broadcast.torn",
+                headers,
+                payload(i).into(),
+            ),
+        )
+        .await
+        .expect("publish");
+    }
+    within("backend flush", backend.client.flush())
+        .await
+        .expect("flush");
+    // Once the first bytes arrive the writer is inside the burst, and it
+    // cannot finish it.
+    within("the burst to start arriving", async {
+        let mut probe = [0u8; 1];
+        stream.peek(&mut probe).await.expect("peek")
+    })
+    .await;
+    backend
+        .publish(
+            "roomgate.control.disconnect",
+            &json!({"connection_id": id, "code": 4000}).to_string(),
+        )
+        .await;
+
+    let mut data = 0;
+    let close = within("every frame up to the close", async {
+        loop {
+            let frame = read_raw_frame(&mut stream).await.expect("a whole frame");
+            if frame.opcode != 1 {
+                return frame;
+            }
+            assert_eq!(frame.payload.len(), SIZE, "data frame {data} is whole");
+            assert_eq!(
+                &frame.payload[..5],
+                format!("{data:05}").as_bytes(),
+                "in order"
+            );
+            data += 1;
+        }
+    })
+    .await;
+    assert_eq!(close.close_code(), Some(4000), "then the close frame");
+    assert!(
+        (1..MESSAGES).contains(&data),
+        "the write was cut short: {data} of {MESSAGES} frames"
+    );
+    drop(stream);
+    gw.stop().await;
+}

@@ -530,39 +530,6 @@ async fn a_busy_client_that_answers_pings_stays_connected_under_continuous_traff
     );
 }
 
-/// A raw client with a tiny receive buffer that joins `room`, reads up to
-/// its `joined` reply, and then never reads again.
-async fn client_that_stops_reading(addr: SocketAddr, room: &str) -> TcpStream {
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket
-        .set_recv_buffer_size(4096)
-        .expect("small receive buffer");
-    let mut stream = within("connect", socket.connect(addr))
-        .await
-        .expect("connect");
-    stream
-        .write_all(raw_upgrade_request(addr, "/ws", "").as_bytes())
-        .await
-        .expect("write handshake");
-    let (status, head) = read_response_head(&mut stream).await;
-    assert_eq!(status, 101, "{head}");
-    write_masked_text(
-        &mut stream,
-        &json!({"type": "join", "room": room}).to_string(),
-    )
-    .await;
-    within("the joined reply", async {
-        loop {
-            let frame = read_raw_frame(&mut stream).await.expect("open");
-            if frame.opcode == 1 && String::from_utf8_lossy(&frame.payload).contains("joined") {
-                break;
-            }
-        }
-    })
-    .await;
-    stream
-}
-
 #[tokio::test]
 async fn a_client_that_pings_but_never_reads_the_pongs_is_disconnected() {
     // Pongs queue up behind a full socket; past a bounded backlog the

@@ -100,24 +100,45 @@ impl Inbound {
         }
     }
 
-    /// Handles one message of `room`'s subscription. Only the room's own
-    /// subjects are acted on: with `<prefix>.*.<room>`, a room named `join`
-    /// also hears `control.join`, one named `open` hears `connection.open`;
-    /// those are the fixed subscriptions' business (or nobody's) and are
-    /// dropped here, so nothing is handled twice.
-    pub fn handle_room(&self, room: &RoomName, message: Message) {
-        self.metrics.nats_received.inc();
-        let Some((kind, target)) = self.split(&message) else {
-            return;
-        };
+    /// Handles messages of `room`'s subscription, in order. Consecutive
+    /// frames for the room's members that skip the same connection go out
+    /// as one run, so each member's queue is locked once for all of them.
+    pub fn handle_room(&self, room: &RoomName, messages: impl IntoIterator<Item = Message>) {
+        let mut run = Vec::new();
+        let mut run_exclude = None;
+        for message in messages {
+            self.metrics.nats_received.inc();
+            let Some((frame, exclude)) = self.room_frame(room, &message) else {
+                continue;
+            };
+            if exclude != run_exclude && !run.is_empty() {
+                self.hub.broadcast_room(room.as_str(), &run, run_exclude);
+                run.clear();
+            }
+            run_exclude = exclude;
+            run.push(frame);
+        }
+        if !run.is_empty() {
+            self.hub.broadcast_room(room.as_str(), &run, run_exclude);
+        }
+    }
+
+    /// The frame a message of `room`'s subscription becomes for its members,
+    /// and the connection it skips. Only the room's own subjects are acted
+    /// on: with `<prefix>.*.<room>`, a room named `join` also hears
+    /// `control.join`, one named `open` hears `connection.open`; those are
+    /// the fixed subscriptions' business (or nobody's) and are dropped
+    /// here, so nothing is handled twice.
+    fn room_frame(&self, room: &RoomName, message: &Message) -> Option<(Frame, Option<Uuid>)> {
+        let (kind, target) = self.split(message)?;
         if target != room.as_str() {
-            return;
+            return None;
         }
         match kind {
-            "broadcast" => self.broadcast(target, &message),
-            "message" => self.peer_message(target, &message),
-            "presence" => self.peer_presence(target, &message),
-            _ => {}
+            "broadcast" => Some((backend_frame(Some(target), message)?, exclude(message))),
+            "message" => Some((self.peer_message(target, message)?, None)),
+            "presence" => Some((self.peer_presence(target, message)?, None)),
+            _ => None,
         }
     }
 
@@ -129,12 +150,6 @@ impl Inbound {
             .strip_prefix(self.settings.prefix.as_str())?
             .strip_prefix('.')?;
         Some(rest.split_once('.').unwrap_or((rest, "")))
-    }
-
-    fn broadcast(&self, room: &str, message: &Message) {
-        if let Some(frame) = backend_frame(Some(room), message) {
-            self.hub.broadcast_room(room, &frame, exclude(message));
-        }
     }
 
     fn send(&self, id: &str, message: &Message) {
@@ -159,31 +174,42 @@ impl Inbound {
         header(message, HEADER_GATEWAY) == Some(&*self.settings.gateway_id)
     }
 
-    /// A client message from another instance, for this instance's members.
-    fn peer_message(&self, room: &str, message: &Message) {
+    /// A client message from another instance, as a frame for this
+    /// instance's members.
+    fn peer_message(&self, room: &str, message: &Message) -> Option<Frame> {
         if self.is_own(message) || !self.settings.client_broadcast {
-            return;
+            return None;
         }
         match serde_json::from_slice::<PeerMessage<'_>>(&message.payload) {
-            Ok(peer) => {
-                let frame = protocol::message(Some(room), peer.content.get(), &peer.from);
-                self.hub.broadcast_room(room, &frame, None);
+            Ok(peer) => Some(protocol::message(
+                Some(room),
+                peer.content.get(),
+                &peer.from,
+            )),
+            Err(e) => {
+                debug!(error = %e, "ignoring malformed peer message");
+                None
             }
-            Err(e) => debug!(error = %e, "ignoring malformed peer message"),
         }
     }
 
-    /// Presence from another instance, for this instance's members.
-    fn peer_presence(&self, room: &str, message: &Message) {
+    /// Presence from another instance, as a frame for this instance's
+    /// members.
+    fn peer_presence(&self, room: &str, message: &Message) -> Option<Frame> {
         if self.is_own(message) || !self.settings.presence {
-            return;
+            return None;
         }
         match serde_json::from_slice::<PeerPresence<'_>>(&message.payload) {
-            Ok(p) => {
-                let frame = protocol::presence(room, p.event, &p.connection_id, p.user.as_deref());
-                self.hub.broadcast_room(room, &frame, None);
+            Ok(p) => Some(protocol::presence(
+                room,
+                p.event,
+                &p.connection_id,
+                p.user.as_deref(),
+            )),
+            Err(e) => {
+                debug!(error = %e, "ignoring malformed peer presence");
+                None
             }
-            Err(e) => debug!(error = %e, "ignoring malformed peer presence"),
         }
     }
 

@@ -18,7 +18,7 @@ use super::name::RoomPatterns;
 use super::outbox::{Outbox, PushError};
 use crate::config::SlowConsumerPolicy;
 use crate::metrics::CloseReason;
-use crate::protocol::Frame;
+use crate::protocol::{Frame, Run};
 
 /// Close code for a client that cannot keep up (SPEC §1).
 pub const CLOSE_SLOW_CONSUMER: u16 = 1013;
@@ -121,7 +121,24 @@ impl Connection {
     pub fn deliver(&self, frame: Frame) -> Delivery {
         match self.outbox.push(frame) {
             Ok(()) => Delivery::Queued,
-            Err(PushError::Full) => match self.policy {
+            Err(e) => self.refused(e),
+        }
+    }
+
+    /// Queues a run of frames without waiting, as many as fit; applies the
+    /// slow-consumer policy to the rest. Returns how many were queued and
+    /// what became of the others (`Queued` when there were none).
+    pub fn deliver_run(&self, run: &Run) -> (usize, Delivery) {
+        match self.outbox.push_run(run) {
+            (queued, None) => (queued, Delivery::Queued),
+            (queued, Some(e)) => (queued, self.refused(e)),
+        }
+    }
+
+    /// What becomes of a frame the queue refused.
+    fn refused(&self, error: PushError) -> Delivery {
+        match error {
+            PushError::Full => match self.policy {
                 SlowConsumerPolicy::Drop => Delivery::Dropped,
                 SlowConsumerPolicy::Close => {
                     self.close(
@@ -132,7 +149,7 @@ impl Connection {
                     Delivery::Closing
                 }
             },
-            Err(PushError::Closed) => Delivery::Closing,
+            PushError::Closed => Delivery::Closing,
         }
     }
 

@@ -36,7 +36,7 @@ pub use outbox::{Batch, MAX_CONTROL_BYTES, Outbox, PushError};
 use crate::config::RoomsConfig;
 use crate::events::{Event, Events, now_ms};
 use crate::metrics::Metrics;
-use crate::protocol::{self, ErrorCode, Frame, PresenceKind, Refusal};
+use crate::protocol::{self, ErrorCode, Frame, PresenceKind, Refusal, Run};
 
 /// Number of lock shards for rooms and for connections. A power of two well
 /// above the core count keeps contention negligible.
@@ -141,6 +141,8 @@ pub struct Fanout {
     pub queued: u64,
     /// Frames dropped by the `drop` policy.
     pub dropped: u64,
+    /// Payload bytes queued.
+    pub bytes: u64,
 }
 
 /// One lock's worth of the room map.
@@ -236,35 +238,41 @@ impl Hub {
         let len = frame.len() as u64;
         let outcome = conn.deliver(frame);
         let mut fanout = Fanout::default();
-        fanout.count(outcome);
-        self.count(fanout, len);
+        fanout.count(outcome, len);
+        self.count(fanout);
         outcome
     }
 
     /// Queues `frame` for every member of `room` except `exclude`.
     pub fn broadcast(&self, room: &Room, frame: &Frame, exclude: Option<Uuid>) -> Fanout {
-        self.fan_out(&room.read(), frame, exclude)
+        self.fan_out(
+            &room.read(),
+            &Run::new(std::slice::from_ref(frame)),
+            exclude,
+        )
     }
 
-    /// Queues `frame` for every member in `state` except `exclude`: the one
+    /// Queues `run` for every member in `state` except `exclude`: the one
     /// walk behind broadcasts and presence frames.
-    fn fan_out(&self, state: &RoomState, frame: &Frame, exclude: Option<Uuid>) -> Fanout {
+    fn fan_out(&self, state: &RoomState, run: &Run, exclude: Option<Uuid>) -> Fanout {
         let mut fanout = Fanout::default();
         for member in &state.members {
             if Some(member.id()) != exclude {
-                fanout.count(member.deliver(frame.clone()));
+                let (queued, rest) = member.deliver_run(run);
+                fanout.count_run(run, queued, rest);
             }
         }
-        self.count(fanout, frame.len() as u64);
+        self.count(fanout);
         fanout
     }
 
-    /// Like [`Hub::broadcast`] for a room known by name; a room without local
-    /// members is a no-op.
-    pub fn broadcast_room(&self, room: &str, frame: &Frame, exclude: Option<Uuid>) -> Fanout {
+    /// Queues `frames`, in order and as one run, for every member of the
+    /// room `room` except `exclude`; a room without local members is a
+    /// no-op.
+    pub fn broadcast_room(&self, room: &str, frames: &[Frame], exclude: Option<Uuid>) -> Fanout {
         let room = read(self.room_shard(room)).get(room).cloned();
         match room {
-            Some(room) => self.broadcast(&room, frame, exclude),
+            Some(room) => self.fan_out(&room.read(), &Run::new(frames), exclude),
             None => Fanout::default(),
         }
     }
@@ -282,22 +290,23 @@ impl Hub {
 
     /// Queues `frame` for every local connection except `exclude`.
     pub fn broadcast_all(&self, frame: &Frame, exclude: Option<Uuid>) -> Fanout {
+        let len = frame.len() as u64;
         let mut fanout = Fanout::default();
         for shard in self.conns.iter() {
             for (id, conn) in read(shard).iter() {
                 if Some(*id) != exclude {
-                    fanout.count(conn.deliver(frame.clone()));
+                    fanout.count(conn.deliver(frame.clone()), len);
                 }
             }
         }
-        self.count(fanout, frame.len() as u64);
+        self.count(fanout);
         fanout
     }
 
-    fn count(&self, fanout: Fanout, frame_len: u64) {
+    fn count(&self, fanout: Fanout) {
         if fanout.queued > 0 {
             self.metrics.messages_delivered.inc_by(fanout.queued);
-            self.metrics.bytes_sent.inc_by(fanout.queued * frame_len);
+            self.metrics.bytes_sent.inc_by(fanout.bytes);
         }
         if fanout.dropped > 0 {
             self.metrics.dropped_slow_consumer.inc_by(fanout.dropped);
@@ -414,7 +423,11 @@ impl Hub {
                     conn.id_str(),
                     conn.user(),
                 );
-                self.fan_out(&state, &frame, Some(conn.id()));
+                self.fan_out(
+                    &state,
+                    &Run::new(std::slice::from_ref(&frame)),
+                    Some(conn.id()),
+                );
             }
             let first = state.members.len() == 1;
             drop(state);
@@ -474,7 +487,11 @@ impl Hub {
                     conn.id_str(),
                     conn.user(),
                 );
-                self.fan_out(&state, &frame, Some(conn.id()));
+                self.fan_out(
+                    &state,
+                    &Run::new(std::slice::from_ref(&frame)),
+                    Some(conn.id()),
+                );
             }
             let emptied = state.members.is_empty();
             let free_now = emptied && self.schedule_expiry(&mut state, room);
@@ -650,11 +667,24 @@ impl Hub {
 }
 
 impl Fanout {
-    fn count(&mut self, outcome: Delivery) {
+    fn count(&mut self, outcome: Delivery, len: u64) {
         match outcome {
-            Delivery::Queued => self.queued += 1,
+            Delivery::Queued => {
+                self.queued += 1;
+                self.bytes += len;
+            }
             Delivery::Dropped => self.dropped += 1,
             Delivery::Closing => {}
+        }
+    }
+
+    /// Counts a run handed to one member: the first `queued` frames went
+    /// in, and `rest` says what became of the others.
+    fn count_run(&mut self, run: &Run, queued: usize, rest: Delivery) {
+        self.queued += queued as u64;
+        self.bytes += run.payload(queued);
+        if rest == Delivery::Dropped {
+            self.dropped += (run.len() - queued) as u64;
         }
     }
 }

@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use crate::protocol::Frame;
+use crate::protocol::{Frame, Run};
 
 /// Control bytes (pongs, close replies) held for a client that does not
 /// read are capped: past this, the connection is failed rather than grown.
@@ -35,8 +35,11 @@ pub enum PushError {
 
 #[derive(Default)]
 struct Queue {
-    /// Encoded data frames, as the wire bytes of each.
+    /// Encoded data frames: the wire bytes of one frame, or of a run of
+    /// frames back to back.
     frames: VecDeque<Bytes>,
+    /// Data frames in `frames`, which the capacity counts.
+    queued: usize,
     /// Encoded control frames from the WebSocket codec, sent before the
     /// next data frames.
     control: Vec<u8>,
@@ -56,8 +59,8 @@ pub struct Outbox {
     capacity: usize,
 }
 
-/// What the writer takes in one go: encoded frames in the order they go on
-/// the wire, control frames first.
+/// What the writer takes in one go: buffers of whole encoded frames in the
+/// order they go on the wire, control frames first.
 pub type Batch = VecDeque<Bytes>;
 
 impl Outbox {
@@ -81,11 +84,12 @@ impl Outbox {
         if queue.closed {
             return Err(PushError::Closed);
         }
-        if queue.frames.len() >= self.capacity {
+        if queue.queued >= self.capacity {
             return Err(PushError::Full);
         }
         let was_empty = queue.is_empty();
         queue.frames.push_back(frame.into_wire());
+        queue.queued += 1;
         drop(queue);
         // A non-empty queue has already woken the writer (or stored the
         // permit); it takes everything when it runs.
@@ -93,6 +97,30 @@ impl Outbox {
             self.ready.notify_one();
         }
         Ok(())
+    }
+
+    /// Queues the frames of `run` in order, as many as there is room for,
+    /// as one buffer and with at most one wake-up: a burst of a room's
+    /// messages costs each member one queue operation, and its writer
+    /// finds them together and sends them in one write. Returns how many
+    /// frames were queued and, when not all, why the rest were not.
+    pub fn push_run(&self, run: &Run) -> (usize, Option<PushError>) {
+        let mut queue = self.lock();
+        if queue.closed {
+            return (0, Some(PushError::Closed));
+        }
+        let taken = run.len().min(self.capacity.saturating_sub(queue.queued));
+        let was_empty = queue.is_empty();
+        if taken > 0 {
+            queue.frames.push_back(run.wire(taken));
+            queue.queued += taken;
+        }
+        drop(queue);
+        if was_empty && taken > 0 {
+            self.ready.notify_one();
+        }
+        let rest = (taken < run.len()).then_some(PushError::Full);
+        (taken, rest)
     }
 
     /// Queues encoded control frames (pongs, close replies) ahead of data.
@@ -121,6 +149,7 @@ impl Outbox {
             return;
         }
         std::mem::swap(&mut queue.frames, batch);
+        queue.queued = 0;
         if !queue.control.is_empty() {
             batch.push_front(Bytes::from(std::mem::take(&mut queue.control)));
         }
@@ -153,13 +182,14 @@ impl Outbox {
         let mut queue = self.lock();
         queue.closed = true;
         queue.frames = VecDeque::new();
+        queue.queued = 0;
         let control = std::mem::take(&mut queue.control);
         (!control.is_empty()).then(|| Bytes::from(control))
     }
 
     /// Frames queued now (for tests and introspection).
     pub fn len(&self) -> usize {
-        self.lock().frames.len()
+        self.lock().queued
     }
 
     /// Whether nothing is queued.
@@ -188,6 +218,30 @@ mod tests {
         assert_eq!(Vec::from(batch), expected);
         assert!(outbox.is_empty());
         assert_eq!(outbox.push(frame("d")), Ok(()));
+    }
+
+    #[test]
+    fn a_run_is_queued_as_far_as_it_fits_in_order() {
+        let outbox = Outbox::new(3);
+        outbox.push(frame("a")).expect("room");
+        let run = Run::new(&[frame("b"), frame("c"), frame("d")]);
+        assert_eq!(outbox.push_run(&run), (2, Some(PushError::Full)));
+        assert_eq!(outbox.len(), 3, "capacity counts frames, not buffers");
+        assert_eq!(outbox.push_run(&run), (0, Some(PushError::Full)));
+        let mut batch = Batch::default();
+        outbox.take(&mut batch);
+        let wire = |texts: &[&str]| -> Vec<u8> {
+            texts.iter().flat_map(|t| frame(t).into_wire()).collect()
+        };
+        assert_eq!(batch.len(), 2, "a single frame and a run of two");
+        assert_eq!(batch[0].as_ref(), wire(&["a"]));
+        assert_eq!(batch[1].as_ref(), wire(&["b", "c"]));
+        assert!(outbox.is_empty());
+        assert_eq!(outbox.push_run(&run), (3, None));
+        assert_eq!(outbox.push_run(&Run::new(&[])), (0, None));
+        outbox.close();
+        assert_eq!(outbox.len(), 0);
+        assert_eq!(outbox.push_run(&run), (0, Some(PushError::Closed)));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use tokio::io::AsyncWrite;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
@@ -23,6 +23,7 @@ use tracing::debug;
 
 use super::session::{CLOSE_ABNORMAL, CLOSE_NO_STATUS, SessionSettings};
 use crate::metrics::CloseReason;
+use crate::protocol;
 use crate::rooms::{Batch, Connection};
 
 /// Most buffers handed to one `writev` (Linux accepts 1024).
@@ -72,9 +73,9 @@ pub struct Writer {
     conn: Arc<Connection>,
     settings: SessionSettings,
     batch: Batch,
-    /// Whether the first buffer of `batch` is partly written (a write was
-    /// abandoned in the middle of it).
-    front_started: bool,
+    /// Bytes of the first buffer of `batch` already written: not zero when
+    /// a write was abandoned in the middle of it.
+    front_written: usize,
     heartbeat: Heartbeat,
     /// A ping fell due (its deadline runs) but has not been written yet.
     ping_due: bool,
@@ -92,7 +93,7 @@ impl Writer {
             conn,
             settings,
             batch: VecDeque::new(),
-            front_started: false,
+            front_written: 0,
             heartbeat: Heartbeat {
                 deadline: None,
                 pongs_at_ping: 0,
@@ -187,12 +188,12 @@ impl Writer {
             conn,
             settings,
             batch,
-            front_started,
+            front_written,
             heartbeat,
             ping_due,
             ticker,
         } = self;
-        let mut write = pin!(write_all(io, batch, front_started));
+        let mut write = pin!(write_all(io, batch, front_written));
         loop {
             tokio::select! {
                 biased;
@@ -227,12 +228,14 @@ impl Writer {
         };
         let deadline = Instant::now() + self.settings.pong_timeout;
         // An abandoned write may have stopped in the middle of a frame: its
-        // rest must go out before anything else can.
+        // rest must go out before anything else can. The frames after it in
+        // the same buffer are data, and are dropped like the others.
         let mut out: Batch = VecDeque::new();
-        if self.front_started
-            && let Some(rest) = self.batch.pop_front()
+        if self.front_written > 0
+            && let Some(front) = self.batch.pop_front()
         {
-            out.push_back(rest);
+            let end = protocol::frame_end(&front, self.front_written);
+            out.push_back(front.slice(self.front_written..end));
         }
         out.extend(control);
         let ours = request.reason != CloseReason::Client
@@ -241,9 +244,9 @@ impl Writer {
         if ours {
             out.push_back(close_frame(request.code, &request.text));
         }
-        let mut started = false;
+        let mut written = 0;
         let sent =
-            tokio::time::timeout_at(deadline, write_all(&mut self.io, &mut out, &mut started))
+            tokio::time::timeout_at(deadline, write_all(&mut self.io, &mut out, &mut written))
                 .await;
         // At shutdown the whole gateway is going away, bounded by
         // `shutdown_grace_secs`: it does not also wait on every idle
@@ -267,16 +270,17 @@ fn close_frame(code: u16, text: &str) -> Bytes {
 }
 
 /// Writes every buffer of `parts` with as few `writev` calls as the kernel
-/// allows, removing what has been written. A partly written buffer is
-/// advanced and flagged in `front_started`, so an abandoned call leaves an
-/// exact record of what is still owed to the client.
+/// allows, removing what has been written. `front_written` counts the bytes
+/// of the first buffer already written, so an abandoned call leaves an exact
+/// record of what is still owed to the client.
 async fn write_all(
     io: &mut OwnedWriteHalf,
     parts: &mut Batch,
-    front_started: &mut bool,
+    front_written: &mut usize,
 ) -> std::io::Result<()> {
-    while !parts.is_empty() {
-        let mut written = poll_fn(|cx| {
+    while let Some(front) = parts.front() {
+        let skip = (*front_written).min(front.len());
+        let written = poll_fn(|cx| {
             // Built inside the poll, so the slice array lives on the stack
             // for the call only and not in every connection's task.
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
@@ -285,26 +289,22 @@ async fn write_all(
                 *slot = IoSlice::new(part);
                 count += 1;
             }
+            slices[0] = IoSlice::new(&front[skip..]);
             Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count])
         })
         .await?;
         if written == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        while written > 0 {
-            let Some(front) = parts.front_mut() else {
+        let mut done = skip + written;
+        while let Some(front) = parts.front() {
+            if front.len() > done {
                 break;
-            };
-            if front.len() <= written {
-                written -= front.len();
-                parts.pop_front();
-                *front_started = false;
-            } else {
-                front.advance(written);
-                *front_started = true;
-                written = 0;
             }
+            done -= front.len();
+            parts.pop_front();
         }
+        *front_written = done;
     }
     Ok(())
 }
