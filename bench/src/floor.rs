@@ -4,7 +4,9 @@
 //!
 //! One thread writes the same frames to every socket of a "room", a batch
 //! of them per `writev` call, and does nothing else: no queueing, no
-//! reference counts, no scheduler, no NATS. Another thread reads every
+//! reference counts, no scheduler, no NATS. A batch is one buffer with its
+//! frames back to back, shared by every socket, which is how roomgate
+//! queues a burst of a room's messages. Another thread reads every
 //! socket, as the generator does in the real runs. The writer's CPU (user
 //! and kernel, from `getrusage(RUSAGE_THREAD)`: the same accounting as the
 //! `/proc` figures of the servers) per delivery is what the kernel charges
@@ -105,14 +107,10 @@ struct Written {
 /// Writes `spec.messages` frames to every socket, `spec.batch` per call,
 /// socket after socket, then closes them.
 fn write_all(mut sockets: Vec<TcpStream>, spec: FloorSpec) -> Result<Written, String> {
-    // Distinct buffers, as a server's queued frames are.
-    let frames: Vec<Vec<u8>> = (0..spec.batch)
-        .map(|i| vec![b'a' + (i % 26) as u8; spec.frame])
+    // The batch's frames back to back in one buffer.
+    let frames: Vec<u8> = (0..spec.batch)
+        .flat_map(|i| std::iter::repeat_n(b'a' + (i % 26) as u8, spec.frame))
         .collect();
-    let all: Vec<IoSlice<'_>> = frames.iter().map(|f| IoSlice::new(f)).collect();
-    // Refilled for every call (a partial write advances it), never
-    // reallocated: the measured loop allocates nothing.
-    let mut slices = Vec::with_capacity(all.len());
     let started = Instant::now();
     let (user0, sys0) = thread_cpu();
     let mut calls = 0u64;
@@ -120,8 +118,7 @@ fn write_all(mut sockets: Vec<TcpStream>, spec: FloorSpec) -> Result<Written, St
     while left > 0 {
         let now = left.min(spec.batch as u64) as usize;
         for socket in &mut sockets {
-            slices.clear();
-            slices.extend_from_slice(&all[..now]);
+            let mut slices = [IoSlice::new(&frames[..now * spec.frame])];
             calls += write_batch(socket, &mut slices)?;
         }
         left -= now as u64;

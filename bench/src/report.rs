@@ -736,7 +736,8 @@ pub fn markdown(records: &[Record], ctx: &Context<'_>) -> String {
             "What a delivery costs this machine at the least, for reading the fan-out runs' \
              server CPU per delivery: one thread of the generator writes the same number of \
              frames of the same size to each of N loopback sockets, a batch of frames per \
-             `writev`, and does nothing else: `writev-window` writes a window's worth per call \
+             `writev` (one buffer with the frames back to back, as roomgate queues a burst), \
+             and does nothing else: `writev-window` writes a window's worth per call \
              (the most a server can batch when at most a window of messages is in flight), \
              `writev-as-roomgate` as many as roomgate's writes carried on average in the runs \
              above (its deliveries per write call); another thread reads every socket with a task per \
