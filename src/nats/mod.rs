@@ -476,7 +476,8 @@ impl Bridge {
         let stop = self.stop.clone();
         let max_run = self.settings.max_run.max(1);
         self.tasks.spawn(async move {
-            let mut batch = Vec::with_capacity(max_run);
+            // Grown only by bursts: most rooms never see one.
+            let mut batch = Vec::new();
             loop {
                 let message = tokio::select! {
                     biased;
