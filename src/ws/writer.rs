@@ -11,9 +11,11 @@ use std::future::poll_fn;
 use std::io::IoSlice;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use tokio::io::AsyncWrite;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
@@ -193,7 +195,26 @@ impl Writer {
             ping_due,
             ticker,
         } = self;
+        // Most writes complete at once, as the socket has room. For them the
+        // guards below are checked directly: setting up the `select!`
+        // (registering with the closing token, a timer for the heartbeat
+        // deadline) would cost more than the write itself.
+        if conn.closing().is_cancelled() {
+            return None;
+        }
+        if heartbeat.deadline.is_some_and(|at| at <= Instant::now()) && heartbeat.expired(conn) {
+            conn.close(1001, "ping timeout", CloseReason::PingTimeout);
+            return None;
+        }
+        if poll_fn(|cx| Poll::Ready(ticker.poll_tick(cx).is_ready())).await {
+            Self::ping_due(heartbeat, ping_due, conn, settings.pong_timeout);
+        }
         let mut write = pin!(write_all(io, batch, front_written));
+        // A write that cannot finish has registered for the socket's
+        // readiness, and is polled again below with the task's waker.
+        if let Some(result) = (&mut write).now_or_never() {
+            return Some(result);
+        }
         loop {
             tokio::select! {
                 biased;
