@@ -94,7 +94,7 @@ pub fn frame_size(wire: &[u8]) -> Option<(usize, usize)> {
 pub fn frame_end(wire: &[u8], offset: usize) -> usize {
     let mut start = 0;
     while start <= offset {
-        let Some((header, payload)) = frame_size(&wire[start..]) else {
+        let Some((header, payload)) = wire.get(start..).and_then(frame_size) else {
             break;
         };
         let end = start + header + payload;
@@ -169,7 +169,7 @@ impl Run {
     fn walk(&self, n: usize) -> (usize, u64) {
         let (mut end, mut payload) = (0, 0);
         for _ in 0..n {
-            let Some((header, len)) = frame_size(&self.wire[end..]) else {
+            let Some((header, len)) = self.wire.get(end..).and_then(frame_size) else {
                 break;
             };
             end += header + len;

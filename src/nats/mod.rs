@@ -115,10 +115,10 @@ pub struct BridgeSettings {
 impl BridgeSettings {
     /// The longest run for a send queue of `capacity` frames. A burst of a
     /// room's messages reaches each member as one run (one queue operation,
-    /// then one write), which is what makes a large fan-out cheap; a quarter
-    /// of the queue at most, so a burst on its own never fills a member's
-    /// queue, and at most 64, so the last member of a large room does not
-    /// wait long behind the first.
+    /// then one write), which is what makes a large fan-out cheap; half the
+    /// queue at most, so a burst on its own never fills a member's queue,
+    /// and at most 128, so the last member of a large room does not wait
+    /// long behind the first.
     pub fn run_length(capacity: usize) -> usize {
         (capacity / 2).clamp(1, 128)
     }
