@@ -19,6 +19,12 @@ use crate::metrics::{CloseReason, Metrics};
 use crate::protocol::{self, Frame, PresenceKind, Refusal};
 use crate::rooms::{Hub, RoomName};
 
+/// Largest run, in bytes of encoded frames, that a burst is gathered into.
+/// A run is copied into one buffer: for frames this large together the copy
+/// would cost more than the write calls it saves, and would double a large
+/// burst's memory for a moment. A single larger frame is a run of its own.
+const MAX_RUN_BYTES: usize = 256 * 1024;
+
 /// Close code used by `control.disconnect` when none (or an invalid one) is given.
 const DEFAULT_KICK_CODE: u16 = 1008;
 
@@ -102,25 +108,16 @@ impl Inbound {
 
     /// Handles messages of `room`'s subscription, in order. Consecutive
     /// frames for the room's members that skip the same connection go out
-    /// as one run, so each member's queue is locked once for all of them.
+    /// as one run (up to [`MAX_RUN_BYTES`]), so each member's queue is
+    /// locked once for all of them.
     pub fn handle_room(&self, room: &RoomName, messages: impl IntoIterator<Item = Message>) {
-        let mut run = Vec::new();
-        let mut run_exclude = None;
-        for message in messages {
+        let frames = messages.into_iter().filter_map(|message| {
             self.metrics.nats_received.inc();
-            let Some((frame, exclude)) = self.room_frame(room, &message) else {
-                continue;
-            };
-            if exclude != run_exclude && !run.is_empty() {
-                self.hub.broadcast_room(room.as_str(), &run, run_exclude);
-                run.clear();
-            }
-            run_exclude = exclude;
-            run.push(frame);
-        }
-        if !run.is_empty() {
-            self.hub.broadcast_room(room.as_str(), &run, run_exclude);
-        }
+            self.room_frame(room, &message)
+        });
+        in_runs(frames, |run, exclude| {
+            self.hub.broadcast_room(room.as_str(), run, exclude);
+        });
     }
 
     /// The frame a message of `room`'s subscription becomes for its members,
@@ -288,6 +285,32 @@ impl Inbound {
     }
 }
 
+/// Hands `frames` to `emit` in order, as runs: consecutive frames that skip
+/// the same connection, up to [`MAX_RUN_BYTES`] of them (a larger frame is
+/// a run of its own).
+fn in_runs(
+    frames: impl IntoIterator<Item = (Frame, Option<Uuid>)>,
+    mut emit: impl FnMut(&[Frame], Option<Uuid>),
+) {
+    let mut run = Vec::new();
+    let mut run_exclude = None;
+    let mut run_bytes = 0;
+    for (frame, exclude) in frames {
+        let size = frame.wire().len();
+        if !run.is_empty() && (exclude != run_exclude || run_bytes + size > MAX_RUN_BYTES) {
+            emit(&run, run_exclude);
+            run.clear();
+            run_bytes = 0;
+        }
+        run_exclude = exclude;
+        run_bytes += size;
+        run.push(frame);
+    }
+    if !run.is_empty() {
+        emit(&run, run_exclude);
+    }
+}
+
 /// The frame a backend's payload becomes: wrapped as a `message` (content
 /// = payload text, from = `Roomgate-From` or `"server"`), or sent as is with
 /// `Roomgate-Raw: true`. `None` for a raw payload that is not UTF-8.
@@ -352,6 +375,55 @@ fn truncate(text: &str, max: usize) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The runs `in_runs` makes of `frames`, as (payload lengths, exclusion).
+    fn runs_of(frames: Vec<(Frame, Option<Uuid>)>) -> Vec<(Vec<usize>, Option<Uuid>)> {
+        let mut runs = Vec::new();
+        in_runs(frames, |run, exclude| {
+            runs.push((run.iter().map(Frame::len).collect(), exclude));
+        });
+        runs
+    }
+
+    #[test]
+    fn runs_break_at_each_change_of_exclusion_and_keep_order() {
+        let a = Some(Uuid::from_u128(1));
+        let frame = |len: usize| Frame::from_text("x".repeat(len));
+        let frames = vec![
+            (frame(1), None),
+            (frame(2), None),
+            (frame(3), a),
+            (frame(4), a),
+            (frame(5), None),
+        ];
+        assert_eq!(
+            runs_of(frames),
+            vec![(vec![1, 2], None), (vec![3, 4], a), (vec![5], None)]
+        );
+        assert!(runs_of(Vec::new()).is_empty());
+    }
+
+    #[test]
+    fn runs_are_bounded_in_bytes_and_a_larger_frame_goes_alone() {
+        let frame = |len: usize| (Frame::from_text("x".repeat(len)), None);
+        let third = MAX_RUN_BYTES / 3;
+        let frames = vec![
+            frame(third),
+            frame(third),
+            frame(third),
+            frame(MAX_RUN_BYTES * 2),
+            frame(10),
+        ];
+        assert_eq!(
+            runs_of(frames),
+            vec![
+                (vec![third, third], None),
+                (vec![third], None),
+                (vec![MAX_RUN_BYTES * 2], None),
+                (vec![10], None),
+            ]
+        );
+    }
 
     #[test]
     fn close_codes_and_reasons_are_bounded() {
