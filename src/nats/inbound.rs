@@ -108,8 +108,8 @@ impl Inbound {
 
     /// Handles messages of `room`'s subscription, in order. Consecutive
     /// frames for the room's members that skip the same connection go out
-    /// as one run (up to [`MAX_RUN_BYTES`]), so each member's queue is
-    /// locked once for all of them.
+    /// as one run (up to 256 KiB), so each member's queue is locked once
+    /// for all of them.
     pub fn handle_room(&self, room: &RoomName, messages: impl IntoIterator<Item = Message>) {
         let frames = messages.into_iter().filter_map(|message| {
             self.metrics.nats_received.inc();
