@@ -122,7 +122,7 @@ impl Run {
     /// more are copied once into a new one.
     pub fn new(frames: &[Frame]) -> Self {
         let wire = match frames {
-            [one] => one.0.clone(),
+            [one] => return Self::from(one.clone()),
             _ => {
                 let mut wire = Vec::with_capacity(frames.iter().map(|f| f.0.len()).sum());
                 for frame in frames {
@@ -176,6 +176,18 @@ impl Run {
             payload += len as u64;
         }
         (end.min(self.wire.len()), payload)
+    }
+}
+
+/// A run of one frame, keeping the frame's own buffer.
+impl From<Frame> for Run {
+    fn from(frame: Frame) -> Self {
+        let payload = frame.len() as u64;
+        Self {
+            wire: frame.0,
+            frames: 1,
+            payload,
+        }
     }
 }
 
@@ -605,6 +617,9 @@ mod tests {
         );
         let one = Run::new(&frames[1..2]);
         assert_eq!(one.wire(1).as_ptr(), frames[1].wire().as_ptr(), "shared");
+        let from = Run::from(frames[2].clone());
+        assert_eq!(from.wire(1).as_ptr(), frames[2].wire().as_ptr(), "moved");
+        assert_eq!((from.len(), from.payload(1)), (1, 70_000));
         assert!(Run::new(&[]).is_empty());
     }
 

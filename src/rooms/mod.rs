@@ -290,12 +290,13 @@ impl Hub {
 
     /// Queues `frame` for every local connection except `exclude`.
     pub fn broadcast_all(&self, frame: &Frame, exclude: Option<Uuid>) -> Fanout {
-        let len = frame.len() as u64;
+        let run = Run::from(frame.clone());
         let mut fanout = Fanout::default();
         for shard in self.conns.iter() {
             for (id, conn) in read(shard).iter() {
                 if Some(*id) != exclude {
-                    fanout.count(conn.deliver(frame.clone()), len);
+                    let (queued, rest) = conn.deliver_run(&run);
+                    fanout.count_run(&run, queued, rest);
                 }
             }
         }

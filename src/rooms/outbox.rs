@@ -80,23 +80,10 @@ impl Outbox {
 
     /// Queues a data frame without waiting.
     pub fn push(&self, frame: Frame) -> Result<(), PushError> {
-        let mut queue = self.lock();
-        if queue.closed {
-            return Err(PushError::Closed);
+        match self.push_run(&Run::from(frame)) {
+            (_, Some(refused)) => Err(refused),
+            (_, None) => Ok(()),
         }
-        if queue.queued >= self.capacity {
-            return Err(PushError::Full);
-        }
-        let was_empty = queue.is_empty();
-        queue.frames.push_back(frame.into_wire());
-        queue.queued += 1;
-        drop(queue);
-        // A non-empty queue has already woken the writer (or stored the
-        // permit); it takes everything when it runs.
-        if was_empty {
-            self.ready.notify_one();
-        }
-        Ok(())
     }
 
     /// Queues the frames of `run` in order, as many as there is room for,
@@ -116,6 +103,8 @@ impl Outbox {
             queue.queued += taken;
         }
         drop(queue);
+        // A non-empty queue has already woken the writer (or stored the
+        // permit); it takes everything when it runs.
         if was_empty && taken > 0 {
             self.ready.notify_one();
         }
