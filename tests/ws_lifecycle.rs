@@ -349,12 +349,7 @@ async fn silent_client(addr: SocketAddr) -> TcpStream {
     let mut stream = within("connect", TcpStream::connect(addr))
         .await
         .expect("connect");
-    stream
-        .write_all(raw_upgrade_request(addr, "/ws", "").as_bytes())
-        .await
-        .expect("write handshake");
-    let (status, head) = read_response_head(&mut stream).await;
-    assert_eq!(status, 101, "{head}");
+    upgrade_raw(&mut stream, addr).await;
     stream
 }
 

@@ -547,6 +547,18 @@ pub fn raw_upgrade_request(addr: SocketAddr, path: &str, extra: &str) -> String 
     )
 }
 
+/// Sends a WebSocket handshake for `/ws` on a raw socket and checks that it
+/// is switched (101); nothing after the response head is read.
+pub async fn upgrade_raw(stream: &mut TcpStream, addr: SocketAddr) {
+    use tokio::io::AsyncWriteExt;
+    stream
+        .write_all(raw_upgrade_request(addr, "/ws", "").as_bytes())
+        .await
+        .expect("write handshake");
+    let (status, head) = read_response_head(stream).await;
+    assert_eq!(status, 101, "{head}");
+}
+
 /// Reads an HTTP response head (up to the blank line) from a raw socket,
 /// byte by byte so nothing after it is consumed: (status, head text).
 pub async fn read_response_head(stream: &mut TcpStream) -> (u16, String) {
@@ -1128,7 +1140,6 @@ impl Drop for GatewayProcess {
 /// A raw client with a tiny receive buffer that joins `room`, reads up to
 /// its `joined` reply, and then never reads again.
 pub async fn client_that_stops_reading(addr: SocketAddr, room: &str) -> TcpStream {
-    use tokio::io::AsyncWriteExt;
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket
         .set_recv_buffer_size(4096)
@@ -1136,12 +1147,7 @@ pub async fn client_that_stops_reading(addr: SocketAddr, room: &str) -> TcpStrea
     let mut stream = within("connect", socket.connect(addr))
         .await
         .expect("connect");
-    stream
-        .write_all(raw_upgrade_request(addr, "/ws", "").as_bytes())
-        .await
-        .expect("write handshake");
-    let (status, head) = read_response_head(&mut stream).await;
-    assert_eq!(status, 101, "{head}");
+    upgrade_raw(&mut stream, addr).await;
     write_masked_text(
         &mut stream,
         &json!({"type": "join", "room": room}).to_string(),
