@@ -1082,3 +1082,77 @@ async fn a_write_cut_short_by_a_kick_ends_on_a_whole_frame_before_the_close() {
     drop(stream);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_burst_to_a_member_with_a_full_queue_is_queued_as_far_as_it_fits_and_counted() {
+    // A member that reads nothing, with a queue of 7 frames and the `drop`
+    // policy, gets a 6 MB burst of small frames, which the gateway takes in
+    // runs of 3 (half the queue): once the socket buffers are full, a third
+    // run meets a queue with room for only one of its frames. Every frame is either
+    // queued or dropped, each counted once, and the bytes sent are those
+    // of the queued frames.
+    const MESSAGES: usize = 3000;
+    const SIZE: usize = 2000;
+    let server = NatsServer::start();
+    let backend = Backend::connect(&server).await;
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    let gw = nats_gateway(&server, |c| {
+        c.websocket.ping_interval_secs = 3600;
+        c.websocket.send_queue_capacity = 7;
+        c.websocket.slow_consumer = roomgate::config::SlowConsumerPolicy::Drop;
+    })
+    .await;
+    let stuck = client_that_stops_reading(gw.addr, "full").await;
+    presence
+        .next_matching(|_, v| v["event"] == "join" && v["room"] == "full")
+        .await;
+    let delivered = "roomgate_messages_delivered_total";
+    let dropped = r#"roomgate_messages_dropped_total{reason="slow_consumer"}"#;
+    let (delivered_before, bytes_before) = (
+        gw.metric(delivered).await,
+        gw.metric("roomgate_bytes_sent_total").await,
+    );
+
+    for i in 0..MESSAGES {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Roomgate-Raw", "true");
+        within(
+            "backend publish",
+            backend.client.publish_with_headers(
+                "roomgate.broadcast.full",
+                headers,
+                format!("{i:05}{}", "y".repeat(SIZE - 5)).into(),
+            ),
+        )
+        .await
+        .expect("publish");
+    }
+    within("backend flush", backend.client.flush())
+        .await
+        .expect("flush");
+    eventually_async(
+        "every frame of the burst to be queued or dropped",
+        || async {
+            gw.metric(delivered).await - delivered_before + gw.metric(dropped).await
+                >= MESSAGES as f64
+        },
+    )
+    .await;
+
+    let queued = gw.metric(delivered).await - delivered_before;
+    let lost = gw.metric(dropped).await;
+    assert!(lost > 0.0, "the queue never filled");
+    assert_eq!(queued + lost, MESSAGES as f64, "each frame counted once");
+    assert_eq!(
+        gw.metric("roomgate_bytes_sent_total").await - bytes_before,
+        queued * SIZE as f64,
+        "bytes of the queued frames"
+    );
+    assert_eq!(
+        gw.metric("roomgate_connections").await,
+        1.0,
+        "still connected"
+    );
+    drop(stuck);
+    gw.stop().await;
+}
