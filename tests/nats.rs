@@ -963,25 +963,16 @@ async fn a_burst_of_broadcasts_reaches_each_member_complete_and_in_order() {
     // together; each message skips the first member, the second, or nobody,
     // in turn, which splits every burst into short runs.
     let skipped = |i: usize| (i % 3 < 2).then_some(i % 3);
-    for i in 0..MESSAGES {
+    let burst = (0..MESSAGES).map(|i| {
         let mut headers = async_nats::HeaderMap::new();
         if let Some(m) = skipped(i) {
             headers.insert("Roomgate-Exclude", ids[m].as_str());
         }
-        within(
-            "backend publish",
-            backend.client.publish_with_headers(
-                "roomgate.broadcast.burst",
-                headers,
-                i.to_string().into(),
-            ),
-        )
-        .await
-        .expect("publish");
-    }
-    within("backend flush", backend.client.flush())
-        .await
-        .expect("flush");
+        (headers, i.to_string())
+    });
+    backend
+        .publish_burst("roomgate.broadcast.burst", burst)
+        .await;
 
     for (m, member) in members.iter_mut().enumerate() {
         for i in (0..MESSAGES).filter(|i| skipped(*i) != Some(m)) {
@@ -1014,35 +1005,17 @@ async fn a_write_cut_short_by_a_kick_ends_on_a_whole_frame_before_the_close() {
     let backend = Backend::connect(&server).await;
     let mut presence = backend.subscribe("roomgate.presence.>").await;
     let gw = nats_gateway(&server, |c| c.websocket.ping_interval_secs = 3600).await;
-    let mut stream = client_that_stops_reading(gw.addr, "torn").await;
-    let (_, joined) = presence
-        .next_matching(|_, v| v["event"] == "join" && v["room"] == "torn")
-        .await;
-    let id = joined["connection_id"]
-        .as_str()
-        .expect("the connection id")
-        .to_string();
+    let (mut stream, id) = stuck_member(&gw, &mut presence, "torn").await;
 
     // 7 MB: more than the socket buffers between the gateway and a client
     // that does not read can hold.
     let payload = |i: usize| format!("{i:05}{}", "x".repeat(SIZE - 5));
-    for i in 0..MESSAGES {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Roomgate-Raw", "true");
-        within(
-            "backend publish",
-            backend.client.publish_with_headers(
-                "roomgate.broadcast.torn",
-                headers,
-                payload(i).into(),
-            ),
+    backend
+        .publish_burst(
+            "roomgate.broadcast.torn",
+            (0..MESSAGES).map(|i| (raw(), payload(i))),
         )
-        .await
-        .expect("publish");
-    }
-    within("backend flush", backend.client.flush())
-        .await
-        .expect("flush");
+        .await;
     // Once the first bytes arrive the writer is inside the burst, and it
     // cannot finish it.
     within("the burst to start arriving", async {
@@ -1102,10 +1075,7 @@ async fn a_burst_to_a_member_with_a_full_queue_is_queued_as_far_as_it_fits_and_c
         c.websocket.slow_consumer = roomgate::config::SlowConsumerPolicy::Drop;
     })
     .await;
-    let stuck = client_that_stops_reading(gw.addr, "full").await;
-    presence
-        .next_matching(|_, v| v["event"] == "join" && v["room"] == "full")
-        .await;
+    let (stuck, _) = stuck_member(&gw, &mut presence, "full").await;
     let delivered = "roomgate_messages_delivered_total";
     let dropped = r#"roomgate_messages_dropped_total{reason="slow_consumer"}"#;
     let (delivered_before, bytes_before) = (
@@ -1113,23 +1083,13 @@ async fn a_burst_to_a_member_with_a_full_queue_is_queued_as_far_as_it_fits_and_c
         gw.metric("roomgate_bytes_sent_total").await,
     );
 
-    for i in 0..MESSAGES {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Roomgate-Raw", "true");
-        within(
-            "backend publish",
-            backend.client.publish_with_headers(
-                "roomgate.broadcast.full",
-                headers,
-                format!("{i:05}{}", "y".repeat(SIZE - 5)).into(),
-            ),
+    let payload = |i: usize| format!("{i:05}{}", "y".repeat(SIZE - 5));
+    backend
+        .publish_burst(
+            "roomgate.broadcast.full",
+            (0..MESSAGES).map(|i| (raw(), payload(i))),
         )
-        .await
-        .expect("publish");
-    }
-    within("backend flush", backend.client.flush())
-        .await
-        .expect("flush");
+        .await;
     eventually_async(
         "every frame of the burst to be queued or dropped",
         || async {

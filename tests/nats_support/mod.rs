@@ -119,6 +119,27 @@ impl Backend {
             .expect("flush");
     }
 
+    /// Publishes messages back to back and flushes once, so that the
+    /// gateway receives them together: a burst.
+    pub async fn publish_burst(
+        &self,
+        subject: &str,
+        messages: impl IntoIterator<Item = (HeaderMap, String)>,
+    ) {
+        for (headers, payload) in messages {
+            within(
+                "backend publish",
+                self.client
+                    .publish_with_headers(subject.to_string(), headers, payload.into()),
+            )
+            .await
+            .expect("publish");
+        }
+        within("backend flush", self.client.flush())
+            .await
+            .expect("flush");
+    }
+
     /// Sends a request and parses the JSON reply.
     pub async fn request(&self, subject: &str, payload: Value) -> Value {
         let reply = within(
@@ -258,6 +279,31 @@ pub async fn wait_subjects(
     if outcome.is_err() {
         panic!("timed out waiting for {what}; the gateway's subscriptions are {last:?}");
     }
+}
+
+/// The headers of a payload the gateway sends as it is (`Roomgate-Raw`).
+pub fn raw() -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert("Roomgate-Raw", "true");
+    headers
+}
+
+/// A member of `room` that stops reading after its join, once the join has
+/// been announced on `presence`; with its connection id.
+pub async fn stuck_member(
+    gateway: &TestGateway,
+    presence: &mut Sub,
+    room: &str,
+) -> (tokio::net::TcpStream, String) {
+    let stream = client_that_stops_reading(gateway.addr, room).await;
+    let (_, joined) = presence
+        .next_matching(|_, v| v["event"] == "join" && v["room"] == room)
+        .await;
+    let id = joined["connection_id"]
+        .as_str()
+        .expect("the connection id")
+        .to_string();
+    (stream, id)
 }
 
 /// Joins `room` and waits for the gateway's presence event for it on
