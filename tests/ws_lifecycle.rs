@@ -298,6 +298,95 @@ async fn bad_frames_get_error_frames_and_the_connection_stays_usable() {
 }
 
 #[tokio::test]
+async fn frames_that_break_the_websocket_protocol_close_with_1002_or_1007() {
+    // What a client library would never send, written on a raw socket.
+    // Each case gets a connection of its own, which must end with the
+    // close code of RFC 6455 §7.4.1 and then be gone, leaving the gateway
+    // serving everyone else.
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        (
+            "an unmasked frame",
+            client_frame(0x81, b"hello", false),
+            1002,
+        ),
+        (
+            "a reserved bit set",
+            client_frame(0xc1, b"hello", true),
+            1002,
+        ),
+        (
+            "an unknown opcode",
+            client_frame(0x83, b"hello", true),
+            1002,
+        ),
+        (
+            "a ping over 125 bytes",
+            client_frame(0x89, &[7; 126], true),
+            1002,
+        ),
+        ("a fragmented ping", client_frame(0x09, b"ping", true), 1002),
+        (
+            "a continuation with nothing to continue",
+            client_frame(0x80, b"x", true),
+            1002,
+        ),
+        (
+            "a close frame with a one-byte body",
+            client_frame(0x88, &[3], true),
+            1002,
+        ),
+        (
+            "a text frame that is not UTF-8",
+            client_frame(0x81, &[0x68, 0xff, 0xfe], true),
+            1007,
+        ),
+        (
+            "a fragmented text whose UTF-8 breaks across the fragments",
+            [
+                client_frame(0x01, &[0x68, 0xe2, 0x82], true),
+                client_frame(0x80, b"A", true),
+            ]
+            .concat(),
+            1007,
+        ),
+    ];
+    let gw = TestGateway::start(test_config()).await;
+    let mut bystander = gw.client().await;
+    bystander.join("lobby").await;
+
+    let broken = cases.len() as f64;
+    for (what, bytes, code) in cases {
+        let mut stream = silent_client(gw.addr).await;
+        within(what, stream.write_all(&bytes))
+            .await
+            .expect("write the frame");
+        let frames = frames_until_closed(&mut stream).await;
+        let close = frames.last().expect("at least the welcome");
+        assert_eq!(close.close_code(), Some(code), "{what}");
+    }
+
+    eventually_async("only the bystander to be left", || async {
+        gw.metric("roomgate_connections").await == 1.0
+    })
+    .await;
+    assert_eq!(
+        gw.metric(r#"roomgate_connections_closed_total{reason="error"}"#)
+            .await,
+        broken,
+        "each counted as a client error"
+    );
+    let mut other = gw.client().await;
+    other.join("lobby").await;
+    other
+        .send(json!({"type": "message", "room": "lobby", "content": "still here"}))
+        .await;
+    assert_eq!(
+        bystander.recv().await,
+        json!({"type": "message", "room": "lobby", "content": "still here", "from": other.id})
+    );
+}
+
+#[tokio::test]
 async fn a_message_over_the_size_limit_closes_with_1009() {
     let gw = TestGateway::with(|c| c.websocket.max_message_size_bytes = 1024).await;
     let mut client = gw.client().await;

@@ -600,25 +600,37 @@ impl RawFrame {
 /// Writes one text frame as a client must (masked) to a raw socket.
 pub async fn write_masked_text(stream: &mut TcpStream, text: &str) {
     use tokio::io::AsyncWriteExt;
-    const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
-    let payload = text.as_bytes();
-    let mut frame = vec![0x81];
-    match payload.len() {
-        n @ 0..=125 => frame.push(0x80 | n as u8),
-        n @ 126..=0xffff => {
-            frame.push(0x80 | 126);
-            frame.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            frame.push(0x80 | 127);
-            frame.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    frame.extend_from_slice(&MASK);
-    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
+    let frame = client_frame(0x81, text.as_bytes(), true);
     within("writing a frame", stream.write_all(&frame))
         .await
         .expect("write frame");
+}
+
+/// The bytes of one client frame: `first` is the first byte (FIN, reserved
+/// bits and opcode), and the payload is masked when `masked`. Tests build
+/// frames a well-behaved client library would refuse to send with it.
+pub fn client_frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+    let mask_bit = if masked { 0x80 } else { 0 };
+    let mut frame = vec![first];
+    match payload.len() {
+        n @ 0..=125 => frame.push(mask_bit | n as u8),
+        n @ 126..=0xffff => {
+            frame.push(mask_bit | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(mask_bit | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    if masked {
+        frame.extend_from_slice(&MASK);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
+    } else {
+        frame.extend_from_slice(payload);
+    }
+    frame
 }
 
 /// Reads one unmasked frame from a raw socket; `None` at end of stream.
