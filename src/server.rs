@@ -305,6 +305,14 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     listen().map_err(|source| StartError::Bind { addr, source })
 }
 
+/// The largest request head (request line and header fields) a client may
+/// send; larger ones get 431. Without it hyper's only bound is its read
+/// buffer, about 400 KiB, and only when the head arrives in pieces: every
+/// connection could make the gateway hold that much, and pass it upstream.
+/// 64 KiB leaves room for large cookies and tokens (Envoy's default is 60
+/// KiB, nginx's 32 KiB).
+const MAX_REQUEST_HEAD: usize = 64 * 1024;
+
 /// Accepts until shutdown begins. Each connection is served in its own
 /// tracked task, handshake included, so a slow client never holds up the
 /// accept loop.
@@ -358,6 +366,7 @@ async fn serve_connection(
     let conn = http1::Builder::new()
         .timer(deadlines)
         .header_read_timeout(Duration::from_secs(30))
+        .max_header_size(MAX_REQUEST_HEAD)
         .serve_connection(io, service)
         .with_upgrades();
     let mut conn = pin!(conn);

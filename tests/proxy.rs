@@ -1074,3 +1074,56 @@ async fn an_upstream_timeout_beyond_the_clock_range_is_accepted() {
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[1].body, Bytes::from_static(b"a body"));
 }
+
+#[tokio::test]
+async fn request_heads_beyond_the_limits_get_431_and_never_reach_the_upstream() {
+    // The limits on a request head: 100 header fields, and 64 KiB. Past
+    // either, the client gets 431 from the gateway itself, on a proxied
+    // path and on a WebSocket path alike; a head just under the size limit
+    // goes through.
+    let (upstream, log) = recording_upstream().await;
+    let gw = gateway_for(&upstream).await;
+    let many: String = (0..150).map(|i| format!("x-field-{i}: v\r\n")).collect();
+    let huge = format!("x-big: {}\r\n", "a".repeat(65 * 1024));
+    let cases = [
+        ("150 header fields", &many, "/api/items"),
+        ("150 header fields on the WebSocket path", &many, "/ws"),
+        ("a 65 KiB header field", &huge, "/api/items"),
+        ("a 65 KiB header field on the WebSocket path", &huge, "/ws"),
+    ];
+    for (what, fields, path) in cases {
+        let mut stream = within("connect", tokio::net::TcpStream::connect(gw.addr))
+            .await
+            .expect("connect");
+        let head = format!("GET {path} HTTP/1.1\r\nhost: app.example.test\r\n{fields}\r\n");
+        within(what, stream.write_all(head.as_bytes()))
+            .await
+            .expect("write the head");
+        let (status, response) = within(what, read_response_head(&mut stream)).await;
+        assert_eq!(status, 431, "{what}: {response}");
+    }
+    assert!(
+        log.lock().unwrap().is_empty(),
+        "nothing reached the upstream"
+    );
+
+    let (status, _, body) = http_request(
+        gw.addr,
+        Request::get("/after")
+            .header("x-big", "b".repeat(60 * 1024))
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, &body[..]),
+        (201, &b"created"[..]),
+        "still proxying"
+    );
+    let seen = only(&log);
+    assert_eq!(seen.seen.uri, "/after");
+    assert_eq!(
+        header(&seen.seen.headers, "x-big").map(str::len),
+        Some(60 * 1024)
+    );
+}
