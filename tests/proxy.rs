@@ -1127,3 +1127,89 @@ async fn request_heads_beyond_the_limits_get_431_and_never_reach_the_upstream() 
         Some(60 * 1024)
     );
 }
+
+/// Reads one response with a `Content-Length` body from a raw socket.
+async fn read_response(stream: &mut tokio::net::TcpStream) -> (u16, String) {
+    use tokio::io::AsyncReadExt;
+    let (status, head) = read_response_head(stream).await;
+    let length = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body).await.expect("response body");
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn ambiguous_request_framing_cannot_smuggle_a_request_to_the_upstream() {
+    // The gateway frames every request it forwards itself, so the upstream
+    // sees exactly the requests the gateway parsed: bytes that one reading
+    // of an ambiguous request would take for a second request never reach
+    // the upstream as one.
+    use tokio::io::AsyncReadExt;
+    let (upstream, log) = recording_upstream().await;
+    let gw = gateway_for(&upstream).await;
+    let connect = || async {
+        within("connect", tokio::net::TcpStream::connect(gw.addr))
+            .await
+            .expect("connect")
+    };
+
+    // Content-Length and chunked together: chunked wins, so the body is
+    // empty, and the connection closes after the response (RFC 9112 §6.3),
+    // so the bytes after the body are never read as a request.
+    let mut stream = connect().await;
+    let request = "POST /first HTTP/1.1\r\nhost: app.example.test\r\n\
+                   content-length: 30\r\ntransfer-encoding: chunked\r\n\r\n\
+                   0\r\n\r\nSMUGGLED /second HTTP/1.1\r\n\r\n";
+    within("write", stream.write_all(request.as_bytes()))
+        .await
+        .expect("write");
+    let first = within("the first response", read_response(&mut stream)).await;
+    assert_eq!(first, (201, "created".to_string()));
+    let mut rest = Vec::new();
+    within("the connection to close", stream.read_to_end(&mut rest))
+        .await
+        .expect("closed cleanly");
+    assert!(
+        rest.is_empty(),
+        "nothing more: {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+
+    // Framing the gateway cannot trust is refused outright.
+    for (what, framing) in [
+        (
+            "two different lengths",
+            "content-length: 3\r\ncontent-length: 30\r\n",
+        ),
+        (
+            "a transfer coding that does not end in chunked",
+            "transfer-encoding: chunked, identity\r\n",
+        ),
+        ("a length that is no number", "content-length: 3x\r\n"),
+    ] {
+        let mut stream = connect().await;
+        let request =
+            format!("POST /refused HTTP/1.1\r\nhost: app.example.test\r\n{framing}\r\nabc");
+        within(what, stream.write_all(request.as_bytes()))
+            .await
+            .expect("write");
+        let (status, head) = within(what, read_response_head(&mut stream)).await;
+        assert_eq!(status, 400, "{what}: {head}");
+    }
+
+    let seen = only(&log);
+    assert_eq!(seen.seen.uri, "/first");
+    assert!(seen.body.is_empty(), "body {:?}", seen.body);
+    assert!(
+        header(&seen.seen.headers, "content-length").is_none_or(|v| v == "0"),
+        "no stale length: {:?}",
+        seen.seen.headers
+    );
+}
