@@ -1213,3 +1213,75 @@ async fn ambiguous_request_framing_cannot_smuggle_a_request_to_the_upstream() {
         seen.seen.headers
     );
 }
+
+#[tokio::test]
+async fn an_upstream_that_breaks_http_costs_only_its_own_requests() {
+    // A raw upstream that answers each connection's request in its own
+    // wrong way, then once properly.
+    let listener = within("bind", tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let answers: [&'static [u8]; 4] = [
+        b"NOT HTTP AT ALL\r\n\r\n",
+        b"",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten..",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+    ];
+    let upstream = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        for answer in answers {
+            let (mut conn, _) = listener.accept().await.expect("accept");
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                head.push(conn.read_u8().await.expect("request head"));
+            }
+            conn.write_all(answer).await.expect("answer");
+            // Dropped: the connection ends with the answer.
+        }
+    });
+    let gw = TestGateway::with(|c| c.upstream.url = format!("http://{addr}")).await;
+
+    let (status, body) = http_get(gw.addr, "/garbage").await;
+    assert_eq!(status, 502, "a response that is not HTTP: {body}");
+    let (status, body) = http_get(gw.addr, "/silent").await;
+    assert_eq!(status, 502, "no response at all: {body}");
+
+    // When the body breaks off, the client's connection ends. The head may
+    // have gone out by then, with what there was of the body: the client
+    // is short of the length it was promised either way, so it cannot take
+    // the response for whole.
+    let mut stream = within("connect", tokio::net::TcpStream::connect(gw.addr))
+        .await
+        .expect("connect");
+    within(
+        "write",
+        stream.write_all(b"GET /cut HTTP/1.1\r\nhost: app.example.test\r\n\r\n"),
+    )
+    .await
+    .expect("write");
+    let mut received = Vec::new();
+    let _ = within("the connection to end", async {
+        use tokio::io::AsyncReadExt;
+        stream.read_to_end(&mut received).await
+    })
+    .await;
+    let text = String::from_utf8_lossy(&received);
+    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(body.len() < 100, "{} bytes of 100", body.len());
+    } else {
+        assert!(received.is_empty(), "no response head: {text}");
+    }
+
+    let (status, body) = http_get(gw.addr, "/fine").await;
+    assert_eq!((status, body.as_str()), (200, "ok"), "still proxying");
+    within("the upstream's four connections", upstream)
+        .await
+        .expect("upstream task");
+    assert_eq!(
+        gw.metric("roomgate_proxy_requests_total{code=\"502\"}")
+            .await,
+        2.0
+    );
+}
