@@ -431,6 +431,37 @@ async fn a_large_message_over_the_limit_still_gets_its_1009() {
     assert_eq!(client.recv_close().await, Some(1009));
 }
 
+#[tokio::test]
+async fn messages_over_the_limit_close_with_1009_however_they_arrive() {
+    // The limit holds for a message assembled from small fragments, and for
+    // a frame header that only claims a size, before any of it arrives.
+    let mut fragments = client_frame(0x01, &[b'f'; 600], true);
+    fragments.extend(client_frame(0x00, &[b'f'; 600], true));
+    fragments.extend(client_frame(0x80, &[b'f'; 600], true));
+    let mut exabyte = vec![0x81, 0x80 | 127];
+    exabyte.extend_from_slice(&(1u64 << 60).to_be_bytes());
+    exabyte.extend_from_slice(&[1, 2, 3, 4]);
+    let cases = [
+        ("three fragments of 600 bytes", fragments),
+        ("a header claiming an exabyte", exabyte),
+    ];
+    let gw = TestGateway::with(|c| c.websocket.max_message_size_bytes = 1024).await;
+    for (what, bytes) in cases {
+        let mut stream = silent_client(gw.addr).await;
+        within(what, stream.write_all(&bytes))
+            .await
+            .expect("write the frames");
+        let frames = frames_until_closed(&mut stream).await;
+        let close = frames.last().expect("at least the welcome");
+        assert_eq!(close.close_code(), Some(1009), "{what}");
+    }
+    assert_eq!(
+        gw.metric(r#"roomgate_connections_closed_total{reason="too_big"}"#)
+            .await,
+        2.0
+    );
+}
+
 // ----- heartbeat --------------------------------------------------------
 
 /// Completes a handshake on a raw socket that will never answer a ping.
