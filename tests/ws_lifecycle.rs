@@ -356,13 +356,11 @@ async fn frames_that_break_the_websocket_protocol_close_with_1002_or_1007() {
 
     let broken = cases.len() as f64;
     for (what, bytes, code) in cases {
-        let mut stream = silent_client(gw.addr).await;
-        within(what, stream.write_all(&bytes))
-            .await
-            .expect("write the frame");
-        let frames = frames_until_closed(&mut stream).await;
-        let close = frames.last().expect("at least the welcome");
-        assert_eq!(close.close_code(), Some(code), "{what}");
+        assert_eq!(
+            close_code_after(gw.addr, what, &bytes).await,
+            Some(code),
+            "{what}"
+        );
     }
 
     eventually_async("only the bystander to be left", || async {
@@ -447,13 +445,11 @@ async fn messages_over_the_limit_close_with_1009_however_they_arrive() {
     ];
     let gw = TestGateway::with(|c| c.websocket.max_message_size_bytes = 1024).await;
     for (what, bytes) in cases {
-        let mut stream = silent_client(gw.addr).await;
-        within(what, stream.write_all(&bytes))
-            .await
-            .expect("write the frames");
-        let frames = frames_until_closed(&mut stream).await;
-        let close = frames.last().expect("at least the welcome");
-        assert_eq!(close.close_code(), Some(1009), "{what}");
+        assert_eq!(
+            close_code_after(gw.addr, what, &bytes).await,
+            Some(1009),
+            "{what}"
+        );
     }
     assert_eq!(
         gw.metric(r#"roomgate_connections_closed_total{reason="too_big"}"#)
@@ -471,6 +467,17 @@ async fn silent_client(addr: SocketAddr) -> TcpStream {
         .expect("connect");
     upgrade_raw(&mut stream, addr).await;
     stream
+}
+
+/// The code of the close frame that ends a new connection on which a client
+/// sends `bytes` (`what` names them in a timeout).
+async fn close_code_after(addr: SocketAddr, what: &str, bytes: &[u8]) -> Option<u16> {
+    let mut stream = silent_client(addr).await;
+    within(what, stream.write_all(bytes))
+        .await
+        .expect("write the frames");
+    let frames = frames_until_closed(&mut stream).await;
+    frames.last().and_then(RawFrame::close_code)
 }
 
 /// Reads frames until the server ends the connection; returns them all.
