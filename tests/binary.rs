@@ -356,3 +356,31 @@ async fn json_logs_carry_the_connection_id() {
     gateway.signal("TERM");
     assert_eq!(gateway.wait_exit(), 0);
 }
+
+#[tokio::test]
+async fn running_out_of_file_descriptors_does_not_stop_the_gateway() {
+    // With 64 descriptors, 100 idle TCP connections leave the gateway
+    // unable to accept: it must wait, not exit or spin, and serve again as
+    // soon as descriptors are free.
+    let gateway = GatewayProcess::start_with_file_limit(&[], &[], 64);
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        held.push(
+            within("connect", tokio::net::TcpStream::connect(gateway.addr))
+                .await
+                .expect("the kernel completes the connection"),
+        );
+    }
+    eventually("the gateway to run out of descriptors", || {
+        json_lines(&gateway)
+            .iter()
+            .any(|line| line["message"] == "accept failed")
+    })
+    .await;
+
+    drop(held);
+    let mut client = WsClient::connect(&format!("ws://{}/ws", gateway.addr)).await;
+    client.join("after").await;
+    let (status, _) = http_get(gateway.admin, "/readyz").await;
+    assert_eq!(status, 200);
+}

@@ -1059,7 +1059,33 @@ impl GatewayProcess {
     /// Starts the binary with `env` (listen addresses default to port 0)
     /// and waits for its listening line.
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn(Command::new(binary()), args, env)
+    }
+
+    /// Like [`GatewayProcess::start`], with the process allowed at most
+    /// `files` open file descriptors, so a test can run it out of them.
+    pub fn start_with_file_limit(args: &[&str], env: &[(&str, &str)], files: u64) -> Self {
+        use std::os::unix::process::CommandExt;
         let mut command = Command::new(binary());
+        let limit = libc::rlimit {
+            rlim_cur: files,
+            rlim_max: files,
+        };
+        // SAFETY: runs in the forked child before exec and only makes one
+        // async-signal-safe system call on a value it owns.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        Self::spawn(command, args, env)
+    }
+
+    fn spawn(mut command: Command, args: &[&str], env: &[(&str, &str)]) -> Self {
         command
             .args(args)
             .env_clear()
