@@ -62,10 +62,15 @@ impl Heartbeat {
         self.pongs_at_ping = conn.pongs();
     }
 
-    /// Called at the deadline: `true` if the ping went unanswered.
-    fn expired(&mut self, conn: &Connection) -> bool {
+    /// Called at the deadline: when the ping went unanswered, closes `conn`
+    /// for it and returns `true`.
+    fn lapsed(&mut self, conn: &Connection) -> bool {
         self.deadline = None;
-        conn.pongs() == self.pongs_at_ping
+        let lapsed = conn.pongs() == self.pongs_at_ping;
+        if lapsed {
+            conn.close(1001, "ping timeout", CloseReason::PingTimeout);
+        }
+        lapsed
     }
 }
 
@@ -159,8 +164,7 @@ impl Writer {
                 biased;
                 _ = self.conn.closing().cancelled() => return false,
                 _ = tokio::time::sleep_until(self.heartbeat.deadline()), if self.heartbeat.deadline.is_some() => {
-                    if self.heartbeat.expired(&self.conn) {
-                        self.conn.close(1001, "ping timeout", CloseReason::PingTimeout);
+                    if self.heartbeat.lapsed(&self.conn) {
                         return false;
                     }
                 }
@@ -202,8 +206,7 @@ impl Writer {
         if conn.closing().is_cancelled() {
             return None;
         }
-        if heartbeat.deadline.is_some_and(|at| at <= Instant::now()) && heartbeat.expired(conn) {
-            conn.close(1001, "ping timeout", CloseReason::PingTimeout);
+        if heartbeat.deadline.is_some_and(|at| at <= Instant::now()) && heartbeat.lapsed(conn) {
             return None;
         }
         if poll_fn(|cx| Poll::Ready(ticker.poll_tick(cx).is_ready())).await {
@@ -220,8 +223,7 @@ impl Writer {
                 biased;
                 _ = conn.closing().cancelled() => return None,
                 _ = tokio::time::sleep_until(heartbeat.deadline()), if heartbeat.deadline.is_some() => {
-                    if heartbeat.expired(conn) {
-                        conn.close(1001, "ping timeout", CloseReason::PingTimeout);
+                    if heartbeat.lapsed(conn) {
                         return None;
                     }
                 }
