@@ -10,7 +10,7 @@ use common::*;
 use futures_util::{SinkExt, StreamExt};
 use hyper::Request;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -155,28 +155,16 @@ async fn a_bad_handshake_on_a_raw_socket_gets_no_websocket_bytes() {
         gw.addr
     );
     stream.write_all(request.as_bytes()).await.expect("write");
-    let (status, head) = read_response_head(&mut stream).await;
+    // The 400 carries a Content-Length, so the socket still speaks
+    // HTTP/1.1: after its body, a second request on it is answered
+    // (proxied: 404, as no upstream is set).
+    let (status, head, body) = read_response(&mut stream).await;
     assert_eq!(status, 400, "{head}");
     assert!(
         !head.to_ascii_lowercase().contains("upgrade: websocket"),
         "{head}"
     );
-    // The socket still speaks HTTP/1.1: after the 400's body, a second
-    // request on it is answered (proxied: 404, as no upstream is set).
-    let length: usize = head
-        .lines()
-        .find_map(|l| {
-            let (name, value) = l.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse().ok())
-                .flatten()
-        })
-        .expect("the 400 has a Content-Length");
-    let mut body = vec![0u8; length];
-    within("the 400's body", stream.read_exact(&mut body))
-        .await
-        .expect("body");
-    assert!(String::from_utf8_lossy(&body).contains("Version"));
+    assert!(body.contains("Version"));
     stream
         .write_all(format!("GET /x HTTP/1.1\r\nHost: {}\r\n\r\n", gw.addr).as_bytes())
         .await

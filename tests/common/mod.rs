@@ -580,6 +580,28 @@ pub async fn read_response_head(stream: &mut TcpStream) -> (u16, String) {
     (status, text)
 }
 
+/// Reads a whole response from a raw socket: (status, head, body). The
+/// response must carry a `Content-Length`; nothing after its body is read,
+/// so the socket can carry the next exchange.
+pub async fn read_response(stream: &mut TcpStream) -> (u16, String, String) {
+    use tokio::io::AsyncReadExt;
+    let (status, head) = read_response_head(stream).await;
+    let length: usize = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())
+                .flatten()
+        })
+        .unwrap_or_else(|| panic!("the response has a Content-Length: {head}"));
+    let mut body = vec![0u8; length];
+    within("a response body", stream.read_exact(&mut body))
+        .await
+        .expect("response body");
+    (status, head, String::from_utf8_lossy(&body).into_owned())
+}
+
 /// A frame as a server sends it (never masked): opcode and payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawFrame {

@@ -106,17 +106,8 @@ impl Backend {
         for (name, value) in headers {
             map.insert(*name, *value);
         }
-        let payload = bytes::Bytes::copy_from_slice(payload.as_bytes());
-        within(
-            "backend publish",
-            self.client
-                .publish_with_headers(subject.to_string(), map, payload),
-        )
-        .await
-        .expect("publish");
-        within("backend flush", self.client.flush())
-            .await
-            .expect("flush");
+        self.publish_burst(subject, [(map, payload.to_string())])
+            .await;
     }
 
     /// Publishes messages back to back and flushes once, so that the
