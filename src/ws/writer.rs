@@ -31,6 +31,9 @@ use crate::rooms::{Batch, Connection};
 /// Most buffers handed to one `writev` (Linux accepts 1024).
 const MAX_IOV: usize = 128;
 
+/// Buffers of a typical write: a run, perhaps after a ping or control frames.
+const FEW_IOV: usize = 4;
+
 /// An empty, unmasked ping frame.
 const PING: &[u8] = &[0x89, 0x00];
 
@@ -292,6 +295,27 @@ fn close_frame(code: u16, text: &str) -> Bytes {
     Bytes::from(out)
 }
 
+/// One `writev` of the first `N` buffers of `parts`, skipping the first
+/// `skip` bytes of the first. The slice array lives on the stack for the
+/// call only, not in every connection's task.
+fn poll_write_parts<const N: usize>(
+    io: &mut OwnedWriteHalf,
+    cx: &mut std::task::Context<'_>,
+    parts: &Batch,
+    skip: usize,
+) -> Poll<std::io::Result<usize>> {
+    let mut slices = [IoSlice::new(&[]); N];
+    let mut count = 0;
+    for (slot, part) in slices.iter_mut().zip(parts.iter()) {
+        *slot = IoSlice::new(part);
+        count += 1;
+    }
+    if let Some(first) = parts.front() {
+        slices[0] = IoSlice::new(&first[skip..]);
+    }
+    Pin::new(io).poll_write_vectored(cx, &slices[..count])
+}
+
 /// Writes every buffer of `parts` with as few `writev` calls as the kernel
 /// allows, removing what has been written. `front_written` counts the bytes
 /// of the first buffer already written, so an abandoned call leaves an exact
@@ -304,16 +328,14 @@ async fn write_all(
     while let Some(front) = parts.front() {
         let skip = (*front_written).min(front.len());
         let written = poll_fn(|cx| {
-            // Built inside the poll, so the slice array lives on the stack
-            // for the call only and not in every connection's task.
-            let mut slices = [IoSlice::new(&[]); MAX_IOV];
-            let mut count = 0;
-            for (slot, part) in slices.iter_mut().zip(parts.iter()) {
-                *slot = IoSlice::new(part);
-                count += 1;
+            // A run of a room's frames is one buffer, so most writes have
+            // one or two: filling a full `MAX_IOV` array for them would
+            // cost more instructions than the rest of the write path.
+            if parts.len() <= FEW_IOV {
+                poll_write_parts::<FEW_IOV>(io, cx, parts, skip)
+            } else {
+                poll_write_parts::<MAX_IOV>(io, cx, parts, skip)
             }
-            slices[0] = IoSlice::new(&front[skip..]);
-            Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count])
         })
         .await?;
         if written == 0 {
