@@ -3,16 +3,19 @@
 //!
 //! Built for the broadcast path. Queueing a frame is one uncontended lock,
 //! a pointer-sized push and, only when the queue goes from empty to
-//! non-empty, one wake-up. The writer takes everything queued in one lock
+//! non-empty, one wake-up of the writer's registered waker (atomics, no
+//! waiter list). The writer takes everything queued in one lock
 //! by swapping buffers, so a burst of frames costs the writer one lock and
 //! one vectored write. Nothing is allocated until the first frame arrives,
 //! which keeps idle connections small.
 
 use std::collections::VecDeque;
+use std::future::{Future, poll_fn};
 use std::sync::Mutex;
+use std::task::Poll;
 
 use bytes::Bytes;
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 
 use crate::protocol::{Frame, Run};
 
@@ -55,7 +58,9 @@ impl Queue {
 /// The bounded queue between a connection's producers and its writer.
 pub struct Outbox {
     queue: Mutex<Queue>,
-    ready: Notify,
+    /// The waiting writer. There is only ever one, so a single waker slot
+    /// does what a `Notify` would, without its lock and waiter list.
+    writer: AtomicWaker,
     capacity: usize,
 }
 
@@ -68,7 +73,7 @@ impl Outbox {
     pub fn new(capacity: usize) -> Self {
         Self {
             queue: Mutex::new(Queue::default()),
-            ready: Notify::new(),
+            writer: AtomicWaker::new(),
             capacity: capacity.max(1),
         }
     }
@@ -106,7 +111,7 @@ impl Outbox {
         // A non-empty queue has already woken the writer (or stored the
         // permit); it takes everything when it runs.
         if was_empty && taken > 0 {
-            self.ready.notify_one();
+            self.writer.wake();
         }
         let rest = (taken < run.len()).then_some(PushError::Full);
         (taken, rest)
@@ -125,7 +130,7 @@ impl Outbox {
         queue.control.extend_from_slice(bytes);
         drop(queue);
         if was_empty {
-            self.ready.notify_one();
+            self.writer.wake();
         }
         Ok(())
     }
@@ -158,9 +163,18 @@ impl Outbox {
         }
     }
 
-    /// Resolves when something may have been queued since the last `take`.
-    pub async fn ready(&self) {
-        self.ready.notified().await
+    /// Resolves when something is queued, at once if something already
+    /// is. For the one writer: the waker is registered before the queue is
+    /// looked at, so a push in between wakes it.
+    pub fn ready(&self) -> impl Future<Output = ()> + '_ {
+        poll_fn(|cx| {
+            self.writer.register(cx.waker());
+            if self.lock().is_empty() {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
     }
 
     /// Stops accepting frames and frees the queued data frames: the
@@ -294,6 +308,19 @@ mod tests {
             probe.capacity() < 500,
             "the queue's buffer was released too"
         );
+    }
+
+    #[test]
+    fn ready_only_when_something_is_queued() {
+        use futures_util::FutureExt;
+        let outbox = Outbox::new(4);
+        assert_eq!(outbox.ready().now_or_never(), None, "empty");
+        outbox.push_control(&[0x8a, 0x00]).expect("open");
+        assert_eq!(outbox.ready().now_or_never(), Some(()), "control queued");
+        outbox.take(&mut Batch::default());
+        assert_eq!(outbox.ready().now_or_never(), None, "taken");
+        outbox.push(frame("a")).expect("open");
+        assert_eq!(outbox.ready().now_or_never(), Some(()), "frame queued");
     }
 
     #[tokio::test]
