@@ -317,10 +317,10 @@ const MAX_REQUEST_HEAD: usize = 64 * 1024;
 /// tracked task, handshake included, so a slow client never holds up the
 /// accept loop.
 async fn accept_loop(listener: &TcpListener, router: &Arc<Router>, shutdown: &Shutdown) {
-    let mut stopped = shutdown.stopped();
+    let mut stopped = pin!(shutdown.stopped());
     loop {
         let (stream, client) = tokio::select! {
-            _ = &mut stopped => return,
+            _ = stopped.as_mut() => return,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {

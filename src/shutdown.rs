@@ -41,12 +41,14 @@ impl Shutdown {
     /// tasks woken many times over their life, such as a keep-alive HTTP
     /// connection: every poll of a token's own future takes two locks on a
     /// token that every connection shares.
-    pub fn stopped(&self) -> Stopped<'_> {
-        Stopped {
-            flag: &self.stopped,
-            wait: Box::pin(self.stop.cancelled()),
-            waker: None,
-        }
+    pub fn stopped(&self) -> Cancelled<'_, impl Fn() -> bool + '_> {
+        Cancelled::new(&self.stop, || self.is_stopping())
+    }
+
+    /// A flag that is set just before [`Shutdown::stopping`] is cancelled,
+    /// for the flags of [`Cancelled`] futures on tokens below it.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stopped.clone()
     }
 
     /// Cancelled when the grace period is over: drop what is left.
@@ -89,33 +91,50 @@ impl Shutdown {
     }
 }
 
-/// See [`Shutdown::stopped`]. It registers with the token at its first
-/// poll, and again only when polled with another waker; otherwise a poll is
-/// one atomic load. Cancelling the token wakes the registered waker, and
-/// the flag is set before that, so the poll that follows sees it. The
-/// token's future registers the waker on every `Pending` it returns (it
-/// spends no cooperative budget), so the waker kept here is always the one
-/// the token holds.
-pub struct Stopped<'a> {
-    flag: &'a AtomicBool,
-    wait: Pin<Box<WaitForCancellationFuture<'a>>>,
-    waker: Option<Waker>,
+pin_project_lite::pin_project! {
+    /// Resolves when a token is cancelled, for a task that waits on it
+    /// across many wake-ups (see [`Shutdown::stopped`]). It registers with
+    /// the token at its first poll, and again only when polled with another
+    /// waker; otherwise a poll is a call of `flag`, which must return `true`
+    /// from before the token is cancelled on. Cancelling the token wakes the
+    /// registered waker, so the poll that follows sees the flag. The token's
+    /// future registers the waker on every `Pending` it returns (it spends
+    /// no cooperative budget), so the waker kept here is always the one the
+    /// token holds. The token's future is kept inline, not boxed: one of
+    /// these lives in every WebSocket connection's two tasks.
+    pub struct Cancelled<'a, F> {
+        flag: F,
+        #[pin]
+        wait: WaitForCancellationFuture<'a>,
+        waker: Option<Waker>,
+    }
 }
 
-impl Future for Stopped<'_> {
+impl<'a, F: Fn() -> bool> Cancelled<'a, F> {
+    /// Waits for `token`; `flag` tells whether it has been cancelled.
+    pub fn new(token: &'a CancellationToken, flag: F) -> Self {
+        Self {
+            flag,
+            wait: token.cancelled(),
+            waker: None,
+        }
+    }
+}
+
+impl<F: Fn() -> bool> Future for Cancelled<'_, F> {
     type Output = ();
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = &mut *self;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
         if this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            return if this.flag.load(Ordering::Acquire) {
+            return if (this.flag)() {
                 Poll::Ready(())
             } else {
                 Poll::Pending
             };
         }
-        this.waker = Some(cx.waker().clone());
-        this.wait.as_mut().poll(cx)
+        *this.waker = Some(cx.waker().clone());
+        this.wait.poll(cx)
     }
 }
 

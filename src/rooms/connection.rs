@@ -6,7 +6,7 @@
 //! waits: a full queue is the slow-consumer case and its policy applies on
 //! the spot, so one client that stops reading cannot stall a broadcast.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::SystemTime;
 
@@ -19,6 +19,7 @@ use super::outbox::{Outbox, PushError};
 use crate::config::SlowConsumerPolicy;
 use crate::metrics::CloseReason;
 use crate::protocol::{Frame, Run};
+use crate::shutdown::{Cancelled, Shutdown};
 
 /// Close code for a client that cannot keep up (SPEC §1).
 pub const CLOSE_SLOW_CONSUMER: u16 = 1013;
@@ -63,7 +64,14 @@ pub struct Connection {
     identity: Identity,
     outbox: Outbox,
     policy: SlowConsumerPolicy,
+    /// A child of the shutdown token: cancelled when either this connection
+    /// or the gateway closes. It wakes the session's tasks; the two flags
+    /// below answer "is it closing?" without the token's lock.
     closing: CancellationToken,
+    /// Set before this connection cancels `closing`.
+    closed: AtomicBool,
+    /// Shutdown's flag, set before the parent of `closing` is cancelled.
+    stopping: Arc<AtomicBool>,
     close: OnceLock<CloseRequest>,
     pongs: AtomicU64,
     /// Rooms this connection is in. Locked before any room (lock order:
@@ -74,13 +82,12 @@ pub struct Connection {
 
 impl Connection {
     /// Creates a connection with a fresh UUID and a queue of `capacity`
-    /// frames. `closing` is cancelled when anyone closes the connection;
-    /// pass a child of the shutdown token so shutdown reaches it too.
+    /// frames, which closes when anyone closes it or `shutdown` begins.
     pub fn new(
         identity: Identity,
         capacity: usize,
         policy: SlowConsumerPolicy,
-        closing: CancellationToken,
+        shutdown: &Shutdown,
     ) -> Arc<Self> {
         let id = Uuid::new_v4();
         Arc::new(Self {
@@ -89,7 +96,9 @@ impl Connection {
             identity,
             outbox: Outbox::new(capacity),
             policy,
-            closing,
+            closing: shutdown.stopping().child_token(),
+            closed: AtomicBool::new(false),
+            stopping: shutdown.stop_flag(),
             close: OnceLock::new(),
             pongs: AtomicU64::new(0),
             rooms: Mutex::new(Vec::new()),
@@ -166,6 +175,13 @@ impl Connection {
             text: text.to_string(),
             reason,
         });
+        self.cancel();
+    }
+
+    /// Stops the connection's tasks without a close request of its own:
+    /// the writer then closes as for shutdown, unless a request comes first.
+    pub fn cancel(&self) {
+        self.closed.store(true, Ordering::Release);
         self.closing.cancel();
     }
 
@@ -174,9 +190,17 @@ impl Connection {
         self.close.get()
     }
 
-    /// Cancelled when the connection is closing for any reason.
-    pub fn closing(&self) -> &CancellationToken {
-        &self.closing
+    /// Whether the connection is closing for any reason. Two atomic loads:
+    /// the writer asks before every write.
+    pub fn is_closing(&self) -> bool {
+        self.closed.load(Ordering::Acquire) || self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Resolves when the connection is closing for any reason. Keep one
+    /// across a task's wake-ups: after its first poll, a poll with the same
+    /// waker is [`Connection::is_closing`] and nothing more.
+    pub fn closed(&self) -> Cancelled<'_, impl Fn() -> bool + '_> {
+        Cancelled::new(&self.closing, || self.is_closing())
     }
 
     /// Records a pong from the client (heartbeat).
@@ -202,5 +226,60 @@ impl std::fmt::Debug for Connection {
         f.debug_struct("Connection")
             .field("id", &self.id_text)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Closes a fresh connection with `how` while a task waits on one
+    /// `closed()` future across several wake-ups; that task must see it.
+    async fn closing_is_seen(how: impl FnOnce(&Connection, &Shutdown)) {
+        let shutdown = Shutdown::new();
+        let conn = Connection::new(Identity::default(), 4, SlowConsumerPolicy::Close, &shutdown);
+        let (wake, mut woken) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let watcher = {
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                let mut closed = std::pin::pin!(conn.closed());
+                let mut wakes = 0;
+                loop {
+                    tokio::select! {
+                        _ = closed.as_mut() => return wakes,
+                        Some(()) = woken.recv() => wakes += 1,
+                    }
+                }
+            })
+        };
+        for _ in 0..5 {
+            wake.send(()).expect("watcher running");
+            tokio::task::yield_now().await;
+        }
+        assert!(!conn.is_closing());
+        how(&conn, &shutdown);
+        assert!(conn.is_closing());
+        let wakes = tokio::time::timeout(Duration::from_secs(20), watcher)
+            .await
+            .expect("the watcher saw the connection close")
+            .expect("watcher task");
+        assert!(wakes >= 1, "the watcher was polled before the close");
+    }
+
+    #[tokio::test]
+    async fn a_close_request_is_seen_by_a_long_lived_wait() {
+        closing_is_seen(|conn, _| conn.close(1008, "bye", CloseReason::TokenExpired)).await;
+    }
+
+    #[tokio::test]
+    async fn a_cancel_is_seen_by_a_long_lived_wait() {
+        closing_is_seen(|conn, _| conn.cancel()).await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_is_seen_by_a_long_lived_wait() {
+        closing_is_seen(|_, shutdown| shutdown.begin()).await;
     }
 }

@@ -375,7 +375,7 @@ impl Hub {
         // A session cancels `closing` before it empties this list (under
         // this lock), so a backend's join racing with the disconnect either
         // lands before the cleanup, which then removes it, or sees this.
-        if conn.closing().is_cancelled() {
+        if conn.is_closing() {
             return Err(Refusal::new(ErrorCode::NotMember, "connection is closing"));
         }
         if mine.iter().any(|r| r.name == *name) {

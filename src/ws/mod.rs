@@ -152,8 +152,12 @@ impl Upgrader {
         parts: &Parts,
         client: SocketAddr,
     ) {
-        let closing = self.shutdown.stopping().child_token();
-        let conn = Connection::new(identity, self.queue_capacity, self.slow_consumer, closing);
+        let conn = Connection::new(
+            identity,
+            self.queue_capacity,
+            self.slow_consumer,
+            &self.shutdown,
+        );
         // At debug: the only events inside a connection at info and above
         // are two internal errors, which name the connection themselves,
         // and an enabled span costs every connection a registry entry and

@@ -81,7 +81,7 @@ pub async fn run(
             .instrument(tracing::Span::current()),
     );
     Reader::new(&conn, &ctx).run(&mut stream).await;
-    conn.closing().cancel();
+    conn.cancel();
     // Leave every room as soon as the connection is closing, not when the
     // close handshake is over: the writer may wait up to `pong_timeout` for
     // a stalled client to take its close frame, and meanwhile the member
@@ -133,10 +133,13 @@ impl<'a> Reader<'a> {
     async fn run(mut self, stream: &mut WsStream) {
         let expiry = pin!(expiry_sleep(self.conn.identity().expires_at));
         let mut expiry = expiry;
+        // One for the whole loop: it costs an atomic load per frame, where
+        // a fresh one would take the token's locks.
+        let mut closed = pin!(self.conn.closed());
         loop {
             let next = tokio::select! {
                 biased;
-                _ = self.conn.closing().cancelled() => return,
+                _ = closed.as_mut() => return,
                 _ = &mut expiry => {
                     self.conn.close(1008, "token expired", CloseReason::TokenExpired);
                     return;
@@ -330,7 +333,9 @@ async fn expiry_sleep(at: Option<SystemTime>) {
             let left = at
                 .duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO);
-            tokio::time::sleep(left).await
+            // Boxed: inline, the timer would make every session task
+            // larger for its whole life, and most never expire.
+            Box::pin(tokio::time::sleep(left)).await
         }
         None => std::future::pending().await,
     }

@@ -7,7 +7,7 @@
 //! sends the heartbeat pings and, at the end, the close frame.
 
 use std::collections::VecDeque;
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io::IoSlice;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
@@ -118,10 +118,14 @@ impl Writer {
     /// done, and the deadline for the client's close reply when our close
     /// frame went out (see [`Writer::finish`]).
     pub async fn run(mut self) -> (OwnedWriteHalf, Option<Instant>) {
+        let conn = self.conn.clone();
+        // One for the writer's life: it registers with the closing token
+        // once, and then costs an atomic load per wake-up.
+        let mut closed = pin!(conn.closed());
         loop {
             self.conn.outbox().take(&mut self.batch);
             if self.batch.is_empty() && !self.ping_due {
-                if self.wait().await {
+                if self.wait(closed.as_mut()).await {
                     continue;
                 }
                 break;
@@ -131,7 +135,7 @@ impl Writer {
                 self.batch.push_front(Bytes::from_static(PING));
                 self.ping_due = false;
             }
-            match self.guarded_write().await {
+            match self.guarded_write(closed.as_mut()).await {
                 Some(Ok(())) => {}
                 Some(Err(e)) => {
                     debug!(error = %e, "write failed");
@@ -161,11 +165,11 @@ impl Writer {
 
     /// Waits for frames, the next ping, the heartbeat deadline or closing;
     /// `false` when the connection is closing.
-    async fn wait(&mut self) -> bool {
+    async fn wait(&mut self, mut closed: Pin<&mut impl Future<Output = ()>>) -> bool {
         loop {
             tokio::select! {
                 biased;
-                _ = self.conn.closing().cancelled() => return false,
+                _ = closed.as_mut() => return false,
                 _ = tokio::time::sleep_until(self.heartbeat.deadline()), if self.heartbeat.deadline.is_some() => {
                     if self.heartbeat.lapsed(&self.conn) {
                         return false;
@@ -191,7 +195,10 @@ impl Writer {
     /// `pong_timeout` like any other, instead of being kept open for as long
     /// as it does not read; a busy but healthy client gets its ping a moment
     /// later and answers in time.
-    async fn guarded_write(&mut self) -> Option<std::io::Result<()>> {
+    async fn guarded_write(
+        &mut self,
+        mut closed: Pin<&mut impl Future<Output = ()>>,
+    ) -> Option<std::io::Result<()>> {
         let Self {
             io,
             conn,
@@ -203,10 +210,10 @@ impl Writer {
             ticker,
         } = self;
         // Most writes complete at once, as the socket has room. For them the
-        // guards below are checked directly: setting up the `select!`
-        // (registering with the closing token, a timer for the heartbeat
-        // deadline) would cost more than the write itself.
-        if conn.closing().is_cancelled() {
+        // guards below are checked directly: setting up the `select!` (a
+        // timer for the heartbeat deadline, the write's own future) would
+        // cost more than the write itself.
+        if conn.is_closing() {
             return None;
         }
         if heartbeat.deadline.is_some_and(|at| at <= Instant::now()) && heartbeat.lapsed(conn) {
@@ -224,7 +231,7 @@ impl Writer {
         loop {
             tokio::select! {
                 biased;
-                _ = conn.closing().cancelled() => return None,
+                _ = closed.as_mut() => return None,
                 _ = tokio::time::sleep_until(heartbeat.deadline()), if heartbeat.deadline.is_some() => {
                     if heartbeat.lapsed(conn) {
                         return None;
