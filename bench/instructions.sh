@@ -6,7 +6,9 @@
 #     connections against the benchmark's upstream;
 #   - per WebSocket connection: connect, upgrade, join and close, with NATS
 #     on, so the four events of each connection are published;
-#   - per delivery of a one-room fan-out to 1,000 members.
+#   - per delivery of a one-room fan-out to 1,000 members;
+#   - per delivery to a room of 100 at 20 messages a second, where every
+#     message is a write of its own to each member (chat-like traffic).
 #
 #   bench/instructions.sh                       # the roomgate built from this tree
 #   bench/instructions.sh /path/to/roomgate     # another build, to compare
@@ -175,6 +177,16 @@ fanout() {
     echo "Fan-out 1 x 1,000: $(((large - small) / 200000)) instructions per delivery"
 }
 
+# At this rate no burst forms: each message wakes each member's writer and
+# leaves in a write of its own, so what a wake-up costs is all per delivery.
+# The runs differ by 4 s: 80 messages, 8,000 deliveries.
+paced() {
+    local small large
+    small=$(matrix_run paced-2s --only rate --fanout 100 --rate 20 --rate-secs 2)
+    large=$(matrix_run paced-6s --only rate --fanout 100 --rate 20 --rate-secs 6)
+    echo "Fan-out 1 x 100 at 20 messages/s: $(((large - small) / 8000)) instructions per delivery"
+}
+
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 if [ $# -eq 0 ]; then
     echo "roomgate $(git describe --always --dirty 2>/dev/null || echo '?'): user-space instructions (callgrind)"
@@ -184,3 +196,4 @@ fi
 http
 idle
 fanout
+paced
