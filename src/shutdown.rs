@@ -18,8 +18,8 @@ use tokio_util::task::TaskTracker;
 #[derive(Clone, Default)]
 pub struct Shutdown {
     stop: CancellationToken,
-    /// Set just before `stop` is cancelled, so [`Stopped`] can check it
-    /// without a lock.
+    /// Set just before `stop` is cancelled, so a [`Cancelled`] wait on it
+    /// can check it without a lock.
     stopped: Arc<AtomicBool>,
     force: CancellationToken,
     tasks: TaskTracker,
