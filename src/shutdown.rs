@@ -180,39 +180,50 @@ impl Signals {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    /// A task polled many times with the same waker still sees shutdown.
-    #[tokio::test]
-    async fn stopped_resolves_after_many_polls_with_the_same_waker() {
-        let shutdown = Shutdown::new();
+    /// Runs `wait` in a task that is woken five times for other reasons
+    /// before `trigger` runs; `wait` must still see the trigger, although
+    /// it was polled with the same waker again and again (see
+    /// [`Cancelled`]).
+    pub(crate) async fn seen_across_wake_ups(
+        wait: impl Future<Output = ()> + Send + 'static,
+        trigger: impl FnOnce(),
+    ) {
         let (wake, mut woken) = tokio::sync::mpsc::unbounded_channel::<()>();
-        let watcher = {
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                let mut stopped = std::pin::pin!(shutdown.stopped());
-                let mut wakes = 0;
-                loop {
-                    tokio::select! {
-                        _ = &mut stopped => return wakes,
-                        Some(()) = woken.recv() => wakes += 1,
-                    }
+        let watcher = tokio::spawn(async move {
+            let mut wait = std::pin::pin!(wait);
+            let mut wakes = 0;
+            loop {
+                tokio::select! {
+                    _ = wait.as_mut() => return wakes,
+                    Some(()) = woken.recv() => wakes += 1,
                 }
-            })
-        };
+            }
+        });
         for _ in 0..5 {
             wake.send(()).expect("watcher running");
             tokio::task::yield_now().await;
         }
-        assert!(!shutdown.is_stopping());
-        shutdown.begin();
-        assert!(shutdown.is_stopping());
+        trigger();
         let wakes = tokio::time::timeout(Duration::from_secs(20), watcher)
             .await
-            .expect("the watcher saw shutdown")
+            .expect("the watcher saw the trigger")
             .expect("watcher task");
-        assert!(wakes >= 1, "the watcher was polled before shutdown");
+        assert!(wakes >= 1, "the watcher was polled before the trigger");
+    }
+
+    #[tokio::test]
+    async fn stopped_resolves_after_many_polls_with_the_same_waker() {
+        let shutdown = Shutdown::new();
+        let waiting = shutdown.clone();
+        seen_across_wake_ups(async move { waiting.stopped().await }, || {
+            assert!(!shutdown.is_stopping());
+            shutdown.begin();
+            assert!(shutdown.is_stopping());
+        })
+        .await;
     }
 
     #[tokio::test]

@@ -231,41 +231,21 @@ impl std::fmt::Debug for Connection {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
+    use crate::shutdown::tests::seen_across_wake_ups;
 
     /// Closes a fresh connection with `how` while a task waits on one
     /// `closed()` future across several wake-ups; that task must see it.
     async fn closing_is_seen(how: impl FnOnce(&Connection, &Shutdown)) {
         let shutdown = Shutdown::new();
         let conn = Connection::new(Identity::default(), 4, SlowConsumerPolicy::Close, &shutdown);
-        let (wake, mut woken) = tokio::sync::mpsc::unbounded_channel::<()>();
-        let watcher = {
-            let conn = conn.clone();
-            tokio::spawn(async move {
-                let mut closed = std::pin::pin!(conn.closed());
-                let mut wakes = 0;
-                loop {
-                    tokio::select! {
-                        _ = closed.as_mut() => return wakes,
-                        Some(()) = woken.recv() => wakes += 1,
-                    }
-                }
-            })
-        };
-        for _ in 0..5 {
-            wake.send(()).expect("watcher running");
-            tokio::task::yield_now().await;
-        }
-        assert!(!conn.is_closing());
-        how(&conn, &shutdown);
-        assert!(conn.is_closing());
-        let wakes = tokio::time::timeout(Duration::from_secs(20), watcher)
-            .await
-            .expect("the watcher saw the connection close")
-            .expect("watcher task");
-        assert!(wakes >= 1, "the watcher was polled before the close");
+        let waiting = conn.clone();
+        seen_across_wake_ups(async move { waiting.closed().await }, || {
+            assert!(!conn.is_closing());
+            how(&conn, &shutdown);
+            assert!(conn.is_closing());
+        })
+        .await;
     }
 
     #[tokio::test]
