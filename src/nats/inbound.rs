@@ -334,20 +334,23 @@ fn backend_frame(room: Option<&str>, message: &Message) -> Option<Frame> {
 
 /// A header's first value. Names are matched without regard to case, as in
 /// HTTP: NATS keeps the case a client sends, and clients differ in how they
-/// spell `Roomgate-Raw`.
+/// spell `Roomgate-Raw`; a name spelled exactly as asked wins over other
+/// spellings. One pass over the few headers a message has, without the
+/// header map's hashed lookup, which cost more than the pass and missed
+/// for most names asked (every broadcast asks for `Roomgate-Exclude`).
 fn header<'m>(message: &'m Message, name: &str) -> Option<&'m str> {
-    let headers = message.headers.as_ref()?;
-    if let Some(value) = headers.get(name) {
-        return Some(value.as_str());
+    let mut found = None;
+    for (key, values) in message.headers.as_ref()?.iter() {
+        let key: &str = key.as_ref();
+        if key == name {
+            found = values.first();
+            break;
+        }
+        if found.is_none() && key.eq_ignore_ascii_case(name) {
+            found = values.first();
+        }
     }
-    headers
-        .iter()
-        .find(|(key, _)| {
-            let key: &[u8] = key.as_ref();
-            key.eq_ignore_ascii_case(name.as_bytes())
-        })
-        .and_then(|(_, values)| values.first())
-        .map(|v| v.as_str())
+    found.map(|v| v.as_str())
 }
 
 fn exclude(message: &Message) -> Option<Uuid> {
@@ -383,6 +386,32 @@ mod tests {
             runs.push((run.iter().map(Frame::len).collect(), exclude));
         });
         runs
+    }
+
+    #[test]
+    fn header_names_match_without_case_and_the_exact_spelling_wins() {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("roomgate-from", "lower");
+        headers.insert("Roomgate-Raw", "exact");
+        headers.insert("ROOMGATE-RAW", "upper");
+        let message = Message {
+            subject: "roomgate.broadcast.lobby".into(),
+            reply: None,
+            payload: Bytes::new(),
+            headers: Some(headers),
+            status: None,
+            description: None,
+            length: 0,
+        };
+        assert_eq!(header(&message, "Roomgate-From"), Some("lower"));
+        assert_eq!(header(&message, "Roomgate-Raw"), Some("exact"));
+        assert_eq!(header(&message, "ROOMGATE-RAW"), Some("upper"));
+        assert_eq!(header(&message, "Roomgate-Exclude"), None);
+        let bare = Message {
+            headers: None,
+            ..message
+        };
+        assert_eq!(header(&bare, "Roomgate-Raw"), None);
     }
 
     #[test]
