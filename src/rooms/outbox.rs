@@ -169,7 +169,7 @@ impl Outbox {
     pub fn ready(&self) -> impl Future<Output = ()> + '_ {
         poll_fn(|cx| {
             self.writer.register(cx.waker());
-            if self.lock().is_empty() {
+            if self.is_empty() {
                 Poll::Pending
             } else {
                 Poll::Ready(())
