@@ -11,6 +11,7 @@ mod handover;
 mod io;
 mod ratelimit;
 mod session;
+mod ticker;
 mod writer;
 
 use std::net::SocketAddr;

@@ -18,12 +18,13 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use tokio::io::AsyncWrite;
 use tokio::net::tcp::OwnedWriteHalf;
-use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
 use tracing::debug;
 
 use super::session::{CLOSE_ABNORMAL, CLOSE_NO_STATUS, SessionSettings};
+use super::ticker::Ticker;
 use crate::metrics::CloseReason;
 use crate::protocol;
 use crate::rooms::{Batch, Connection};
@@ -89,15 +90,13 @@ pub struct Writer {
     heartbeat: Heartbeat,
     /// A ping fell due (its deadline runs) but has not been written yet.
     ping_due: bool,
-    ticker: Interval,
+    ticker: Ticker,
 }
 
 impl Writer {
     /// A writer for `conn` on the sending half `io`.
     pub fn new(io: OwnedWriteHalf, conn: Arc<Connection>, settings: SessionSettings) -> Self {
-        let period = settings.ping_interval;
-        let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
-        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let ticker = Ticker::new(settings.ping_interval);
         Self {
             io,
             conn,
@@ -170,7 +169,7 @@ impl Writer {
             tokio::select! {
                 biased;
                 _ = closed.as_mut() => return false,
-                _ = tokio::time::sleep_until(self.heartbeat.deadline()), if self.heartbeat.deadline.is_some() => {
+                _ = until(self.heartbeat.deadline()), if self.heartbeat.deadline.is_some() => {
                     if self.heartbeat.lapsed(&self.conn) {
                         return false;
                     }
@@ -232,7 +231,7 @@ impl Writer {
             tokio::select! {
                 biased;
                 _ = closed.as_mut() => return None,
-                _ = tokio::time::sleep_until(heartbeat.deadline()), if heartbeat.deadline.is_some() => {
+                _ = until(heartbeat.deadline()), if heartbeat.deadline.is_some() => {
                     if heartbeat.lapsed(conn) {
                         return None;
                     }
@@ -300,6 +299,12 @@ fn close_frame(code: u16, text: &str) -> Bytes {
     // Writing into a Vec cannot fail.
     let _ = frame.format(&mut out);
     Bytes::from(out)
+}
+
+/// Sleeps until `at`. The timer is made at the first poll, so a `select!`
+/// branch disabled for want of a deadline costs none.
+async fn until(at: Instant) {
+    tokio::time::sleep_until(at).await;
 }
 
 /// One `writev` of the first `N` buffers of `parts`, skipping the first
