@@ -45,14 +45,6 @@ struct Heartbeat {
 }
 
 impl Heartbeat {
-    fn far_future() -> Instant {
-        Instant::now() + Duration::from_secs(86_400 * 365)
-    }
-
-    fn deadline(&self) -> Instant {
-        self.deadline.unwrap_or_else(Self::far_future)
-    }
-
     /// Starts the clock for a ping just sent, unless an earlier ping is
     /// still unanswered: that one keeps its deadline. Restarting the clock
     /// on every ping would never expire when `pong_timeout` is not shorter
@@ -169,7 +161,7 @@ impl Writer {
             tokio::select! {
                 biased;
                 _ = closed.as_mut() => return false,
-                _ = until(self.heartbeat.deadline()), if self.heartbeat.deadline.is_some() => {
+                _ = until(self.heartbeat.deadline), if self.heartbeat.deadline.is_some() => {
                     if self.heartbeat.lapsed(&self.conn) {
                         return false;
                     }
@@ -231,7 +223,7 @@ impl Writer {
             tokio::select! {
                 biased;
                 _ = closed.as_mut() => return None,
-                _ = until(heartbeat.deadline()), if heartbeat.deadline.is_some() => {
+                _ = until(heartbeat.deadline), if heartbeat.deadline.is_some() => {
                     if heartbeat.lapsed(conn) {
                         return None;
                     }
@@ -301,10 +293,14 @@ fn close_frame(code: u16, text: &str) -> Bytes {
     Bytes::from(out)
 }
 
-/// Sleeps until `at`. The timer is made at the first poll, so a `select!`
-/// branch disabled for want of a deadline costs none.
-async fn until(at: Instant) {
-    tokio::time::sleep_until(at).await;
+/// Sleeps until `at`, or for ever without it. Nothing is done before the
+/// first poll, so a `select!` branch disabled for want of a deadline costs
+/// neither a timer nor a clock read.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// One `writev` of the first `N` buffers of `parts`, skipping the first
