@@ -432,7 +432,7 @@ async fn tokens_and_cookies_never_reach_the_logs() {
 }
 
 /// An upstream whose `/auth/ws` admits the cookie `session=good` as alice
-/// (rooms `chat.*`), refuses `session=banned` with 403 and a body, and
+/// (rooms `chat.*`), `session=norooms` with an empty room list, refuses `session=banned` with 403 and a body, and
 /// serves everything else with 200.
 async fn auth_upstream() -> Upstream {
     Upstream::start(|request: Request<hyper::body::Incoming>| async move {
@@ -450,6 +450,13 @@ async fn auth_upstream() -> Upstream {
             Response::builder()
                 .header("roomgate-user", "alice")
                 .header("roomgate-rooms", "chat.*, lobby")
+                .body(full(""))
+                .expect("response")
+        } else if cookie.contains("session=norooms") {
+            // A service that lists a user's rooms, for a user with none.
+            Response::builder()
+                .header("roomgate-user", "nobody")
+                .header("roomgate-rooms", "")
                 .body(full(""))
                 .expect("response")
         } else if cookie.contains("session=banned") {
@@ -489,6 +496,13 @@ async fn forward_auth_admits_refuses_and_passes_the_body_back() {
     assert_eq!(alice.recv().await["user"], "alice");
     alice.send(json!({"type": "join", "room": "admin"})).await;
     assert_eq!(alice.recv().await["code"], "forbidden");
+    let mut nobody = connect_with(&url, &[("cookie", "session=norooms")]).await;
+    nobody.send(json!({"type": "join", "room": "lobby"})).await;
+    assert_eq!(
+        nobody.recv().await["code"],
+        "forbidden",
+        "an empty room list allows no room"
+    );
 
     assert_eq!(
         upgrade_status(gw.addr, "", &[("cookie", "session=banned")]).await,

@@ -127,16 +127,20 @@ impl ForwardAuth {
     }
 }
 
+/// The identity the auth service's answer grants. A `Roomgate-Rooms` header
+/// that is present but lists no pattern allows no room: only a missing
+/// header leaves the rooms unrestricted, so that a service building the list
+/// from a user's rooms never grants every room to a user who has none.
 fn identity(headers: &hyper::HeaderMap) -> Identity {
     let text = |name: &str| {
         headers
             .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
+            .map(|v| v.to_str().map(str::trim).unwrap_or_default())
     };
     Identity {
-        user: text("roomgate-user").map(Arc::from),
+        user: text("roomgate-user")
+            .filter(|v| !v.is_empty())
+            .map(Arc::from),
         rooms: text("roomgate-rooms").map(|v| RoomPatterns::new(v.split(','))),
         expires_at: None,
     }
