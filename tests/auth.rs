@@ -14,6 +14,7 @@ use http_body_util::BodyExt;
 use hyper::{Request, Response, StatusCode};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
 
 const SECRET: &str = "a test secret that is long enough";
 
@@ -528,6 +529,54 @@ async fn forward_auth_admits_refuses_and_passes_the_body_back() {
             .await,
         1.0
     );
+}
+
+#[tokio::test]
+async fn an_upgrade_admitted_while_the_gateway_stops_gets_503() {
+    // The auth service answers only once the gateway has begun to stop:
+    // the upgrade must be refused with an HTTP answer, not switched and
+    // closed, nor closed with WebSocket bytes where the client waits for
+    // the HTTP response.
+    type Go = tokio::sync::oneshot::Sender<()>;
+    let (asked, mut asks) = tokio::sync::mpsc::unbounded_channel::<Go>();
+    let upstream = Upstream::start(move |_request: Request<hyper::body::Incoming>| {
+        let asked = asked.clone();
+        async move {
+            let (go, wait) = tokio::sync::oneshot::channel();
+            let _ = asked.send(go);
+            let _ = wait.await;
+            Response::builder()
+                .header("roomgate-user", "alice")
+                .body(full(""))
+                .expect("response")
+        }
+    })
+    .await;
+    let mut gw = TestGateway::with(|c| {
+        c.auth.mode = roomgate::config::AuthMode::Upstream;
+        c.upstream.url = upstream.url();
+        c.auth.upstream.timeout_secs = 10;
+    })
+    .await;
+    let mut stream = within("connect", tokio::net::TcpStream::connect(gw.addr))
+        .await
+        .expect("connect");
+    let request = raw_upgrade_request(gw.addr, "/ws", "");
+    within("write", stream.write_all(request.as_bytes()))
+        .await
+        .expect("write the handshake");
+    let go = within("the auth request", asks.recv())
+        .await
+        .expect("asked");
+    gw.begin_stop();
+    eventually_async("the gateway to drain", || async {
+        gw.admin_get("/readyz").await.0 == 503
+    })
+    .await;
+    let _ = go.send(());
+    let (status, head) = read_response_head(&mut stream).await;
+    assert_eq!(status, 503, "{head}");
+    gw.wait_stopped().await;
 }
 
 #[tokio::test]

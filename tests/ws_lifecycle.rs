@@ -446,6 +446,38 @@ async fn messages_over_the_limit_close_with_1009_however_they_arrive() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_decided_before_the_first_write_still_sends_the_101() {
+    // The frame arrives with the handshake itself, so the session closes
+    // the connection before its writer has written anything: the client
+    // must still get the 101 its handshake waits for, then the close frame,
+    // never WebSocket bytes in place of an HTTP response.
+    let gw = TestGateway::with(|c| {
+        c.websocket.max_message_size_bytes = 1024;
+        // The gateway waits this long for the close reply the test never sends.
+        c.websocket.pong_timeout_secs = 1;
+    })
+    .await;
+    let mut request = raw_upgrade_request(gw.addr, "/ws", "").into_bytes();
+    request.extend(client_frame(0x81, &[b'x'; 2000], true));
+    for round in 0..5 {
+        let mut stream = within("connect", TcpStream::connect(gw.addr))
+            .await
+            .expect("connect");
+        within("write the handshake", stream.write_all(&request))
+            .await
+            .expect("write");
+        let (status, head) = read_response_head(&mut stream).await;
+        assert_eq!(status, 101, "round {round}: {head}");
+        let frames = frames_until_closed(&mut stream).await;
+        assert_eq!(
+            frames.last().and_then(RawFrame::close_code),
+            Some(1009),
+            "round {round}"
+        );
+    }
+}
+
 // ----- heartbeat --------------------------------------------------------
 
 /// Completes a handshake on a raw socket that will never answer a ping.

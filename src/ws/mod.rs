@@ -137,6 +137,11 @@ impl Upgrader {
         let on_upgrade = hyper::upgrade::on(&mut request);
         let (parts, _) = request.into_parts();
         let identity = self.auth.admit(&parts, client).await?;
+        // Forward auth may have taken a while: a session started now would
+        // only be closed again at once.
+        if self.shutdown.is_stopping() {
+            return Err(unavailable(RejectReason::ShuttingDown, "shutting down"));
+        }
         let permit =
             self.slots.clone().try_acquire_owned().map_err(|_| {
                 unavailable(RejectReason::TooManyConnections, "too many connections")

@@ -83,6 +83,11 @@ pub struct Writer {
     /// A ping fell due (its deadline runs) but has not been written yet.
     ping_due: bool,
     ticker: Ticker,
+    /// No write has completed yet, so the front of the batch, once taken,
+    /// is the held-back 101 response (with any control frames queued by
+    /// then), which the client must get even if the connection closes
+    /// before its first write.
+    handshake_owed: bool,
 }
 
 impl Writer {
@@ -101,6 +106,7 @@ impl Writer {
             },
             ping_due: false,
             ticker,
+            handshake_owed: true,
         }
     }
 
@@ -127,7 +133,7 @@ impl Writer {
                 self.ping_due = false;
             }
             match self.guarded_write(closed.as_mut()).await {
-                Some(Ok(())) => {}
+                Some(Ok(())) => self.handshake_owed = false,
                 Some(Err(e)) => {
                     debug!(error = %e, "write failed");
                     self.conn.close(CLOSE_ABNORMAL, "", CloseReason::Error);
@@ -199,6 +205,7 @@ impl Writer {
             heartbeat,
             ping_due,
             ticker,
+            ..
         } = self;
         // Most writes complete at once, as the socket has room. For them the
         // guards below are checked directly: setting up the `select!` (a
@@ -251,16 +258,7 @@ impl Writer {
             return (self.io, None);
         };
         let deadline = Instant::now() + self.settings.pong_timeout;
-        // An abandoned write may have stopped in the middle of a frame: its
-        // rest must go out before anything else can. The frames after it in
-        // the same buffer are data, and are dropped like the others.
-        let mut out: Batch = VecDeque::new();
-        if self.front_written > 0
-            && let Some(front) = self.batch.pop_front()
-        {
-            let end = protocol::frame_end(&front, self.front_written);
-            out.push_back(front.slice(self.front_written..end));
-        }
+        let mut out: Batch = self.owed_front().into_iter().collect();
         out.extend(control);
         let ours = request.reason != CloseReason::Client
             && request.code != CLOSE_ABNORMAL
@@ -278,6 +276,30 @@ impl Writer {
         let awaits_reply = ours && request.reason != CloseReason::Shutdown;
         let awaits = (matches!(sent, Ok(Ok(()))) && awaits_reply).then_some(deadline);
         (self.io, awaits)
+    }
+}
+
+impl Writer {
+    /// What of the batch's front buffer must still go out before a close
+    /// frame. Until a write has completed, that buffer is the 101 response
+    /// and the control frames queued with it, all owed whole: without the
+    /// 101, the client would read WebSocket bytes where it waits for an
+    /// HTTP answer. After that, an abandoned write may have stopped in the
+    /// middle of a frame, whose rest must go out before anything else can;
+    /// the frames after it in the same buffer are data, dropped like the
+    /// others.
+    fn owed_front(&mut self) -> Option<Bytes> {
+        if !self.handshake_owed && self.front_written == 0 {
+            return None;
+        }
+        let front = self.batch.pop_front()?;
+        let start = self.front_written.min(front.len());
+        let end = if self.handshake_owed {
+            front.len()
+        } else {
+            protocol::frame_end(&front, start)
+        };
+        Some(front.slice(start..end))
     }
 }
 
