@@ -782,6 +782,58 @@ async fn a_client_that_stops_reading_is_closed_even_while_a_write_to_it_is_stuck
 }
 
 #[tokio::test]
+async fn pongs_a_client_makes_up_do_not_keep_a_client_that_stopped_reading() {
+    // The client never reads, so the pings stuck behind the backlog never
+    // reach it; it sends pongs of its own (RFC 6455 allows unsolicited
+    // ones). They answer no ping, and the heartbeat must still end it.
+    let gw = TestGateway::with(|c| {
+        c.websocket.ping_interval_secs = 1;
+        c.websocket.pong_timeout_secs = 1;
+        c.websocket.send_queue_capacity = 1024;
+    })
+    .await;
+    let mut stuck = client_that_stops_reading(gw.addr, "firehose").await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let ponger = tokio::spawn(async move {
+        // Bounded: at most 30 s of pongs, five a second.
+        for _ in 0..150 {
+            if stopped.load(std::sync::atomic::Ordering::Relaxed)
+                || stuck
+                    .write_all(&client_frame(0x8a, b"", true))
+                    .await
+                    .is_err()
+                || stuck
+                    .write_all(&client_frame(0x8a, &[0; 8], true))
+                    .await
+                    .is_err()
+            {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    });
+    let mut sender = Flooder::join(&gw, "firehose").await;
+    let content = "f".repeat(60_000);
+    for _ in 0..300 {
+        sender
+            .send(json!({"type": "message", "room": "firehose", "content": content}))
+            .await;
+    }
+    eventually_async("the stuck client to be closed", || async {
+        gw.metric("roomgate_connections_closed_total{reason=\"ping_timeout\"}")
+            .await
+            == 1.0
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    within("the pong task to stop", ponger)
+        .await
+        .expect("pong task");
+    assert_eq!(gw.metric("roomgate_connections").await, 1.0);
+}
+
+#[tokio::test]
 async fn a_client_that_stops_reading_during_a_flood_is_closed() {
     // With a small queue the flood overflows it (slow consumer, 1013) at
     // some moment the writer may be blocked on any write, a ping included;

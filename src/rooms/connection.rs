@@ -6,8 +6,9 @@
 //! waits: a full queue is the slow-consumer case and its policy applies on
 //! the spot, so one client that stops reading cannot stall a broadcast.
 
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, OnceLock};
 use std::time::SystemTime;
 
 use tokio_util::sync::CancellationToken;
@@ -20,6 +21,11 @@ use crate::config::SlowConsumerPolicy;
 use crate::metrics::CloseReason;
 use crate::protocol::{Frame, Run};
 use crate::shutdown::{Cancelled, Shutdown};
+
+/// The key of the pings' payloads: random per process, so a client can echo
+/// a ping it has read but cannot make up one it has not.
+static PING_KEY: LazyLock<std::collections::hash_map::RandomState> =
+    LazyLock::new(std::collections::hash_map::RandomState::new);
 
 /// Close code for a client that cannot keep up (SPEC §1).
 pub const CLOSE_SLOW_CONSUMER: u16 = 1013;
@@ -73,7 +79,9 @@ pub struct Connection {
     /// Shutdown's flag, set before the parent of `closing` is cancelled.
     stopping: Arc<AtomicBool>,
     close: OnceLock<CloseRequest>,
-    pongs: AtomicU64,
+    /// The heartbeat in one word: the number of the last ping sent (high
+    /// half) and of the last ping the client answered (low half).
+    heartbeat: AtomicU64,
     /// Rooms this connection is in. Locked before any room (lock order:
     /// connection, room shard, room) so membership changes from the client
     /// and from backends cannot interleave.
@@ -100,7 +108,7 @@ impl Connection {
             closed: AtomicBool::new(false),
             stopping: shutdown.stop_flag(),
             close: OnceLock::new(),
-            pongs: AtomicU64::new(0),
+            heartbeat: AtomicU64::new(0),
             rooms: Mutex::new(Vec::new()),
         })
     }
@@ -203,14 +211,46 @@ impl Connection {
         Cancelled::new(&self.closing, || self.is_closing())
     }
 
-    /// Records a pong from the client (heartbeat).
-    pub fn pong_received(&self) {
-        self.pongs.fetch_add(1, Ordering::Relaxed);
+    /// Numbers the next ping and returns its number and payload. The
+    /// payload is a keyed hash of the connection and the number, which the
+    /// client's pong must echo (RFC 6455 §5.5.3): so only a pong to a ping
+    /// that reached the client counts, and a client that stopped reading
+    /// cannot stay by sending pongs of its own.
+    pub fn next_ping(&self) -> (u32, [u8; 8]) {
+        let before = self.heartbeat.fetch_add(1 << 32, Ordering::Relaxed);
+        let number = ((before >> 32) as u32).wrapping_add(1);
+        (number, self.ping_payload(number))
     }
 
-    /// Pongs received so far; the writer compares it across a ping.
-    pub fn pongs(&self) -> u64 {
-        self.pongs.load(Ordering::Relaxed)
+    /// Records a pong from the client. It answers a ping when it echoes the
+    /// payload of the last ping sent or of the one before (a slow client
+    /// may answer a ping just as the next goes out); any other pong is
+    /// allowed by RFC 6455 and ignored.
+    pub fn pong_received(&self, payload: &[u8]) {
+        let last = (self.heartbeat.load(Ordering::Relaxed) >> 32) as u32;
+        let Some(number) = [last, last.wrapping_sub(1)]
+            .into_iter()
+            .find(|&n| n != 0 && payload == self.ping_payload(n))
+        else {
+            return;
+        };
+        let _ = self
+            .heartbeat
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |state| {
+                let answered = state as u32;
+                (number > answered).then_some(state & !u64::from(u32::MAX) | u64::from(number))
+            });
+    }
+
+    /// Whether the client has answered ping `number` or a later one.
+    pub fn answered(&self, number: u32) -> bool {
+        let answered = self.heartbeat.load(Ordering::Relaxed) as u32;
+        // Ping numbers only grow (they would wrap after 2^32 pings).
+        answered >= number
+    }
+
+    fn ping_payload(&self, number: u32) -> [u8; 8] {
+        PING_KEY.hash_one((self.id.as_u128(), number)).to_be_bytes()
     }
 
     /// The membership list, locked.
@@ -261,5 +301,38 @@ mod tests {
     #[tokio::test]
     async fn shutdown_is_seen_by_a_long_lived_wait() {
         closing_is_seen(|_, shutdown| shutdown.begin()).await;
+    }
+
+    #[test]
+    fn only_a_pong_echoing_a_recent_ping_answers_it() {
+        let shutdown = Shutdown::new();
+        let conn = Connection::new(Identity::default(), 4, SlowConsumerPolicy::Close, &shutdown);
+        let (first, first_payload) = conn.next_ping();
+        conn.pong_received(b"");
+        conn.pong_received(&[0; 8]);
+        assert!(!conn.answered(first), "a pong of its own making");
+        let other = Connection::new(Identity::default(), 4, SlowConsumerPolicy::Close, &shutdown);
+        let (_, others) = other.next_ping();
+        assert_ne!(others, first_payload, "payloads differ per connection");
+        conn.pong_received(&others);
+        assert!(!conn.answered(first), "another connection's ping");
+
+        let (second, second_payload) = conn.next_ping();
+        assert_ne!(second_payload, first_payload);
+        conn.pong_received(&first_payload);
+        assert!(
+            conn.answered(first),
+            "the ping before the last still counts"
+        );
+        assert!(!conn.answered(second));
+        conn.pong_received(&second_payload);
+        assert!(conn.answered(second));
+        conn.pong_received(&first_payload);
+        assert!(conn.answered(second), "a late echo does not undo an answer");
+
+        let (third, _) = conn.next_ping();
+        let (fourth, _) = conn.next_ping();
+        conn.pong_received(&first_payload);
+        assert!(!conn.answered(third) && !conn.answered(fourth), "too old");
     }
 }

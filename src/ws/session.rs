@@ -189,7 +189,7 @@ impl<'a> Reader<'a> {
                     );
                 }
             }
-            Message::Pong(_) => self.conn.pong_received(),
+            Message::Pong(payload) => self.conn.pong_received(&payload),
             // tungstenite queues the pong itself and hands it over on the
             // next read.
             Message::Ping(_) | Message::Frame(_) | Message::Close(_) => {}

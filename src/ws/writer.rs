@@ -35,34 +35,35 @@ const MAX_IOV: usize = 128;
 /// Buffers of a typical write: a run, perhaps after a ping or control frames.
 const FEW_IOV: usize = 4;
 
-/// An empty, unmasked ping frame.
-const PING: &[u8] = &[0x89, 0x00];
+/// The first two bytes of a ping frame with an 8-byte payload, unmasked.
+const PING_HEAD: [u8; 2] = [0x89, 0x08];
 
 /// Ping bookkeeping: after a ping, the client has `pong_timeout` to answer.
 struct Heartbeat {
     deadline: Option<Instant>,
-    pongs_at_ping: u64,
+    /// The number of the ping the deadline waits on.
+    ping: u32,
 }
 
 impl Heartbeat {
-    /// Starts the clock for a ping just sent, unless an earlier ping is
+    /// Starts the clock for ping `number`, unless an earlier ping is
     /// still unanswered: that one keeps its deadline. Restarting the clock
     /// on every ping would never expire when `pong_timeout` is not shorter
     /// than `ping_interval` (the next tick comes first and resets it), so a
     /// dead client would be kept forever.
-    fn ping_sent(&mut self, conn: &Connection, timeout: Duration) {
-        if self.deadline.is_some() && conn.pongs() == self.pongs_at_ping {
+    fn ping_sent(&mut self, conn: &Connection, number: u32, timeout: Duration) {
+        if self.deadline.is_some() && !conn.answered(self.ping) {
             return;
         }
         self.deadline = Some(Instant::now() + timeout);
-        self.pongs_at_ping = conn.pongs();
+        self.ping = number;
     }
 
     /// Called at the deadline: when the ping went unanswered, closes `conn`
     /// for it and returns `true`.
     fn lapsed(&mut self, conn: &Connection) -> bool {
         self.deadline = None;
-        let lapsed = conn.pongs() == self.pongs_at_ping;
+        let lapsed = !conn.answered(self.ping);
         if lapsed {
             conn.close(1001, "ping timeout", CloseReason::PingTimeout);
         }
@@ -80,8 +81,9 @@ pub struct Writer {
     /// a write was abandoned in the middle of it.
     front_written: usize,
     heartbeat: Heartbeat,
-    /// A ping fell due (its deadline runs) but has not been written yet.
-    ping_due: bool,
+    /// The payload of a ping that fell due (its deadline runs) but has not
+    /// been written yet.
+    ping_due: Option<[u8; 8]>,
     ticker: Ticker,
     /// No write has completed yet, so the front of the batch, once taken,
     /// is the held-back 101 response (with any control frames queued by
@@ -102,9 +104,9 @@ impl Writer {
             front_written: 0,
             heartbeat: Heartbeat {
                 deadline: None,
-                pongs_at_ping: 0,
+                ping: 0,
             },
-            ping_due: false,
+            ping_due: None,
             ticker,
             handshake_owed: true,
         }
@@ -121,16 +123,15 @@ impl Writer {
         let mut closed = pin!(conn.closed());
         loop {
             self.conn.outbox().take(&mut self.batch);
-            if self.batch.is_empty() && !self.ping_due {
+            if self.batch.is_empty() && self.ping_due.is_none() {
                 if self.wait(closed.as_mut()).await {
                     continue;
                 }
                 break;
             }
-            if self.ping_due {
+            if let Some(payload) = self.ping_due.take() {
                 // The batch is whole frames here, so the ping may go first.
-                self.batch.push_front(Bytes::from_static(PING));
-                self.ping_due = false;
+                self.batch.push_front(ping_frame(payload));
             }
             match self.guarded_write(closed.as_mut()).await {
                 Some(Ok(())) => self.handshake_owed = false,
@@ -152,12 +153,13 @@ impl Writer {
     /// next write.
     fn ping_due(
         heartbeat: &mut Heartbeat,
-        ping_due: &mut bool,
+        ping_due: &mut Option<[u8; 8]>,
         conn: &Connection,
         timeout: Duration,
     ) {
-        heartbeat.ping_sent(conn, timeout);
-        *ping_due = true;
+        let (number, payload) = conn.next_ping();
+        heartbeat.ping_sent(conn, number, timeout);
+        *ping_due = Some(payload);
     }
 
     /// Waits for frames, the next ping, the heartbeat deadline or closing;
@@ -301,6 +303,14 @@ impl Writer {
         };
         Some(front.slice(start..end))
     }
+}
+
+/// An encoded ping frame carrying `payload`.
+fn ping_frame(payload: [u8; 8]) -> Bytes {
+    let mut frame = [0; 10];
+    frame[..2].copy_from_slice(&PING_HEAD);
+    frame[2..].copy_from_slice(&payload);
+    Bytes::copy_from_slice(&frame)
 }
 
 /// An encoded close frame.
