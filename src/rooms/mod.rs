@@ -13,13 +13,19 @@
 //!   replies are queued under that lock so a member never sees a room's
 //!   message before `joined` or after `left`.
 //!
-//! Lock order: a connection's room list, then a room shard, then a room.
+//! - Empty rooms wait for `idle_timeout_secs` in one queue, oldest first,
+//!   at most [`MAX_EMPTY_ROOMS`] of them. Emptying a room, refilling an
+//!   empty one and the sweeper take its lock; broadcasts never do.
+//!
+//! Lock order: a connection's room list, then a room shard, then a room,
+//! then the queue of empty rooms.
 
 mod connection;
+mod idle;
 mod name;
 mod outbox;
 
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -30,8 +36,11 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub use connection::{CLOSE_SLOW_CONSUMER, CloseRequest, Connection, Delivery, Identity};
+pub use idle::MAX_EMPTY_ROOMS;
 pub use name::{MAX_ROOM_LEN, RoomName, RoomPatterns, is_valid};
 pub use outbox::{Batch, MAX_CONTROL_BYTES, Outbox, PushError};
+
+use idle::{IdleQueue, Ticket};
 
 use crate::config::RoomsConfig;
 use crate::events::{Event, Events, now_ms};
@@ -58,11 +67,9 @@ struct RoomState {
     /// Set when the room is removed from its shard; a join that raced with
     /// the removal sees it and retries on a fresh room.
     closed: bool,
-    /// When the last member left.
-    empty_since: Option<Instant>,
-    /// Whether an expiry entry for this room is in the sweeper's heap, so a
-    /// join/leave loop adds at most one.
-    expiry_queued: bool,
+    /// The room's place in the queue of empty rooms while it waits there,
+    /// so a join can take it out and a sweep can tell a stale entry.
+    waiting: Option<Ticket>,
 }
 
 impl Room {
@@ -92,7 +99,6 @@ impl RoomState {
     fn insert(&mut self, conn: &Arc<Connection>) {
         self.index.insert(conn.id(), self.members.len());
         self.members.push(conn.clone());
-        self.empty_since = None;
     }
 
     fn remove(&mut self, id: Uuid) -> bool {
@@ -109,30 +115,6 @@ impl RoomState {
 
 /// The limits the hub enforces, from `[websocket.rooms]`.
 pub type HubConfig = RoomsConfig;
-
-/// An expiry entry: the room may be freed at `at` if still empty.
-struct Expiry {
-    at: Instant,
-    room: Arc<Room>,
-}
-
-impl PartialEq for Expiry {
-    fn eq(&self, other: &Self) -> bool {
-        self.at == other.at
-    }
-}
-impl Eq for Expiry {}
-impl PartialOrd for Expiry {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Expiry {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        // Reversed: `BinaryHeap` is a max-heap and the sweeper wants the earliest.
-        other.at.cmp(&self.at)
-    }
-}
 
 /// Counts of one broadcast, for metrics.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -158,13 +140,26 @@ pub struct Hub {
     hasher: std::collections::hash_map::RandomState,
     rooms: Box<[RoomShard]>,
     conns: Box<[ConnShard]>,
-    expiries: std::sync::Mutex<BinaryHeap<Expiry>>,
-    expiry_added: Notify,
+    /// Empty rooms awaiting `idle_timeout_secs`, oldest first.
+    idle: std::sync::Mutex<IdleQueue>,
+    /// Wakes the sweeper when the queue gets its first room.
+    idle_added: Notify,
 }
 
 impl Hub {
     /// Creates an empty hub.
     pub fn new(config: HubConfig, metrics: Metrics, events: Events) -> Arc<Self> {
+        Self::with_empty_room_limit(config, metrics, events, MAX_EMPTY_ROOMS)
+    }
+
+    /// Creates an empty hub that keeps at most `limit` empty rooms waiting
+    /// for their idle timeout (tests use a small one).
+    fn with_empty_room_limit(
+        config: HubConfig,
+        metrics: Metrics,
+        events: Events,
+        limit: usize,
+    ) -> Arc<Self> {
         Arc::new(Self {
             config,
             metrics,
@@ -172,8 +167,8 @@ impl Hub {
             hasher: Default::default(),
             rooms: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             conns: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
-            expiries: Default::default(),
-            expiry_added: Notify::new(),
+            idle: std::sync::Mutex::new(IdleQueue::new(limit)),
+            idle_added: Notify::new(),
         })
     }
 
@@ -415,6 +410,9 @@ impl Hub {
             if state.members.len() >= self.config.max_members {
                 return Err(Refusal::new(ErrorCode::RoomFull, "room is full"));
             }
+            if let Some(ticket) = state.waiting.take() {
+                lock(&self.idle).cancel(ticket);
+            }
             state.insert(conn);
             self.deliver(conn, reply);
             if self.config.presence {
@@ -473,7 +471,7 @@ impl Hub {
     }
 
     fn remove_member(&self, conn: &Arc<Connection>, room: &Arc<Room>, reply: Option<Frame>) {
-        let (emptied, free_now) = {
+        let (emptied, to_free) = {
             let mut state = room.write();
             if !state.remove(conn.id()) {
                 return;
@@ -495,35 +493,45 @@ impl Hub {
                 );
             }
             let emptied = state.members.is_empty();
-            let free_now = emptied && self.schedule_expiry(&mut state, room);
-            (emptied, free_now)
+            let to_free = if emptied {
+                self.start_waiting(&mut state, room)
+            } else {
+                None
+            };
+            (emptied, to_free)
         };
         if emptied {
             self.events.interest_changed(&room.name);
         }
         self.publish_presence(&room.name, PresenceKind::Leave, conn);
-        if free_now {
-            self.free_if_expired(room);
+        if let Some((room, ticket)) = to_free {
+            self.free_if_idle(&room, ticket);
         }
     }
 
-    /// Queues an expiry for a room that just became empty. Returns whether
-    /// the room should be freed at once (idle timeout 0).
-    fn schedule_expiry(&self, state: &mut RoomState, room: &Arc<Room>) -> bool {
-        state.empty_since = Some(Instant::now());
+    /// Puts a room that just became empty in the queue of empty rooms.
+    /// Returns a room to free now, with the ticket it must still hold:
+    /// this one when there is no idle timeout, or the one that has waited
+    /// longest when the queue is full.
+    fn start_waiting(
+        &self,
+        state: &mut RoomState,
+        room: &Arc<Room>,
+    ) -> Option<(Arc<Room>, Option<Ticket>)> {
         if self.config.idle_timeout_secs == 0 {
-            return true;
+            return Some((room.clone(), None));
         }
-        if !state.expiry_queued {
-            state.expiry_queued = true;
-            let at = Instant::now() + self.idle_timeout();
-            lock(&self.expiries).push(Expiry {
-                at,
-                room: room.clone(),
-            });
-            self.expiry_added.notify_one();
+        let mut idle = lock(&self.idle);
+        let first = idle.is_empty();
+        let (ticket, evicted) = idle.push(room.clone());
+        drop(idle);
+        state.waiting = Some(ticket);
+        if first {
+            // Later rooms come due after the first, so the sweeper, asleep
+            // until the first is due, needs waking only for the first.
+            self.idle_added.notify_one();
         }
-        false
+        evicted.map(|w| (w.room, Some(w.ticket)))
     }
 
     fn idle_timeout(&self) -> Duration {
@@ -541,25 +549,22 @@ impl Hub {
         }
     }
 
-    /// Frees `room` if it is still empty and its idle time is up. Returns
-    /// the time to check again when it is empty but not yet due.
-    fn free_if_expired(&self, room: &Arc<Room>) -> Option<Instant> {
+    /// Frees `room` if it is still empty and in the stay in the queue that
+    /// `ticket` names (`None`: not queued, for a room emptied with no idle
+    /// timeout). A room that got a member since, or was emptied again and
+    /// queued anew, is left alone. This is the one way a room is freed:
+    /// when its idle time is up, at once without an idle timeout, and early
+    /// when the queue of empty rooms is full. Its NATS interest went when
+    /// its last member left.
+    fn free_if_idle(&self, room: &Arc<Room>, ticket: Option<Ticket>) {
         let shard = self.room_shard(room.name.as_str());
         let mut map = write(shard);
         let mut state = room.write();
-        if state.closed || !state.members.is_empty() {
-            state.expiry_queued = false;
-            return None;
-        }
-        let due = state
-            .empty_since
-            .map(|t| t + self.idle_timeout())
-            .unwrap_or_else(Instant::now);
-        if due > Instant::now() {
-            return Some(due);
+        if state.closed || !state.members.is_empty() || state.waiting != ticket {
+            return;
         }
         state.closed = true;
-        state.expiry_queued = false;
+        state.waiting = None;
         if map
             .get(room.name.as_str())
             .is_some_and(|r| Arc::ptr_eq(r, room))
@@ -567,7 +572,6 @@ impl Hub {
             map.remove(room.name.as_str());
             self.metrics.rooms.dec();
         }
-        None
     }
 
     /// Frees empty rooms when their idle timeout passes, until `cancel`.
@@ -584,30 +588,23 @@ impl Hub {
             };
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = self.expiry_added.notified() => {}
+                _ = self.idle_added.notified() => {}
                 _ = sleep => {}
             }
         }
     }
 
-    /// Handles every due expiry; returns when the next one is due.
+    /// Frees every room whose idle time is up; returns when the next one
+    /// is due.
     fn sweep_due(&self) -> Option<Instant> {
+        let timeout = self.idle_timeout();
         loop {
-            let entry = {
-                let mut heap = lock(&self.expiries);
-                match heap.peek() {
-                    Some(e) if e.at <= Instant::now() => heap.pop(),
-                    Some(e) => return Some(e.at),
-                    None => return None,
-                }
-            };
-            let entry = entry?;
-            if let Some(at) = self.free_if_expired(&entry.room) {
-                // Re-occupied and emptied again since: check at its new time.
-                lock(&self.expiries).push(Expiry {
-                    at,
-                    room: entry.room,
-                });
+            // The queue's lock is released before the room is freed: the
+            // room's locks come first in the lock order.
+            let due = lock(&self.idle).pop_due(timeout);
+            match due {
+                Ok(waiting) => self.free_if_idle(&waiting.room, Some(waiting.ticket)),
+                Err(next) => return next,
             }
         }
     }
@@ -743,4 +740,122 @@ fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SlowConsumerPolicy;
+    use crate::shutdown::Shutdown;
+
+    /// A hub that keeps at most three empty rooms, with the default hour of
+    /// idle timeout, so only the bound frees rooms during a test.
+    fn hub() -> Arc<Hub> {
+        Hub::with_empty_room_limit(HubConfig::default(), Metrics::new(), Events::disabled(), 3)
+    }
+
+    fn client(shutdown: &Shutdown) -> Arc<Connection> {
+        // Replies pile up unread: `drop` keeps the connection open.
+        Connection::new(Identity::default(), 4, SlowConsumerPolicy::Drop, shutdown)
+    }
+
+    fn join(hub: &Hub, conn: &Arc<Connection>, room: &str) {
+        let name = RoomName::parse(room).expect("valid name");
+        let reply = protocol::joined(room, None);
+        hub.join(conn, &name, reply).expect("join");
+    }
+
+    fn leave(hub: &Hub, conn: &Arc<Connection>, room: &str) {
+        let reply = protocol::left(room, None, false);
+        hub.leave(conn, room, reply).expect("leave");
+    }
+
+    /// The rooms the hub holds, by name, in order.
+    fn held(hub: &Hub) -> Vec<String> {
+        hub.room_summaries().into_iter().map(|r| r.room).collect()
+    }
+
+    #[test]
+    fn beyond_the_bound_the_room_empty_longest_is_freed() {
+        let hub = hub();
+        let shutdown = Shutdown::new();
+        let conn = client(&shutdown);
+        for (i, room) in ["r0", "r1", "r2", "r3", "r4"].into_iter().enumerate() {
+            join(&hub, &conn, room);
+            leave(&hub, &conn, room);
+            let expected = (i + 1).min(3);
+            assert_eq!(hub.room_count(), expected, "after {room}");
+            assert_eq!(hub.metrics.rooms.get(), expected as i64, "after {room}");
+        }
+        assert_eq!(held(&hub), ["r2", "r3", "r4"]);
+    }
+
+    #[test]
+    fn a_room_with_a_member_again_stops_waiting_and_is_not_freed() {
+        let hub = hub();
+        let shutdown = Shutdown::new();
+        let conn = client(&shutdown);
+        for room in ["r0", "r1", "r2"] {
+            join(&hub, &conn, room);
+            leave(&hub, &conn, room);
+        }
+        // r0 has waited longest, but it gets a member back: two rooms wait.
+        join(&hub, &conn, "r0");
+        join(&hub, &conn, "r3");
+        leave(&hub, &conn, "r3");
+        assert_eq!(
+            held(&hub),
+            ["r0", "r1", "r2", "r3"],
+            "three wait, one is in use"
+        );
+        // Two more empty rooms push out r1 and r2, never the occupied r0.
+        for room in ["r4", "r5"] {
+            join(&hub, &conn, room);
+            leave(&hub, &conn, room);
+        }
+        assert_eq!(held(&hub), ["r0", "r3", "r4", "r5"]);
+        assert_eq!(hub.metrics.rooms.get(), 4);
+        // Emptied again, r0 waits as the newest: r3 goes instead.
+        leave(&hub, &conn, "r0");
+        assert_eq!(held(&hub), ["r0", "r4", "r5"]);
+        // A freed room is made again by the next join.
+        join(&hub, &conn, "r1");
+        assert!(hub.has_members("r1"));
+        assert_eq!(hub.room_count(), 4);
+    }
+
+    #[test]
+    fn leaving_and_rejoining_one_room_takes_one_place() {
+        let hub = hub();
+        let shutdown = Shutdown::new();
+        let conn = client(&shutdown);
+        for room in ["a", "b"] {
+            join(&hub, &conn, room);
+            leave(&hub, &conn, room);
+        }
+        for _ in 0..10 {
+            join(&hub, &conn, "loop");
+            leave(&hub, &conn, "loop");
+        }
+        assert_eq!(held(&hub), ["a", "b", "loop"]);
+    }
+
+    #[test]
+    fn a_disconnect_that_empties_rooms_keeps_the_bound() {
+        let hub = hub();
+        let shutdown = Shutdown::new();
+        let conn = client(&shutdown);
+        hub.register(&conn);
+        for room in ["d0", "d1", "d2", "d3", "d4"] {
+            join(&hub, &conn, room);
+        }
+        hub.unregister(&conn);
+        assert_eq!(held(&hub), ["d2", "d3", "d4"]);
+        assert_eq!(hub.metrics.rooms.get(), 3);
+        assert!(
+            held(&hub)
+                .iter()
+                .all(|r| hub.room_detail(r).is_some_and(|d| d.members == 0))
+        );
+    }
 }
