@@ -237,6 +237,61 @@ async fn a_room_rejoined_before_its_idle_timeout_is_not_freed_under_its_members(
     gw.stop().await;
 }
 
+/// Joins and leaves each of `rooms`, pipelined a hundred rooms at a time
+/// (two hundred replies fit in the default send queue), and checks every
+/// reply.
+async fn churn(client: &mut WsClient, rooms: &[String]) {
+    for batch in rooms.chunks(100) {
+        for room in batch {
+            client.send(json!({"type": "join", "room": room})).await;
+            client.send(json!({"type": "leave", "room": room})).await;
+        }
+        for room in batch {
+            assert_eq!(client.recv().await, json!({"type": "joined", "room": room}));
+            assert_eq!(client.recv().await, json!({"type": "left", "room": room}));
+        }
+    }
+}
+
+#[tokio::test]
+async fn empty_rooms_beyond_the_bound_are_freed_oldest_first() {
+    // The default idle timeout (an hour): only the bound frees rooms here.
+    let gw = TestGateway::start(test_config()).await;
+    let max = roomgate::rooms::MAX_EMPTY_ROOMS;
+    let mut a = gw.client().await;
+    // Emptied first, then occupied again: it no longer waits, so it is not
+    // the first to go, nor ever while it has a member.
+    a.join("back").await;
+    a.leave("back").await;
+    a.join("back").await;
+
+    let fresh: Vec<String> = (0..max + 100).map(|i| format!("churn.{i}")).collect();
+    churn(&mut a, &fresh).await;
+
+    assert_eq!(
+        gw.metric("roomgate_rooms").await,
+        (max + 1) as f64,
+        "the bound's worth of empty rooms, and the occupied one"
+    );
+    for gone in ["churn.0", "churn.99"] {
+        assert_eq!(members(&gw, gone).await, None, "{gone} waited longest");
+    }
+    for kept in ["churn.100".to_string(), format!("churn.{}", max + 99)] {
+        assert_eq!(members(&gw, &kept).await, Some(0), "{kept} still waits");
+    }
+    assert_eq!(member_ids(&gw, "back").await, HashSet::from([a.id.clone()]));
+
+    // Emptied now, "back" waits as the newest room and pushes out the
+    // oldest one; a room freed early is made again by the next join.
+    a.leave("back").await;
+    assert_eq!(members(&gw, "back").await, Some(0));
+    assert_eq!(members(&gw, "churn.100").await, None);
+    assert_eq!(gw.metric("roomgate_rooms").await, max as f64);
+    a.join("churn.0").await;
+    assert_eq!(members(&gw, "churn.0").await, Some(1));
+    gw.stop().await;
+}
+
 // ----- presence -----------------------------------------------------------
 
 fn presence(room: &str, event: &str, connection_id: &str) -> Value {
