@@ -199,6 +199,8 @@ pub struct RoomsConfig {
     /// Rooms one connection may be in; further joins get `too_many_rooms`.
     pub max_rooms_per_connection: usize,
     /// How long an empty room is kept before it is freed; 0 frees at once.
+    /// At most `rooms::MAX_EMPTY_ROOMS` wait at a time; beyond that the one
+    /// empty longest is freed early.
     pub idle_timeout_secs: u64,
     /// `false`: client messages go to NATS only and the backend decides what
     /// is broadcast.
