@@ -108,7 +108,12 @@ impl Admin {
 
     fn route(&self, request: Request<Incoming>) -> Response<Body> {
         if request.method() != Method::GET && request.method() != Method::HEAD {
-            return response::text(StatusCode::METHOD_NOT_ALLOWED, "only GET");
+            let mut refused = response::text(StatusCode::METHOD_NOT_ALLOWED, "only GET");
+            refused.headers_mut().insert(
+                hyper::header::ALLOW,
+                hyper::header::HeaderValue::from_static("GET, HEAD"),
+            );
+            return refused;
         }
         let path = request.uri().path();
         match path {

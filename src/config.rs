@@ -455,7 +455,7 @@ impl Config {
         );
         check(
             self.upstream.url.is_empty() || upstream_url_ok(&self.upstream.url),
-            "upstream.url: expected http://host:port with an optional path, or empty",
+            "upstream.url: expected http://host:port with an optional path and no user info, or empty",
         );
         check(
             self.upstream.connect_timeout_secs > 0,
@@ -501,8 +501,8 @@ impl Config {
             );
         }
         check(
-            tracing_subscriber::EnvFilter::try_new(&self.log.level).is_ok(),
-            "log.level: expected a level such as info or debug, or a filter like roomgate=debug",
+            log_level_ok(&self.log.level),
+            "log.level: expected a level (trace, debug, info, warn, error, off), or a filter like roomgate=debug",
         );
         self.validate_auth(&mut check);
         if errors.is_empty() {
@@ -768,13 +768,29 @@ fn split_list(raw: &str) -> Vec<String> {
         .collect()
 }
 
+/// User info is refused: the authority becomes the proxied requests'
+/// `Host`, and a password there would be sent along and printed unmasked.
 fn upstream_url_ok(url: &str) -> bool {
     match url.parse::<hyper::Uri>() {
         Ok(uri) => {
-            uri.scheme_str() == Some("http") && uri.authority().is_some() && uri.query().is_none()
+            uri.scheme_str() == Some("http")
+                && uri.authority().is_some_and(|a| !a.as_str().contains('@'))
+                && uri.query().is_none()
         }
         Err(_) => false,
     }
+}
+
+/// A filter `tracing` accepts, in which every bare word is a level. The
+/// filter syntax reads a bare word as a target name, so a misspelt level
+/// (`warning`) would pass and silence every log line.
+fn log_level_ok(level: &str) -> bool {
+    tracing_subscriber::EnvFilter::try_new(level).is_ok()
+        && level
+            .split(',')
+            .map(str::trim)
+            .filter(|d| !d.is_empty() && !d.contains(['=', '[']))
+            .all(|d| d.parse::<tracing::level_filters::LevelFilter>().is_ok())
 }
 
 fn valid_subject_prefix(prefix: &str) -> bool {
@@ -880,6 +896,52 @@ mod tests {
         };
         assert!(errors.iter().any(|e| e.starts_with("auth.mode")));
         assert!(errors.iter().any(|e| e.starts_with("server.listen")));
+    }
+
+    /// The validation errors of the default config with `edit` applied.
+    fn errors_with(edit: impl FnOnce(&mut Config)) -> Vec<String> {
+        let mut config = Config::default();
+        edit(&mut config);
+        match config.validate() {
+            Ok(()) => Vec::new(),
+            Err(ConfigError::Invalid(errors)) => errors,
+            Err(other) => panic!("unexpected error: {other}"),
+        }
+    }
+
+    #[test]
+    fn a_misspelt_log_level_is_refused() {
+        for bad in ["warning", "inf", "verbose", "info,chatty"] {
+            let errors = errors_with(|c| c.log.level = bad.into());
+            assert!(
+                errors.iter().any(|e| e.starts_with("log.level")),
+                "{bad}: {errors:?}"
+            );
+        }
+        for good in [
+            "info",
+            "WARN",
+            "off",
+            "roomgate=debug",
+            "warn,roomgate=trace",
+            "",
+        ] {
+            assert_eq!(
+                errors_with(|c| c.log.level = good.into()),
+                Vec::<String>::new(),
+                "{good}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_upstream_url_with_user_info_is_refused() {
+        let errors = errors_with(|c| c.upstream.url = "http://user:s3cret@127.0.0.1:3000".into());
+        assert!(
+            errors.iter().any(|e| e.starts_with("upstream.url")),
+            "{errors:?}"
+        );
+        assert!(errors_with(|c| c.upstream.url = "http://127.0.0.1:3000/api".into()).is_empty());
     }
 
     #[test]

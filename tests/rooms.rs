@@ -510,3 +510,20 @@ async fn room_and_message_metrics_move_and_carry_no_names_or_ids() {
     .await;
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn the_admin_port_refuses_other_methods_and_says_which_it_allows() {
+    let gw = TestGateway::with(|_| {}).await;
+    let request = hyper::Request::builder()
+        .method("POST")
+        .uri("/rooms")
+        .header("host", gw.admin.to_string())
+        .body(empty())
+        .expect("request");
+    let (status, headers, _) = http_request(gw.admin, request).await;
+    assert_eq!(status, 405);
+    assert_eq!(
+        headers.get("allow").and_then(|v| v.to_str().ok()),
+        Some("GET, HEAD")
+    );
+}
