@@ -357,6 +357,19 @@ impl Hub {
         if !self.config.enabled {
             return Err(Refusal::new(ErrorCode::RoomsDisabled, "rooms are disabled"));
         }
+        let mut mine = conn.rooms();
+        // A session cancels `closing` before it empties this list (under
+        // this lock), so a backend's join racing with the disconnect either
+        // lands before the cleanup, which then removes it, or sees this.
+        if conn.is_closing() {
+            return Err(Refusal::new(ErrorCode::NotMember, "connection is closing"));
+        }
+        // A member is answered `joined` again, also in a room a backend put
+        // it in that its own grants would not open.
+        if mine.iter().any(|r| r.name == *name) {
+            self.deliver(conn, reply);
+            return Ok(());
+        }
         if check_grants
             && let Some(grants) = &conn.identity().rooms
             && !grants.allows(name.as_str())
@@ -365,17 +378,6 @@ impl Hub {
                 ErrorCode::Forbidden,
                 "room not allowed for this user",
             ));
-        }
-        let mut mine = conn.rooms();
-        // A session cancels `closing` before it empties this list (under
-        // this lock), so a backend's join racing with the disconnect either
-        // lands before the cleanup, which then removes it, or sees this.
-        if conn.is_closing() {
-            return Err(Refusal::new(ErrorCode::NotMember, "connection is closing"));
-        }
-        if mine.iter().any(|r| r.name == *name) {
-            self.deliver(conn, reply);
-            return Ok(());
         }
         if mine.len() >= self.config.max_rooms_per_connection {
             return Err(Refusal::new(
@@ -773,6 +775,25 @@ mod tests {
     /// The rooms the hub holds, by name, in order.
     fn held(hub: &Hub) -> Vec<String> {
         hub.room_summaries().into_iter().map(|r| r.room).collect()
+    }
+
+    #[test]
+    fn a_member_a_backend_put_in_a_room_its_grants_do_not_open_may_join_it_again() {
+        let hub = hub();
+        let shutdown = Shutdown::new();
+        let identity = Identity {
+            rooms: Some(RoomPatterns::new(["lobby"])),
+            ..Identity::default()
+        };
+        let conn = Connection::new(identity, 8, SlowConsumerPolicy::Drop, &shutdown);
+        let staff = RoomName::parse("staff").expect("valid name");
+        let refused = hub.join(&conn, &staff, protocol::joined("staff", None));
+        assert!(refused.is_err(), "not in the grants");
+        hub.join_by_backend(&conn, &staff, protocol::joined("staff", None))
+            .expect("a backend's join");
+        hub.join(&conn, &staff, protocol::joined("staff", None))
+            .expect("joined again, as a member");
+        assert!(hub.has_members("staff"));
     }
 
     #[test]
