@@ -74,13 +74,15 @@ impl StartError {
 }
 
 /// Checks what the configuration refers to outside itself (the JWT secret
-/// variable, the key file, NATS URLs), for `check-config` and start-up.
+/// variable, the key file, the NATS URLs and credentials file), for
+/// `check-config`; start-up goes through the same checks as it builds the
+/// gateway.
 pub fn preflight(config: &Config) -> Result<(), StartError> {
     Authenticator::new(&config.auth, &Upstream::new(&config.upstream), |v| {
         std::env::var(v).ok()
     })?;
     if config.nats.enabled {
-        crate::nats::server_addrs(&config.nats)?;
+        crate::nats::Servers::new(&config.nats)?;
     }
     Ok(())
 }

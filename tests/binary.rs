@@ -261,6 +261,60 @@ fn check_config_prints_the_effective_config_with_nats_secrets_masked() {
     }
 }
 
+/// NATS is enabled for these: what is checked is what `[nats]` refers to.
+const WITH_NATS: (&str, &str) = ("ROOMGATE_NATS_ENABLED", "true");
+
+#[test]
+fn a_missing_creds_file_is_refused_by_check_config_as_by_startup() {
+    let dir = TempDir::new();
+    let missing = dir.path().join("nope.creds");
+    let creds = ("ROOMGATE_NATS_CREDS_FILE", path_str(&missing));
+    let (code, stdout, stderr) = run_binary(&["check-config"], &[WITH_NATS, creds]);
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert!(stderr.contains("nats.creds_file"), "{stderr}");
+    assert!(stderr.contains(path_str(&missing)), "{stderr}");
+    assert!(stdout.is_empty(), "no configuration printed: {stdout}");
+
+    let stderr = refused_start(&[], &[WITH_NATS, creds]);
+    assert!(stderr.contains("nats.creds_file"), "{stderr}");
+
+    // A file that is not a credentials file, likewise.
+    let garbage = dir.write("garbage.creds", "not a credentials file\n");
+    let creds = ("ROOMGATE_NATS_CREDS_FILE", path_str(&garbage));
+    let (code, _, stderr) = run_binary(&["check-config"], &[WITH_NATS, creds]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("nats.creds_file"), "{stderr}");
+}
+
+#[test]
+fn different_credentials_in_the_server_list_are_refused_unshown() {
+    let url = (
+        "ROOMGATE_NATS_URL",
+        "nats://alice:s3cr3t-one@127.0.0.1:4222,nats://bob:s3cr3t-two@127.0.0.1:4223",
+    );
+    let (code, stdout, stderr) = run_binary(&["check-config"], &[WITH_NATS, url]);
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert!(stderr.contains("nats.url"), "{stderr}");
+    assert!(!stderr.contains("s3cr3t"), "{stderr}");
+    assert!(stdout.is_empty(), "no configuration printed: {stdout}");
+
+    let stderr = refused_start(&[], &[WITH_NATS, url]);
+    assert!(stderr.contains("nats.url"), "{stderr}");
+    assert!(!stderr.contains("s3cr3t"), "{stderr}");
+
+    // The same login twice, or once with URLs that have none: one login.
+    let url = (
+        "ROOMGATE_NATS_URL",
+        "nats://alice:s3cr3t@127.0.0.1:4222,nats://alice:s3cr3t@127.0.0.1:4223,nats://127.0.0.1:4224",
+    );
+    let (config, stdout, _) = effective_config(&[], &[WITH_NATS, url]);
+    assert!(!stdout.contains("s3cr3t"), "{stdout}");
+    assert_eq!(
+        config.nats.url,
+        "nats://alice:***@127.0.0.1:4222,nats://alice:***@127.0.0.1:4223,nats://127.0.0.1:4224"
+    );
+}
+
 #[test]
 fn check_config_with_no_file_prints_the_defaults() {
     let (config, _, _) = effective_config(&[], &[]);

@@ -91,6 +91,11 @@ pub enum NatsSetupError {
     /// A server URL is malformed.
     #[error("nats.url: {0}")]
     Url(String),
+    /// The server URLs carry different logins; a client has one.
+    #[error(
+        "nats.url: the server URLs carry different credentials, but the client logs in to every server with one set: give the same user info on each URL, or on one only"
+    )]
+    Logins,
     /// The client could not be created.
     #[error("nats: {0}")]
     Connect(String),
@@ -124,20 +129,116 @@ impl BridgeSettings {
     }
 }
 
-/// Parses `nats.url` into server addresses.
-pub fn server_addrs(config: &NatsConfig) -> Result<Vec<ServerAddr>, NatsSetupError> {
-    config
-        .urls()
-        .iter()
-        .map(|url| {
-            url.parse::<ServerAddr>()
-                .map_err(|e| NatsSetupError::Url(format!("{}: {e}", mask(url))))
+/// The servers of `nats.url` and how to log in to them, checked. The URLs
+/// lose their user info on the way: it becomes the client's login, since
+/// async-nats 0.51 does not log in with credentials found in a server URL
+/// (nats-io/nats.rs#1623).
+pub struct Servers {
+    addrs: Vec<ServerAddr>,
+    options: ConnectOptions,
+}
+
+impl Servers {
+    /// Reads `[nats]`: the server URLs with their login, and the
+    /// credentials file. Both `check-config` and start-up call it, so the
+    /// one refuses what the other would.
+    pub fn new(config: &NatsConfig) -> Result<Self, NatsSetupError> {
+        let mut addrs = Vec::new();
+        let mut login: Option<Login> = None;
+        for url in config.urls() {
+            let addr = url
+                .parse::<ServerAddr>()
+                .map_err(|e| NatsSetupError::Url(format!("{}: {e}", mask(&url))))?;
+            if let Some(found) = Login::of(&addr)? {
+                if login.as_ref().is_some_and(|l| *l != found) {
+                    return Err(NatsSetupError::Logins);
+                }
+                login = Some(found);
+            }
+            addrs.push(without_login(addr)?);
+        }
+        let options = credentials(config)?;
+        let options = match login {
+            Some(login) => login.apply(options),
+            None => options,
+        };
+        Ok(Self { addrs, options })
+    }
+}
+
+/// The connect options with the credentials file loaded, if there is one.
+/// Read with blocking I/O: it is one small file, read once before anything
+/// is served, and `check-config` has no runtime.
+fn credentials(config: &NatsConfig) -> Result<ConnectOptions, NatsSetupError> {
+    if config.creds_file.is_empty() {
+        return Ok(ConnectOptions::new());
+    }
+    std::fs::read_to_string(&config.creds_file)
+        .and_then(|creds| ConnectOptions::with_credentials(&creds))
+        .map_err(|source| NatsSetupError::Credentials {
+            path: config.creds_file.clone(),
+            source,
         })
-        .collect()
+}
+
+/// A login taken from a server URL's user info. Not `Debug`: it holds a
+/// secret.
+#[derive(PartialEq, Eq)]
+enum Login {
+    /// `user:password@`.
+    Password { user: String, password: String },
+    /// `token@`: NATS reads user info without a password as a token.
+    Token(String),
+}
+
+impl Login {
+    /// The login in `addr`'s user info, percent-decoded, if it has one.
+    fn of(addr: &ServerAddr) -> Result<Option<Self>, NatsSetupError> {
+        let user = addr.username().map(decode).transpose()?;
+        let password = addr.password().map(decode).transpose()?;
+        Ok(match (user, password) {
+            (user, Some(password)) => Some(Self::Password {
+                user: user.unwrap_or_default(),
+                password,
+            }),
+            (Some(token), None) => Some(Self::Token(token)),
+            (None, None) => None,
+        })
+    }
+
+    fn apply(self, options: ConnectOptions) -> ConnectOptions {
+        match self {
+            Self::Password { user, password } => options.user_and_password(user, password),
+            Self::Token(token) => options.token(token),
+        }
+    }
+}
+
+/// Percent-decodes a URL's user or password: a URL carries `@`, `:` or
+/// `/` in them as `%40`, `%3A`, `%2F`.
+fn decode(text: &str) -> Result<String, NatsSetupError> {
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8()
+        .map(|decoded| decoded.into_owned())
+        .map_err(|_| NatsSetupError::Url("the user info is not UTF-8 once percent-decoded".into()))
+}
+
+/// `addr` without its user info. The login is in the connect options
+/// instead, so no address async-nats logs (at debug level) shows it, and a
+/// server that a cluster announces (without user info) is recognised as
+/// one of the configured ones.
+fn without_login(addr: ServerAddr) -> Result<ServerAddr, NatsSetupError> {
+    let mut url = addr.into_inner();
+    // Only a URL without a host refuses, and a NATS server URL has one.
+    url.set_username("")
+        .and_then(|()| url.set_password(None))
+        .map_err(|()| NatsSetupError::Url("a server URL has no host".into()))?;
+    ServerAddr::from_url(url).map_err(|e| NatsSetupError::Url(e.to_string()))
 }
 
 fn mask(url: &str) -> String {
-    match url.split_once('@') {
+    // The last `@` ends the user info: a password may hold one unencoded.
+    match url.rsplit_once('@') {
         Some((_, host)) => format!("***@{host}"),
         None => url.to_string(),
     }
@@ -151,18 +252,8 @@ pub async fn connect(
     gateway_id: &str,
     metrics: &Metrics,
 ) -> Result<Client, NatsSetupError> {
-    let addrs = server_addrs(config)?;
+    let Servers { addrs, options } = Servers::new(config)?;
     let slow_consumer = metrics.dropped_nats_slow_consumer.clone();
-    let options = if config.creds_file.is_empty() {
-        ConnectOptions::new()
-    } else {
-        ConnectOptions::with_credentials_file(&config.creds_file)
-            .await
-            .map_err(|source| NatsSetupError::Credentials {
-                path: config.creds_file.clone(),
-                source,
-            })?
-    };
     options
         .name(format!("roomgate {gateway_id}"))
         .retry_on_initial_connect()
@@ -536,7 +627,57 @@ mod tests {
             url: "nats://a:secret@127.0.0.1:4222, nats://127.0.0.1:4223".into(),
             ..NatsConfig::default()
         };
-        assert_eq!(server_addrs(&config).expect("valid").len(), 2);
+        assert_eq!(Servers::new(&config).expect("valid").addrs.len(), 2);
         assert_eq!(mask("nats://a:secret@h:1"), "***@h:1");
+        assert_eq!(mask("nats://a:p@ss@h:1"), "***@h:1");
+    }
+
+    fn login(url: &str) -> Option<Login> {
+        Login::of(&url.parse().expect("valid URL")).expect("decodable")
+    }
+
+    #[test]
+    fn user_info_becomes_a_login() {
+        let password = |user: &str, password: &str| Login::Password {
+            user: user.into(),
+            password: password.into(),
+        };
+        assert!(login("nats://h:1").is_none());
+        assert!(login("nats://a:b@h:1") == Some(password("a", "b")));
+        assert!(login("nats://a:p%40ss%3A%2F@h:1") == Some(password("a", "p@ss:/")));
+        assert!(login("nats://a:p@ss@h:1") == Some(password("a", "p@ss")));
+        assert!(login("nats://:b@h:1") == Some(password("", "b")));
+        assert!(login("nats://t0k%2Ben@h:1") == Some(Login::Token("t0k+en".into())));
+    }
+
+    #[test]
+    fn the_login_is_taken_out_of_the_addresses() {
+        let config = NatsConfig {
+            url: "nats://a:b@127.0.0.1:4222".into(),
+            ..NatsConfig::default()
+        };
+        let servers = Servers::new(&config).expect("valid");
+        assert_eq!(servers.addrs[0].username(), None);
+        assert_eq!(servers.addrs[0].password(), None);
+        assert_eq!(servers.addrs[0].port(), 4222);
+    }
+
+    #[test]
+    fn one_login_for_every_server_or_none() {
+        let servers = |url: &str| {
+            Servers::new(&NatsConfig {
+                url: url.into(),
+                ..NatsConfig::default()
+            })
+        };
+        assert!(servers("nats://a:b@h:1, nats://a:b@h:2, nats://h:3").is_ok());
+        assert!(matches!(
+            servers("nats://a:b@h:1, nats://a:c@h:2"),
+            Err(NatsSetupError::Logins)
+        ));
+        assert!(matches!(
+            servers("nats://a:b@h:1, nats://a@h:2"),
+            Err(NatsSetupError::Logins)
+        ));
     }
 }

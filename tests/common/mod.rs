@@ -806,6 +806,13 @@ impl NatsServer {
         Self::start_with(Vec::new(), None)
     }
 
+    /// Starts a standalone server with extra arguments, such as
+    /// `--user alice --pass hunter2` or `--auth TOKEN` for a server that
+    /// requires a login.
+    pub fn start_with_args(args: &[&str]) -> Self {
+        Self::start_with(args.iter().map(|a| a.to_string()).collect(), None)
+    }
+
     /// Starts a cluster of `n` servers with routes on loopback.
     pub fn cluster(n: usize) -> Vec<Self> {
         let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
@@ -930,7 +937,12 @@ impl NatsServer {
 
     /// A client connected to this server.
     pub async fn client(&self) -> async_nats::Client {
-        within("NATS client connect", async_nats::connect(self.url()))
+        self.client_with(async_nats::ConnectOptions::new()).await
+    }
+
+    /// A client connected to this server with `options` (a login, say).
+    pub async fn client_with(&self, options: async_nats::ConnectOptions) -> async_nats::Client {
+        within("NATS client connect", options.connect(self.url()))
             .await
             .expect("connect to nats-server")
     }

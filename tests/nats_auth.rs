@@ -1,0 +1,99 @@
+//! Logging in to NATS with the credentials in `nats.url` (SPEC §5): a
+//! `user:pass@` or a `token@` in the URL reaches a server that requires
+//! it, and the bridge works both ways behind the login.
+
+mod common;
+mod nats_support;
+
+use async_nats::ConnectOptions;
+use common::*;
+use nats_support::*;
+use serde_json::json;
+
+/// Starts a gateway on `url` and shows the bridge working both ways: a
+/// backend's broadcast reaches a member, and the member's message reaches
+/// the backend.
+async fn bridges_both_ways(url: &str, backend: Backend) {
+    let gw = TestGateway::start(nats_config(url)).await;
+    wait_nats_connected(&gw, true).await;
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    let mut messages = backend.subscribe("roomgate.message.>").await;
+    let mut a = gw.client().await;
+    join_synced(&mut a, &mut presence, "general").await;
+
+    backend.publish("roomgate.broadcast.general", "hi").await;
+    assert_eq!(
+        a.recv().await,
+        server_message(Some("general"), "hi", "server")
+    );
+    a.say("general", json!("hello"), "1").await;
+    let (message, payload) = messages.next_json().await;
+    assert_eq!(message.subject.as_str(), "roomgate.message.general");
+    assert_eq!(payload["content"], "hello");
+    assert_eq!(payload["from"], a.id.as_str());
+    gw.stop().await;
+}
+
+/// A backend logged in with `options`.
+async fn backend(server: &NatsServer, options: ConnectOptions) -> Backend {
+    Backend {
+        client: server.client_with(options).await,
+    }
+}
+
+#[tokio::test]
+async fn a_password_in_the_url_logs_in() {
+    let server = NatsServer::start_with_args(&["--user", "alice", "--pass", "hunter2"]);
+    let backend = backend(
+        &server,
+        ConnectOptions::with_user_and_password("alice".into(), "hunter2".into()),
+    )
+    .await;
+    let url = format!("nats://alice:hunter2@127.0.0.1:{}", server.port);
+    bridges_both_ways(&url, backend).await;
+}
+
+/// The user info of a URL is percent-encoded: `%40` in the URL is an `@`
+/// in the password the server gets.
+#[tokio::test]
+async fn a_percent_encoded_password_is_decoded() {
+    let password = "p@ss:w/rd %";
+    let server = NatsServer::start_with_args(&["--user", "alice", "--pass", password]);
+    let backend = backend(
+        &server,
+        ConnectOptions::with_user_and_password("alice".into(), password.into()),
+    )
+    .await;
+    let url = format!(
+        "nats://alice:p%40ss%3Aw%2Frd%20%25@127.0.0.1:{}",
+        server.port
+    );
+    bridges_both_ways(&url, backend).await;
+}
+
+#[tokio::test]
+async fn a_token_in_the_url_logs_in() {
+    let server = NatsServer::start_with_args(&["--auth", "s3cr3t-token"]);
+    let backend = backend(&server, ConnectOptions::with_token("s3cr3t-token".into())).await;
+    let url = format!("nats://s3cr3t-token@127.0.0.1:{}", server.port);
+    bridges_both_ways(&url, backend).await;
+}
+
+/// In a server list, the URLs without user info use the login of those
+/// that have one: the client holds one login for every server.
+#[tokio::test]
+async fn one_login_serves_the_whole_server_list() {
+    let server = NatsServer::start_with_args(&["--user", "alice", "--pass", "hunter2"]);
+    let backend = backend(
+        &server,
+        ConnectOptions::with_user_and_password("alice".into(), "hunter2".into()),
+    )
+    .await;
+    // A dead server first, with the login; the live one without it.
+    let url = format!(
+        "nats://alice:hunter2@127.0.0.1:{}, nats://127.0.0.1:{}",
+        free_port(),
+        server.port
+    );
+    bridges_both_ways(&url, backend).await;
+}
