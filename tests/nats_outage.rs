@@ -307,3 +307,82 @@ async fn shutdown_flushes_the_last_events_to_nats() {
     }
     closes.expect_silence().await;
 }
+
+/// Joins every room in `rooms`, a hundred frames at a time (well within
+/// the send queue, which holds the replies until they are read).
+async fn join_all(client: &mut WsClient, rooms: &[String]) {
+    for batch in rooms.chunks(100) {
+        for room in batch {
+            client.send(json!({"type": "join", "room": room})).await;
+        }
+        for room in batch {
+            assert_eq!(client.recv().await, json!({"type": "joined", "room": room}));
+        }
+    }
+}
+
+/// Rooms joined while NATS is unreachable do not hold up the bridge: more
+/// of them than async-nats' command queue holds (2,048) used to cost half
+/// a second each, and the events queued behind them were published after
+/// the reconnect. Now every event of the outage is dropped and counted
+/// while NATS is still down, a backend that stayed subscribed receives
+/// none of them, and the rooms are subscribed once NATS is back.
+///
+/// The gateway reaches nats-server through a relay that the test cuts: the
+/// backend stays connected, so its subscription is in place before the
+/// gateway reconnects, whatever the reconnect's timing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_joined_during_an_outage_do_not_hold_up_or_replay_events() {
+    // Past the command queue by enough that the old behaviour (500 ms per
+    // room beyond it) would take longer than any wait here.
+    const ROOMS: usize = 2048 + 64;
+    const SENT: u64 = 20;
+    let server = NatsServer::start();
+    let relay = Relay::start(server.port).await;
+    let backend = Backend::connect(&server).await;
+    let mut messages = backend.subscribe("roomgate.message.>").await;
+    let gw = TestGateway::start({
+        let mut config = nats_config(&relay.url());
+        config.websocket.rooms.max_rooms_per_connection = ROOMS;
+        config
+    })
+    .await;
+    wait_nats_connected(&gw, true).await;
+    let mut a = gw.client().await;
+
+    relay.cut();
+    wait_nats_connected(&gw, false).await;
+    let errors = gw.metric("roomgate_nats_publish_errors_total").await;
+    let rooms: Vec<String> = (0..ROOMS).map(|i| format!("outage.{i}")).collect();
+    join_all(&mut a, &rooms).await;
+    a = send_acked(a, "outage.0", 0, SENT).await;
+    // A presence event per join and every message: dropped and counted
+    // now, not left waiting for NATS.
+    let outage_events = (ROOMS as u64 + SENT) as f64;
+    eventually_async("the outage's events to be dropped and counted", || async {
+        gw.metric("roomgate_nats_publish_errors_total").await >= errors + outage_events
+    })
+    .await;
+    assert_eq!(gw.metric("roomgate_nats_connected").await, 0.0);
+
+    relay.restore();
+    wait_nats_connected(&gw, true).await;
+    let last = &rooms[ROOMS - 1];
+    wait_subjects(&server, &gw.id, "the rooms joined during the outage", |s| {
+        covers_room(s, "outage.0") && covers_room(s, last)
+    })
+    .await;
+    a = send_acked(a, "outage.0", SENT, 1).await;
+    let (_, message) = messages.next_json().await;
+    assert_eq!(
+        message["content"],
+        json!({"seq": SENT}),
+        "the first message after the outage, none from it: {message}"
+    );
+    messages.expect_silence().await;
+    backend
+        .publish(&format!("roomgate.broadcast.{last}"), "back")
+        .await;
+    assert_eq!(a.recv().await, server_message(Some(last), "back", "server"));
+    gw.stop().await;
+}

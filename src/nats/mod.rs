@@ -18,8 +18,9 @@
 //!   reaches the member.
 //! - NATS is never in the way: the client connects in the background (the
 //!   gateway starts without NATS) and reconnects forever; async-nats
-//!   re-subscribes on reconnect, and what could not be subscribed during an
-//!   outage is retried once connected.
+//!   re-subscribes on reconnect. A room that gets local members during an
+//!   outage is not subscribed then (that would hold up the events behind
+//!   it) but as soon as the connection is back.
 
 mod inbound;
 mod outbound;
@@ -32,6 +33,7 @@ use async_nats::connection::State;
 use async_nats::{Client, ConnectOptions, Message, ServerAddr, Subscriber};
 use futures_util::{FutureExt, StreamExt};
 use prometheus::IntCounter;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -305,16 +307,25 @@ fn is_connected(client: &Client) -> bool {
     client.connection_state() == State::Connected
 }
 
-/// Keeps `roomgate_nats_connected` equal to the client's state until
-/// `stop`. Polling the state (a watch channel read) cannot miss a
-/// transition the way a dropped event could.
-async fn watch_connection(client: Client, metrics: Metrics, stop: CancellationToken) {
+/// Keeps `roomgate_nats_connected` and `connected` equal to the client's
+/// state until `stop`. Polling the state (a watch channel read) cannot
+/// miss a transition the way a dropped event could.
+async fn watch_connection(
+    client: Client,
+    metrics: Metrics,
+    connected: watch::Sender<bool>,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(STATE_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
-            _ = tick.tick() => metrics.nats_connected.set(i64::from(is_connected(&client))),
+            _ = tick.tick() => {
+                let now = is_connected(&client);
+                metrics.nats_connected.set(i64::from(now));
+                connected.send_if_modified(|was| std::mem::replace(was, now) != now);
+            }
         }
     }
     metrics.nats_connected.set(0);
@@ -347,7 +358,8 @@ pub struct Bridge {
     inbound: Arc<Inbound>,
     /// Subscriptions of rooms with local members.
     rooms: HashMap<RoomName, RoomSubscription>,
-    /// Rooms with local members whose subscriptions could not be made yet.
+    /// Rooms with local members and no subscription yet: they got their
+    /// first member while NATS was down, or their subscribe failed.
     retry: HashSet<RoomName>,
     /// Whether the fixed subscriptions (`send.*`, `all`, `control.*`) exist.
     fixed: bool,
@@ -386,9 +398,11 @@ impl Bridge {
     /// `flush_budget`: what does not fit (NATS stalled) is counted as a
     /// publish error rather than holding up the shutdown.
     pub async fn run(mut self, mut events: EventStream, flush_budget: Duration) {
+        let (connected_tx, mut connected) = watch::channel(false);
         self.tasks.spawn(watch_connection(
             self.client.clone(),
             self.metrics.clone(),
+            connected_tx,
             self.stop.clone(),
         ));
         self.subscribe_fixed().await;
@@ -403,6 +417,13 @@ impl Bridge {
             tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => break,
+                // Back from an outage: subscribe the rooms joined during it
+                // now rather than at the next tick.
+                Ok(()) = connected.changed() => {
+                    if *connected.borrow_and_update() {
+                        self.retry_failed().await;
+                    }
+                }
                 _ = retry.tick() => self.retry_failed().await,
                 work = events.next() => match work {
                     Some(Work { interest, event }) => {
@@ -460,6 +481,15 @@ impl Bridge {
             return;
         }
         if self.rooms.contains_key(&room) {
+            return;
+        }
+        if !is_connected(&self.client) {
+            // A subscribe now would only queue a command for the reconnect,
+            // and once async-nats' command queue (2,048) is full each one
+            // waits SUBSCRIBE_TIMEOUT, holding up this loop and the events
+            // behind it until NATS is back, when they would be published
+            // late. The room is subscribed by the retry on reconnecting.
+            self.retry.insert(room);
             return;
         }
         match self.subscribe_room(&room).await {

@@ -986,6 +986,81 @@ fn wait_listening(port: u16, mut alive: impl FnMut() -> bool) -> bool {
     true
 }
 
+// ----- a link to cut ---------------------------------------------------
+
+/// A TCP relay from a loopback port to another, which a test can cut and
+/// restore. Cut, it drops the connections it carries and closes new ones
+/// at once: to a client connected through it, NATS is gone, while clients
+/// connected to the server directly (a backend) stay connected and keep
+/// their subscriptions.
+pub struct Relay {
+    /// The port clients connect to.
+    pub port: u16,
+    up: Arc<tokio::sync::watch::Sender<bool>>,
+    task: JoinHandle<()>,
+}
+
+impl Relay {
+    /// Relays a new port to `127.0.0.1:target`, carrying connections.
+    pub async fn start(target: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the relay");
+        let port = listener.local_addr().expect("relay address").port();
+        let up = Arc::new(tokio::sync::watch::channel(true).0);
+        let task = tokio::spawn(relay(listener, target, up.clone()));
+        Self { port, up, task }
+    }
+
+    /// `nats://127.0.0.1:port`, for a client to connect through the relay.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Drops the relayed connections and closes new ones until [`Relay::restore`].
+    pub fn cut(&self) {
+        self.up.send_replace(false);
+    }
+
+    /// Carries connections again.
+    pub fn restore(&self) {
+        self.up.send_replace(true);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.up.send_replace(false);
+    }
+}
+
+/// Accepts connections on `listener` and, while `up`, joins each to a new
+/// connection to `target` until one side closes or the relay is cut.
+async fn relay(listener: TcpListener, target: u16, up: Arc<tokio::sync::watch::Sender<bool>>) {
+    loop {
+        let Ok((mut inbound, _)) = listener.accept().await else {
+            // Out of descriptors, say: let the test fail on its own waits
+            // rather than spin.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        if !*up.borrow() {
+            continue; // dropped: closed at once
+        }
+        let mut cut = up.subscribe();
+        tokio::spawn(async move {
+            let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target)).await else {
+                return;
+            };
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                _ = cut.wait_for(|up| !*up) => {}
+            }
+        });
+    }
+}
+
 // ----- files ------------------------------------------------------------
 
 /// A fresh directory under the system temp dir, removed on drop.
