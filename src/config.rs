@@ -228,7 +228,9 @@ impl Default for RoomsConfig {
 pub struct NatsConfig {
     /// `false` runs a single instance with in-process rooms only.
     pub enabled: bool,
-    /// Server URLs, comma-separated for a cluster; `user:pass@` allowed.
+    /// Server URLs, comma-separated for a cluster; `user:pass@` or
+    /// `token@` allowed (percent-encoded), one login for every URL that
+    /// has one.
     pub url: String,
     /// NATS credentials (`.creds`) file; empty for none.
     pub creds_file: String,
