@@ -455,6 +455,18 @@ async fn control_subjects_change_membership_and_close_connections() {
         )
         .await;
     assert_eq!(b.recv_close().await, Some(1008));
+    // A code that is no close code at all still disconnects, with 1008.
+    for code in [json!(70000), json!(-1), json!("4001")] {
+        let mut c = gw.client().await;
+        let reply = backend
+            .request(
+                "roomgate.control.disconnect",
+                json!({"connection_id": c.id, "code": code}),
+            )
+            .await;
+        assert_eq!(reply, json!({"ok": true}), "{code}");
+        assert_eq!(c.recv_close().await, Some(1008), "{code}");
+    }
     gw.stop().await;
 }
 

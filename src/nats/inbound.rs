@@ -65,7 +65,10 @@ struct Membership {
 #[derive(Deserialize)]
 struct Disconnect {
     connection_id: Uuid,
-    code: Option<u16>,
+    /// Any JSON: a code that is not a close code a server may send (out of
+    /// range, negative, a string) becomes the default, rather than making
+    /// the whole request malformed and ignored.
+    code: Option<serde_json::Value>,
     reason: Option<String>,
 }
 
@@ -254,6 +257,8 @@ impl Inbound {
                 };
                 let code = d
                     .code
+                    .and_then(|c| c.as_u64())
+                    .and_then(|c| u16::try_from(c).ok())
                     .filter(|c| sendable_close_code(*c))
                     .unwrap_or(DEFAULT_KICK_CODE);
                 let reason = d.reason.unwrap_or_default();
