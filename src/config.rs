@@ -447,6 +447,10 @@ impl Config {
             "admin.listen: expected an address such as 127.0.0.1:9090",
         );
         check(
+            !listeners_clash(&self.server.listen, &self.admin.listen),
+            "admin.listen: must not be the address of server.listen (the second bind would fail)",
+        );
+        check(
             !self.server.ws_paths.is_empty()
                 && self.server.ws_paths.iter().all(|p| p.starts_with('/')),
             "server.ws_paths: needs at least one path, each starting with '/'",
@@ -770,6 +774,18 @@ fn split_list(raw: &str) -> Vec<String> {
         .collect()
 }
 
+/// Whether two listen addresses cannot both be bound: the same port (not
+/// 0, which picks a free one) on the same address, or with either one on
+/// every address.
+fn listeners_clash(a: &str, b: &str) -> bool {
+    let (Ok(a), Ok(b)) = (a.parse::<SocketAddr>(), b.parse::<SocketAddr>()) else {
+        return false;
+    };
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 /// User info is refused: the authority becomes the proxied requests'
 /// `Host`, and a password there would be sent along and printed unmasked.
 fn upstream_url_ok(url: &str) -> bool {
@@ -933,6 +949,34 @@ mod tests {
                 Vec::<String>::new(),
                 "{good}"
             );
+        }
+    }
+
+    #[test]
+    fn the_admin_listener_may_not_take_the_gateway_address() {
+        for (server, admin) in [
+            ("127.0.0.1:8080", "127.0.0.1:8080"),
+            ("0.0.0.0:8080", "127.0.0.1:8080"),
+            ("127.0.0.1:8080", "[::]:8080"),
+        ] {
+            let errors = errors_with(|c| {
+                c.server.listen = server.into();
+                c.admin.listen = admin.into();
+            });
+            assert!(
+                errors.iter().any(|e| e.starts_with("admin.listen")),
+                "{server} {admin}"
+            );
+        }
+        for (server, admin) in [
+            ("127.0.0.1:0", "127.0.0.1:0"),
+            ("127.0.0.1:8080", "127.0.0.2:8080"),
+        ] {
+            let errors = errors_with(|c| {
+                c.server.listen = server.into();
+                c.admin.listen = admin.into();
+            });
+            assert!(errors.is_empty(), "{server} {admin}: {errors:?}");
         }
     }
 
