@@ -47,6 +47,9 @@ pub enum ProxyError {
     /// Connection refused, reset, or the upstream broke the protocol.
     #[error("upstream unreachable: {0}")]
     Unreachable(String),
+    /// The upstream's response cannot be passed on as it was meant.
+    #[error("bad response from upstream: {0}")]
+    BadResponse(&'static str),
     /// No response headers (or no connection) within the time allowed.
     #[error("upstream timed out")]
     Timeout,
@@ -57,7 +60,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::NoUpstream => StatusCode::NOT_FOUND,
-            Self::Unreachable(_) => StatusCode::BAD_GATEWAY,
+            Self::Unreachable(_) | Self::BadResponse(_) => StatusCode::BAD_GATEWAY,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -436,7 +439,7 @@ impl Proxy {
         let outgoing = self.outgoing(request, client, false)?;
         let mut response =
             Box::pin(self.upstream.send_pooled(outgoing, self.timeout, deadlines)).await?;
-        strip_hop_by_hop(response.headers_mut(), false);
+        response_headers(response.headers_mut())?;
         Ok(response.map(Body::pooled))
     }
 
@@ -460,7 +463,7 @@ impl Proxy {
             let (parts, _) = response.into_parts();
             return Ok(Response::from_parts(parts, response::empty()));
         }
-        strip_hop_by_hop(response.headers_mut(), false);
+        response_headers(response.headers_mut())?;
         Ok(response.map(Body::stream))
     }
 
@@ -548,11 +551,20 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 /// tunneled upgrade, `Upgrade` and `Connection: upgrade` are kept: they are
 /// the point of the request.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Most messages carry none of them. One pass over the names is much
-    // cheaper than nine lookups, each of which hashes its name.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
-        return;
+    if has_hop_by_hop(headers) {
+        remove_hop_by_hop(headers, keep_upgrade);
     }
+}
+
+/// Whether any hop-by-hop header is present. Most messages carry none of
+/// them: one pass over the names is much cheaper than nine lookups, each of
+/// which hashes its name.
+fn has_hop_by_hop(headers: &HeaderMap) -> bool {
+    headers.keys().any(|name| HOP_BY_HOP.contains(name))
+}
+
+/// The work of [`strip_hop_by_hop`] once a hop-by-hop header was found.
+fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let upgrade = if keep_upgrade {
         headers.get(header::UPGRADE).cloned()
     } else {
@@ -577,6 +589,40 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         headers.insert(header::UPGRADE, upgrade);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
+}
+
+/// Readies an upstream response's headers for the client: hop-by-hop
+/// headers go, and so does a `Content-Length` that came with
+/// `Transfer-Encoding` (RFC 9112 §6.3). hyper read such a body as chunked;
+/// the stale length left in would frame the client's copy and cut it short
+/// where the client cannot tell. The gateway takes off only the chunked
+/// coding: a response with any other transfer coding cannot be passed on
+/// without handing the client coded bytes as if they were the content, so
+/// it is refused.
+fn response_headers(headers: &mut HeaderMap) -> Result<(), ProxyError> {
+    if !has_hop_by_hop(headers) {
+        return Ok(());
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        if !is_plain_chunked(headers) {
+            return Err(ProxyError::BadResponse(
+                "a transfer coding other than chunked",
+            ));
+        }
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    remove_hop_by_hop(headers, false);
+    Ok(())
+}
+
+/// Whether the message's `Transfer-Encoding` is exactly `chunked`: one
+/// field line, one coding.
+fn is_plain_chunked(headers: &HeaderMap) -> bool {
+    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
+    matches!(
+        (codings.next(), codings.next()),
+        (Some(coding), None) if coding.as_bytes().eq_ignore_ascii_case(b"chunked")
+    )
 }
 
 /// Whether the request asks to switch protocols (`Connection: upgrade`).
@@ -674,6 +720,35 @@ mod tests {
             h.get("connection").map(|v| v.as_bytes()),
             Some(&b"upgrade"[..])
         );
+    }
+
+    #[test]
+    fn a_length_that_comes_with_chunked_coding_is_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert("content-length", HeaderValue::from_static("2"));
+        h.insert("transfer-encoding", HeaderValue::from_static("Chunked"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        response_headers(&mut h).expect("plain chunked passes");
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["x-kept"]);
+    }
+
+    #[test]
+    fn a_response_with_another_transfer_coding_is_refused() {
+        for codings in [
+            &["gzip, chunked"][..],
+            &["gzip", "chunked"],
+            &["chunked", "chunked"],
+        ] {
+            let mut h = HeaderMap::new();
+            for coding in codings {
+                h.append("transfer-encoding", HeaderValue::from_static(coding));
+            }
+            assert!(
+                matches!(response_headers(&mut h), Err(ProxyError::BadResponse(_))),
+                "{codings:?}"
+            );
+        }
     }
 
     #[test]
