@@ -16,7 +16,6 @@ use tokio::net::{TcpListener, TcpStream};
 /// connection until it closes.
 struct RawUpstream {
     url: String,
-    /// The request heads received so far.
     heads: Arc<Mutex<Vec<String>>>,
 }
 
@@ -32,6 +31,11 @@ impl RawUpstream {
             }
         });
         Self { url, heads }
+    }
+
+    /// The request heads received so far.
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
     }
 
     /// A gateway in front of it.
@@ -58,6 +62,28 @@ async fn answer_with(mut conn: TcpStream, answer: &[u8], log: Arc<Mutex<Vec<Stri
     let mut sink = [0u8; 4096];
     while let Ok(1..) = conn.read(&mut sink).await {}
 }
+
+/// Writes `request` on a fresh connection and returns everything the
+/// gateway sends back until it closes the connection or goes quiet.
+async fn exchange(gw: &TestGateway, request: &[u8]) -> String {
+    let mut stream = within("connect", TcpStream::connect(gw.addr))
+        .await
+        .expect("connect");
+    within("write", stream.write_all(request))
+        .await
+        .expect("write the request");
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(QUIET * 2, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&received).into_owned()
+}
+
+const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
 
 #[tokio::test]
 async fn a_response_with_a_length_and_chunked_coding_reaches_the_client_whole() {
@@ -110,4 +136,38 @@ async fn a_response_with_a_transfer_coding_other_than_chunked_gets_502() {
         let (status, body) = http_get(gw.addr, "/coded").await;
         assert_eq!(status, 502, "{what}: {body}");
     }
+}
+
+#[tokio::test]
+async fn a_request_with_a_transfer_coding_besides_chunked_gets_501() {
+    // The gateway only implements chunked (RFC 9112 §6.1). Re-framed as
+    // plain chunked, the upstream would take the gzip bytes for the
+    // content; nginx answers 501 too.
+    let upstream = RawUpstream::start(OK).await;
+    let gw = upstream.gateway().await;
+    for (what, codings) in [
+        ("one field line", "transfer-encoding: gzip, chunked\r\n"),
+        (
+            "two field lines",
+            "transfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n",
+        ),
+    ] {
+        let request = format!(
+            "POST /coded HTTP/1.1\r\nhost: app.example.test\r\n{codings}\r\n\
+             4\r\nGZIP\r\n0\r\n\r\n"
+        );
+        let reply = exchange(&gw, request.as_bytes()).await;
+        assert!(reply.starts_with("HTTP/1.1 501"), "{what}: {reply:?}");
+    }
+    assert!(upstream.heads().is_empty(), "{:?}", upstream.heads());
+
+    // Plain chunked, in any case, is forwarded.
+    let reply = exchange(
+        &gw,
+        b"POST /plain HTTP/1.1\r\nhost: app.example.test\r\ntransfer-encoding: Chunked\r\n\r\n\
+          2\r\nhi\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply:?}");
+    assert_eq!(upstream.heads().len(), 1);
 }

@@ -53,6 +53,10 @@ pub enum ProxyError {
     /// No response headers (or no connection) within the time allowed.
     #[error("upstream timed out")]
     Timeout,
+    /// The request body has a transfer coding besides chunked, which the
+    /// gateway does not implement (RFC 9112 §6.1).
+    #[error("transfer coding not implemented")]
+    UnsupportedCoding,
 }
 
 impl ProxyError {
@@ -62,6 +66,7 @@ impl ProxyError {
             Self::NoUpstream => StatusCode::NOT_FOUND,
             Self::Unreachable(_) | Self::BadResponse(_) => StatusCode::BAD_GATEWAY,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
         }
     }
 }
@@ -484,7 +489,7 @@ impl Proxy {
             self.upstream.origin_form(&parts.uri)?
         };
         parts.version = hyper::Version::HTTP_11;
-        strip_hop_by_hop(&mut parts.headers, upgrade);
+        request_headers(&mut parts.headers, upgrade)?;
         append_forwarded_for(&mut parts.headers, client);
         parts
             .headers
@@ -589,6 +594,23 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         headers.insert(header::UPGRADE, upgrade);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
+}
+
+/// Readies a client request's headers for the upstream: hop-by-hop headers
+/// go, and a transfer coding other than plain chunked is refused. hyper
+/// has already answered 400 to codings that do not end in chunked, and it
+/// reads the others as chunked and nothing more, so `gzip, chunked` would
+/// reach the upstream as plain chunked with the gzip bytes as the content.
+/// nginx answers 501 too.
+fn request_headers(headers: &mut HeaderMap, keep_upgrade: bool) -> Result<(), ProxyError> {
+    if !has_hop_by_hop(headers) {
+        return Ok(());
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) && !is_plain_chunked(headers) {
+        return Err(ProxyError::UnsupportedCoding);
+    }
+    remove_hop_by_hop(headers, keep_upgrade);
+    Ok(())
 }
 
 /// Readies an upstream response's headers for the client: hop-by-hop
@@ -749,6 +771,22 @@ mod tests {
                 "{codings:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_request_coded_besides_chunked_is_not_implemented() {
+        let mut h = HeaderMap::new();
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        request_headers(&mut h, false).expect("plain chunked passes");
+        assert!(h.is_empty());
+        h.insert(
+            "transfer-encoding",
+            HeaderValue::from_static("gzip, chunked"),
+        );
+        assert!(matches!(
+            request_headers(&mut h, false),
+            Err(ProxyError::UnsupportedCoding)
+        ));
     }
 
     #[test]
