@@ -1,7 +1,90 @@
-//! Reading parts of incoming HTTP requests: header tokens, query
-//! parameters, cookies, percent-encoding.
+//! Reading parts of incoming HTTP requests: the `Host` header, header
+//! tokens, query parameters, cookies, percent-encoding.
 
-use hyper::header::{self, HeaderMap, HeaderName};
+use hyper::Version;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// What is wrong with a request's `Host` header (RFC 9112 §3.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HostError {
+    /// An HTTP/1.1 request without one.
+    #[error("missing Host header")]
+    Missing,
+    /// More than one field line.
+    #[error("more than one Host header")]
+    Duplicate,
+    /// A value that is not a host and an optional port.
+    #[error("invalid Host header")]
+    Invalid,
+}
+
+/// The request's `Host`, checked as RFC 9112 §3.2 asks of every server: an
+/// HTTP/1.1 request carries exactly one, whose value is a host and an
+/// optional port. A request that breaks this is answered 400, as nginx
+/// does, and never passed on: the gateway, the upstream and anything in
+/// between could each take a different one for the target. HTTP/1.0 may
+/// go without (`None`).
+pub fn host(version: Version, headers: &HeaderMap) -> Result<Option<&HeaderValue>, HostError> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(host), None) if is_host_and_port(host.as_bytes()) => Ok(Some(host)),
+        (Some(_), None) => Err(HostError::Invalid),
+        (Some(_), Some(_)) => Err(HostError::Duplicate),
+        (None, _) if version <= Version::HTTP_10 => Ok(None),
+        (None, _) => Err(HostError::Missing),
+    }
+}
+
+/// `uri-host [ ":" port ]` (RFC 3986 §3.2.2, §3.2.3): a bracketed IP
+/// literal, or a non-empty registered name or IPv4 address, and an
+/// optional port of at most 65535. No user information, which `Host`
+/// never carries.
+fn is_host_and_port(value: &[u8]) -> bool {
+    let (host, port) = match value.iter().rposition(|&b| b == b':') {
+        // A colon inside brackets belongs to the IP literal.
+        Some(colon) if !value[colon..].contains(&b']') => {
+            (&value[..colon], Some(&value[colon + 1..]))
+        }
+        _ => (value, None),
+    };
+    let host_ok = match host {
+        [b'[', literal @ .., b']'] => {
+            !literal.is_empty()
+                && literal
+                    .iter()
+                    .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        }
+        _ => !host.is_empty() && is_reg_name(host),
+    };
+    host_ok && port.is_none_or(is_port)
+}
+
+/// Unreserved characters, sub-delimiters and percent-encoded octets.
+fn is_reg_name(name: &[u8]) -> bool {
+    let mut i = 0;
+    while i < name.len() {
+        match name[i] {
+            b'%' if name.len() > i + 2
+                && name[i + 1].is_ascii_hexdigit()
+                && name[i + 2].is_ascii_hexdigit() =>
+            {
+                i += 3;
+                continue;
+            }
+            b if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b) => {}
+            _ => return false,
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Digits, at most 65535; empty is allowed, as RFC 3986 allows it.
+fn is_port(port: &[u8]) -> bool {
+    port.len() <= 5
+        && port.iter().all(u8::is_ascii_digit)
+        && port.iter().fold(0u32, |n, &d| n * 10 + u32::from(d - b'0')) <= u32::from(u16::MAX)
+}
 
 /// Whether a comma-separated header contains `token` (case-insensitive).
 pub fn header_has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
@@ -84,6 +167,65 @@ mod tests {
         );
         assert_eq!(cookie(&h, "session").as_deref(), Some("tok.en"));
         assert_eq!(cookie(&h, "missing"), None);
+    }
+
+    #[test]
+    fn host_must_be_one_host_and_port() {
+        let with = |values: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for value in values {
+                h.append(header::HOST, HeaderValue::from_static(value));
+            }
+            h
+        };
+        for good in [
+            "example.com",
+            "example.com:8080",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:443",
+            "my_host.internal",
+            "xn--caf-dma.example",
+            "ex%41mple.com",
+            "example.com:",
+        ] {
+            assert!(
+                matches!(host(Version::HTTP_11, &with(&[good])), Ok(Some(_))),
+                "{good}"
+            );
+        }
+        for bad in [
+            "",
+            "user@example.com",
+            "example.com/path",
+            "a b",
+            "example.com:http",
+            "example.com:65536",
+            "[::1",
+            "[]",
+            "[::1]x",
+            "ex%4",
+            ":80",
+        ] {
+            assert_eq!(
+                host(Version::HTTP_11, &with(&[bad])),
+                Err(HostError::Invalid),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            host(Version::HTTP_11, &with(&["a.test", "b.test"])),
+            Err(HostError::Duplicate)
+        );
+        assert_eq!(
+            host(Version::HTTP_11, &HeaderMap::new()),
+            Err(HostError::Missing)
+        );
+        assert_eq!(host(Version::HTTP_10, &HeaderMap::new()), Ok(None));
+        assert_eq!(
+            host(Version::HTTP_10, &with(&["a.test", "a.test"])),
+            Err(HostError::Duplicate)
+        );
     }
 
     #[test]

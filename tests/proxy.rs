@@ -1110,6 +1110,7 @@ async fn request_heads_beyond_the_limits_get_431_and_never_reach_the_upstream() 
     let (status, _, body) = http_request(
         gw.addr,
         Request::get("/after")
+            .header("host", "app.example.test")
             .header("x-big", "b".repeat(60 * 1024))
             .body(full(""))
             .unwrap(),

@@ -171,3 +171,55 @@ async fn a_request_with_a_transfer_coding_besides_chunked_gets_501() {
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply:?}");
     assert_eq!(upstream.heads().len(), 1);
 }
+
+#[tokio::test]
+async fn a_request_without_exactly_one_valid_host_gets_400() {
+    // RFC 9112 §3.2, as nginx applies it: the gateway, the upstream and
+    // anything between them could each pick a different target otherwise.
+    let upstream = RawUpstream::start(OK).await;
+    let gw = upstream.gateway().await;
+    for (what, head) in [
+        ("no Host in HTTP/1.1", "GET /x HTTP/1.1\r\n"),
+        (
+            "two Hosts",
+            "GET /x HTTP/1.1\r\nhost: a.test\r\nhost: b.test\r\n",
+        ),
+        (
+            "two Hosts in HTTP/1.0",
+            "GET /x HTTP/1.0\r\nhost: a.test\r\nhost: b.test\r\n",
+        ),
+        (
+            "a Host with a path",
+            "GET /x HTTP/1.1\r\nhost: a.test/p\r\n",
+        ),
+        (
+            "a Host with a user",
+            "GET /x HTTP/1.1\r\nhost: me@a.test\r\n",
+        ),
+        (
+            "a Host with a bad port",
+            "GET /x HTTP/1.1\r\nhost: a.test:x\r\n",
+        ),
+        ("an empty Host", "GET /x HTTP/1.1\r\nhost: \r\n"),
+        (
+            "no Host on the gateway's WebSocket path",
+            "GET /ws HTTP/1.1\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
+             sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+        ),
+    ] {
+        let reply = exchange(&gw, format!("{head}\r\n").as_bytes()).await;
+        assert!(
+            reply.starts_with("HTTP/1.1 400") || reply.starts_with("HTTP/1.0 400"),
+            "{what}: {reply:?}"
+        );
+    }
+    assert!(upstream.heads().is_empty(), "{:?}", upstream.heads());
+
+    let reply = exchange(&gw, b"GET /x HTTP/1.1\r\nhost: [::1]:8080\r\n\r\n").await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply:?}");
+    let heads = upstream.heads();
+    assert!(
+        heads[0].contains("host: [::1]:8080\r\n"),
+        "the upstream saw {heads:?}"
+    );
+}

@@ -30,7 +30,7 @@ use tracing::debug;
 use crate::config::{self, UpstreamConfig};
 use crate::deadline::{self, Deadlines};
 use crate::metrics::Metrics;
-use crate::request::header_has_token;
+use crate::request::{self, HostError, header_has_token};
 use crate::response::{self, Body};
 use crate::shutdown::Shutdown;
 
@@ -44,6 +44,9 @@ pub enum ProxyError {
     /// `upstream.url` is empty.
     #[error("no upstream configured")]
     NoUpstream,
+    /// The request's `Host` is missing, repeated or malformed.
+    #[error("bad request: {0}")]
+    BadHost(#[from] HostError),
     /// Connection refused, reset, or the upstream broke the protocol.
     #[error("upstream unreachable: {0}")]
     Unreachable(String),
@@ -64,6 +67,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::NoUpstream => StatusCode::NOT_FOUND,
+            Self::BadHost(_) => StatusCode::BAD_REQUEST,
             Self::Unreachable(_) | Self::BadResponse(_) => StatusCode::BAD_GATEWAY,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
@@ -483,6 +487,7 @@ impl Proxy {
         upgrade: bool,
     ) -> Result<Request<Body>, ProxyError> {
         let (mut parts, body) = request.into_parts();
+        let host = request::host(parts.version, &parts.headers)?.cloned();
         parts.uri = if upgrade {
             self.upstream.uri_from(&parts.uri)?
         } else {
@@ -494,8 +499,8 @@ impl Proxy {
         parts
             .headers
             .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-        let host = match parts.headers.get(header::HOST) {
-            Some(host) => host.clone(),
+        let host = match host {
+            Some(host) => host,
             None => {
                 let host = self.upstream.host()?;
                 parts.headers.insert(header::HOST, host.clone());

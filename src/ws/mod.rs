@@ -35,7 +35,7 @@ pub use session::{SessionContext, SessionSettings};
 use crate::auth::{Authenticator, Rejection};
 use crate::config::Config;
 use crate::metrics::RejectReason;
-use crate::request::header_has_token;
+use crate::request::{self, header_has_token};
 use crate::response::{self, Body};
 use crate::rooms::{Connection, Identity};
 use crate::shutdown::Shutdown;
@@ -128,9 +128,11 @@ impl Upgrader {
         mut request: Request<Incoming>,
         client: SocketAddr,
     ) -> Result<Response<Body>, Rejection> {
-        let accept = handshake_accept(request.method(), request.headers()).map_err(|why| {
-            Rejection::new(StatusCode::BAD_REQUEST, RejectReason::BadHandshake, why)
-        })?;
+        let bad =
+            |why: &str| Rejection::new(StatusCode::BAD_REQUEST, RejectReason::BadHandshake, why);
+        request::host(request.version(), request.headers())
+            .map_err(|e| bad(&format!("bad request: {e}")))?;
+        let accept = handshake_accept(request.method(), request.headers()).map_err(bad)?;
         if self.shutdown.is_stopping() {
             return Err(unavailable(RejectReason::ShuttingDown, "shutting down"));
         }
