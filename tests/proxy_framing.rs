@@ -83,7 +83,17 @@ async fn exchange(gw: &TestGateway, request: &[u8]) -> String {
     String::from_utf8_lossy(&received).into_owned()
 }
 
-const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+/// A header's value in a raw head, by case-insensitive name.
+fn field<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|line| {
+        let (n, v) = line.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// A plain answer. [`RawUpstream`] answers one request per connection, so
+/// it tells the gateway not to reuse the connection.
+const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok";
 
 #[tokio::test]
 async fn a_response_with_a_length_and_chunked_coding_reaches_the_client_whole() {
@@ -222,4 +232,34 @@ async fn a_request_without_exactly_one_valid_host_gets_400() {
         heads[0].contains("host: [::1]:8080\r\n"),
         "the upstream saw {heads:?}"
     );
+}
+
+#[tokio::test]
+async fn an_absolute_form_target_sets_host_and_forwarded_host() {
+    // RFC 9112 §3.2.2: a proxy ignores the received Host and uses the
+    // target's authority instead (user information is never part of it).
+    let upstream = RawUpstream::start(OK).await;
+    let gw = upstream.gateway().await;
+    for target in [
+        "http://target.test/p?q=1",
+        "http://target.test:8080/p?q=1",
+        "http://me@target.test:8080/p?q=1",
+    ] {
+        let request = format!("GET {target} HTTP/1.1\r\nhost: other.test\r\n\r\n");
+        let reply = exchange(&gw, request.as_bytes()).await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{target}: {reply:?}");
+    }
+    let heads = upstream.heads();
+    for (head, expected) in
+        heads
+            .iter()
+            .zip(["target.test", "target.test:8080", "target.test:8080"])
+    {
+        let head = head.to_ascii_lowercase();
+        assert!(head.starts_with("get /p?q=1 http/1.1\r\n"), "{head}");
+        assert_eq!(field(&head, "host"), Some(expected), "{head}");
+        assert_eq!(field(&head, "x-forwarded-host"), Some(expected), "{head}");
+        assert!(!head.contains("other.test"), "{head}");
+    }
+    assert_eq!(heads.len(), 3, "{heads:?}");
 }

@@ -487,7 +487,7 @@ impl Proxy {
         upgrade: bool,
     ) -> Result<Request<Body>, ProxyError> {
         let (mut parts, body) = request.into_parts();
-        let host = request::host(parts.version, &parts.headers)?.cloned();
+        let host = self.host(&mut parts)?;
         parts.uri = if upgrade {
             self.upstream.uri_from(&parts.uri)?
         } else {
@@ -499,17 +499,34 @@ impl Proxy {
         parts
             .headers
             .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-        let host = match host {
-            Some(host) => host,
-            None => {
-                let host = self.upstream.host()?;
-                parts.headers.insert(header::HOST, host.clone());
-                host
-            }
-        };
         parts.headers.insert(X_FORWARDED_HOST, host);
         Ok(Request::from_parts(parts, Body::stream(body)))
     }
+
+    /// Checks the request's `Host` and settles the one the upstream gets
+    /// (also its `X-Forwarded-Host`): the received one; the target's, for
+    /// a target in absolute form; the upstream's own for an HTTP/1.0
+    /// request without any. Called before the target is rewritten.
+    fn host(&self, parts: &mut hyper::http::request::Parts) -> Result<HeaderValue, ProxyError> {
+        let received = request::host(parts.version, &parts.headers)?.cloned();
+        let host = match (parts.uri.authority(), received) {
+            (None, Some(received)) => return Ok(received),
+            (Some(target), _) => target_host(target)?,
+            (None, None) => self.upstream.host()?,
+        };
+        parts.headers.insert(header::HOST, host.clone());
+        Ok(host)
+    }
+}
+
+/// The `Host` for a request whose target is in absolute form
+/// (`GET http://example.com/p`): the target's host and port, which a proxy
+/// must put in place of any `Host` it received (RFC 9112 §3.2.2). User
+/// information in the target is left out, as `Host` never carries it.
+fn target_host(target: &Authority) -> Result<HeaderValue, ProxyError> {
+    let target = target.as_str();
+    let host = target.rsplit_once('@').map_or(target, |(_, host)| host);
+    HeaderValue::from_str(host).map_err(|_| ProxyError::BadHost(HostError::Invalid))
 }
 
 /// Copies bytes both ways between the client's and the upstream's upgraded
