@@ -83,6 +83,13 @@ async fn exchange(gw: &TestGateway, request: &[u8]) -> String {
     String::from_utf8_lossy(&received).into_owned()
 }
 
+/// The head and body of a raw response.
+fn split(reply: &str) -> (&str, &str) {
+    reply
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("a whole response head: {reply:?}"))
+}
+
 /// A header's value in a raw head, by case-insensitive name.
 fn field<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     head.lines().find_map(|line| {
@@ -262,4 +269,26 @@ async fn an_absolute_form_target_sets_host_and_forwarded_host() {
         assert!(!head.contains("other.test"), "{head}");
     }
     assert_eq!(heads.len(), 3, "{heads:?}");
+}
+
+#[tokio::test]
+async fn connect_gets_405_with_allow_and_the_connection_closes() {
+    // A reverse proxy opens no tunnels to other hosts (nginx refuses
+    // CONNECT too). The bytes after the request were meant for the tunnel:
+    // the connection closes instead of reading them as a request.
+    let upstream = RawUpstream::start(OK).await;
+    let gw = upstream.gateway().await;
+    let reply = exchange(
+        &gw,
+        b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n\
+          GET /tunnelled HTTP/1.1\r\nhost: example.com\r\n\r\n",
+    )
+    .await;
+    let (head, _) = split(&reply);
+    assert!(head.starts_with("HTTP/1.1 405"), "{reply:?}");
+    let allow = field(head, "allow").unwrap_or_else(|| panic!("an Allow header: {head}"));
+    assert!(allow.contains("GET"), "{allow}");
+    assert!(!allow.contains("CONNECT"), "{allow}");
+    assert_eq!(reply.matches("HTTP/1.1 ").count(), 1, "{reply:?}");
+    assert!(upstream.heads().is_empty(), "{:?}", upstream.heads());
 }

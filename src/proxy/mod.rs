@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::uri::{Authority, PathAndQuery, Scheme};
-use hyper::{Request, Response, StatusCode, Uri};
+use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -56,6 +56,9 @@ pub enum ProxyError {
     /// No response headers (or no connection) within the time allowed.
     #[error("upstream timed out")]
     Timeout,
+    /// A `CONNECT`: a reverse proxy has no tunnels to open to other hosts.
+    #[error("CONNECT is not supported")]
+    Connect,
     /// The request body has a transfer coding besides chunked, which the
     /// gateway does not implement (RFC 9112 §6.1).
     #[error("transfer coding not implemented")]
@@ -71,9 +74,29 @@ impl ProxyError {
             Self::Unreachable(_) | Self::BadResponse(_) => StatusCode::BAD_GATEWAY,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
+            Self::Connect => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
+
+    /// The gateway's response. A refused `CONNECT` lists what is allowed
+    /// (RFC 9110 §15.5.6) and closes the connection: the client may
+    /// already be sending what it meant for the tunnel, which must not be
+    /// read as the next request.
+    pub fn response(&self) -> Response<Body> {
+        let mut response = response::text(self.status(), self.to_string());
+        if let Self::Connect = self {
+            let headers = response.headers_mut();
+            headers.insert(header::ALLOW, HeaderValue::from_static(ALLOWED));
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
 }
+
+/// The methods the proxy forwards, for the `Allow` of its 405 to
+/// `CONNECT`: the standard ones but `CONNECT` (any other method is
+/// forwarded too, but cannot be listed).
+const ALLOWED: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH";
 
 /// How long an idle upstream connection is kept for reuse.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -426,7 +449,7 @@ impl Proxy {
             Ok(response) => response,
             Err(e) => {
                 debug!(error = %e, "proxy error");
-                response::text(e.status(), e.to_string())
+                e.response()
             }
         };
         self.metrics
@@ -440,6 +463,9 @@ impl Proxy {
         client: &Peer,
         deadlines: &Deadlines,
     ) -> Result<Response<Body>, ProxyError> {
+        if request.method() == Method::CONNECT {
+            return Err(ProxyError::Connect);
+        }
         if is_upgrade(request.headers()) {
             // Rare and large: boxed, so it does not size every request's
             // future.
