@@ -292,3 +292,18 @@ async fn connect_gets_405_with_allow_and_the_connection_closes() {
     assert_eq!(reply.matches("HTTP/1.1 ").count(), 1, "{reply:?}");
     assert!(upstream.heads().is_empty(), "{:?}", upstream.heads());
 }
+
+#[tokio::test]
+async fn an_upstream_switching_protocols_unasked_gets_502() {
+    // A 101 to a request that did not ask to upgrade leaves the upstream
+    // connection speaking something that is not HTTP; passed on, it would
+    // leave the client's connection in the same state.
+    let upstream = RawUpstream::start(
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+    )
+    .await;
+    let gw = upstream.gateway().await;
+    let (status, body) = http_get(gw.addr, "/plain").await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(upstream.heads().len(), 1);
+}

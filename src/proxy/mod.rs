@@ -268,6 +268,9 @@ impl Upstream {
             Ok(response) => Ok(response),
             Err(PoolError::ConnectTimeout) => Err(ProxyError::Timeout),
             Err(PoolError::Http(e)) if is_timeout(&e) => Err(ProxyError::Timeout),
+            Err(PoolError::UnaskedSwitch) => Err(ProxyError::BadResponse(
+                "101 to a request that did not ask to switch protocols",
+            )),
             Err(e) => Err(ProxyError::Unreachable(error_chain(&e))),
         }
     }

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
-use hyper::{Request, Response};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::MissedTickBehavior;
@@ -55,6 +55,10 @@ pub enum PoolError {
     /// The connection failed or the upstream broke HTTP/1.1.
     #[error(transparent)]
     Http(#[from] hyper::Error),
+    /// The upstream answered 101 to a request that did not ask to switch
+    /// protocols: what follows on the connection is not HTTP.
+    #[error("upstream switched protocols unasked")]
+    UnaskedSwitch,
 }
 
 /// The pool of idle upstream connections. Shared by every request.
@@ -138,8 +142,9 @@ impl Pool {
         }
     }
 
-    /// Sends `request` (origin-form URI) on a pooled or new connection and
-    /// returns the response with the connection that carries its body.
+    /// Sends `request` (origin-form URI, not an upgrade) on a pooled or new
+    /// connection and returns the response with the connection that
+    /// carries its body.
     pub async fn send(
         self: &Arc<Self>,
         mut request: Request<UpstreamBody>,
@@ -150,6 +155,10 @@ impl Pool {
                 None => (self.connect().await?, false),
             };
             match conn.send(request).await {
+                // The connection has left HTTP and goes with `conn`.
+                Ok(response) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                    return Err(PoolError::UnaskedSwitch);
+                }
                 Ok(response) => {
                     let pool = self.clone();
                     return Ok(response.map(|inner| PooledBody {
