@@ -351,6 +351,7 @@ async fn closed_upstream_port_gives_502() {
     let gw = TestGateway::with(|c| c.upstream.url = format!("http://127.0.0.1:{port}")).await;
     let (status, body) = http_get(gw.addr, "/anything").await;
     assert_eq!(status, 502, "{body}");
+    assert_eq!(body, "upstream unreachable\n", "the cause is for the log");
     assert_eq!(
         gw.metric("roomgate_proxy_requests_total{code=\"502\"}")
             .await,

@@ -307,3 +307,67 @@ async fn an_upstream_switching_protocols_unasked_gets_502() {
     assert_eq!(status, 502, "{body}");
     assert_eq!(upstream.heads().len(), 1);
 }
+
+#[tokio::test]
+async fn a_failed_request_body_is_the_clients_400_not_an_upstream_502() {
+    // The upstream connection fails with the client's body, but the fault
+    // is the client's: 400 as from nginx, counted as such, and with no
+    // internal error text in the answer.
+    let upstream = Upstream::start(
+        |request: hyper::Request<hyper::body::Incoming>| async move {
+            use http_body_util::BodyExt;
+            let _ = request.into_body().collect().await;
+            hyper::Response::new(full("read"))
+        },
+    )
+    .await;
+    let url = upstream.url();
+    let gw = TestGateway::with(|c| c.upstream.url = url).await;
+    let post = "POST /upload HTTP/1.1\r\nhost: app.example.test\r\n";
+
+    // Broken chunked framing.
+    let reply = exchange(
+        &gw,
+        format!("{post}transfer-encoding: chunked\r\n\r\n5\r\nhello\r\nZZ\r\n").as_bytes(),
+    )
+    .await;
+    let (head, body) = split(&reply);
+    assert!(head.starts_with("HTTP/1.1 400"), "{reply:?}");
+    assert_eq!(body, "bad request: malformed request body\n");
+
+    // A client that stops sending half way and half-closes still reads
+    // the answer.
+    let mut stream = TcpStream::connect(gw.addr).await.expect("connect");
+    stream
+        .write_all(format!("{post}content-length: 100\r\n\r\nonly ten..").as_bytes())
+        .await
+        .expect("write");
+    stream.shutdown().await.expect("half-close");
+    let mut reply = String::new();
+    within("the answer", stream.read_to_string(&mut reply))
+        .await
+        .expect("read");
+    let (head, body) = split(&reply);
+    assert!(head.starts_with("HTTP/1.1 400"), "{reply:?}");
+    assert_eq!(body, "bad request: request body incomplete\n");
+
+    // One that goes away entirely reads nothing, but is still no 502.
+    let mut stream = TcpStream::connect(gw.addr).await.expect("connect");
+    stream
+        .write_all(format!("{post}content-length: 100\r\n\r\nonly ten..").as_bytes())
+        .await
+        .expect("write");
+    drop(stream);
+
+    eventually_async("three 400s counted", || async {
+        gw.metric("roomgate_proxy_requests_total{code=\"400\"}")
+            .await
+            == 3.0
+    })
+    .await;
+    assert_eq!(
+        gw.metric("roomgate_proxy_requests_total{code=\"502\"}")
+            .await,
+        0.0
+    );
+}

@@ -12,7 +12,7 @@
 
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -56,6 +56,11 @@ pub enum ProxyError {
     /// No response headers (or no connection) within the time allowed.
     #[error("upstream timed out")]
     Timeout,
+    /// The client's own request body failed: it broke the chunked framing,
+    /// or the client stopped sending before its end. Nothing is wrong with
+    /// the upstream, so this is no 502.
+    #[error("bad request: {0}")]
+    ClientBody(BodyFault),
     /// A `CONNECT`: a reverse proxy has no tunnels to open to other hosts.
     #[error("CONNECT is not supported")]
     Connect,
@@ -70,7 +75,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::NoUpstream => StatusCode::NOT_FOUND,
-            Self::BadHost(_) => StatusCode::BAD_REQUEST,
+            Self::BadHost(_) | Self::ClientBody(_) => StatusCode::BAD_REQUEST,
             Self::Unreachable(_) | Self::BadResponse(_) => StatusCode::BAD_GATEWAY,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
@@ -83,13 +88,70 @@ impl ProxyError {
     /// already be sending what it meant for the tunnel, which must not be
     /// read as the next request.
     pub fn response(&self) -> Response<Body> {
-        let mut response = response::text(self.status(), self.to_string());
+        let message = match self {
+            // The cause is for the log, not for the client.
+            Self::Unreachable(_) => "upstream unreachable".to_string(),
+            other => other.to_string(),
+        };
+        let mut response = response::text(self.status(), message);
         if let Self::Connect = self {
             let headers = response.headers_mut();
             headers.insert(header::ALLOW, HeaderValue::from_static(ALLOWED));
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
+    }
+}
+
+/// What was wrong with a client's request body, as the proxy saw it while
+/// passing the body on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BodyFault {
+    /// The chunked framing was broken.
+    #[error("malformed request body")]
+    Malformed,
+    /// The client closed or reset its connection before the body's end.
+    /// Nobody may read the answer; one that half-closed will.
+    #[error("request body incomplete")]
+    Incomplete,
+}
+
+impl BodyFault {
+    const NONE: u8 = 0;
+
+    /// Sorts the error a client's body returned: an end of stream or a
+    /// reset before the body's end is the client going away, anything else
+    /// is bad framing (hyper reports both as I/O errors under its own).
+    fn of(e: &hyper::Error) -> Self {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(err) = source {
+            if let Some(io) = err.downcast_ref::<std::io::Error>() {
+                return match io.kind() {
+                    UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe => {
+                        Self::Incomplete
+                    }
+                    _ => Self::Malformed,
+                };
+            }
+            source = err.source();
+        }
+        Self::Malformed
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            Self::Malformed => 1,
+            Self::Incomplete => 2,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(Self::Malformed),
+            2 => Some(Self::Incomplete),
+            _ => None,
+        }
     }
 }
 
@@ -282,12 +344,16 @@ impl Upstream {
 /// clock on the whole exchange would cut off every upload that takes longer
 /// than `timeout` to transfer, however well it flows. A request without a
 /// body needs only one deadline.
-async fn timed<F: Future>(
+///
+/// When the exchange fails because the client's own body did, that is
+/// what is reported: the upstream connection fails with it, and would
+/// otherwise be blamed.
+async fn timed<T, E, F: Future<Output = Result<T, E>>>(
     request: Request<Body>,
     timeout: Duration,
     deadlines: &Deadlines,
     send: impl FnOnce(Request<UpstreamBody>) -> F,
-) -> Result<F::Output, ProxyError> {
+) -> Result<Result<T, E>, ProxyError> {
     if hyper::body::Body::is_end_stream(request.body()) {
         let request = request.map(|inner| UpstreamBody {
             inner,
@@ -307,7 +373,12 @@ async fn timed<F: Future>(
     let mut response = pin!(send(request));
     loop {
         tokio::select! {
-            result = &mut response => return Ok(result),
+            result = &mut response => {
+                return match progress.fault() {
+                    Some(fault) if result.is_err() => Err(ProxyError::ClientBody(fault)),
+                    _ => Ok(result),
+                };
+            }
             _ = deadlines.at(deadline::later(progress.last(), timeout)) => {
                 if deadline::later(progress.last(), timeout) <= tokio::time::Instant::now() {
                     return Err(ProxyError::Timeout);
@@ -319,10 +390,14 @@ async fn timed<F: Future>(
 
 /// When a request to the upstream last moved: created, or a chunk of its
 /// body (or its end) taken by the upstream connection. Nanoseconds since
-/// `start`, so the body can record it with one atomic store.
+/// `start`, so the body can record it with one atomic store. And whether
+/// the client's body failed, which only its wrapper can see: the upstream
+/// connection reports the failure as its own.
 struct Progress {
     start: tokio::time::Instant,
     last: AtomicU64,
+    /// A [`BodyFault`] code, or [`BodyFault::NONE`].
+    fault: AtomicU8,
 }
 
 impl Progress {
@@ -330,7 +405,16 @@ impl Progress {
         Self {
             start: tokio::time::Instant::now(),
             last: AtomicU64::new(0),
+            fault: AtomicU8::new(BodyFault::NONE),
         }
+    }
+
+    fn failed(&self, fault: BodyFault) {
+        self.fault.store(fault.code(), Ordering::Relaxed);
+    }
+
+    fn fault(&self) -> Option<BodyFault> {
+        BodyFault::from_code(self.fault.load(Ordering::Relaxed))
     }
 
     fn touch(&self) {
@@ -361,10 +445,11 @@ impl hyper::body::Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if polled.is_ready()
-            && let Some(progress) = &self.progress
-        {
+        if let (Poll::Ready(frame), Some(progress)) = (&polled, &self.progress) {
             progress.touch();
+            if let Some(Err(e)) = frame {
+                progress.failed(BodyFault::of(e));
+            }
         }
         polled
     }
