@@ -813,6 +813,126 @@ async fn an_upstream_that_stops_taking_the_upload_gets_504() {
     feeder.abort();
 }
 
+#[tokio::test]
+async fn an_upload_the_upstream_answers_early_still_reaches_it_whole() {
+    // HTTP/1.1 lets a server answer before it has read the request body
+    // and read it afterwards. The exchange ends when both messages are
+    // complete: until then the upstream connection is busy, and parking it
+    // in the pool would let the pool close it, cutting the upload.
+    const CHUNK: usize = 64 * 1024;
+    const CHUNKS: usize = 16;
+    let (total_tx, mut total_rx) = mpsc::unbounded_channel::<usize>();
+    let upstream = Upstream::start(move |request: Request<Incoming>| {
+        let total_tx = total_tx.clone();
+        async move {
+            tokio::spawn(async move {
+                // A body known to be complete is taken as such: once the
+                // response is out, hyper ends it no other way until the
+                // connection's next request.
+                let mut body = request.into_body();
+                let mut total = 0;
+                while !hyper::body::Body::is_end_stream(&body) {
+                    match body.frame().await {
+                        Some(Ok(frame)) => total += frame.data_ref().map_or(0, Bytes::len),
+                        _ => break,
+                    }
+                }
+                let _ = total_tx.send(total);
+            });
+            Response::new(full("ok"))
+        }
+    })
+    .await;
+    let gw = gateway_for(&upstream).await;
+    let (tx, body) = body_channel();
+    let response = tokio::spawn(send_request(
+        gw.addr,
+        Request::post("/upload")
+            .header("host", "app.example.test")
+            .header("content-length", (CHUNK * CHUNKS).to_string())
+            .body(body)
+            .unwrap(),
+    ));
+    // Long enough for the pool's once-a-second sweep to come by.
+    let mut sent = 0;
+    for _ in 0..CHUNKS {
+        let chunk = Bytes::from(vec![b'e'; CHUNK]);
+        if within("a chunk to be taken", tx.send(chunk)).await.is_err() {
+            break;
+        }
+        sent += CHUNK;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    drop(tx);
+    let total = within("the upstream to read the upload", total_rx.recv())
+        .await
+        .expect("a total");
+    assert_eq!(
+        (sent, total),
+        (CHUNK * CHUNKS, CHUNK * CHUNKS),
+        "(sent, received)"
+    );
+    let response = within("the response", response).await.expect("task");
+    assert_eq!(response.status(), 200);
+    // Once the upload is written, the connection is idle and reused.
+    let (status, _) = http_get(gw.addr, "/next").await;
+    assert_eq!(status, 200);
+    assert_eq!(upstream.connections_accepted(), 1);
+}
+
+#[tokio::test]
+async fn an_upload_that_stalls_after_an_early_answer_is_given_up_after_the_timeout() {
+    // Once the response is over, the upload still holds an upstream
+    // connection; standing still for `timeout_secs`, it lets it go.
+    let (end_tx, mut end_rx) = mpsc::unbounded_channel::<(usize, bool)>();
+    let upstream = Upstream::start(move |request: Request<Incoming>| {
+        let end_tx = end_tx.clone();
+        async move {
+            tokio::spawn(async move {
+                let mut body = request.into_body();
+                let mut total = 0;
+                let broken = loop {
+                    match body.frame().await {
+                        Some(Ok(frame)) => total += frame.data_ref().map_or(0, Bytes::len),
+                        Some(Err(_)) => break true,
+                        None => break false,
+                    }
+                };
+                let _ = end_tx.send((total, broken));
+            });
+            Response::new(full("ok"))
+        }
+    })
+    .await;
+    let url = upstream.url();
+    let gw = TestGateway::with(|c| {
+        c.upstream.url = url;
+        c.upstream.timeout_secs = 1;
+    })
+    .await;
+    let (tx, body) = body_channel();
+    let response = tokio::spawn(send_request(
+        gw.addr,
+        Request::post("/upload")
+            .header("host", "app.example.test")
+            .header("content-length", "1000")
+            .body(body)
+            .unwrap(),
+    ));
+    within("a chunk to be taken", tx.send(Bytes::from(vec![b's'; 100])))
+        .await
+        .expect("chunk");
+    let response = within("the response", response).await.expect("task");
+    assert_eq!(response.status(), 200);
+    let started = std::time::Instant::now();
+    let (total, broken) = within("the upstream connection to end", end_rx.recv())
+        .await
+        .expect("an end");
+    assert_eq!((total, broken), (100, true));
+    assert!(started.elapsed() >= std::time::Duration::from_millis(500));
+    drop(tx);
+}
+
 /// An upstream that answers one request per connection and, when told to,
 /// closes that connection without having said so (no `Connection: close`),
 /// as an upstream whose keep-alive timeout ran out would. Reports each

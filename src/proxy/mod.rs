@@ -249,6 +249,7 @@ impl Upstream {
                 target,
                 config::secs(config.connect_timeout_secs),
                 IDLE_TIMEOUT,
+                config::secs(config.timeout_secs),
             ))
         });
         Self { client, base, pool }

@@ -9,7 +9,10 @@
 //! headers by the request's future, then by the response body as the client
 //! connection writes it out. The whole exchange runs in the task that serves
 //! the client, and the connection goes back to the pool when its response
-//! body has been read to the end.
+//! body has been read to the end and its request has been written (an
+//! upstream may answer before it has read the whole upload; the rare
+//! connection still busy with one is driven by a task of its own until it
+//! is idle).
 //!
 //! A connection idle in the pool is polled only by a sweep once a second,
 //! which closes those the upstream has closed (instead of leaving them
@@ -33,7 +36,8 @@ use tokio::net::TcpStream;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
-use super::UpstreamBody;
+use super::{Progress, UpstreamBody};
+use crate::deadline;
 
 /// Idle connections kept at most; more are closed when they come back.
 const MAX_IDLE: usize = 512;
@@ -68,6 +72,9 @@ pub struct Pool {
     target: String,
     connect_timeout: Duration,
     idle_timeout: Duration,
+    /// `upstream.timeout_secs`: how long an upload may stand still once its
+    /// response is over before its connection is given up.
+    stall_timeout: Duration,
     /// Oldest at the front; checkout takes the newest, which is the least
     /// likely to have been closed by the upstream's own idle timeout.
     idle: Mutex<VecDeque<Idle>>,
@@ -110,6 +117,22 @@ impl Conn {
         self.driver.is_some() && !self.sender.is_closed()
     }
 
+    /// Whether the connection has finished its exchange and waits for the
+    /// next request, as far as its last poll found: a connection still
+    /// writing the request is not. One atomic load.
+    fn idle(&self) -> bool {
+        self.reusable() && self.sender.is_ready()
+    }
+
+    /// Drives the connection until it is idle (`true`) or finished
+    /// (`false`).
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        if !self.drive(cx) {
+            return Poll::Ready(false);
+        }
+        self.sender.poll_ready(cx).map(|ready| ready.is_ok())
+    }
+
     /// Sends `request` and drives the connection until the response
     /// headers arrive. On failure the request comes back when it never
     /// left, so it can be sent elsewhere.
@@ -133,11 +156,17 @@ impl Conn {
 
 impl Pool {
     /// A pool for the upstream at `target` (`host:port`).
-    pub fn new(target: String, connect_timeout: Duration, idle_timeout: Duration) -> Self {
+    pub fn new(
+        target: String,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        stall_timeout: Duration,
+    ) -> Self {
         Self {
             target,
             connect_timeout,
             idle_timeout,
+            stall_timeout,
             idle: Mutex::new(VecDeque::new()),
         }
     }
@@ -149,6 +178,8 @@ impl Pool {
         self: &Arc<Self>,
         mut request: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, PoolError> {
+        // Shared with the request body, which records when it last moved.
+        let upload = request.body().progress.clone();
         loop {
             let (mut conn, reused) = match self.checkout().await {
                 Some(conn) => (conn, true),
@@ -165,6 +196,7 @@ impl Pool {
                         inner,
                         conn: Some(conn),
                         pool,
+                        upload,
                     }));
                 }
                 // The upstream closed the idle connection before taking the
@@ -207,6 +239,52 @@ impl Pool {
             sender,
             driver: Some(Box::new(driver)),
         })
+    }
+
+    /// Takes back a connection whose response has been read to the end.
+    /// The upstream may have answered before it read the whole request
+    /// body, as HTTP/1.1 allows: then the connection is still writing the
+    /// upload, and parked here it would be found not ready and closed,
+    /// cutting the upload short. Such a connection is driven by a task of
+    /// its own until the request is written, and parked only then. That
+    /// task lives no longer than the upload: the client's connection feeds
+    /// it (and is tracked by shutdown), and an upload that stands still
+    /// for the upstream timeout closes the connection.
+    fn release(self: &Arc<Self>, conn: Conn, upload: Option<Arc<Progress>>) {
+        if conn.idle() {
+            self.checkin(conn);
+        } else if conn.reusable()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(self.clone().finish(conn, upload));
+        }
+    }
+
+    /// Drives a connection still writing its request until it is idle,
+    /// then parks it; gives up on it when the upload stands still for the
+    /// stall timeout.
+    async fn finish(self: Arc<Self>, mut conn: Conn, upload: Option<Arc<Progress>>) {
+        let since = tokio::time::Instant::now();
+        let last_moved = || upload.as_ref().map_or(since, |upload| upload.last());
+        let idle = {
+            let mut idle = pin!(poll_fn(|cx| conn.poll_idle(cx)));
+            loop {
+                let stalled = deadline::later(last_moved(), self.stall_timeout);
+                tokio::select! {
+                    idle = &mut idle => break idle,
+                    _ = tokio::time::sleep_until(stalled) => {
+                        if deadline::later(last_moved(), self.stall_timeout)
+                            <= tokio::time::Instant::now()
+                        {
+                            break false;
+                        }
+                    }
+                }
+            }
+        };
+        if idle {
+            self.checkin(conn);
+        }
     }
 
     fn checkin(&self, conn: Conn) {
@@ -262,6 +340,9 @@ pub struct PooledBody {
     inner: Incoming,
     conn: Option<Conn>,
     pool: Arc<Pool>,
+    /// The request body's progress, when it had a body: the connection may
+    /// still be writing it when the response is over.
+    upload: Option<Arc<Progress>>,
 }
 
 impl hyper::body::Body for PooledBody {
@@ -301,7 +382,7 @@ impl hyper::body::Body for PooledBody {
 impl PooledBody {
     fn release(&mut self) {
         if let Some(conn) = self.conn.take() {
-            self.pool.checkin(conn);
+            self.pool.release(conn, self.upload.take());
         }
     }
 }
