@@ -1169,6 +1169,72 @@ async fn a_client_that_stops_sending_is_closed_after_the_header_timeout() {
     }
 }
 
+/// A client that asks for a large response and stops reading it is closed
+/// once writes to it have made no progress for 60 s (nginx's
+/// `send_timeout`), and so is the upstream connection behind it. On a
+/// paused clock, as above.
+#[tokio::test(start_paused = true)]
+async fn a_client_that_stops_reading_is_closed_after_the_write_stall_bound() {
+    use tokio::io::AsyncReadExt;
+    use tokio::time::{Duration, Instant, timeout};
+
+    const WRITE_STALL: Duration = Duration::from_secs(60);
+    const BOUND: Duration = Duration::from_secs(600);
+    const CHUNK: usize = 1 << 20;
+    const CHUNKS: usize = 64;
+
+    /// Reports when the upstream drops the response body: its connection
+    /// to the gateway has gone.
+    struct Dropped(Option<oneshot::Sender<()>>);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            if let Some(tx) = self.0.take() {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    let (gone_tx, gone_rx) = oneshot::channel();
+    let gone = Arc::new(Mutex::new(Some(gone_tx)));
+    let upstream = Upstream::start(move |_: Request<Incoming>| {
+        let guard = Dropped(gone.lock().unwrap().take());
+        async move {
+            let chunks = futures_util::stream::iter(0..CHUNKS).map(move |_| {
+                let _held = &guard;
+                Ok(hyper::body::Frame::data(Bytes::from(vec![b'x'; CHUNK])))
+            });
+            Response::new(BodyExt::boxed(http_body_util::StreamBody::new(chunks)))
+        }
+    })
+    .await;
+    let gw = gateway_for(&upstream).await;
+    let mut client = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    client
+        .write_all(b"GET /large HTTP/1.1\r\nhost: app.example.test\r\n\r\n")
+        .await
+        .expect("request written");
+    let start = Instant::now();
+
+    timeout(BOUND, gone_rx)
+        .await
+        .expect("the upstream connection is closed")
+        .expect("reported");
+    let after = start.elapsed();
+    assert!(after >= WRITE_STALL, "closed after {after:?}");
+    let mut received = Vec::new();
+    timeout(BOUND, client.read_to_end(&mut received))
+        .await
+        .expect("the client's connection is closed")
+        .ok();
+    assert!(
+        received.len() < CHUNK * CHUNKS,
+        "the whole response was delivered: {} bytes",
+        received.len()
+    );
+}
+
 /// An upstream timeout too long for the clock to represent means "wait":
 /// requests with and without a body are proxied, nothing panics.
 #[tokio::test]

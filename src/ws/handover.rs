@@ -8,15 +8,27 @@
 //! together with the welcome in a single vectored write. Upgrades that are
 //! tunnelled to the upstream never arm the hold: there the client may have
 //! to speak first, so their 101 must leave at once.
+//!
+//! It also gives up on a client that stops reading: once writes to it have
+//! made no progress for [`WRITE_STALL`], they fail, and hyper closes the
+//! connection. A client that requests a large response and never reads it
+//! would otherwise hold its connection, and the upstream connection behind
+//! it, for ever.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+
+/// How long writes to a client may make no progress before its connection
+/// is closed: nginx's `send_timeout`. The contract has no key for it.
+pub const WRITE_STALL: Duration = Duration::from_secs(60);
 
 /// Shared between a connection's service and its [`ClientStream`]: the
 /// service arms it when it answers with its own 101.
@@ -34,21 +46,91 @@ impl HoldSwitch {
     }
 }
 
+/// When writes to a client stopped making progress, and the timer that
+/// ends the wait. Nothing is done while writes go through: the clock is
+/// read and the timer armed only when a write would block, which already
+/// costs a system call. The timer is armed once and moved only when it
+/// goes off before the current stall's end, like [`crate::deadline`]'s.
+struct WriteStall {
+    /// [`WRITE_STALL`], but for tests.
+    bound: Duration,
+    /// When the current stall began; `None` while writes go through.
+    since: Option<Instant>,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl WriteStall {
+    fn new(bound: Duration) -> Self {
+        Self {
+            bound,
+            since: None,
+            timer: None,
+        }
+    }
+
+    /// What a write to the socket returned, with a stall that lasted the
+    /// bound turned into a `TimedOut` error.
+    fn watch(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match polled {
+            Poll::Pending => self.poll_expired(cx).map(Err),
+            Poll::Ready(Ok(n)) if n > 0 => {
+                self.since = None;
+                Poll::Ready(Ok(n))
+            }
+            other => other,
+        }
+    }
+
+    /// Ready with the error once the stall has lasted the bound; otherwise
+    /// the timer wakes the task then.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        let end = crate::deadline::later(since, self.bound);
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(end)));
+        loop {
+            // Unconstrained: out of cooperative budget, a tokio timer
+            // returns `Pending` without taking the waker.
+            ready!(std::pin::pin!(tokio::task::unconstrained(timer.as_mut())).poll(cx));
+            if timer.deadline() >= end {
+                return Poll::Ready(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client read nothing for the write stall bound",
+                ));
+            }
+            // It went off for an earlier stall.
+            timer.as_mut().reset(end);
+        }
+    }
+}
+
 /// A client's TCP stream that keeps what hyper writes once its
-/// [`HoldSwitch`] is armed.
+/// [`HoldSwitch`] is armed, and fails writes that stall for
+/// [`WRITE_STALL`].
 pub struct ClientStream {
     tcp: TcpStream,
     hold: HoldSwitch,
     held: Vec<u8>,
+    stall: WriteStall,
 }
 
 impl ClientStream {
     /// Serves `tcp`, holding writes once `hold` is armed.
     pub fn new(tcp: TcpStream, hold: HoldSwitch) -> Self {
+        Self::with_write_stall(tcp, hold, WRITE_STALL)
+    }
+
+    fn with_write_stall(tcp: TcpStream, hold: HoldSwitch, bound: Duration) -> Self {
         Self {
             tcp,
             hold,
             held: Vec::new(),
+            stall: WriteStall::new(bound),
         }
     }
 
@@ -62,7 +144,8 @@ impl ClientStream {
     /// before it is handed over.
     fn poll_release(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.held.is_empty() {
-            let n = std::task::ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.held))?;
+            let polled = Pin::new(&mut self.tcp).poll_write(cx, &self.held);
+            let n = ready!(self.stall.watch(cx, polled))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -92,7 +175,8 @@ impl AsyncWrite for ClientStream {
             self.held.extend_from_slice(buf);
             return Poll::Ready(Ok(buf.len()));
         }
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.tcp).poll_write(cx, buf);
+        self.stall.watch(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -107,7 +191,8 @@ impl AsyncWrite for ClientStream {
             }
             return Poll::Ready(Ok(self.held.len() - before));
         }
-        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        self.stall.watch(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -120,7 +205,7 @@ impl AsyncWrite for ClientStream {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        std::task::ready!(self.poll_release(cx))?;
+        ready!(self.poll_release(cx))?;
         Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
 }
@@ -164,6 +249,45 @@ mod tests {
         let mut got = [0; 4];
         peer.read_exact(&mut got).await.expect("read");
         assert_eq!(&got, b"late", "nothing held went out before the hand-over");
+    }
+
+    /// On a paused clock, which moves on whenever every task waits.
+    #[tokio::test(start_paused = true)]
+    async fn writes_that_stall_for_the_bound_fail() {
+        let (_peer, tcp) = pair().await;
+        let mut stream = ClientStream::new(tcp, HoldSwitch::default());
+        let start = Instant::now();
+        let chunk = vec![0u8; 1 << 20];
+        let error = loop {
+            if let Err(e) = stream.write_all(&chunk).await {
+                break e;
+            }
+        };
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert!(start.elapsed() >= WRITE_STALL, "{:?}", start.elapsed());
+    }
+
+    /// On the real clock with a short bound: on a paused one, the clock can
+    /// jump while the reader's read and the writer's wake-up are still
+    /// making their way through the kernel.
+    #[tokio::test]
+    async fn a_slow_reader_is_not_a_stalled_one() {
+        const TOTAL: usize = 32 << 20;
+        const BOUND: Duration = Duration::from_secs(1);
+        let (mut peer, tcp) = pair().await;
+        let mut stream = ClientStream::with_write_stall(tcp, HoldSwitch::default(), BOUND);
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; 1 << 20];
+            let mut total = 0;
+            while total < TOTAL {
+                tokio::time::sleep(BOUND / 10).await;
+                total += peer.read(&mut buf).await.expect("read");
+            }
+        });
+        let start = Instant::now();
+        stream.write_all(&vec![0u8; TOTAL]).await.expect("written");
+        reader.await.expect("reader");
+        assert!(start.elapsed() > BOUND, "{:?}", start.elapsed());
     }
 
     #[tokio::test]
