@@ -1001,6 +1001,98 @@ async fn an_idle_upstream_connection_the_upstream_closed_is_not_reused() {
     }
 }
 
+/// An upstream whose connections each answer one request and then close
+/// as the next one arrives, without answering it: an upstream that closed
+/// an idle connection just as the gateway sent a request on it. Reports
+/// each request head it reads.
+async fn closing_on_second_request_upstream() -> (SocketAddr, mpsc::UnboundedReceiver<String>) {
+    use tokio::io::AsyncReadExt;
+    async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<String> {
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(stream.read_u8().await.ok()?);
+        }
+        Some(String::from_utf8_lossy(&head).into_owned())
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (heads_tx, heads_rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let heads = heads_tx.clone();
+            tokio::spawn(async move {
+                let Some(head) = read_head(&mut stream).await else {
+                    return;
+                };
+                let answer: &[u8] = if head.starts_with("HEAD ") {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                };
+                let _ = heads.send(head);
+                if stream.write_all(answer).await.is_err() {
+                    return;
+                }
+                if let Some(head) = read_head(&mut stream).await {
+                    let _ = heads.send(head);
+                }
+            });
+        }
+    });
+    (addr, heads_rx)
+}
+
+#[tokio::test]
+async fn a_safe_request_on_a_connection_closed_as_it_went_out_is_sent_again() {
+    // nginx (`proxy_next_upstream error`) and Go's Transport do the same
+    // for requests that may be sent twice; a POST is never sent again.
+    let (addr, mut heads) = closing_on_second_request_upstream().await;
+    let gw = TestGateway::with(|c| c.upstream.url = format!("http://{addr}")).await;
+    let mut seen = Vec::new();
+    let request = |method: &'static str| {
+        http_request(
+            gw.addr,
+            Request::builder()
+                .method(method)
+                .uri("/r")
+                .header("host", "app.example.test")
+                .body(empty())
+                .unwrap(),
+        )
+    };
+    let (status, _, _) = request("GET").await;
+    assert_eq!(status, 200, "the first request");
+    seen.push(within("a request head", heads.recv()).await.expect("head"));
+    // Each request finds the connection the one before it left idle.
+    for method in ["GET", "HEAD", "OPTIONS"] {
+        // Idle long enough for an upstream's keep-alive timeout to matter.
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        let (status, _, body) = request(method).await;
+        assert_eq!(status, 200, "{method} sent again: {body:?}");
+        for _ in 0..2 {
+            seen.push(within("a request head", heads.recv()).await.expect("head"));
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let (status, _, _) = request("POST").await;
+    assert_eq!(status, 502, "a POST that went out is not sent again");
+    seen.push(within("a request head", heads.recv()).await.expect("head"));
+    tokio::time::sleep(QUIET).await;
+    assert!(heads.try_recv().is_err(), "the POST went out once");
+    let methods: Vec<&str> = seen
+        .iter()
+        .map(|head| head.split(' ').next().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        methods,
+        [
+            "GET", "GET", "GET", "HEAD", "HEAD", "OPTIONS", "OPTIONS", "POST"
+        ]
+    );
+}
+
 #[tokio::test]
 async fn an_idle_upstream_connection_the_upstream_closed_is_closed_without_traffic() {
     // No request follows, so only the pool's sweep can notice the close:

@@ -18,8 +18,10 @@
 //! which closes those the upstream has closed (instead of leaving them
 //! half-closed until the next request) and those past the idle timeout.
 //! Between sweeps checkout skips closed connections, and a request that a
-//! reused connection turns out unable to carry is sent again on a fresh one
-//! (only when it never left, so nothing is sent twice).
+//! reused connection turns out unable to carry is sent again on a fresh one:
+//! when it never left, or, once, when it may be sent twice (GET, HEAD or
+//! OPTIONS without a body) and the connection was closed before the
+//! response head arrived.
 
 use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
@@ -30,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::MissedTickBehavior;
@@ -173,17 +175,27 @@ impl Pool {
 
     /// Sends `request` (origin-form URI, not an upgrade) on a pooled or new
     /// connection and returns the response with the connection that
-    /// carries its body.
+    /// carries its body. A request a reused connection could not carry is
+    /// sent again on a fresh one when it never left, and, once, when it
+    /// may be sent twice (see [`resend_copy`]) and the connection was
+    /// closed or reset before the response head arrived.
     pub async fn send(
         self: &Arc<Self>,
         mut request: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, PoolError> {
         // Shared with the request body, which records when it last moved.
         let upload = request.body().progress.clone();
+        let mut resent = false;
         loop {
-            let (mut conn, reused) = match self.checkout().await {
-                Some(conn) => (conn, true),
-                None => (self.connect().await?, false),
+            // A request sent again goes on a fresh connection: the other
+            // idle ones may have been closed along with the first.
+            let checked_out = if resent { None } else { self.checkout().await };
+            let (mut conn, reused, copy) = match checked_out {
+                Some((conn, idle_for)) => {
+                    let copy = resend_copy(&request, idle_for);
+                    (conn, true, copy)
+                }
+                None => (self.connect().await?, false, None),
             };
             match conn.send(request).await {
                 // The connection has left HTTP and goes with `conn`.
@@ -199,25 +211,34 @@ impl Pool {
                         upload,
                     }));
                 }
-                // The upstream closed the idle connection before taking the
-                // request: nothing was sent, try a fresh connection.
-                Err((_, Some(unsent))) if reused => request = unsent,
-                Err((e, _)) => return Err(e.into()),
+                Err((e, unsent)) => match (unsent, copy) {
+                    // The upstream closed the idle connection before taking
+                    // the request: nothing was sent.
+                    (Some(unsent), _) if reused => request = unsent,
+                    // It closed it as the request went out.
+                    (None, Some(copy)) if closed_before_answer(&e) => {
+                        resent = true;
+                        request = copy;
+                    }
+                    _ => return Err(e.into()),
+                },
             }
         }
     }
 
-    /// The newest idle connection that can take a request right now.
-    async fn checkout(&self) -> Option<Conn> {
+    /// The newest idle connection that can take a request right now, and
+    /// how long it was idle.
+    async fn checkout(&self) -> Option<(Conn, Duration)> {
         loop {
             let Idle { mut conn, since } = self.lock().pop_back()?;
-            if since.elapsed() >= self.idle_timeout {
+            let idle_for = since.elapsed();
+            if idle_for >= self.idle_timeout {
                 // Everything older is expired too.
                 self.lock().clear();
                 return None;
             }
             if poll_fn(|cx| Poll::Ready(conn.ready_now(cx))).await {
-                return Some(conn);
+                return Some((conn, idle_for));
             }
         }
     }
@@ -331,6 +352,62 @@ impl Pool {
     }
 }
 
+/// How long a connection must have been idle for a request on it to be
+/// copied, so that it can be sent again should the connection fail before
+/// the response. The failure this guards against is an upstream closing a
+/// connection for idleness just as a request goes out on it, and no common
+/// server closes a connection idle for less: a connection busy within the
+/// last 100 ms is not at risk of it, and the busy path, where the copy (an
+/// allocation for the header map) would cost most, never pays for it.
+const RESEND_AFTER_IDLE: Duration = Duration::from_millis(100);
+
+/// A copy of `request` to send again if the reused connection carrying it,
+/// idle for `idle_for` before, turns out to have been closed as the request
+/// went out (nginx's `proxy_next_upstream error`, Go's `Transport` do the
+/// same). Only for a request that may be sent twice: GET, HEAD or OPTIONS
+/// (safe methods, RFC 9110 §9.2.1) without a body.
+fn resend_copy(
+    request: &Request<UpstreamBody>,
+    idle_for: Duration,
+) -> Option<Request<UpstreamBody>> {
+    if idle_for < RESEND_AFTER_IDLE
+        || !matches!(
+            *request.method(),
+            Method::GET | Method::HEAD | Method::OPTIONS
+        )
+        || !request.body().is_end_stream()
+    {
+        return None;
+    }
+    let mut copy = Request::new(UpstreamBody {
+        inner: crate::response::empty(),
+        progress: None,
+    });
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    Some(copy)
+}
+
+/// Whether a request that went out failed because the connection was
+/// closed or reset before the response head arrived: the sign of an
+/// upstream that closed it as the request was on its way.
+fn closed_before_answer(e: &hyper::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    if e.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return matches!(io.kind(), ConnectionReset | ConnectionAborted | BrokenPipe);
+        }
+        source = err.source();
+    }
+    false
+}
+
 /// A response body from the upstream that also drives its connection, and
 /// returns the connection to the pool once the body has been read to the
 /// end. Dropped before that (the client went away), it closes the
@@ -394,5 +471,42 @@ impl Drop for PooledBody {
         if self.inner.is_end_stream() {
             self.release();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(method: Method, body: crate::response::Body) -> Request<UpstreamBody> {
+        let mut request = Request::new(UpstreamBody {
+            inner: body,
+            progress: None,
+        });
+        *request.method_mut() = method;
+        *request.uri_mut() = hyper::Uri::from_static("/r?q=1");
+        request
+            .headers_mut()
+            .insert("host", hyper::header::HeaderValue::from_static("a.test"));
+        request
+    }
+
+    #[test]
+    fn only_safe_bodiless_requests_on_long_idle_connections_are_copied() {
+        let idle = RESEND_AFTER_IDLE;
+        for method in [Method::GET, Method::HEAD, Method::OPTIONS] {
+            let original = request(method.clone(), crate::response::empty());
+            let copy = resend_copy(&original, idle).expect("copied");
+            assert_eq!(copy.method(), method);
+            assert_eq!(copy.uri(), original.uri());
+            assert_eq!(copy.headers(), original.headers());
+            assert!(copy.body().is_end_stream());
+        }
+        let get = request(Method::GET, crate::response::empty());
+        assert!(resend_copy(&get, idle / 2).is_none(), "recently busy");
+        let post = request(Method::POST, crate::response::empty());
+        assert!(resend_copy(&post, idle).is_none(), "not safe");
+        let with_body = request(Method::GET, crate::response::full("x"));
+        assert!(resend_copy(&with_body, idle).is_none(), "has a body");
     }
 }
