@@ -177,7 +177,7 @@ impl Pool {
     /// connection and returns the response with the connection that
     /// carries its body. A request a reused connection could not carry is
     /// sent again on a fresh one when it never left, and, once, when it
-    /// may be sent twice (see [`resend_copy`]) and the connection was
+    /// may be sent twice (see `resend_copy`) and the connection was
     /// closed or reset before the response head arrived.
     pub async fn send(
         self: &Arc<Self>,

@@ -111,7 +111,7 @@ impl WriteStall {
 
 /// A client's TCP stream that keeps what hyper writes once its
 /// [`HoldSwitch`] is armed, and fails writes that stall for
-/// [`WRITE_STALL`].
+/// `WRITE_STALL` (60 s).
 pub struct ClientStream {
     tcp: TcpStream,
     hold: HoldSwitch,
