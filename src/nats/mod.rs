@@ -418,8 +418,10 @@ impl Bridge {
                 biased;
                 _ = self.stop.cancelled() => break,
                 // Back from an outage: subscribe the rooms joined during it
-                // now rather than at the next tick.
-                Ok(()) = connected.changed() => {
+                // now rather than at the next tick. Watched only while
+                // something waits for it: polling the watch costs every
+                // event a registration with its notifier.
+                Ok(()) = connected.changed(), if !self.fixed || !self.retry.is_empty() => {
                     if *connected.borrow_and_update() {
                         self.retry_failed().await;
                     }
