@@ -749,20 +749,22 @@ impl Flooder {
     }
 }
 
-#[tokio::test]
-async fn a_client_that_stops_reading_is_closed_even_while_a_write_to_it_is_stuck() {
-    // The backlog is larger than every buffer between the gateway and the
-    // client, but fits in the send queue: nothing overflows, the writer is
-    // simply stuck. The client cannot answer pings it never gets, so the
-    // heartbeat must still end the connection.
-    let gw = TestGateway::with(|c| {
+/// A gateway whose send queue holds more than every buffer between it and
+/// a client, with a heartbeat of a second.
+async fn stuck_writer_gateway() -> TestGateway {
+    TestGateway::with(|c| {
         c.websocket.ping_interval_secs = 1;
         c.websocket.pong_timeout_secs = 1;
         c.websocket.send_queue_capacity = 1024;
     })
-    .await;
-    let _stuck = client_that_stops_reading(gw.addr, "firehose").await;
-    let mut sender = Flooder::join(&gw, "firehose").await;
+    .await
+}
+
+/// Floods `firehose` from a client that keeps reading, until the gateway
+/// closes a member that stopped reading for its missed pings; returns the
+/// flooding client.
+async fn flood_until_the_stuck_client_is_closed(gw: &TestGateway) -> Flooder {
+    let mut sender = Flooder::join(gw, "firehose").await;
     let content = "f".repeat(60_000);
     for _ in 0..300 {
         sender
@@ -775,6 +777,18 @@ async fn a_client_that_stops_reading_is_closed_even_while_a_write_to_it_is_stuck
             == 1.0
     })
     .await;
+    sender
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_even_while_a_write_to_it_is_stuck() {
+    // The backlog is larger than every buffer between the gateway and the
+    // client, but fits in the send queue: nothing overflows, the writer is
+    // simply stuck. The client cannot answer pings it never gets, so the
+    // heartbeat must still end the connection.
+    let gw = stuck_writer_gateway().await;
+    let _stuck = client_that_stops_reading(gw.addr, "firehose").await;
+    let mut sender = flood_until_the_stuck_client_is_closed(&gw).await;
     // The sender is the one left, and still served.
     sender.send(json!({"type": "join", "room": "other"})).await;
     assert_eq!(sender.recv().await["type"], "joined");
@@ -786,12 +800,7 @@ async fn pongs_a_client_makes_up_do_not_keep_a_client_that_stopped_reading() {
     // The client never reads, so the pings stuck behind the backlog never
     // reach it; it sends pongs of its own (RFC 6455 allows unsolicited
     // ones). They answer no ping, and the heartbeat must still end it.
-    let gw = TestGateway::with(|c| {
-        c.websocket.ping_interval_secs = 1;
-        c.websocket.pong_timeout_secs = 1;
-        c.websocket.send_queue_capacity = 1024;
-    })
-    .await;
+    let gw = stuck_writer_gateway().await;
     let mut stuck = client_that_stops_reading(gw.addr, "firehose").await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stopped = stop.clone();
@@ -813,19 +822,7 @@ async fn pongs_a_client_makes_up_do_not_keep_a_client_that_stopped_reading() {
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
     });
-    let mut sender = Flooder::join(&gw, "firehose").await;
-    let content = "f".repeat(60_000);
-    for _ in 0..300 {
-        sender
-            .send(json!({"type": "message", "room": "firehose", "content": content}))
-            .await;
-    }
-    eventually_async("the stuck client to be closed", || async {
-        gw.metric("roomgate_connections_closed_total{reason=\"ping_timeout\"}")
-            .await
-            == 1.0
-    })
-    .await;
+    flood_until_the_stuck_client_is_closed(&gw).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     within("the pong task to stop", ponger)
         .await
