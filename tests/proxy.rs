@@ -881,6 +881,74 @@ async fn an_upload_the_upstream_answers_early_still_reaches_it_whole() {
 }
 
 #[tokio::test]
+async fn an_upload_cut_by_a_forced_shutdown_does_not_reach_the_upstream_as_complete() {
+    // The upstream has answered and still reads a chunked upload when the
+    // gateway stops and its grace runs out. The upload is cut: the
+    // upstream must see it broken off, never ended as if it were whole.
+    let (end_tx, mut end_rx) = mpsc::unbounded_channel::<(usize, bool)>();
+    let upstream = Upstream::start(move |request: Request<Incoming>| {
+        let end_tx = end_tx.clone();
+        async move {
+            tokio::spawn(async move {
+                let mut body = request.into_body();
+                let mut total = 0;
+                let broken = loop {
+                    match body.frame().await {
+                        Some(Ok(frame)) => total += frame.data_ref().map_or(0, Bytes::len),
+                        Some(Err(_)) => break true,
+                        None => break false,
+                    }
+                };
+                let _ = end_tx.send((total, broken));
+            });
+            Response::new(full("ok"))
+        }
+    })
+    .await;
+    let url = upstream.url();
+    let mut gw = TestGateway::with(|c| {
+        c.upstream.url = url;
+        c.server.shutdown_grace_secs = 1;
+    })
+    .await;
+    let (tx, body) = body_channel();
+    let response = tokio::spawn(send_request(
+        gw.addr,
+        Request::post("/upload")
+            .header("host", "app.example.test")
+            .body(body)
+            .unwrap(),
+    ));
+    within(
+        "the first chunk to be taken",
+        tx.send(Bytes::from_static(b"part one")),
+    )
+    .await
+    .expect("sent");
+    let response = within("the early answer", response).await.expect("task");
+    assert_eq!(response.status(), 200);
+    // Read to the end: the exchange's response is over, its upload is not.
+    let answer = within("the answer's body", response.into_body().collect())
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(answer, "ok");
+    within(
+        "the second chunk to be taken",
+        tx.send(Bytes::from_static(b"part two")),
+    )
+    .await
+    .expect("sent");
+    gw.begin_stop();
+    gw.wait_stopped().await;
+    let (total, broken) = within("the upstream to see the upload end", end_rx.recv())
+        .await
+        .expect("an end");
+    assert!(broken, "the upload ended cleanly after {total} bytes");
+    drop(tx);
+}
+
+#[tokio::test]
 async fn an_upload_that_stalls_after_an_early_answer_is_given_up_after_the_timeout() {
     // Once the response is over, the upload still holds an upstream
     // connection; standing still for `timeout_secs`, it lets it go.
