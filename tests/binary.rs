@@ -111,6 +111,35 @@ fn inconsistent_settings_stop_startup_naming_the_keys() {
 }
 
 #[test]
+fn values_that_would_fail_quietly_or_later_stop_startup_and_check_config() {
+    // A misspelt level would log nothing, a second bind on the gateway's
+    // address would fail after start-up began, and a password in the
+    // upstream URL would be sent as part of `Host` and printed.
+    let cases = [
+        ("log.level", vec![("ROOMGATE_LOG_LEVEL", "warning")]),
+        (
+            "admin.listen",
+            vec![
+                ("ROOMGATE_SERVER_LISTEN", "127.0.0.1:18080"),
+                ("ROOMGATE_ADMIN_LISTEN", "127.0.0.1:18080"),
+            ],
+        ),
+        (
+            "upstream.url",
+            vec![("ROOMGATE_UPSTREAM_URL", "http://app:s3cret@127.0.0.1:3000")],
+        ),
+    ];
+    for (key, env) in cases {
+        let stderr = refused_start(&[], &env);
+        assert!(stderr.contains(key), "{key}: {stderr}");
+        let env: Vec<(&str, &str)> = SAFE.iter().chain(&env).copied().collect();
+        let (code, _, stderr) = run_binary(&["check-config"], &env);
+        assert_eq!(code, 2, "check-config refuses {key}: {stderr}");
+        assert!(!stderr.contains("s3cret"), "{stderr}");
+    }
+}
+
+#[test]
 fn several_problems_are_reported_at_once() {
     let dir = TempDir::new();
     let file = dir.write(
