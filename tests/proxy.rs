@@ -745,14 +745,7 @@ async fn an_upload_that_keeps_flowing_is_not_cut_by_the_upstream_timeout() {
         c.upstream.timeout_secs = 1;
     })
     .await;
-    let (tx, body) = body_channel();
-    let response = tokio::spawn(send_request(
-        gw.addr,
-        Request::post("/upload")
-            .header("host", "app.example.test")
-            .body(body)
-            .unwrap(),
-    ));
+    let (tx, response) = start_upload(gw.addr, None);
     const CHUNKS: usize = 12;
     for _ in 0..CHUNKS {
         within(
@@ -794,14 +787,7 @@ async fn an_upstream_that_stops_taking_the_upload_gets_504() {
         c.upstream.timeout_secs = 1;
     })
     .await;
-    let (tx, body) = body_channel();
-    let response = tokio::spawn(send_request(
-        gw.addr,
-        Request::post("/upload")
-            .header("host", "app.example.test")
-            .body(body)
-            .unwrap(),
-    ));
+    let (tx, response) = start_upload(gw.addr, None);
     // Keep offering data until the gateway gives up on the upstream.
     let feeder = tokio::spawn(async move {
         let chunk = Bytes::from(vec![b's'; 256 * 1024]);
@@ -844,15 +830,7 @@ async fn an_upload_the_upstream_answers_early_still_reaches_it_whole() {
     })
     .await;
     let gw = gateway_for(&upstream).await;
-    let (tx, body) = body_channel();
-    let response = tokio::spawn(send_request(
-        gw.addr,
-        Request::post("/upload")
-            .header("host", "app.example.test")
-            .header("content-length", (CHUNK * CHUNKS).to_string())
-            .body(body)
-            .unwrap(),
-    ));
+    let (tx, response) = start_upload(gw.addr, Some(CHUNK * CHUNKS));
     // Long enough for the pool's once-a-second sweep to come by.
     let mut sent = 0;
     for _ in 0..CHUNKS {
@@ -880,12 +858,30 @@ async fn an_upload_the_upstream_answers_early_still_reaches_it_whole() {
     assert_eq!(upstream.connections_accepted(), 1);
 }
 
-#[tokio::test]
-async fn an_upload_cut_by_a_forced_shutdown_does_not_reach_the_upstream_as_complete() {
-    // The upstream has answered and still reads a chunked upload when the
-    // gateway stops and its grace runs out. The upload is cut: the
-    // upstream must see it broken off, never ended as if it were whole.
-    let (end_tx, mut end_rx) = mpsc::unbounded_channel::<(usize, bool)>();
+/// Starts a `POST /upload` whose body the test then feeds through the
+/// returned sender, chunked unless `length` is given; the task yields
+/// the response.
+fn start_upload(
+    addr: SocketAddr,
+    length: Option<usize>,
+) -> (
+    mpsc::Sender<Bytes>,
+    tokio::task::JoinHandle<hyper::Response<Incoming>>,
+) {
+    let (tx, body) = body_channel();
+    let mut request = Request::post("/upload").header("host", "app.example.test");
+    if let Some(length) = length {
+        request = request.header("content-length", length);
+    }
+    let request = request.body(body).expect("request");
+    (tx, tokio::spawn(send_request(addr, request)))
+}
+
+/// An upstream that answers `ok` at once and reads the request body
+/// afterwards; for each request it reports the bytes it read and whether
+/// the body broke off (`true`) rather than ended.
+async fn early_answering_upstream() -> (Upstream, mpsc::UnboundedReceiver<(usize, bool)>) {
+    let (end_tx, end_rx) = mpsc::unbounded_channel::<(usize, bool)>();
     let upstream = Upstream::start(move |request: Request<Incoming>| {
         let end_tx = end_tx.clone();
         async move {
@@ -905,20 +901,22 @@ async fn an_upload_cut_by_a_forced_shutdown_does_not_reach_the_upstream_as_compl
         }
     })
     .await;
+    (upstream, end_rx)
+}
+
+#[tokio::test]
+async fn an_upload_cut_by_a_forced_shutdown_does_not_reach_the_upstream_as_complete() {
+    // The upstream has answered and still reads a chunked upload when the
+    // gateway stops and its grace runs out. The upload is cut: the
+    // upstream must see it broken off, never ended as if it were whole.
+    let (upstream, mut end_rx) = early_answering_upstream().await;
     let url = upstream.url();
     let mut gw = TestGateway::with(|c| {
         c.upstream.url = url;
         c.server.shutdown_grace_secs = 1;
     })
     .await;
-    let (tx, body) = body_channel();
-    let response = tokio::spawn(send_request(
-        gw.addr,
-        Request::post("/upload")
-            .header("host", "app.example.test")
-            .body(body)
-            .unwrap(),
-    ));
+    let (tx, response) = start_upload(gw.addr, None);
     within(
         "the first chunk to be taken",
         tx.send(Bytes::from_static(b"part one")),
@@ -952,41 +950,14 @@ async fn an_upload_cut_by_a_forced_shutdown_does_not_reach_the_upstream_as_compl
 async fn an_upload_that_stalls_after_an_early_answer_is_given_up_after_the_timeout() {
     // Once the response is over, the upload still holds an upstream
     // connection; standing still for `timeout_secs`, it lets it go.
-    let (end_tx, mut end_rx) = mpsc::unbounded_channel::<(usize, bool)>();
-    let upstream = Upstream::start(move |request: Request<Incoming>| {
-        let end_tx = end_tx.clone();
-        async move {
-            tokio::spawn(async move {
-                let mut body = request.into_body();
-                let mut total = 0;
-                let broken = loop {
-                    match body.frame().await {
-                        Some(Ok(frame)) => total += frame.data_ref().map_or(0, Bytes::len),
-                        Some(Err(_)) => break true,
-                        None => break false,
-                    }
-                };
-                let _ = end_tx.send((total, broken));
-            });
-            Response::new(full("ok"))
-        }
-    })
-    .await;
+    let (upstream, mut end_rx) = early_answering_upstream().await;
     let url = upstream.url();
     let gw = TestGateway::with(|c| {
         c.upstream.url = url;
         c.upstream.timeout_secs = 1;
     })
     .await;
-    let (tx, body) = body_channel();
-    let response = tokio::spawn(send_request(
-        gw.addr,
-        Request::post("/upload")
-            .header("host", "app.example.test")
-            .header("content-length", "1000")
-            .body(body)
-            .unwrap(),
-    ));
+    let (tx, response) = start_upload(gw.addr, Some(1000));
     within("a chunk to be taken", tx.send(Bytes::from(vec![b's'; 100])))
         .await
         .expect("chunk");
