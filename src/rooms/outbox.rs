@@ -136,17 +136,21 @@ impl Outbox {
     }
 
     /// Moves everything queued into `batch` (which must be empty), reusing
-    /// its buffer so steady traffic allocates nothing.
-    pub fn take(&self, batch: &mut Batch) {
+    /// its buffer so steady traffic allocates nothing. Returns whether the
+    /// batch starts with a buffer of control frames, which, unlike data,
+    /// must still go out when the connection closes before they are written.
+    pub fn take(&self, batch: &mut Batch) -> bool {
         let mut queue = self.lock();
         if queue.is_empty() {
-            return;
+            return false;
         }
         std::mem::swap(&mut queue.frames, batch);
         queue.queued = 0;
-        if !queue.control.is_empty() {
-            batch.push_front(Bytes::from(std::mem::take(&mut queue.control)));
+        if queue.control.is_empty() {
+            return false;
         }
+        batch.push_front(Bytes::from(std::mem::take(&mut queue.control)));
+        true
     }
 
     /// Releases buffers grown by a past burst if nothing is queued, so an
@@ -216,7 +220,7 @@ mod tests {
         assert_eq!(outbox.push(frame("b")), Ok(()));
         assert_eq!(outbox.push(frame("c")), Err(PushError::Full));
         let mut batch = Batch::default();
-        outbox.take(&mut batch);
+        assert!(!outbox.take(&mut batch), "no control frames lead");
         let expected: Vec<Bytes> = ["a", "b"].iter().map(|t| frame(t).into_wire()).collect();
         assert_eq!(Vec::from(batch), expected);
         assert!(outbox.is_empty());
@@ -259,7 +263,7 @@ mod tests {
             Err(PushError::Full)
         );
         let mut batch = Batch::default();
-        outbox.take(&mut batch);
+        assert!(outbox.take(&mut batch), "control frames lead");
         assert_eq!(batch.len(), 2);
         assert_eq!(
             batch[0].as_ref(),

@@ -85,11 +85,14 @@ pub struct Writer {
     /// been written yet.
     ping_due: Option<[u8; 8]>,
     ticker: Ticker,
-    /// No write has completed yet, so the front of the batch, once taken,
-    /// is the held-back 101 response (with any control frames queued by
-    /// then), which the client must get even if the connection closes
-    /// before its first write.
-    handshake_owed: bool,
+    /// Buffers at the front of `batch`, as taken, that are control frames:
+    /// the held-back 101 response before the first write, a ping, pongs,
+    /// the reply to the client's close frame. Unlike data, they are owed to
+    /// the client even when the connection closes before they are written.
+    control_parts: usize,
+    /// `batch.len()` when it was taken: the buffers since written are the
+    /// difference.
+    taken_parts: usize,
 }
 
 impl Writer {
@@ -108,7 +111,8 @@ impl Writer {
             },
             ping_due: None,
             ticker,
-            handshake_owed: true,
+            control_parts: 0,
+            taken_parts: 0,
         }
     }
 
@@ -122,19 +126,15 @@ impl Writer {
         // once, and then costs an atomic load per wake-up.
         let mut closed = pin!(conn.closed());
         loop {
-            self.conn.outbox().take(&mut self.batch);
-            if self.batch.is_empty() && self.ping_due.is_none() {
+            self.take_batch();
+            if self.batch.is_empty() {
                 if self.wait(closed.as_mut()).await {
                     continue;
                 }
                 break;
             }
-            if let Some(payload) = self.ping_due.take() {
-                // The batch is whole frames here, so the ping may go first.
-                self.batch.push_front(ping_frame(payload));
-            }
             match self.guarded_write(closed.as_mut()).await {
-                Some(Ok(())) => self.handshake_owed = false,
+                Some(Ok(())) => {}
                 Some(Err(e)) => {
                     debug!(error = %e, "write failed");
                     self.conn.close(CLOSE_ABNORMAL, "", CloseReason::Error);
@@ -147,6 +147,18 @@ impl Writer {
         // state inline would make every connection's writer task larger
         // for its whole life (about 200 bytes).
         Box::pin(self.finish()).await
+    }
+
+    /// Takes everything queued, with a ping that fell due in front (the
+    /// batch is whole frames here, so the ping may go first), and notes
+    /// which of its buffers are control frames.
+    fn take_batch(&mut self) {
+        self.control_parts = usize::from(self.conn.outbox().take(&mut self.batch));
+        if let Some(payload) = self.ping_due.take() {
+            self.batch.push_front(ping_frame(payload));
+            self.control_parts += 1;
+        }
+        self.taken_parts = self.batch.len();
     }
 
     /// A ping falls due: its deadline starts now, and it is sent with the
@@ -260,7 +272,7 @@ impl Writer {
             return (self.io, None);
         };
         let deadline = Instant::now() + self.settings.pong_timeout;
-        let mut out: Batch = self.owed_front().into_iter().collect();
+        let mut out = self.owed();
         out.extend(control);
         let ours = request.reason != CloseReason::Client
             && request.code != CLOSE_ABNORMAL
@@ -282,26 +294,29 @@ impl Writer {
 }
 
 impl Writer {
-    /// What of the batch's front buffer must still go out before a close
-    /// frame. Until a write has completed, that buffer is the 101 response
-    /// and the control frames queued with it, all owed whole: without the
-    /// 101, the client would read WebSocket bytes where it waits for an
-    /// HTTP answer. After that, an abandoned write may have stopped in the
-    /// middle of a frame, whose rest must go out before anything else can;
-    /// the frames after it in the same buffer are data, dropped like the
-    /// others.
-    fn owed_front(&mut self) -> Option<Bytes> {
-        if !self.handshake_owed && self.front_written == 0 {
-            return None;
-        }
-        let front = self.batch.pop_front()?;
-        let start = self.front_written.min(front.len());
-        let end = if self.handshake_owed {
-            front.len()
-        } else {
-            protocol::frame_end(&front, start)
+    /// What of an abandoned batch must still go out before a close frame:
+    /// its control frames not yet written (before the first write, the 101
+    /// among them: without it the client would read WebSocket bytes where
+    /// it waits for an HTTP answer), or else the rest of a data frame the
+    /// write stopped in the middle of. The data frames after that are
+    /// dropped, as nothing but control frames may precede the close.
+    fn owed(&mut self) -> Batch {
+        let written_parts = self.taken_parts - self.batch.len();
+        let control_left = self.control_parts.saturating_sub(written_parts);
+        let Some(front) = self.batch.front() else {
+            return Batch::new();
         };
-        Some(front.slice(start..end))
+        let start = self.front_written.min(front.len());
+        if control_left > 0 {
+            let mut owed: Batch = self.batch.drain(..control_left).collect();
+            owed[0] = owed[0].slice(start..);
+            return owed;
+        }
+        if start == 0 {
+            return Batch::new();
+        }
+        let end = protocol::frame_end(front, start);
+        Batch::from([front.slice(start..end)])
     }
 }
 
@@ -392,4 +407,71 @@ async fn write_all(
         *front_written = done;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SlowConsumerPolicy;
+    use crate::protocol::Frame;
+    use crate::rooms::Identity;
+    use crate::shutdown::Shutdown;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A writer on one end of a loopback connection, and the other end.
+    async fn writer_and_client() -> (Writer, Arc<Connection>, TcpStream, Shutdown) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let (_, write) = server.into_split();
+        let shutdown = Shutdown::new();
+        let conn = Connection::new(Identity::default(), 8, SlowConsumerPolicy::Close, &shutdown);
+        let settings = SessionSettings {
+            ping_interval: Duration::from_secs(3600),
+            pong_timeout: Duration::from_secs(5),
+            max_messages_per_sec: 0,
+            client_broadcast: true,
+        };
+        let writer = Writer::new(write, conn.clone(), settings);
+        (writer, conn, client, shutdown)
+    }
+
+    /// The connection closes between the writer taking a batch and its
+    /// first byte going out, as when the reader queues the reply to the
+    /// client's close frame and closes the connection while the writer, on
+    /// the other thread, takes that reply with the data queued behind it.
+    /// The data is dropped; the reply still goes out.
+    #[tokio::test]
+    async fn control_frames_taken_just_before_the_close_still_go_out() {
+        let (mut writer, conn, mut client, _shutdown) = writer_and_client().await;
+        let first = Frame::from_text("{\"type\":\"first\"}".into()).into_wire();
+        conn.deliver(Frame::from_text("{\"type\":\"first\"}".into()));
+        writer.take_batch();
+        let mut closed = pin!(conn.closed());
+        assert!(matches!(
+            writer.guarded_write(closed.as_mut()).await,
+            Some(Ok(()))
+        ));
+
+        let close_reply = [0x88, 0x02, 0x03, 0xe8];
+        conn.outbox().push_control(&close_reply).expect("open");
+        conn.deliver(Frame::from_text("{\"type\":\"second\"}".into()));
+        writer.take_batch();
+        conn.close(1000, "", CloseReason::Client);
+        assert!(writer.guarded_write(closed.as_mut()).await.is_none());
+        let (io, awaits_reply) = writer.finish().await;
+        assert_eq!(awaits_reply, None, "the client closed first");
+        drop(io);
+
+        let mut received = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut received))
+            .await
+            .expect("the writer's side ends")
+            .expect("read");
+        let expected: Vec<u8> = first.iter().chain(&close_reply).copied().collect();
+        assert_eq!(received, expected, "the first frame, then the close reply");
+    }
 }
