@@ -19,6 +19,14 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data as OpData, Op
 /// Longest `id` a client may attach to a frame.
 pub const MAX_ID_LEN: usize = 64;
 
+/// How deep a message's `content` may nest arrays and objects. The gateway
+/// itself reads `content` without recursion, but it hands it on to members
+/// and backends, whose parsers stop at some depth (64 for .NET's
+/// `System.Text.Json`, 128 for serde_json): one frame they cannot parse
+/// would otherwise reach every member of a room. Real payloads nest a
+/// handful of levels.
+pub const MAX_CONTENT_DEPTH: usize = 32;
+
 /// An outgoing text frame, encoded once as the bytes that go on the wire
 /// (WebSocket header included). Cloning shares the bytes: every recipient's
 /// writer hands the same buffer to the kernel, so a broadcast costs one
@@ -353,10 +361,57 @@ fn request<'a>(
             let room = room()?;
             let content = content
                 .ok_or_else(|| Refusal::new(ErrorCode::InvalidJson, "missing \"content\""))?;
+            if nests_deeper_than(content.get(), MAX_CONTENT_DEPTH) {
+                return Err(Refusal::new(
+                    ErrorCode::InvalidJson,
+                    "content nests more than 32 levels deep",
+                ));
+            }
             Ok(Request::Message { room, content })
         }
         _ => Err(Refusal::new(ErrorCode::UnknownType, "unknown frame type")),
     }
+}
+
+/// Whether the valid JSON `json` nests arrays and objects more than `limit`
+/// deep. Strings are skipped whole, so brackets inside them do not count.
+/// The common contents, strings and numbers, are answered by the first byte.
+fn nests_deeper_than(json: &str, limit: usize) -> bool {
+    let bytes = json.as_bytes();
+    if !matches!(bytes.first(), Some(b'[' | b'{')) {
+        return false;
+    }
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => i = string_end(bytes, i + 1),
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    false
+}
+
+/// The index of the quote that closes the JSON string whose contents begin
+/// at `start` (or the end of `bytes`, for a string that does not close).
+fn string_end(bytes: &[u8], start: usize) -> usize {
+    let mut i = start;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' => i += 2,
+            b'"' => return i,
+            _ => i += 1,
+        }
+    }
+    bytes.len()
 }
 
 /// The `id` of a frame that is refused before it is parsed (over the rate
@@ -646,6 +701,39 @@ mod tests {
             Ok(Request::Message { content, .. }) => assert_eq!(content.get(), "null"),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    fn message_with(content: &str) -> String {
+        format!(r#"{{"type":"message","room":"r","content":{content}}}"#)
+    }
+
+    #[test]
+    fn content_may_nest_32_levels_and_no_deeper() {
+        let nested = |depth: usize, open: &str, close: &str| {
+            format!("{}1{}", open.repeat(depth), close.repeat(depth))
+        };
+        for (open, close) in [("[", "]"), ("{\"a\":", "}")] {
+            let deepest = message_with(&nested(MAX_CONTENT_DEPTH, open, close));
+            assert!(parse(&deepest).1.is_ok(), "{deepest}");
+            let deeper = message_with(&nested(MAX_CONTENT_DEPTH + 1, open, close));
+            assert_eq!(code_of(&deeper), ErrorCode::InvalidJson, "{deeper}");
+        }
+        // Far deeper than any recursive parser's stack allows: refused, not
+        // a crash.
+        assert_eq!(
+            code_of(&message_with(&nested(100_000, "[", "]"))),
+            ErrorCode::InvalidJson
+        );
+    }
+
+    #[test]
+    fn brackets_in_strings_and_siblings_do_not_count_as_depth() {
+        let in_strings = format!(r#"["{}", "\"[[[", {{"k]": "{{{{"}}]"#, "[".repeat(100));
+        assert!(parse(&message_with(&in_strings)).1.is_ok());
+        let wide = format!("[{}]", vec!["[[1]]"; 1000].join(","));
+        assert!(parse(&message_with(&wide)).1.is_ok());
+        let text = format!("\"{}\"", "[".repeat(1000));
+        assert!(parse(&message_with(&text)).1.is_ok());
     }
 
     #[test]
