@@ -1162,6 +1162,9 @@ pub struct GatewayProcess {
     pub admin: SocketAddr,
     /// Lines logged after the listening line, collected in the background.
     pub log: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Everything it wrote to stderr (a panic's message among it), also
+    /// passed on to the test's own stderr.
+    pub stderr: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl GatewayProcess {
@@ -1206,9 +1209,18 @@ impl GatewayProcess {
             .envs(env.iter().copied())
             .current_dir(std::env::temp_dir())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(Stdio::piped());
         let mut child = command.spawn().expect("spawn roomgate");
         let stdout = child.stdout.take().expect("stdout");
+        let stderr = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let errors = stderr.clone();
+        let pipe = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                errors.lock().unwrap().push(line);
+            }
+        });
         let (tx, rx) = std::sync::mpsc::channel();
         let log = Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink = log.clone();
@@ -1247,7 +1259,19 @@ impl GatewayProcess {
             addr,
             admin,
             log,
+            stderr,
         }
+    }
+
+    /// The lines of stderr that report a panic in any of its threads.
+    pub fn panics(&self) -> Vec<String> {
+        self.stderr
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|line| line.contains("panicked"))
+            .cloned()
+            .collect()
     }
 
     /// Sends a signal (e.g. "TERM") to the process.

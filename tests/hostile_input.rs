@@ -1,0 +1,708 @@
+//! Seeded random input against the real binary: mangled HTTP requests,
+//! malformed WebSocket frames and protocol messages of every shape. Whatever
+//! arrives, the gateway answers within the protocol or closes the
+//! connection, never panics, and goes on serving everyone else.
+//!
+//! The seeds are fixed, so a failure repeats. `ROOMGATE_FUZZ_SEED` and
+//! `ROOMGATE_FUZZ_CASES` run other or more cases by hand.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use common::*;
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+
+/// Cases run at the same time: enough to interleave, few enough that no
+/// bounded wait depends on the machine keeping up.
+const PARALLEL: usize = 16;
+
+/// The gateway's message size bound in these tests, small so that
+/// oversize frames are cheap to make.
+const MAX_MESSAGE: usize = 4096;
+
+/// A small deterministic generator (SplitMix64): no crate, and a case is
+/// reproduced from its seed alone.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn chance(&mut self, percent: usize) -> bool {
+        self.below(100) < percent
+    }
+
+    fn byte(&mut self) -> u8 {
+        self.next() as u8
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.byte()).collect()
+    }
+
+    /// Fewer than `max` random bytes.
+    fn some_bytes(&mut self, max: usize) -> Vec<u8> {
+        let n = self.below(max);
+        self.bytes(n)
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+/// The seed of the run and how many cases each test makes.
+fn plan(default_seed: u64) -> (u64, usize) {
+    let seed = std::env::var("ROOMGATE_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default_seed);
+    let cases = std::env::var("ROOMGATE_FUZZ_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1000);
+    eprintln!("seed {seed}, {cases} cases");
+    (seed, cases)
+}
+
+/// Runs `case(index)` for every index, `PARALLEL` at a time, and returns
+/// the outcomes in index order.
+async fn run_cases<T, F, Fut>(cases: usize, case: F) -> Vec<T>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(PARALLEL));
+    let mut tasks = Vec::with_capacity(cases);
+    for index in 0..cases {
+        let permit = slots.clone().acquire_owned().await.expect("semaphore");
+        let fut = case(index);
+        tasks.push(tokio::spawn(async move {
+            let outcome = fut.await;
+            drop(permit);
+            outcome
+        }));
+    }
+    let mut outcomes = Vec::with_capacity(cases);
+    for task in tasks {
+        outcomes.push(task.await.expect("case task"));
+    }
+    outcomes
+}
+
+/// The gateway under attack, with a real upstream behind it.
+struct Target {
+    gateway: GatewayProcess,
+    upstream: Upstream,
+}
+
+impl Target {
+    async fn start() -> Self {
+        let upstream = Upstream::start(|request| async move {
+            // Read the whole body, as a real service would, before answering.
+            let _ = request.into_body().collect().await;
+            hyper::Response::new(full("from upstream"))
+        })
+        .await;
+        let gateway = GatewayProcess::start(
+            &[],
+            &[
+                ("ROOMGATE_UPSTREAM_URL", &upstream.url()),
+                (
+                    "ROOMGATE_WEBSOCKET_MAX_MESSAGE_SIZE_BYTES",
+                    &MAX_MESSAGE.to_string(),
+                ),
+            ],
+        );
+        Self { gateway, upstream }
+    }
+
+    fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.gateway.addr)
+    }
+
+    async fn metric(&self, sample: &str) -> f64 {
+        let (status, body) = http_get(self.gateway.admin, "/metrics").await;
+        assert_eq!(status, 200, "metrics: {body}");
+        metric_value(&body, sample)
+    }
+
+    /// What must hold after any attack: no panic, WebSocket connections
+    /// counted back down to `connections`, rooms and the proxy still
+    /// working, and a clean stop on SIGTERM.
+    async fn assert_unharmed(mut self, connections: f64) {
+        eventually_async("the connection gauge to count the survivors", || async {
+            self.metric("roomgate_connections").await == connections
+        })
+        .await;
+        let mut a = WsClient::connect(&self.ws_url()).await;
+        let mut b = WsClient::connect(&self.ws_url()).await;
+        a.join("after.attack").await;
+        b.join("after.attack").await;
+        a.say("after.attack", json!("still here"), "m1").await;
+        let got = b.recv().await;
+        assert_eq!(got["content"], "still here", "{got}");
+        let (status, body) = http_get(self.gateway.addr, "/after-attack").await;
+        assert_eq!((status, body.as_str()), (200, "from upstream"));
+        a.close_normally().await;
+        b.close_normally().await;
+
+        assert_eq!(self.gateway.panics(), Vec::<String>::new(), "no panic");
+        self.gateway.signal("TERM");
+        assert_eq!(self.gateway.wait_exit(), 0, "a clean stop");
+        drop(self.upstream);
+    }
+}
+
+// ----- HTTP -------------------------------------------------------------
+
+/// Well-formed requests of each kind the gateway handles, to be mangled.
+fn http_templates(addr: SocketAddr) -> Vec<String> {
+    vec![
+        format!("GET /page?x=1 HTTP/1.1\r\nHost: {addr}\r\nAccept: */*\r\n\r\n"),
+        format!("POST /form HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 5\r\n\r\nhello"),
+        format!(
+            "POST /up HTTP/1.1\r\nHost: {addr}\r\nTransfer-Encoding: chunked\r\n\r\n\
+             5\r\nhello\r\n0\r\n\r\n"
+        ),
+        format!("GET /a HTTP/1.1\r\nHost: {addr}\r\n\r\nGET /b HTTP/1.1\r\nHost: {addr}\r\n\r\n"),
+        "GET /old HTTP/1.0\r\n\r\n".to_string(),
+        raw_upgrade_request(addr, "/ws", ""),
+        raw_upgrade_request(addr, "/elsewhere", ""),
+    ]
+}
+
+/// Bytes that mean something to an HTTP parser.
+const HTTP_SPECIALS: &[u8] = b"\r\n\0 \t:;,\"\\\x7f\x80\xff/?#%";
+
+/// Numbers a length, a chunk size or a version might be replaced with.
+const NUMBERS: &[&str] = &[
+    "18446744073709551616",
+    "-1",
+    "0x10",
+    "+5",
+    "00000000005",
+    "",
+];
+
+fn mangle_http(rng: &mut Rng, request: &mut Vec<u8>) {
+    for _ in 0..rng.below(5) {
+        if request.is_empty() {
+            return;
+        }
+        let at = rng.below(request.len());
+        match rng.below(8) {
+            0 => request[at] = rng.byte(),
+            1 => request.insert(at, *rng.pick(HTTP_SPECIALS)),
+            2 => {
+                let end = (at + 1 + rng.below(8)).min(request.len());
+                request.drain(at..end);
+            }
+            3 => {
+                let line_start = request[..at]
+                    .iter()
+                    .rposition(|&b| b == b'\n')
+                    .map_or(0, |i| i + 1);
+                let line: Vec<u8> = request[line_start..at].to_vec();
+                request.splice(line_start..line_start, line);
+            }
+            4 => {
+                let mut junk = b"\r\nX-Junk: ".to_vec();
+                junk.extend(rng.some_bytes(40));
+                request.splice(at..at, junk);
+            }
+            5 => {
+                if let Some(start) = request.iter().position(u8::is_ascii_digit) {
+                    let end = request[start..]
+                        .iter()
+                        .position(|b| !b.is_ascii_digit())
+                        .map_or(request.len(), |n| start + n);
+                    let number = rng.pick(NUMBERS).as_bytes().to_vec();
+                    request.splice(start..end, number);
+                }
+            }
+            6 => request.truncate(at),
+            _ => {
+                // Rarely, a head beyond any bound the gateway keeps.
+                if rng.chance(20) {
+                    let byte = *rng.pick(b"a:\t ");
+                    request.splice(at..at, std::iter::repeat_n(byte, 70_000));
+                }
+            }
+        }
+    }
+}
+
+/// Sends `request`, ends the sending side and reads whatever comes back.
+/// A reset connection is an answer too: whatever arrived before it counts.
+async fn exchange_raw(addr: SocketAddr, request: Vec<u8>, chunk: usize) -> Vec<u8> {
+    let mut stream = within("connect", TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    for piece in request.chunks(chunk.max(1)) {
+        if stream.write_all(piece).await.is_err() {
+            break;
+        }
+    }
+    let _ = stream.shutdown().await;
+    let mut answer = Vec::new();
+    within("the gateway to answer and close", async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = stream.read(&mut buf).await {
+            answer.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    answer
+}
+
+/// The status of an answer: `None` for no answer (a close), and a failed
+/// assertion for bytes that are not an HTTP/1 status line.
+fn status_of(answer: &[u8], request: &[u8]) -> Option<u16> {
+    if answer.is_empty() {
+        return None;
+    }
+    let line = answer.split(|&b| b == b'\n').next().unwrap_or_default();
+    let text = String::from_utf8_lossy(line);
+    let status = ["HTTP/1.1 ", "HTTP/1.0 "]
+        .iter()
+        .find_map(|version| text.strip_prefix(version))
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse::<u16>().ok());
+    match status {
+        Some(code @ 100..=599) => Some(code),
+        _ => panic!(
+            "not a status line: {text:?}\nfor request {:?}",
+            String::from_utf8_lossy(request)
+        ),
+    }
+}
+
+#[tokio::test]
+async fn mangled_http_requests_get_a_status_or_a_close() {
+    let (seed, cases) = plan(0x5eed_0001);
+    let target = Target::start().await;
+    let addr = target.gateway.addr;
+    let outcomes = run_cases(cases, |index| {
+        let mut rng = Rng(seed ^ (index as u64).wrapping_mul(0x100_0000_01b3));
+        let mut request = rng.pick(&http_templates(addr)).clone().into_bytes();
+        mangle_http(&mut rng, &mut request);
+        let chunk = if rng.chance(70) {
+            request.len()
+        } else {
+            1 + rng.below(64)
+        };
+        async move {
+            let answer = exchange_raw(addr, request.clone(), chunk).await;
+            let status = status_of(&answer, &request);
+            assert_ne!(
+                status,
+                Some(500),
+                "an internal error for {:?}",
+                String::from_utf8_lossy(&request)
+            );
+            status
+        }
+    })
+    .await;
+
+    let mut seen: BTreeMap<Option<u16>, usize> = BTreeMap::new();
+    for status in outcomes {
+        *seen.entry(status).or_default() += 1;
+    }
+    eprintln!("answers: {seen:?}");
+    // Unmangled and harmlessly mangled requests went through, and refused
+    // ones were refused: the cases reached all of the gateway's paths.
+    for expected in [Some(101), Some(200), Some(400)] {
+        assert!(seen.contains_key(&expected), "no {expected:?} in {seen:?}");
+    }
+    target.assert_unharmed(0.0).await;
+}
+
+// ----- WebSocket frames -------------------------------------------------
+
+/// Close codes the gateway may send a client that broke the protocol, or
+/// that closed itself.
+const CLOSE_CODES: [u16; 4] = [1000, 1002, 1007, 1009];
+
+/// Codes a client may close with for its own reasons (RFC 6455 §7.4.2),
+/// which the gateway echoes.
+const APPLICATION_CODES: std::ops::RangeInclusive<u16> = 3000..=4999;
+
+/// One frame a client might send, well-formed or not.
+fn hostile_frame(rng: &mut Rng) -> Vec<u8> {
+    let masked = rng.chance(90);
+    match rng.below(13) {
+        0 => client_frame(0x81, protocol_message(rng).as_bytes(), masked),
+        1 => {
+            let first = rng.byte();
+            client_frame(first, &rng.some_bytes(200), masked)
+        }
+        2 => client_frame(0x81, b"{\"type\":\"join\",\"room\":\"\xc3\x28\"}", masked),
+        3 => {
+            let len = 126 + rng.below(100);
+            client_frame(0x89, &rng.bytes(len), masked)
+        }
+        4 => client_frame(0x09, b"unfinished ping", masked),
+        5 => client_frame(0x80, b"a continuation of nothing", masked),
+        6 => {
+            let mut frames = client_frame(0x01, b"{\"type\":", masked);
+            if rng.chance(50) {
+                frames.extend(client_frame(0x89, b"between fragments", masked));
+            }
+            let next = if rng.chance(50) { 0x80 } else { 0x81 };
+            frames.extend(client_frame(next, b"\"join\",\"room\":\"r\"}", masked));
+            frames
+        }
+        7 => {
+            let mut frame = vec![0x81, 0xff];
+            frame.extend_from_slice(&(u64::MAX >> rng.below(40)).to_be_bytes());
+            frame.extend_from_slice(&rng.some_bytes(24));
+            frame
+        }
+        8 => {
+            let len = MAX_MESSAGE + 1 + rng.below(MAX_MESSAGE);
+            client_frame(0x81, &vec![b'a'; len], masked)
+        }
+        9 => {
+            let code: u16 = *rng.pick(&[1000, 999, 1005, 1006, 1015, 3000, 4999, 5000, 65535]);
+            let mut payload = code.to_be_bytes().to_vec();
+            if rng.chance(30) {
+                payload.extend_from_slice(b"\xff\xfe reason");
+            }
+            if rng.chance(10) {
+                payload.truncate(1);
+            }
+            client_frame(0x88, &payload, masked)
+        }
+        10 => client_frame(0x8a, &rng.some_bytes(126), masked),
+        11 => client_frame(0x82, &rng.some_bytes(300), masked),
+        _ => client_frame(0x81 | (0x10 << rng.below(3)), b"{}", masked),
+    }
+}
+
+/// How a connection sent hostile frames ended: the close code the gateway
+/// sent, if any.
+async fn frames_case(addr: SocketAddr, mut rng: Rng) -> Option<u16> {
+    let mut stream = within("connect", TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    upgrade_raw(&mut stream, addr).await;
+    let welcome = within("the welcome", read_raw_frame(&mut stream))
+        .await
+        .expect("the welcome frame");
+    assert_eq!(welcome.opcode, 1);
+    let mut bytes = Vec::new();
+    for _ in 0..1 + rng.below(6) {
+        bytes.extend(hostile_frame(&mut rng));
+    }
+    let chunk = if rng.chance(70) {
+        bytes.len()
+    } else {
+        1 + rng.below(64)
+    };
+    for piece in bytes.chunks(chunk) {
+        if stream.write_all(piece).await.is_err() {
+            break;
+        }
+    }
+    let _ = stream.shutdown().await;
+    let mut close = None;
+    within("the gateway to end the connection", async {
+        while let Some(frame) = read_raw_frame(&mut stream).await {
+            match frame.opcode {
+                1 => {
+                    assert_protocol_frame(&frame.payload);
+                }
+                8 => close = close.or(Some(frame.close_code())),
+                9 | 10 => {}
+                other => panic!("unexpected opcode {other}"),
+            }
+        }
+    })
+    .await;
+    close.map(|code| {
+        let code = code.expect("a close frame with a code");
+        assert!(
+            CLOSE_CODES.contains(&code) || APPLICATION_CODES.contains(&code),
+            "close code {code}"
+        );
+        code
+    })
+}
+
+#[tokio::test]
+async fn malformed_websocket_frames_get_errors_or_a_protocol_close() {
+    let (seed, cases) = plan(0x5eed_0002);
+    let target = Target::start().await;
+    let addr = target.gateway.addr;
+    let outcomes = run_cases(cases, |index| {
+        let rng = Rng(seed ^ (index as u64).wrapping_mul(0x100_0000_01b3));
+        frames_case(addr, rng)
+    })
+    .await;
+
+    let mut seen: BTreeMap<Option<u16>, usize> = BTreeMap::new();
+    for code in outcomes {
+        *seen.entry(code).or_default() += 1;
+    }
+    eprintln!("endings: {seen:?}");
+    for expected in [1002, 1007, 1009] {
+        assert!(
+            seen.contains_key(&Some(expected)),
+            "no {expected} in {seen:?}"
+        );
+    }
+    target.assert_unharmed(0.0).await;
+}
+
+// ----- protocol messages ------------------------------------------------
+
+/// Frame types the gateway sends (SPEC §1).
+const OUTGOING: [&str; 7] = [
+    "system", "joined", "left", "message", "presence", "error", "ack",
+];
+
+/// Error codes of SPEC §1.
+const ERROR_CODES: [&str; 10] = [
+    "invalid_json",
+    "unknown_type",
+    "invalid_room",
+    "not_member",
+    "room_full",
+    "too_many_rooms",
+    "rate_limited",
+    "forbidden",
+    "binary_not_supported",
+    "rooms_disabled",
+];
+
+/// Checks that a text frame from the gateway is one SPEC §1 describes;
+/// returns it.
+fn assert_protocol_frame(payload: &[u8]) -> Value {
+    let frame: Value = serde_json::from_slice(payload)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(payload)));
+    let kind = frame["type"].as_str().unwrap_or_default();
+    assert!(OUTGOING.contains(&kind), "unknown frame type: {frame}");
+    if kind == "error" {
+        let code = frame["code"].as_str().unwrap_or_default();
+        assert!(ERROR_CODES.contains(&code), "unknown error code: {frame}");
+    }
+    frame
+}
+
+const GOOD_ROOMS: [&str; 4] = ["lobby", "game.42.lobby", "a:b@c=d", "Z_9-"];
+
+fn text(rng: &mut Rng) -> String {
+    const PIECES: [&str; 12] = [
+        "a", "Z", "0", ".", " ", "\"", "\\", "é", "😀", "\u{0}", "\u{202e}", "\n",
+    ];
+    let len = match rng.below(10) {
+        0 => 65,
+        1 => 129,
+        _ => rng.below(12),
+    };
+    (0..len).map(|_| *rng.pick(&PIECES)).collect()
+}
+
+fn room(rng: &mut Rng) -> Value {
+    match rng.below(10) {
+        0..=6 => json!(rng.pick(&GOOD_ROOMS)),
+        7 => json!(rng.pick(&["", ".", "a..b", "a.", ".a", "a b", "*", ">", "a.*", "é"])),
+        8 => json!(text(rng)),
+        _ => any_value(rng, 2),
+    }
+}
+
+fn any_value(rng: &mut Rng, depth: usize) -> Value {
+    match rng.below(if depth >= 3 { 5 } else { 7 }) {
+        0 => Value::Null,
+        1 => json!(rng.chance(50)),
+        2 => match rng.below(3) {
+            0 => json!(rng.next() as i64),
+            1 => json!(1e308 * if rng.chance(50) { 1.0 } else { -1.0 }),
+            _ => json!(rng.below(1000)),
+        },
+        3 | 4 => json!(text(rng)),
+        5 => Value::Array(
+            (0..rng.below(4))
+                .map(|_| any_value(rng, depth + 1))
+                .collect(),
+        ),
+        _ => Value::Object(
+            (0..rng.below(4))
+                .map(|_| (text(rng), any_value(rng, depth + 1)))
+                .collect(),
+        ),
+    }
+}
+
+/// A frame as a confused or hostile client might write it: mostly
+/// protocol-shaped objects with wrong parts, sometimes anything at all.
+/// Always valid UTF-8 and within the size bound, so none of it is a reason
+/// to close the connection.
+fn protocol_message(rng: &mut Rng) -> String {
+    let message = match rng.below(10) {
+        0..=5 => {
+            let mut fields = serde_json::Map::new();
+            if rng.chance(90) {
+                let kind = match rng.below(10) {
+                    0..=7 => json!(rng.pick(&["join", "leave", "message"])),
+                    8 => json!(rng.pick(&["JOIN", "", "joined", "ack", "error"])),
+                    _ => any_value(rng, 2),
+                };
+                fields.insert("type".into(), kind);
+            }
+            if rng.chance(85) {
+                fields.insert("room".into(), room(rng));
+            }
+            if rng.chance(50) {
+                let id = match rng.below(10) {
+                    0..=7 => json!(format!("i{}", rng.below(1000))),
+                    8 => json!(text(rng)),
+                    _ => any_value(rng, 2),
+                };
+                fields.insert("id".into(), id);
+            }
+            if rng.chance(80) {
+                fields.insert("content".into(), any_value(rng, 0));
+            }
+            if rng.chance(20) {
+                fields.insert(text(rng), any_value(rng, 1));
+            }
+            Value::Object(fields).to_string()
+        }
+        6 => any_value(rng, 0).to_string(),
+        7 => {
+            let whole = json!({"type": "join", "room": rng.pick(&GOOD_ROOMS)}).to_string();
+            whole[..rng.below(whole.len())].to_string()
+        }
+        8 => {
+            // Around the gateway's bound on nesting, and far past any
+            // recursive parser's.
+            let depth = if rng.chance(70) {
+                1 + rng.below(64)
+            } else {
+                100 + rng.below(1500)
+            };
+            let (open, close) = if rng.chance(50) {
+                ("[", "]")
+            } else {
+                ("{\"a\":", "}")
+            };
+            format!(
+                "{{\"type\":\"message\",\"room\":\"lobby\",\"content\":{}1{}}}",
+                open.repeat(depth),
+                close.repeat(depth)
+            )
+        }
+        _ => String::from_utf8_lossy(&rng.some_bytes(100)).into_owned(),
+    };
+    if message.len() < MAX_MESSAGE {
+        message
+    } else {
+        r#"{"type":"too long, replaced"}"#.to_string()
+    }
+}
+
+/// Sends a run of odd messages on one connection, then one it must answer,
+/// and returns every frame the gateway sent back. The connection must stay
+/// open throughout: none of these is a reason to close it.
+async fn messages_case(url: String, mut rng: Rng) -> Vec<Value> {
+    let mut client = WsClient::connect(&url).await;
+    for _ in 0..1 + rng.below(30) {
+        client.send_text(&protocol_message(&mut rng)).await;
+    }
+    client
+        .send(json!({"type": "leave", "room": "probe.never-joined", "id": "final"}))
+        .await;
+    let mut frames = Vec::new();
+    loop {
+        let frame = client.recv().await;
+        assert_protocol_frame(frame.to_string().as_bytes());
+        if frame["id"] == "final" {
+            assert_eq!(frame["code"], "not_member", "{frame}");
+            break;
+        }
+        frames.push(frame);
+    }
+    client.close_normally().await;
+    frames
+}
+
+#[tokio::test]
+async fn protocol_messages_of_every_shape_are_answered_without_closing() {
+    let (seed, cases) = plan(0x5eed_0003);
+    let target = Target::start().await;
+    let url = target.ws_url();
+
+    // A bystander in the busiest room reads along the whole time, so the
+    // messages that get through are checked on the receiving side too.
+    let mut bystander = WsClient::connect(&url).await;
+    bystander.join("lobby").await;
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let reader = tokio::spawn(async move {
+        let mut received = 0usize;
+        loop {
+            tokio::select! {
+                frame = bystander.next_json() => {
+                    let frame = frame.expect("the bystander stays connected");
+                    assert_eq!(frame["type"], "message", "{frame}");
+                    assert_eq!(frame["room"], "lobby", "{frame}");
+                    received += 1;
+                }
+                _ = &mut stopped => return (bystander, received),
+            }
+        }
+    });
+
+    let outcomes = run_cases(cases, |index| {
+        let rng = Rng(seed ^ (index as u64).wrapping_mul(0x100_0000_01b3));
+        messages_case(url.clone(), rng)
+    })
+    .await;
+    let _ = stop.send(());
+    let (mut bystander, received) = reader.await.expect("bystander task");
+    let received = received + bystander.barrier().await.len();
+
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for frame in outcomes.iter().flatten() {
+        let key = match frame["code"].as_str() {
+            Some(code) => code.to_string(),
+            None => frame["type"].as_str().unwrap_or_default().to_string(),
+        };
+        *seen.entry(key).or_default() += 1;
+    }
+    eprintln!("replies: {seen:?}; the bystander received {received}");
+    for expected in [
+        "joined",
+        "left",
+        "ack",
+        "invalid_json",
+        "unknown_type",
+        "invalid_room",
+        "not_member",
+    ] {
+        assert!(seen.contains_key(expected), "no {expected} in {seen:?}");
+    }
+    assert!(received > 0, "some messages reached the bystander");
+    bystander.close_normally().await;
+    target.assert_unharmed(0.0).await;
+}
