@@ -115,22 +115,25 @@ struct Target {
 
 impl Target {
     async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts the gateway with `env` added to the tests' settings.
+    async fn start_with(env: &[(&str, &str)]) -> Self {
         let upstream = Upstream::start(|request| async move {
             // Read the whole body, as a real service would, before answering.
             let _ = request.into_body().collect().await;
             hyper::Response::new(full("from upstream"))
         })
         .await;
-        let gateway = GatewayProcess::start(
-            &[],
-            &[
-                ("ROOMGATE_UPSTREAM_URL", &upstream.url()),
-                (
-                    "ROOMGATE_WEBSOCKET_MAX_MESSAGE_SIZE_BYTES",
-                    &MAX_MESSAGE.to_string(),
-                ),
-            ],
-        );
+        let url = upstream.url();
+        let max_message = MAX_MESSAGE.to_string();
+        let mut all = vec![
+            ("ROOMGATE_UPSTREAM_URL", url.as_str()),
+            ("ROOMGATE_WEBSOCKET_MAX_MESSAGE_SIZE_BYTES", &max_message),
+        ];
+        all.extend_from_slice(env);
+        let gateway = GatewayProcess::start(&[], &all);
         Self { gateway, upstream }
     }
 
@@ -704,5 +707,254 @@ async fn protocol_messages_of_every_shape_are_answered_without_closing() {
     }
     assert!(received > 0, "some messages reached the bystander");
     bystander.close_normally().await;
+    target.assert_unharmed(0.0).await;
+}
+
+// ----- backend publications ---------------------------------------------
+
+/// Header values as a careless backend might set them. NATS headers cannot
+/// carry line breaks, so none of these do.
+fn header_text(rng: &mut Rng) -> String {
+    const PIECES: [&str; 9] = ["a", "Z", "\"", "\\", "é", "😀", "{", " ", "<"];
+    (0..rng.below(20)).map(|_| *rng.pick(&PIECES)).collect()
+}
+
+/// A room as a subject token list: mostly the members' rooms.
+fn subject_room(rng: &mut Rng) -> String {
+    if rng.chance(80) {
+        return rng.pick(&GOOD_ROOMS).to_string();
+    }
+    const CHARS: &[u8] = b"abcXYZ019_-:@=";
+    let tokens: Vec<String> = (0..1 + rng.below(3))
+        .map(|_| {
+            (0..1 + rng.below(8))
+                .map(|_| char::from(*rng.pick(CHARS)))
+                .collect()
+        })
+        .collect();
+    tokens.join(".")
+}
+
+/// What a backend might publish for clients: JSON, text, bytes that are
+/// not UTF-8, nothing, a lot.
+fn backend_payload(rng: &mut Rng) -> Vec<u8> {
+    match rng.below(5) {
+        0 => rng.some_bytes(100),
+        1 => any_value(rng, 0).to_string().into_bytes(),
+        2 => text(rng).into_bytes(),
+        3 => Vec::new(),
+        _ => vec![b'x'; 10_000 + rng.below(50_000)],
+    }
+}
+
+/// A connection id a backend might name: a member, a stranger, nonsense.
+fn connection_id(rng: &mut Rng, members: &[String]) -> Value {
+    match rng.below(4) {
+        0 | 1 => json!(rng.pick(members)),
+        2 => json!(uuid::Uuid::new_v4().to_string()),
+        _ => any_value(rng, 2),
+    }
+}
+
+/// A `control.join` or `control.leave` payload, mostly well-formed.
+fn membership_change(rng: &mut Rng, members: &[String]) -> Vec<u8> {
+    if rng.chance(20) {
+        return backend_payload(rng);
+    }
+    let mut fields = serde_json::Map::new();
+    if rng.chance(90) {
+        fields.insert("connection_id".into(), connection_id(rng, members));
+    }
+    if rng.chance(90) {
+        fields.insert("room".into(), room(rng));
+    }
+    Value::Object(fields).to_string().into_bytes()
+}
+
+/// A `control.disconnect` payload that names the victim, a stranger or
+/// nonsense, never another member, with any code and reason.
+fn disconnect(rng: &mut Rng, victim: &str) -> Vec<u8> {
+    let id = if rng.chance(50) {
+        json!(victim)
+    } else {
+        connection_id(rng, &[uuid::Uuid::new_v4().to_string()])
+    };
+    let code = match rng.below(3) {
+        0 => json!(rng.pick(&[1000, 1008, 4000, 999, 70_000, -1])),
+        1 => any_value(rng, 2),
+        _ => Value::Null,
+    };
+    json!({"connection_id": id, "code": code, "reason": text(rng)})
+        .to_string()
+        .into_bytes()
+}
+
+/// One publication: subject, headers and payload. A payload sent with a
+/// `Roomgate-Raw` header (whatever its value) starts with `raw:`, so a
+/// member can tell the unwrapped frames, which are the backend's own text,
+/// from those the gateway builds.
+fn publication(rng: &mut Rng, members: &[String]) -> (String, async_nats::HeaderMap, Vec<u8>) {
+    let (subject, mut payload) = match rng.below(9) {
+        0..=2 => (
+            format!("roomgate.broadcast.{}", subject_room(rng)),
+            backend_payload(rng),
+        ),
+        3 => {
+            let id = match connection_id(rng, members) {
+                Value::String(id)
+                    if !id.is_empty()
+                        && id
+                            .bytes()
+                            .all(|b| b.is_ascii_graphic() && !b".*>".contains(&b)) =>
+                {
+                    id
+                }
+                _ => "nobody".to_string(),
+            };
+            (format!("roomgate.send.{id}"), backend_payload(rng))
+        }
+        4 => ("roomgate.all".to_string(), backend_payload(rng)),
+        5 => (
+            "roomgate.control.join".to_string(),
+            membership_change(rng, members),
+        ),
+        6 => (
+            "roomgate.control.leave".to_string(),
+            membership_change(rng, members),
+        ),
+        7 => (
+            "roomgate.control.disconnect".to_string(),
+            disconnect(rng, &members[0]),
+        ),
+        _ => (
+            format!("roomgate.{}", subject_room(rng)),
+            backend_payload(rng),
+        ),
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    if rng.chance(30) {
+        headers.insert("Roomgate-From", header_text(rng).as_str());
+    }
+    if rng.chance(20) {
+        headers.insert("Roomgate-Exclude", rng.pick(members).as_str());
+    }
+    if rng.chance(30) {
+        let raw = *rng.pick(&["true", "false", "TRUE", "", "yes"]);
+        headers.insert("Roomgate-Raw", raw);
+        payload.splice(0..0, *b"raw:");
+    }
+    (subject, headers, payload)
+}
+
+/// The last publication: members read until they see it.
+const SENTINEL: &str = "the end of the publications";
+
+/// Reads a member's frames up to the sentinel, checking each one the
+/// gateway built. Returns the frames read, and the client unless the
+/// gateway disconnected it, which only the victim may be.
+async fn read_member(mut client: WsClient, victim: bool) -> (Option<WsClient>, Vec<Value>) {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut frames = Vec::new();
+    loop {
+        let next = within("a frame or the sentinel", client.ws.next()).await;
+        let text = match next {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                assert!(victim, "only the victim is disconnected");
+                return (None, frames);
+            }
+            Some(Ok(_)) => continue,
+        };
+        if text.as_str().starts_with("raw:") {
+            continue;
+        }
+        let frame = assert_protocol_frame(text.as_bytes());
+        if frame["type"] == "left" {
+            assert_eq!(frame["reason"], "kicked", "members leave only when kicked");
+        }
+        if frame["type"] == "message" {
+            assert!(frame["from"].is_string(), "{frame}");
+            assert!(frame["content"].is_string(), "{frame}");
+            if frame["content"] == SENTINEL {
+                return (Some(client), frames);
+            }
+        }
+        frames.push(frame);
+    }
+}
+
+#[tokio::test]
+async fn backend_publications_of_every_shape_reach_clients_as_valid_frames() {
+    let (seed, cases) = plan(0x5eed_0004);
+    let server = NatsServer::start();
+    let nats_url = server.url();
+    let target = Target::start_with(&[
+        ("ROOMGATE_NATS_ENABLED", "true"),
+        ("ROOMGATE_NATS_URL", &nats_url),
+        // Room for every publication, so that no member is closed as a
+        // slow consumer while the backend publishes as fast as it can.
+        ("ROOMGATE_WEBSOCKET_SEND_QUEUE_CAPACITY", "4096"),
+    ])
+    .await;
+    eventually_async("the bridge to connect", || async {
+        target.metric("roomgate_nats_connected").await == 1.0
+    })
+    .await;
+
+    // Four members of every room; the first is the one a backend may
+    // disconnect.
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let mut client = WsClient::connect(&target.ws_url()).await;
+        for room in GOOD_ROOMS {
+            client.join(room).await;
+        }
+        clients.push(client);
+    }
+    let members: Vec<String> = clients.iter().map(|c| c.id.clone()).collect();
+    let readers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, client)| tokio::spawn(read_member(client, i == 0)))
+        .collect();
+
+    let backend = server.client().await;
+    let mut rng = Rng(seed);
+    for _ in 0..cases {
+        let (subject, headers, payload) = publication(&mut rng, &members);
+        within(
+            "publish",
+            backend.publish_with_headers(subject, headers, payload.into()),
+        )
+        .await
+        .expect("publish");
+    }
+    within("publish", backend.publish("roomgate.all", SENTINEL.into()))
+        .await
+        .expect("publish");
+    within("flush", backend.flush()).await.expect("flush");
+
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut survivors = Vec::new();
+    for reader in readers {
+        let (client, frames) = reader.await.expect("member task");
+        for frame in frames {
+            let kind = frame["type"].as_str().unwrap_or_default().to_string();
+            *seen.entry(kind).or_default() += 1;
+        }
+        survivors.extend(client);
+    }
+    eprintln!(
+        "members received {seen:?}; {} still connected",
+        survivors.len()
+    );
+    assert_eq!(survivors.len(), 3, "the backend disconnected the victim");
+    for expected in ["message", "joined", "left"] {
+        assert!(seen.contains_key(expected), "no {expected} in {seen:?}");
+    }
+    for client in survivors {
+        client.close_normally().await;
+    }
     target.assert_unharmed(0.0).await;
 }
