@@ -89,10 +89,11 @@ pub struct Writer {
     /// the held-back 101 response before the first write, a ping, pongs,
     /// the reply to the client's close frame. Unlike data, they are owed to
     /// the client even when the connection closes before they are written.
-    control_parts: usize,
+    control_parts: u8,
     /// `batch.len()` when it was taken: the buffers since written are the
-    /// difference.
-    taken_parts: usize,
+    /// difference. Both counts are small so the writer task, one per
+    /// connection, stays in its allocation size class.
+    taken_parts: u32,
 }
 
 impl Writer {
@@ -153,12 +154,13 @@ impl Writer {
     /// batch is whole frames here, so the ping may go first), and notes
     /// which of its buffers are control frames.
     fn take_batch(&mut self) {
-        self.control_parts = usize::from(self.conn.outbox().take(&mut self.batch));
+        self.control_parts = u8::from(self.conn.outbox().take(&mut self.batch));
         if let Some(payload) = self.ping_due.take() {
             self.batch.push_front(ping_frame(payload));
             self.control_parts += 1;
         }
-        self.taken_parts = self.batch.len();
+        // A batch is bounded by the send queue's capacity, far below this.
+        self.taken_parts = u32::try_from(self.batch.len()).unwrap_or(u32::MAX);
     }
 
     /// A ping falls due: its deadline starts now, and it is sent with the
@@ -301,8 +303,9 @@ impl Writer {
     /// write stopped in the middle of. The data frames after that are
     /// dropped, as nothing but control frames may precede the close.
     fn owed(&mut self) -> Batch {
-        let written_parts = self.taken_parts - self.batch.len();
-        let control_left = self.control_parts.saturating_sub(written_parts);
+        let left = u32::try_from(self.batch.len()).unwrap_or(u32::MAX);
+        let written_parts = self.taken_parts.saturating_sub(left);
+        let control_left = u32::from(self.control_parts).saturating_sub(written_parts) as usize;
         let Some(front) = self.batch.front() else {
             return Batch::new();
         };
