@@ -301,7 +301,8 @@ impl Writer {
     /// among them: without it the client would read WebSocket bytes where
     /// it waits for an HTTP answer), or else the rest of a data frame the
     /// write stopped in the middle of. The data frames after that are
-    /// dropped, as nothing but control frames may precede the close.
+    /// dropped: the connection is closing, and only what keeps the stream
+    /// well-formed and answers the client is owed.
     fn owed(&mut self) -> Batch {
         let left = u32::try_from(self.batch.len()).unwrap_or(u32::MAX);
         let written_parts = self.taken_parts.saturating_sub(left);
