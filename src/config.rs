@@ -129,7 +129,9 @@ pub struct UpstreamConfig {
     pub url: String,
     /// Time allowed to open a TCP connection to the upstream.
     pub connect_timeout_secs: u64,
-    /// Time allowed for the upstream to send its response headers.
+    /// Longest the upstream may stand still: before its response headers
+    /// (then 504), and between two pieces of a response body (then the
+    /// response is cut off).
     pub timeout_secs: u64,
 }
 

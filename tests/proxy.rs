@@ -345,6 +345,116 @@ async fn response_is_streamed_to_the_client() {
     assert_eq!(rest, "data: second\n\n");
 }
 
+/// An upstream that streams `chunks` events, `gap` apart, then ends the
+/// body; with `stall`, it stops after the first event and holds the
+/// connection open until the gateway closes it, which it reports on
+/// `closed`.
+async fn event_stream_upstream(
+    chunks: usize,
+    gap: std::time::Duration,
+    stall: bool,
+) -> (Upstream, mpsc::UnboundedReceiver<()>) {
+    let (closed_tx, closed) = mpsc::unbounded_channel();
+    let upstream = Upstream::start(move |_request| {
+        let closed_tx = closed_tx.clone();
+        async move {
+            let (tx, body) = body_channel();
+            tokio::spawn(async move {
+                for _ in 0..chunks {
+                    if tx
+                        .send(Bytes::from_static(b"data: tick\n\n"))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    if stall {
+                        // The receiver goes when the connection does.
+                        tx.closed().await;
+                        let _ = closed_tx.send(());
+                        return;
+                    }
+                    tokio::time::sleep(gap).await;
+                }
+            });
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(body)
+                .unwrap()
+        }
+    })
+    .await;
+    (upstream, closed)
+}
+
+/// A gateway whose upstream may pause at most a second.
+async fn impatient_gateway(upstream: &Upstream) -> TestGateway {
+    let url = upstream.url();
+    TestGateway::with(|c| {
+        c.upstream.url = url;
+        c.upstream.timeout_secs = 1;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_response_that_stalls_mid_body_is_cut_after_the_upstream_timeout() {
+    let (upstream, mut closed) = event_stream_upstream(2, std::time::Duration::ZERO, true).await;
+    let gw = impatient_gateway(&upstream).await;
+    let response = send_request(
+        gw.addr,
+        Request::get("/events")
+            .header("host", "app.example.test")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let first = within("the first event", body.frame())
+        .await
+        .expect("a frame")
+        .expect("the first event");
+    assert_eq!(
+        first.into_data().ok().as_deref(),
+        Some(&b"data: tick\n\n"[..])
+    );
+    // Nothing more comes: the gateway gives up on the upstream and ends the
+    // client's response as broken, not as complete.
+    let end = within("the stalled response to be cut", body.frame()).await;
+    assert!(
+        matches!(end, Some(Err(_))),
+        "a cut response, not a clean end: {end:?}"
+    );
+    within("the upstream connection to be closed", closed.recv())
+        .await
+        .expect("the upstream saw its connection closed");
+}
+
+#[tokio::test]
+async fn a_response_that_keeps_flowing_is_not_cut_by_the_upstream_timeout() {
+    // Longer than `timeout_secs` in all, with short pauses: an event stream
+    // is cut only when it stands still.
+    const CHUNKS: usize = 12;
+    let (upstream, _closed) =
+        event_stream_upstream(CHUNKS, std::time::Duration::from_millis(250), false).await;
+    let gw = impatient_gateway(&upstream).await;
+    let response = send_request(
+        gw.addr,
+        Request::get("/events")
+            .header("host", "app.example.test")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    let body = within("the whole stream", response.into_body().collect())
+        .await
+        .expect("a complete body")
+        .to_bytes();
+    assert_eq!(body, b"data: tick\n\n".repeat(CHUNKS));
+}
+
 #[tokio::test]
 async fn closed_upstream_port_gives_502() {
     let port = free_port();

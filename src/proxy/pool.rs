@@ -39,7 +39,8 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use super::{Progress, UpstreamBody};
-use crate::deadline;
+use crate::deadline::{self, Deadline, Deadlines};
+use crate::response::BodyError;
 
 /// Idle connections kept at most; more are closed when they come back.
 const MAX_IDLE: usize = 512;
@@ -209,6 +210,7 @@ impl Pool {
                         conn: Some(conn),
                         pool,
                         upload,
+                        stall: None,
                     }));
                 }
                 Err((e, unsent)) => match (unsent, copy) {
@@ -420,11 +422,25 @@ pub struct PooledBody {
     /// The request body's progress, when it had a body: the connection may
     /// still be writing it when the response is over.
     upload: Option<Arc<Progress>>,
+    /// How long the upstream may pause in the middle of the body.
+    stall: Option<StallLimit>,
+}
+
+/// The longest pause of the upstream in the middle of a response body, as
+/// nginx's `proxy_read_timeout`: without it, an upstream that stops sending
+/// holds its client and its connection for as long as it keeps the socket
+/// open. Timed on the client connection's timer, and armed only while the
+/// body waits: a body whose bytes are there reads no clock.
+struct StallLimit {
+    deadlines: Deadlines,
+    timeout: Duration,
+    /// Counted from the first wait since the last frame.
+    waiting: Option<Deadline>,
 }
 
 impl hyper::body::Body for PooledBody {
     type Data = bytes::Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -436,7 +452,12 @@ impl hyper::body::Body for PooledBody {
             // Finished, but what it read is still in the body's channel.
             self.conn = None;
         }
-        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) else {
+            return self.poll_stall(cx);
+        };
+        if let Some(limit) = self.stall.as_mut() {
+            limit.waiting = None;
+        }
         match &frame {
             // A broken body leaves the connection in an unknown state.
             Some(Err(_)) => self.conn = None,
@@ -444,7 +465,7 @@ impl hyper::body::Body for PooledBody {
             Some(Ok(_)) if self.inner.is_end_stream() => self.release(),
             Some(Ok(_)) => {}
         }
-        Poll::Ready(frame)
+        Poll::Ready(frame.map(|frame| frame.map_err(BodyError::from)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -457,6 +478,38 @@ impl hyper::body::Body for PooledBody {
 }
 
 impl PooledBody {
+    /// Bounds the upstream's pauses in the middle of this body by
+    /// `timeout`, on the timer of the client connection that polls it.
+    pub fn stalls_after(mut self, timeout: Duration, deadlines: &Deadlines) -> Self {
+        self.stall = Some(StallLimit {
+            deadlines: deadlines.clone(),
+            timeout,
+            waiting: None,
+        });
+        self
+    }
+
+    /// The body is waiting for the upstream: pending until the stall limit
+    /// passes, then an error, which makes the client's connection end
+    /// without the response looking complete. The upstream connection is
+    /// in the middle of a response, so it is closed, not reused.
+    fn poll_stall(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<bytes::Bytes>, BodyError>>> {
+        let Some(limit) = self.stall.as_mut() else {
+            return Poll::Pending;
+        };
+        let (deadlines, timeout) = (&limit.deadlines, limit.timeout);
+        let waiting = limit
+            .waiting
+            .get_or_insert_with(|| deadlines.after(timeout));
+        ready!(Pin::new(waiting).poll(cx));
+        self.stall = None;
+        self.conn = None;
+        Poll::Ready(Some(Err(BodyError::Stalled)))
+    }
+
     fn release(&mut self) {
         if let Some(conn) = self.conn.take() {
             self.pool.release(conn, self.upload.take());
