@@ -264,9 +264,18 @@ fn mangle_http(rng: &mut Rng, request: &mut Vec<u8>) {
     }
 }
 
-/// Sends `request`, ends the sending side and reads whatever comes back.
-/// A reset connection is an answer too: whatever arrived before it counts.
-async fn exchange_raw(addr: SocketAddr, request: Vec<u8>, chunk: usize) -> Vec<u8> {
+/// Sends `request` in pieces of `chunk` bytes, ends the sending side when
+/// `half_close` (so the gateway cannot wait for more of a request), and
+/// reads whatever comes back. A reset connection is an answer too: whatever
+/// arrived before it counts. The client's end of the stream makes the
+/// gateway give up a request still in progress, as nginx does; a request
+/// that must be answered is sent with `Connection: close` instead.
+async fn exchange_raw(
+    addr: SocketAddr,
+    request: Vec<u8>,
+    chunk: usize,
+    half_close: bool,
+) -> Vec<u8> {
     let mut stream = within("connect", TcpStream::connect(addr))
         .await
         .expect("connect");
@@ -275,7 +284,9 @@ async fn exchange_raw(addr: SocketAddr, request: Vec<u8>, chunk: usize) -> Vec<u
             break;
         }
     }
-    let _ = stream.shutdown().await;
+    if half_close {
+        let _ = stream.shutdown().await;
+    }
     let mut answer = Vec::new();
     within("the gateway to answer and close", async {
         let mut buf = [0u8; 4096];
@@ -331,7 +342,7 @@ async fn mangled_http_requests_get_a_status_or_a_close() {
             1 + rng.below(64)
         };
         async move {
-            let answer = exchange_raw(addr, request.clone(), chunk).await;
+            let answer = exchange_raw(addr, request.clone(), chunk, true).await;
             let status = status_of(&answer, &request);
             assert_ne!(
                 status,
@@ -975,4 +986,156 @@ async fn backend_publications_of_every_shape_reach_clients_as_valid_frames() {
         client.close_normally().await;
     }
     target.assert_unharmed(0.0).await;
+}
+
+// ----- upstream responses -----------------------------------------------
+
+/// Responses of each framing an upstream might use, for the request named
+/// `case`, to be mangled. Each body carries the case's name, so a client
+/// that gets another request's bytes (a proxy that lost track of where a
+/// response ends) is caught. The last one smuggles a second response, also
+/// named, after the first.
+fn response_templates(case: &str) -> Vec<String> {
+    let body = format!("[{case}]");
+    let len = body.len();
+    let smuggled = format!("[smuggled {case}]");
+    vec![
+        format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n{body}"),
+        format!(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{len:x}\r\n{body}\r\n0\r\n\r\n"
+        ),
+        format!("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{body}"),
+        "HTTP/1.1 204 No Content\r\n\r\n".to_string(),
+        "HTTP/1.1 304 Not Modified\r\nContent-Length: 100\r\n\r\n".to_string(),
+        format!(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n{body}"
+        ),
+        format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nContent-Length: {len}\r\n\r\n{body}"),
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n{body}\
+             HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{smuggled}",
+            smuggled.len()
+        ),
+    ]
+}
+
+/// The name of case `index`: 16 hex digits, so that no mangling of one
+/// name makes another.
+fn case_name(seed: u64, index: usize) -> String {
+    format!("{:016x}", Rng(seed ^ index as u64).next())
+}
+
+/// Every run of exactly 16 hex digits in `bytes`.
+fn case_names_in(bytes: &[u8]) -> Vec<String> {
+    bytes
+        .split(|b| !b.is_ascii_hexdigit())
+        .filter(|run| run.len() == 16)
+        .map(|run| String::from_utf8_lossy(run).into_owned())
+        .collect()
+}
+
+/// Serves one upstream connection: reads request heads and answers each
+/// with a mangled response, keeping the connection open for the next one
+/// unless the dice or the framing say to close.
+async fn serve_mangled(mut stream: TcpStream, mut rng: Rng) {
+    let mut buf = Vec::new();
+    loop {
+        let head = loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break buf.drain(..end + 4).collect::<Vec<u8>>();
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        // The case is the request's path: `GET /<case> HTTP/1.1`.
+        let case = case_names_in(&head).pop().unwrap_or_default();
+        let templates = response_templates(&case);
+        let pick = rng.below(templates.len());
+        let mut response = templates[pick].clone().into_bytes();
+        mangle_http(&mut rng, &mut response);
+        if stream.write_all(&response).await.is_err() {
+            return;
+        }
+        // A close-delimited body ends only when the connection does.
+        if pick == 2 || rng.chance(30) {
+            return;
+        }
+    }
+}
+
+/// An upstream on a raw socket whose every answer is mangled.
+async fn mangling_upstream(seed: u64) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        for index in 0u64.. {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let rng = Rng(seed ^ index.wrapping_mul(0x100_0000_01b3));
+            connections.spawn(serve_mangled(stream, rng));
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn mangled_upstream_responses_reach_only_their_own_client() {
+    let (seed, cases) = plan(0x5eed_0005);
+    let (upstream, upstream_task) = mangling_upstream(seed).await;
+    let upstream_url = format!("http://{upstream}");
+    // Responses that never end hold a request until the upstream timeout.
+    let gateway = GatewayProcess::start(
+        &[],
+        &[
+            ("ROOMGATE_UPSTREAM_URL", &upstream_url),
+            ("ROOMGATE_UPSTREAM_TIMEOUT_SECS", "2"),
+        ],
+    );
+    let addr = gateway.addr;
+    let names: Arc<std::collections::HashSet<String>> =
+        Arc::new((0..cases).map(|index| case_name(seed, index)).collect());
+    let outcomes = run_cases(cases, |index| {
+        let names = names.clone();
+        async move {
+            let case = case_name(seed, index);
+            let request =
+                format!("GET /{case} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+            let answer =
+                exchange_raw(addr, request.clone().into_bytes(), request.len(), false).await;
+            let status = status_of(&answer, request.as_bytes());
+            for name in case_names_in(&answer) {
+                assert!(
+                    name == case || !names.contains(&name),
+                    "request {case} got the bytes of request {name}:\n{}",
+                    String::from_utf8_lossy(&answer)
+                );
+            }
+            assert_ne!(
+                status,
+                Some(500),
+                "an internal error:\n{}",
+                String::from_utf8_lossy(&answer)
+            );
+            status
+        }
+    })
+    .await;
+
+    let mut seen: BTreeMap<Option<u16>, usize> = BTreeMap::new();
+    for status in outcomes {
+        *seen.entry(status).or_default() += 1;
+    }
+    eprintln!("answers: {seen:?}");
+    for expected in [Some(200), Some(502)] {
+        assert!(seen.contains_key(&expected), "no {expected:?} in {seen:?}");
+    }
+    assert_eq!(gateway.panics(), Vec::<String>::new(), "no panic");
+    upstream_task.abort();
 }
