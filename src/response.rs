@@ -15,18 +15,6 @@ use hyper::{Response, StatusCode};
 
 use crate::proxy::pool::PooledBody;
 
-/// Why a body ended before its end.
-#[derive(Debug, thiserror::Error)]
-pub enum BodyError {
-    /// The peer's stream failed or broke HTTP framing.
-    #[error(transparent)]
-    Peer(#[from] hyper::Error),
-    /// The upstream sent nothing for `upstream.timeout_secs` in the middle
-    /// of a response body.
-    #[error("upstream stalled in the middle of the response body")]
-    Stalled,
-}
-
 /// A response (or proxied request) body: streamed from a peer, or written
 /// by the gateway. An enum rather than a boxed trait object, so proxying a
 /// request allocates no box per body.
@@ -53,16 +41,16 @@ impl Body {
 
 impl hyper::body::Body for Body {
     type Data = Bytes;
-    type Error = BodyError;
+    type Error = hyper::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match &mut self.0 {
             Kind::Empty => Poll::Ready(None),
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Stream(incoming) => Pin::new(incoming).poll_frame(cx).map_err(BodyError::from),
+            Kind::Stream(incoming) => Pin::new(incoming).poll_frame(cx),
             Kind::Pooled(body) => Pin::new(body).poll_frame(cx),
         }
     }

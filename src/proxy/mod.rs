@@ -31,7 +31,7 @@ use crate::config::{self, UpstreamConfig};
 use crate::deadline::{self, Deadlines};
 use crate::metrics::Metrics;
 use crate::request::{self, HostError, header_has_token};
-use crate::response::{self, Body, BodyError};
+use crate::response::{self, Body};
 use crate::shutdown::Shutdown;
 
 pub mod pool;
@@ -122,7 +122,7 @@ impl BodyFault {
     /// Sorts the error a client's body returned: an end of stream or a
     /// reset before the body's end is the client going away, anything else
     /// is bad framing (hyper reports both as I/O errors under its own).
-    fn of(e: &BodyError) -> Self {
+    fn of(e: &hyper::Error) -> Self {
         use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
         while let Some(err) = source {
@@ -328,7 +328,7 @@ impl Upstream {
     ) -> Result<Response<PooledBody>, ProxyError> {
         let pool = self.pool.as_ref().ok_or(ProxyError::NoUpstream)?;
         match timed(request, timeout, deadlines, |request| pool.send(request)).await? {
-            Ok(response) => Ok(response.map(|body| body.stalls_after(timeout, deadlines))),
+            Ok(response) => Ok(response),
             Err(PoolError::ConnectTimeout) => Err(ProxyError::Timeout),
             Err(PoolError::Http(e)) if is_timeout(&e) => Err(ProxyError::Timeout),
             Err(PoolError::UnaskedSwitch) => Err(ProxyError::BadResponse(
@@ -439,7 +439,7 @@ pub struct UpstreamBody {
 
 impl hyper::body::Body for UpstreamBody {
     type Data = bytes::Bytes;
-    type Error = BodyError;
+    type Error = hyper::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,

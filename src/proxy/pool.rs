@@ -39,8 +39,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use super::{Progress, UpstreamBody};
-use crate::deadline::{self, Deadline, Deadlines};
-use crate::response::BodyError;
+use crate::deadline;
 
 /// Idle connections kept at most; more are closed when they come back.
 const MAX_IDLE: usize = 512;
@@ -75,8 +74,9 @@ pub struct Pool {
     target: String,
     connect_timeout: Duration,
     idle_timeout: Duration,
-    /// `upstream.timeout_secs`: how long an upload may stand still once its
-    /// response is over before its connection is given up.
+    /// `upstream.timeout_secs`: how long a response body may stand still,
+    /// and an upload once its response is over, before the connection is
+    /// given up.
     stall_timeout: Duration,
     /// Oldest at the front; checkout takes the newest, which is the least
     /// likely to have been closed by the upstream's own idle timeout.
@@ -95,7 +95,25 @@ pub struct Conn {
     /// `None` once the connection has finished (closed or failed). Boxed:
     /// the state machine with its buffers is large, and a `Conn` moves from
     /// the pool into a request, then into its response body, and back.
-    driver: Option<Box<http1::Connection<TokioIo<TcpStream>, UpstreamBody>>>,
+    driver: Option<Box<Driver>>,
+}
+
+/// A connection's state machine, and the clock on its response bodies.
+struct Driver {
+    connection: http1::Connection<TokioIo<TcpStream>, UpstreamBody>,
+    /// The longest the upstream may pause in the middle of a response body
+    /// (the pool's stall timeout), as nginx's `proxy_read_timeout`: without
+    /// it, an upstream that stops sending holds its client and its
+    /// connection for as long as it keeps the socket open. Created at the
+    /// first wait in a body and dropped at its end, so bodies whose bytes
+    /// are already there cost no timer, and no timer of a finished body
+    /// wakes its client's task later. It lives here rather than in the
+    /// body so that the body, which every proxied response moves around,
+    /// stays as small as it was.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A frame arrived since `stall` was last set: the next wait starts a
+    /// new period.
+    moved: bool,
 }
 
 impl Conn {
@@ -103,11 +121,49 @@ impl Conn {
     /// finished and can carry nothing more.
     fn drive(&mut self, cx: &mut Context<'_>) -> bool {
         if let Some(driver) = self.driver.as_mut()
-            && Pin::new(driver.as_mut()).poll(cx).is_ready()
+            && Pin::new(&mut driver.connection).poll(cx).is_ready()
         {
             self.driver = None;
         }
         self.driver.is_some()
+    }
+
+    /// The response body is over: its stall timer goes.
+    fn body_done(&mut self) {
+        if let Some(driver) = self.driver.as_mut()
+            && driver.stall.is_some()
+        {
+            driver.stall = None;
+        }
+    }
+
+    /// A frame of the response body arrived.
+    fn moved(&mut self) {
+        if let Some(driver) = self.driver.as_mut() {
+            driver.moved = true;
+        }
+    }
+
+    /// The response body is waiting: ready once it has waited for
+    /// `timeout` since its last frame (or since its first wait).
+    fn poll_stalled(&mut self, timeout: Duration, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(driver) = self.driver.as_mut() else {
+            // Finished: the body ends with what the connection read.
+            return Poll::Pending;
+        };
+        let at = || deadline::later(tokio::time::Instant::now(), timeout);
+        let stall = match &mut driver.stall {
+            Some(stall) if !driver.moved => stall,
+            Some(stall) => {
+                stall.as_mut().reset(at());
+                stall
+            }
+            None => driver
+                .stall
+                .insert(Box::pin(tokio::time::sleep_until(at()))),
+        };
+        driver.moved = false;
+        stall.as_mut().poll(cx)
     }
 
     /// Whether a request can be sent right now, without waiting.
@@ -210,7 +266,6 @@ impl Pool {
                         conn: Some(conn),
                         pool,
                         upload,
-                        stall: None,
                     }));
                 }
                 Err((e, unsent)) => match (unsent, copy) {
@@ -260,7 +315,11 @@ impl Pool {
             .await?;
         Ok(Conn {
             sender,
-            driver: Some(Box::new(driver)),
+            driver: Some(Box::new(Driver {
+                connection: driver,
+                stall: None,
+                moved: true,
+            })),
         })
     }
 
@@ -422,25 +481,11 @@ pub struct PooledBody {
     /// The request body's progress, when it had a body: the connection may
     /// still be writing it when the response is over.
     upload: Option<Arc<Progress>>,
-    /// How long the upstream may pause in the middle of the body.
-    stall: Option<StallLimit>,
-}
-
-/// The longest pause of the upstream in the middle of a response body, as
-/// nginx's `proxy_read_timeout`: without it, an upstream that stops sending
-/// holds its client and its connection for as long as it keeps the socket
-/// open. Timed on the client connection's timer, and armed only while the
-/// body waits: a body whose bytes are there reads no clock.
-struct StallLimit {
-    deadlines: Deadlines,
-    timeout: Duration,
-    /// Counted from the first wait since the last frame.
-    waiting: Option<Deadline>,
 }
 
 impl hyper::body::Body for PooledBody {
     type Data = bytes::Bytes;
-    type Error = BodyError;
+    type Error = hyper::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -455,8 +500,8 @@ impl hyper::body::Body for PooledBody {
         let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) else {
             return self.poll_stall(cx);
         };
-        if let Some(limit) = self.stall.as_mut() {
-            limit.waiting = None;
+        if let Some(conn) = self.conn.as_mut() {
+            conn.moved();
         }
         match &frame {
             // A broken body leaves the connection in an unknown state.
@@ -465,7 +510,7 @@ impl hyper::body::Body for PooledBody {
             Some(Ok(_)) if self.inner.is_end_stream() => self.release(),
             Some(Ok(_)) => {}
         }
-        Poll::Ready(frame.map(|frame| frame.map_err(BodyError::from)))
+        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -478,40 +523,30 @@ impl hyper::body::Body for PooledBody {
 }
 
 impl PooledBody {
-    /// Bounds the upstream's pauses in the middle of this body by
-    /// `timeout`, on the timer of the client connection that polls it.
-    pub fn stalls_after(mut self, timeout: Duration, deadlines: &Deadlines) -> Self {
-        self.stall = Some(StallLimit {
-            deadlines: deadlines.clone(),
-            timeout,
-            waiting: None,
-        });
-        self
-    }
-
-    /// The body is waiting for the upstream: pending until the stall limit
-    /// passes, then an error, which makes the client's connection end
-    /// without the response looking complete. The upstream connection is
-    /// in the middle of a response, so it is closed, not reused.
+    /// The body is waiting for the upstream: pending until it has waited
+    /// for the stall timeout since the last frame. Then the upstream
+    /// connection, in the middle of a response, is closed rather than
+    /// reused, and closing it fails the body with hyper's "incomplete"
+    /// error, which makes the client's connection end without the response
+    /// looking complete.
+    #[cold]
+    #[inline(never)]
     fn poll_stall(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<bytes::Bytes>, BodyError>>> {
-        let Some(limit) = self.stall.as_mut() else {
+    ) -> Poll<Option<Result<Frame<bytes::Bytes>, hyper::Error>>> {
+        let timeout = self.pool.stall_timeout;
+        let Some(conn) = self.conn.as_mut() else {
             return Poll::Pending;
         };
-        let (deadlines, timeout) = (&limit.deadlines, limit.timeout);
-        let waiting = limit
-            .waiting
-            .get_or_insert_with(|| deadlines.after(timeout));
-        ready!(Pin::new(waiting).poll(cx));
-        self.stall = None;
+        ready!(conn.poll_stalled(timeout, cx));
         self.conn = None;
-        Poll::Ready(Some(Err(BodyError::Stalled)))
+        Pin::new(&mut self.inner).poll_frame(cx)
     }
 
     fn release(&mut self) {
-        if let Some(conn) = self.conn.take() {
+        if let Some(mut conn) = self.conn.take() {
+            conn.body_done();
             self.pool.release(conn, self.upload.take());
         }
     }
