@@ -1139,3 +1139,116 @@ async fn mangled_upstream_responses_reach_only_their_own_client() {
     assert_eq!(gateway.panics(), Vec::<String>::new(), "no panic");
     upstream_task.abort();
 }
+
+// ----- a stop in the middle of it all -----------------------------------
+
+/// How one connection of the stop test ended.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Ending {
+    /// Refused at connect: the listener had closed.
+    Refused,
+    /// An HTTP answer (its status), or none before the close.
+    Http(Option<u16>),
+    /// A WebSocket closed with this code, or without a close frame.
+    WebSocket(Option<u16>),
+}
+
+/// A WebSocket client that joins the busiest room, sends a run of odd
+/// messages and then stays, reading, until the gateway closes it.
+async fn staying_member(addr: SocketAddr, mut rng: Rng) -> Ending {
+    let Ok(mut stream) = TcpStream::connect(addr).await else {
+        return Ending::Refused;
+    };
+    let request = raw_upgrade_request(addr, "/ws", "");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return Ending::Http(None);
+    }
+    let mut head = Vec::new();
+    within("a response head", async {
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && matches!(stream.read(&mut byte).await, Ok(1)) {
+            head.push(byte[0]);
+        }
+    })
+    .await;
+    match status_of(&head, request.as_bytes()) {
+        Some(101) => {}
+        status => return Ending::Http(status),
+    }
+    let mut bytes = client_frame(0x81, br#"{"type":"join","room":"lobby"}"#, true);
+    for _ in 0..rng.below(20) {
+        bytes.extend(client_frame(
+            0x81,
+            protocol_message(&mut rng).as_bytes(),
+            true,
+        ));
+    }
+    let _ = stream.write_all(&bytes).await;
+    let mut close = None;
+    within("the gateway to close a member", async {
+        while let Some(frame) = read_raw_frame(&mut stream).await {
+            if frame.opcode == 8 {
+                close = close.or(frame.close_code());
+            }
+        }
+    })
+    .await;
+    Ending::WebSocket(close)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_in_the_middle_of_hostile_traffic_is_clean() {
+    let (seed, cases) = plan(0x5eed_0006);
+    let cases = cases.min(600);
+    let mut target = Target::start_with(&[("ROOMGATE_SERVER_SHUTDOWN_GRACE_SECS", "5")]).await;
+    let addr = target.gateway.addr;
+
+    // A third of the connections are members that stay; the others are
+    // mangled requests and malformed frames, all going at once.
+    let traffic: Vec<_> = (0..cases)
+        .map(|index| {
+            let mut rng = Rng(seed ^ (index as u64).wrapping_mul(0x100_0000_01b3));
+            tokio::spawn(async move {
+                match index % 3 {
+                    0 => staying_member(addr, rng).await,
+                    1 => {
+                        let mut request = rng.pick(&http_templates(addr)).clone().into_bytes();
+                        mangle_http(&mut rng, &mut request);
+                        let answer = exchange_raw(addr, request.clone(), request.len(), true).await;
+                        Ending::Http(status_of(&answer, &request))
+                    }
+                    _ => {
+                        let mut bytes = raw_upgrade_request(addr, "/ws", "").into_bytes();
+                        for _ in 0..1 + rng.below(4) {
+                            bytes.extend(hostile_frame(&mut rng));
+                        }
+                        let answer = exchange_raw(addr, bytes, usize::MAX, true).await;
+                        Ending::Http(status_of(&answer, b"an upgrade and frames"))
+                    }
+                }
+            })
+        })
+        .collect();
+    eventually_async("members to be connected", || async {
+        target.metric("roomgate_connections").await >= (cases / 6) as f64
+    })
+    .await;
+
+    target.gateway.signal("TERM");
+    let mut seen: BTreeMap<Ending, usize> = BTreeMap::new();
+    for case in traffic {
+        *seen.entry(case.await.expect("case task")).or_default() += 1;
+    }
+    eprintln!("endings: {seen:?}");
+    assert!(
+        seen.contains_key(&Ending::WebSocket(Some(1001))),
+        "members closed for the shutdown with 1001: {seen:?}"
+    );
+    let code = tokio::task::spawn_blocking(move || {
+        let code = target.gateway.wait_exit();
+        (code, target.gateway.panics())
+    })
+    .await
+    .expect("waiting task");
+    assert_eq!(code, (0, Vec::new()), "a clean exit and no panic");
+}
