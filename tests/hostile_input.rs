@@ -107,6 +107,25 @@ where
     outcomes
 }
 
+/// Counts the outcomes of a test's cases, prints the count, and checks
+/// that each of `expected` occurred: that the cases reached the paths they
+/// were made for, so that the test cannot pass by exercising nothing.
+fn tally<T: Ord + std::fmt::Debug>(
+    what: &str,
+    outcomes: impl IntoIterator<Item = T>,
+    expected: &[T],
+) -> BTreeMap<T, usize> {
+    let mut seen = BTreeMap::new();
+    for outcome in outcomes {
+        *seen.entry(outcome).or_default() += 1;
+    }
+    eprintln!("{what}: {seen:?}");
+    for outcome in expected {
+        assert!(seen.contains_key(outcome), "no {outcome:?} in {seen:?}");
+    }
+    seen
+}
+
 /// The gateway under attack, with a real upstream behind it.
 struct Target {
     gateway: GatewayProcess,
@@ -355,16 +374,13 @@ async fn mangled_http_requests_get_a_status_or_a_close() {
     })
     .await;
 
-    let mut seen: BTreeMap<Option<u16>, usize> = BTreeMap::new();
-    for status in outcomes {
-        *seen.entry(status).or_default() += 1;
-    }
-    eprintln!("answers: {seen:?}");
     // Unmangled and harmlessly mangled requests went through, and refused
-    // ones were refused: the cases reached all of the gateway's paths.
-    for expected in [Some(101), Some(200), Some(400), Some(405)] {
-        assert!(seen.contains_key(&expected), "no {expected:?} in {seen:?}");
-    }
+    // ones were refused.
+    tally(
+        "answers",
+        outcomes,
+        &[Some(101), Some(200), Some(400), Some(405)],
+    );
     target.assert_unharmed(0.0).await;
 }
 
@@ -491,17 +507,7 @@ async fn malformed_websocket_frames_get_errors_or_a_protocol_close() {
     })
     .await;
 
-    let mut seen: BTreeMap<Option<u16>, usize> = BTreeMap::new();
-    for code in outcomes {
-        *seen.entry(code).or_default() += 1;
-    }
-    eprintln!("endings: {seen:?}");
-    for expected in [1002, 1007, 1009] {
-        assert!(
-            seen.contains_key(&Some(expected)),
-            "no {expected} in {seen:?}"
-        );
-    }
+    tally("endings", outcomes, &[Some(1002), Some(1007), Some(1009)]);
     target.assert_unharmed(0.0).await;
 }
 
@@ -714,16 +720,14 @@ async fn protocol_messages_of_every_shape_are_answered_without_closing() {
     let (mut bystander, received) = reader.await.expect("bystander task");
     let received = received + bystander.barrier().await.len();
 
-    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-    for frame in outcomes.iter().flatten() {
-        let key = match frame["code"].as_str() {
-            Some(code) => code.to_string(),
-            None => frame["type"].as_str().unwrap_or_default().to_string(),
-        };
-        *seen.entry(key).or_default() += 1;
-    }
-    eprintln!("replies: {seen:?}; the bystander received {received}");
-    for expected in [
+    let replies = outcomes.iter().flatten().map(|frame| {
+        frame["code"]
+            .as_str()
+            .or(frame["type"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    });
+    let expected = [
         "joined",
         "left",
         "ack",
@@ -731,9 +735,9 @@ async fn protocol_messages_of_every_shape_are_answered_without_closing() {
         "unknown_type",
         "invalid_room",
         "not_member",
-    ] {
-        assert!(seen.contains_key(expected), "no {expected} in {seen:?}");
-    }
+    ];
+    tally("replies", replies, &expected.map(String::from));
+    eprintln!("the bystander received {received}");
     assert!(received > 0, "some messages reached the bystander");
     bystander.close_normally().await;
     target.assert_unharmed(0.0).await;
@@ -964,24 +968,23 @@ async fn backend_publications_of_every_shape_reach_clients_as_valid_frames() {
         .expect("publish");
     within("flush", backend.flush()).await.expect("flush");
 
-    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut kinds = Vec::new();
     let mut survivors = Vec::new();
     for reader in readers {
         let (client, frames) = reader.await.expect("member task");
-        for frame in frames {
-            let kind = frame["type"].as_str().unwrap_or_default().to_string();
-            *seen.entry(kind).or_default() += 1;
-        }
+        kinds.extend(
+            frames
+                .iter()
+                .map(|frame| frame["type"].as_str().unwrap_or_default().to_string()),
+        );
         survivors.extend(client);
     }
-    eprintln!(
-        "members received {seen:?}; {} still connected",
-        survivors.len()
+    tally(
+        "members received",
+        kinds,
+        &["message", "joined", "left"].map(String::from),
     );
     assert_eq!(survivors.len(), 3, "the backend disconnected the victim");
-    for expected in ["message", "joined", "left"] {
-        assert!(seen.contains_key(expected), "no {expected} in {seen:?}");
-    }
     for client in survivors {
         client.close_normally().await;
     }
@@ -1128,14 +1131,7 @@ async fn mangled_upstream_responses_reach_only_their_own_client() {
     })
     .await;
 
-    let mut seen: BTreeMap<Option<u16>, usize> = BTreeMap::new();
-    for status in outcomes {
-        *seen.entry(status).or_default() += 1;
-    }
-    eprintln!("answers: {seen:?}");
-    for expected in [Some(200), Some(502)] {
-        assert!(seen.contains_key(&expected), "no {expected:?} in {seen:?}");
-    }
+    tally("answers", outcomes, &[Some(200), Some(502)]);
     assert_eq!(gateway.panics(), Vec::<String>::new(), "no panic");
     upstream_task.abort();
 }
@@ -1235,15 +1231,12 @@ async fn a_stop_in_the_middle_of_hostile_traffic_is_clean() {
     .await;
 
     target.gateway.signal("TERM");
-    let mut seen: BTreeMap<Ending, usize> = BTreeMap::new();
+    let mut endings = Vec::new();
     for case in traffic {
-        *seen.entry(case.await.expect("case task")).or_default() += 1;
+        endings.push(case.await.expect("case task"));
     }
-    eprintln!("endings: {seen:?}");
-    assert!(
-        seen.contains_key(&Ending::WebSocket(Some(1001))),
-        "members closed for the shutdown with 1001: {seen:?}"
-    );
+    // The members were closed for the shutdown.
+    tally("endings", endings, &[Ending::WebSocket(Some(1001))]);
     let code = tokio::task::spawn_blocking(move || {
         let code = target.gateway.wait_exit();
         (code, target.gateway.panics())

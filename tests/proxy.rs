@@ -308,15 +308,7 @@ async fn response_is_streamed_to_the_client() {
     .await;
     let gw = gateway_for(&upstream).await;
 
-    let response = send_request(
-        gw.addr,
-        Request::get("/events")
-            .header("host", "app.example.test")
-            .body(empty())
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(response.status(), 200);
+    let response = get_events(gw.addr).await;
     assert_eq!(
         header(response.headers(), "content-type"),
         Some("text/event-stream")
@@ -343,6 +335,20 @@ async fn response_is_streamed_to_the_client() {
         .expect("body")
         .to_bytes();
     assert_eq!(rest, "data: second\n\n");
+}
+
+/// `GET /events` through the gateway at `addr`, which must answer 200.
+async fn get_events(addr: SocketAddr) -> Response<Incoming> {
+    let response = send_request(
+        addr,
+        Request::get("/events")
+            .header("host", "app.example.test")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    response
 }
 
 /// An upstream that streams `chunks` events, `gap` apart, then ends the
@@ -401,15 +407,7 @@ async fn impatient_gateway(upstream: &Upstream) -> TestGateway {
 async fn a_response_that_stalls_mid_body_is_cut_after_the_upstream_timeout() {
     let (upstream, mut closed) = event_stream_upstream(2, std::time::Duration::ZERO, true).await;
     let gw = impatient_gateway(&upstream).await;
-    let response = send_request(
-        gw.addr,
-        Request::get("/events")
-            .header("host", "app.example.test")
-            .body(empty())
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(response.status(), 200);
+    let response = get_events(gw.addr).await;
     let mut body = response.into_body();
     let first = within("the first event", body.frame())
         .await
@@ -439,15 +437,7 @@ async fn a_response_that_keeps_flowing_is_not_cut_by_the_upstream_timeout() {
     let (upstream, _closed) =
         event_stream_upstream(CHUNKS, std::time::Duration::from_millis(250), false).await;
     let gw = impatient_gateway(&upstream).await;
-    let response = send_request(
-        gw.addr,
-        Request::get("/events")
-            .header("host", "app.example.test")
-            .body(empty())
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(response.status(), 200);
+    let response = get_events(gw.addr).await;
     let body = within("the whole stream", response.into_body().collect())
         .await
         .expect("a complete body")
