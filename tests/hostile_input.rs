@@ -1138,6 +1138,48 @@ async fn mangled_upstream_responses_reach_only_their_own_client() {
     upstream_task.abort();
 }
 
+#[tokio::test]
+async fn forward_auth_against_mangled_answers_admits_or_refuses_never_worse() {
+    let (seed, cases) = plan(0x5eed_0007);
+    let (upstream, upstream_task) = mangling_upstream(seed).await;
+    let upstream_url = format!("http://{upstream}");
+    let gateway = GatewayProcess::start(
+        &[],
+        &[
+            ("ROOMGATE_UPSTREAM_URL", &upstream_url),
+            ("ROOMGATE_AUTH_MODE", "upstream"),
+            ("ROOMGATE_AUTH_UPSTREAM_TIMEOUT_SECS", "1"),
+        ],
+    );
+    let addr = gateway.addr;
+    let outcomes = run_cases(cases.min(300), |_| async move {
+        let mut stream = within("connect", TcpStream::connect(addr))
+            .await
+            .expect("connect");
+        let status = upgrade(&mut stream, addr).await;
+        if status == Some(101) {
+            let welcome = within("the welcome", read_raw_frame(&mut stream))
+                .await
+                .expect("an admitted client gets its welcome");
+            assert_protocol_frame(&welcome.payload);
+        }
+        status
+    })
+    .await;
+    // Admitted (a 2xx, however mangled the rest), or refused with 503 as
+    // an auth endpoint that does not answer properly must be: never an
+    // error of the gateway's own, never silence.
+    for status in &outcomes {
+        assert!(
+            matches!(status, Some(101 | 401 | 403 | 503)),
+            "upgrade answered {status:?}"
+        );
+    }
+    tally("answers", outcomes, &[Some(101), Some(503)]);
+    assert_eq!(gateway.panics(), Vec::<String>::new(), "no panic");
+    upstream_task.abort();
+}
+
 // ----- a stop in the middle of it all -----------------------------------
 
 /// How one connection of the stop test ended.
@@ -1151,16 +1193,11 @@ enum Ending {
     WebSocket(Option<u16>),
 }
 
-/// A WebSocket client that joins the busiest room, sends a run of odd
-/// messages and then stays, reading, until the gateway closes it.
-async fn staying_member(addr: SocketAddr, mut rng: Rng) -> Ending {
-    let Ok(mut stream) = TcpStream::connect(addr).await else {
-        return Ending::Refused;
-    };
+/// Asks for a WebSocket on `/ws` and reads the response head, and nothing
+/// after it: its status, or `None` when the connection ended first.
+async fn upgrade(stream: &mut TcpStream, addr: SocketAddr) -> Option<u16> {
     let request = raw_upgrade_request(addr, "/ws", "");
-    if stream.write_all(request.as_bytes()).await.is_err() {
-        return Ending::Http(None);
-    }
+    stream.write_all(request.as_bytes()).await.ok()?;
     let mut head = Vec::new();
     within("a response head", async {
         let mut byte = [0u8; 1];
@@ -1169,7 +1206,16 @@ async fn staying_member(addr: SocketAddr, mut rng: Rng) -> Ending {
         }
     })
     .await;
-    match status_of(&head, request.as_bytes()) {
+    status_of(&head, request.as_bytes())
+}
+
+/// A WebSocket client that joins the busiest room, sends a run of odd
+/// messages and then stays, reading, until the gateway closes it.
+async fn staying_member(addr: SocketAddr, mut rng: Rng) -> Ending {
+    let Ok(mut stream) = TcpStream::connect(addr).await else {
+        return Ending::Refused;
+    };
+    match upgrade(&mut stream, addr).await {
         Some(101) => {}
         status => return Ending::Http(status),
     }
