@@ -1090,19 +1090,26 @@ async fn mangling_upstream(seed: u64) -> (SocketAddr, tokio::task::JoinHandle<()
     (addr, task)
 }
 
+/// The binary in front of a mangling upstream seeded with `seed`, with
+/// `env` added to its settings; the upstream runs until the returned task
+/// is aborted.
+async fn gateway_before_mangler(
+    seed: u64,
+    env: &[(&str, &str)],
+) -> (GatewayProcess, tokio::task::JoinHandle<()>) {
+    let (upstream, task) = mangling_upstream(seed).await;
+    let url = format!("http://{upstream}");
+    let mut all = vec![("ROOMGATE_UPSTREAM_URL", url.as_str())];
+    all.extend_from_slice(env);
+    (GatewayProcess::start(&[], &all), task)
+}
+
 #[tokio::test]
 async fn mangled_upstream_responses_reach_only_their_own_client() {
     let (seed, cases) = plan(0x5eed_0005);
-    let (upstream, upstream_task) = mangling_upstream(seed).await;
-    let upstream_url = format!("http://{upstream}");
     // Responses that never end hold a request until the upstream timeout.
-    let gateway = GatewayProcess::start(
-        &[],
-        &[
-            ("ROOMGATE_UPSTREAM_URL", &upstream_url),
-            ("ROOMGATE_UPSTREAM_TIMEOUT_SECS", "2"),
-        ],
-    );
+    let (gateway, upstream_task) =
+        gateway_before_mangler(seed, &[("ROOMGATE_UPSTREAM_TIMEOUT_SECS", "2")]).await;
     let addr = gateway.addr;
     let names: Arc<std::collections::HashSet<String>> =
         Arc::new((0..cases).map(|index| case_name(seed, index)).collect());
@@ -1141,16 +1148,14 @@ async fn mangled_upstream_responses_reach_only_their_own_client() {
 #[tokio::test]
 async fn forward_auth_against_mangled_answers_admits_or_refuses_never_worse() {
     let (seed, cases) = plan(0x5eed_0007);
-    let (upstream, upstream_task) = mangling_upstream(seed).await;
-    let upstream_url = format!("http://{upstream}");
-    let gateway = GatewayProcess::start(
-        &[],
+    let (gateway, upstream_task) = gateway_before_mangler(
+        seed,
         &[
-            ("ROOMGATE_UPSTREAM_URL", &upstream_url),
             ("ROOMGATE_AUTH_MODE", "upstream"),
             ("ROOMGATE_AUTH_UPSTREAM_TIMEOUT_SECS", "1"),
         ],
-    );
+    )
+    .await;
     let addr = gateway.addr;
     let outcomes = run_cases(cases.min(300), |_| async move {
         let mut stream = within("connect", TcpStream::connect(addr))
