@@ -775,6 +775,78 @@ async fn upgrade_refused_by_the_upstream_reaches_the_client_as_is() {
     }
 }
 
+/// Reads a request head on a raw upstream socket, byte by byte so nothing
+/// after it is consumed; `None` when the connection ends first.
+async fn read_request_head(stream: &mut tokio::net::TcpStream) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(stream.read_u8().await.ok()?);
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+#[tokio::test]
+async fn an_upgrade_refusal_whose_body_stalls_gets_504() {
+    // The upstream refuses the upgrade, promises a body of 100 bytes and
+    // sends 7; it then holds the connection open until the test ends.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let upstream_addr = listener.local_addr().expect("addr");
+    let (_hold, held) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.expect("accept");
+        let _ = read_request_head(&mut stream).await;
+        let _ = stream
+            .write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 100\r\n\r\npartial")
+            .await;
+        let _ = held.await;
+    });
+    let url = format!("http://{upstream_addr}");
+    let gw = TestGateway::with(|c| {
+        c.upstream.url = url;
+        c.upstream.timeout_secs = 1;
+    })
+    .await;
+    let mut client = within("connect", tokio::net::TcpStream::connect(gw.addr))
+        .await
+        .expect("connect");
+    client
+        .write_all(raw_upgrade_request(gw.addr, "/app/socket", "").as_bytes())
+        .await
+        .expect("write");
+    let (status, _, _) = read_response(&mut client).await;
+    assert_eq!(
+        status, 504,
+        "a refusal that never ends is the upstream being too slow"
+    );
+}
+
+#[tokio::test]
+async fn an_upgrade_refusal_over_64_kib_gets_502() {
+    // A refusal is passed on whole, up to the bound forward auth's
+    // refusals have too; past it the answer is not one a client waiting
+    // for a WebSocket can use.
+    let upstream = Upstream::start(|_request| async move {
+        Response::builder()
+            .status(403)
+            .body(full(vec![b'x'; 64 * 1024 + 1]))
+            .unwrap()
+    })
+    .await;
+    let gw = gateway_for(&upstream).await;
+    let mut client = within("connect", tokio::net::TcpStream::connect(gw.addr))
+        .await
+        .expect("connect");
+    client
+        .write_all(raw_upgrade_request(gw.addr, "/app/socket", "").as_bytes())
+        .await
+        .expect("write");
+    let (status, _, _) = read_response(&mut client).await;
+    assert_eq!(status, 502);
+}
+
 #[tokio::test]
 async fn upgrade_to_an_unreachable_upstream_gets_502() {
     let port = free_port();
@@ -1145,14 +1217,6 @@ async fn an_idle_upstream_connection_the_upstream_closed_is_not_reused() {
 /// an idle connection just as the gateway sent a request on it. Reports
 /// each request head it reads.
 async fn closing_on_second_request_upstream() -> (SocketAddr, mpsc::UnboundedReceiver<String>) {
-    use tokio::io::AsyncReadExt;
-    async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<String> {
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            head.push(stream.read_u8().await.ok()?);
-        }
-        Some(String::from_utf8_lossy(&head).into_owned())
-    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -1162,7 +1226,7 @@ async fn closing_on_second_request_upstream() -> (SocketAddr, mpsc::UnboundedRec
         while let Ok((mut stream, _)) = listener.accept().await {
             let heads = heads_tx.clone();
             tokio::spawn(async move {
-                let Some(head) = read_head(&mut stream).await else {
+                let Some(head) = read_request_head(&mut stream).await else {
                     return;
                 };
                 let answer: &[u8] = if head.starts_with("HEAD ") {
@@ -1174,7 +1238,7 @@ async fn closing_on_second_request_upstream() -> (SocketAddr, mpsc::UnboundedRec
                 if stream.write_all(answer).await.is_err() {
                     return;
                 }
-                if let Some(head) = read_head(&mut stream).await {
+                if let Some(head) = read_request_head(&mut stream).await {
                     let _ = heads.send(head);
                 }
             });

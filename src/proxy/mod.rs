@@ -588,7 +588,7 @@ impl Proxy {
             return Ok(Response::from_parts(parts, response::empty()));
         }
         response_headers(response.headers_mut())?;
-        Ok(response.map(Body::stream))
+        refusal(response, self.timeout).await
     }
 
     /// The upstream request: same method, path, query, headers (minus
@@ -774,7 +774,38 @@ fn response_headers(headers: &mut HeaderMap) -> Result<(), ProxyError> {
     Ok(())
 }
 
-/// Whether the message's `Transfer-Encoding` is exactly `chunked`: one
+/// Largest body of an upstream's answer to an upgrade that it did not
+/// switch, passed on whole: the same bound as for forward auth's refusals.
+const MAX_REFUSAL_BODY: usize = 64 * 1024;
+
+/// The upstream's answer to an upgrade request that it did not switch,
+/// read whole within `timeout` and passed on with its length: a client
+/// waiting for a WebSocket gets an error it can read, and an upstream that
+/// stops sending in the middle of it cannot hold the client (504), which a
+/// streamed body from this path's client could.
+async fn refusal(
+    response: Response<Incoming>,
+    timeout: Duration,
+) -> Result<Response<Body>, ProxyError> {
+    use http_body_util::{BodyExt, Limited};
+    let (mut parts, body) = response.into_parts();
+    let body =
+        match tokio::time::timeout(timeout, Limited::new(body, MAX_REFUSAL_BODY).collect()).await {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(_)) => {
+                return Err(ProxyError::BadResponse(
+                    "an answer to an upgrade that is too large or broken",
+                ));
+            }
+            Err(_) => return Err(ProxyError::Timeout),
+        };
+    // hyper writes the length of the body it now has.
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.remove(header::TRANSFER_ENCODING);
+    Ok(Response::from_parts(parts, response::full(body)))
+}
+
+/// Whether the message's `Transfer-Encoding` is exactly `chunked`: one/// Whether the message's `Transfer-Encoding` is exactly `chunked`: one
 /// field line, one coding.
 fn is_plain_chunked(headers: &HeaderMap) -> bool {
     let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
