@@ -17,6 +17,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::uri::{Authority, PathAndQuery, Scheme};
@@ -787,7 +788,6 @@ async fn refusal(
     response: Response<Incoming>,
     timeout: Duration,
 ) -> Result<Response<Body>, ProxyError> {
-    use http_body_util::{BodyExt, Limited};
     let (mut parts, body) = response.into_parts();
     let body =
         match tokio::time::timeout(timeout, Limited::new(body, MAX_REFUSAL_BODY).collect()).await {
