@@ -809,18 +809,24 @@ async fn an_upgrade_refusal_whose_body_stalls_gets_504() {
         c.upstream.timeout_secs = 1;
     })
     .await;
-    let mut client = within("connect", tokio::net::TcpStream::connect(gw.addr))
-        .await
-        .expect("connect");
-    client
-        .write_all(raw_upgrade_request(gw.addr, "/app/socket", "").as_bytes())
-        .await
-        .expect("write");
-    let (status, _, _) = read_response(&mut client).await;
+    let status = refused_upgrade_status(gw.addr).await;
     assert_eq!(
         status, 504,
         "a refusal that never ends is the upstream being too slow"
     );
+}
+
+/// Asks the gateway at `addr` for a WebSocket on a path of the upstream's
+/// and returns the status of the whole answer, which must not be 101.
+async fn refused_upgrade_status(addr: SocketAddr) -> u16 {
+    let mut client = within("connect", tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    client
+        .write_all(raw_upgrade_request(addr, "/app/socket", "").as_bytes())
+        .await
+        .expect("write");
+    read_response(&mut client).await.0
 }
 
 #[tokio::test]
@@ -836,14 +842,7 @@ async fn an_upgrade_refusal_over_64_kib_gets_502() {
     })
     .await;
     let gw = gateway_for(&upstream).await;
-    let mut client = within("connect", tokio::net::TcpStream::connect(gw.addr))
-        .await
-        .expect("connect");
-    client
-        .write_all(raw_upgrade_request(gw.addr, "/app/socket", "").as_bytes())
-        .await
-        .expect("write");
-    let (status, _, _) = read_response(&mut client).await;
+    let status = refused_upgrade_status(gw.addr).await;
     assert_eq!(status, 502);
 }
 
