@@ -1,7 +1,8 @@
 //! Seeded random input against the real binary (SPEC §8): mangled HTTP
 //! requests, malformed WebSocket frames, protocol messages of every shape,
 //! odd backend publications through a real `nats-server`, mangled responses
-//! from an upstream, and a stop in the middle of it all. Whatever arrives,
+//! from an upstream, odd settings, and a stop in the middle of it all.
+//! Whatever arrives,
 //! the gateway answers within the protocol or closes the connection, never
 //! panics, never hands one client another's bytes, and goes on serving
 //! everyone else.
@@ -1297,4 +1298,132 @@ async fn a_stop_in_the_middle_of_hostile_traffic_is_clean() {
     .await
     .expect("waiting task");
     assert_eq!(code, (0, Vec::new()), "a clean exit and no panic");
+}
+
+// ----- configuration ----------------------------------------------------
+
+/// Every setting's environment variable (SPEC §5).
+const VARIABLES: [&str; 37] = [
+    "ROOMGATE_SERVER_LISTEN",
+    "ROOMGATE_SERVER_WS_PATHS",
+    "ROOMGATE_SERVER_MAX_CONNECTIONS",
+    "ROOMGATE_SERVER_SHUTDOWN_GRACE_SECS",
+    "ROOMGATE_ADMIN_LISTEN",
+    "ROOMGATE_UPSTREAM_URL",
+    "ROOMGATE_UPSTREAM_CONNECT_TIMEOUT_SECS",
+    "ROOMGATE_UPSTREAM_TIMEOUT_SECS",
+    "ROOMGATE_WEBSOCKET_MAX_MESSAGE_SIZE_BYTES",
+    "ROOMGATE_WEBSOCKET_PING_INTERVAL_SECS",
+    "ROOMGATE_WEBSOCKET_PONG_TIMEOUT_SECS",
+    "ROOMGATE_WEBSOCKET_SEND_QUEUE_CAPACITY",
+    "ROOMGATE_WEBSOCKET_SLOW_CONSUMER",
+    "ROOMGATE_WEBSOCKET_MAX_MESSAGES_PER_SEC",
+    "ROOMGATE_WEBSOCKET_ROOMS_ENABLED",
+    "ROOMGATE_WEBSOCKET_ROOMS_MAX_MEMBERS",
+    "ROOMGATE_WEBSOCKET_ROOMS_MAX_ROOMS_PER_CONNECTION",
+    "ROOMGATE_WEBSOCKET_ROOMS_IDLE_TIMEOUT_SECS",
+    "ROOMGATE_WEBSOCKET_ROOMS_CLIENT_BROADCAST",
+    "ROOMGATE_WEBSOCKET_ROOMS_PRESENCE",
+    "ROOMGATE_NATS_ENABLED",
+    "ROOMGATE_NATS_URL",
+    "ROOMGATE_NATS_CREDS_FILE",
+    "ROOMGATE_NATS_SUBJECT_PREFIX",
+    "ROOMGATE_NATS_REQUIRED",
+    "ROOMGATE_AUTH_MODE",
+    "ROOMGATE_AUTH_ALLOWED_ORIGINS",
+    "ROOMGATE_AUTH_JWT_ALGORITHM",
+    "ROOMGATE_AUTH_JWT_SECRET_ENV",
+    "ROOMGATE_AUTH_JWT_PUBLIC_KEY_FILE",
+    "ROOMGATE_AUTH_JWT_COOKIE",
+    "ROOMGATE_AUTH_JWT_ISSUER",
+    "ROOMGATE_AUTH_JWT_AUDIENCE",
+    "ROOMGATE_AUTH_UPSTREAM_PATH",
+    "ROOMGATE_AUTH_UPSTREAM_TIMEOUT_SECS",
+    "ROOMGATE_LOG_LEVEL",
+    "ROOMGATE_LOG_FORMAT",
+];
+
+/// Values an operator might put in any of them, fitting or not.
+const ODD_VALUES: [&str; 40] = [
+    "",
+    " ",
+    "0",
+    "-1",
+    "1",
+    "18446744073709551616",
+    "4294967296",
+    "1e9",
+    "true",
+    "TRUE",
+    "yes",
+    "🦀",
+    "a,b,,c",
+    "/ws,/x",
+    "[\"/ws\"]",
+    "ws",
+    "127.0.0.1:0",
+    "0.0.0.0:99999",
+    "[::1]:0",
+    "localhost",
+    "nats://u:p@127.0.0.1:1",
+    "nats://:@",
+    "nats://a:1,nats://b:2",
+    "http://x",
+    "http://user@x:1",
+    "http://[::1",
+    "none",
+    "jwt",
+    "upstream",
+    "HS256",
+    "RS512",
+    "close",
+    "drop",
+    "json",
+    "debug",
+    "warning",
+    "info,hyper=trace",
+    "roomgate.>",
+    "/nonexistent/file",
+    "RG_NO_SUCH_VARIABLE",
+];
+
+#[test]
+fn random_settings_are_accepted_or_refused_never_a_panic() {
+    let (seed, cases) = plan(0x5eed_0008);
+    let mut rng = Rng(seed);
+    let mut codes = Vec::new();
+    // A process per case: a fifth of the other tests' count.
+    for _ in 0..(cases / 5).max(1) {
+        let env: Vec<(&str, String)> = (0..1 + rng.below(5))
+            .map(|_| {
+                let value = match rng.below(10) {
+                    // An environment value cannot hold a NUL.
+                    0 => text(&mut rng).replace('\0', ""),
+                    1 => "9".repeat(1 + rng.below(40)),
+                    _ => rng.pick(&ODD_VALUES).to_string(),
+                };
+                (*rng.pick(&VARIABLES), value)
+            })
+            .collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (code, stdout, stderr) = run_binary(&["check-config"], &env);
+        assert!(!stderr.contains("panicked"), "{env:?}:\n{stderr}");
+        match code {
+            0 => {
+                // What it accepted, it prints as a configuration that loads.
+                let dir = TempDir::new();
+                let printed = dir.write("printed.toml", &stdout);
+                if let Err(e) = roomgate::Config::load(Some(&printed), Vec::new()) {
+                    panic!("{env:?}: the printed configuration does not load: {e}\n{stdout}");
+                }
+            }
+            2 => assert!(
+                stderr.starts_with("roomgate: ") && stdout.is_empty(),
+                "{env:?}: a refusal says why and prints nothing\n{stdout}{stderr}"
+            ),
+            other => panic!("{env:?}: exit code {other}\n{stderr}"),
+        }
+        codes.push(code);
+    }
+    tally("exit codes", codes, &[0, 2]);
 }
