@@ -2,10 +2,9 @@
 //! requests, malformed WebSocket frames, protocol messages of every shape,
 //! odd backend publications through a real `nats-server`, mangled responses
 //! from an upstream, odd settings, and a stop in the middle of it all.
-//! Whatever arrives,
-//! the gateway answers within the protocol or closes the connection, never
-//! panics, never hands one client another's bytes, and goes on serving
-//! everyone else.
+//! Whatever arrives, the gateway answers within the protocol or closes the
+//! connection, never panics, never hands one client another's bytes, and
+//! goes on serving everyone else.
 //!
 //! The seeds are fixed, so a failure repeats. `ROOMGATE_FUZZ_SEED` and
 //! `ROOMGATE_FUZZ_CASES` run other or more cases by hand.
