@@ -1,4 +1,5 @@
-//! The deadlines of one client connection's requests, on one timer.
+//! The deadlines of one client connection's requests, on one timer; and
+//! [`Stall`], the bound on how long a stream may stand still.
 //!
 //! A proxied request has two deadlines: hyper's for reading its head and
 //! the proxy's for the upstream's answer. A tokio timer per deadline is
@@ -146,6 +147,62 @@ impl hyper::rt::Timer for Deadlines {
 }
 
 impl hyper::rt::Sleep for Deadline {}
+
+/// A bound on how long something may stand still: writes to a client, a
+/// response body from the upstream. Nothing is done while it moves: the
+/// clock is read and the timer armed only when it first waits, which
+/// already costs a system call or a task switch. The timer is armed once
+/// and moved only when it goes off before the current wait's end, as
+/// [`Deadlines`] does.
+pub struct Stall {
+    bound: Duration,
+    /// When the current wait began; `None` while it moves.
+    since: Option<Instant>,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl Stall {
+    /// Nothing armed yet.
+    pub fn new(bound: Duration) -> Self {
+        Self {
+            bound,
+            since: None,
+            timer: None,
+        }
+    }
+
+    /// It moved: its next wait starts a new period.
+    pub fn moved(&mut self) {
+        self.since = None;
+    }
+
+    /// It is done, for now: the timer goes too, so that it wakes nobody
+    /// later (the next user may be another task).
+    pub fn clear(&mut self) {
+        self.since = None;
+        self.timer = None;
+    }
+
+    /// It waits: ready once it has waited the bound since it last moved;
+    /// otherwise the timer wakes the task then.
+    pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        let end = later(since, self.bound);
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(end)));
+        loop {
+            // Unconstrained: out of cooperative budget, a tokio timer
+            // returns `Pending` without taking the waker.
+            ready!(std::pin::pin!(tokio::task::unconstrained(timer.as_mut())).poll(cx));
+            if timer.deadline() >= end {
+                return Poll::Ready(());
+            }
+            // It went off for an earlier wait.
+            timer.as_mut().reset(end);
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

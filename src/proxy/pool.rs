@@ -39,7 +39,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use super::{Progress, UpstreamBody};
-use crate::deadline;
+use crate::deadline::{self, Stall};
 
 /// Idle connections kept at most; more are closed when they come back.
 const MAX_IDLE: usize = 512;
@@ -110,10 +110,7 @@ struct Driver {
     /// wakes its client's task later. It lives here rather than in the
     /// body so that the body, which every proxied response moves around,
     /// stays as small as it was.
-    stall: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// A frame arrived since `stall` was last set: the next wait starts a
-    /// new period.
-    moved: bool,
+    stall: Stall,
 }
 
 impl Conn {
@@ -130,40 +127,26 @@ impl Conn {
 
     /// The response body is over: its stall timer goes.
     fn body_done(&mut self) {
-        if let Some(driver) = self.driver.as_mut()
-            && driver.stall.is_some()
-        {
-            driver.stall = None;
+        if let Some(driver) = self.driver.as_mut() {
+            driver.stall.clear();
         }
     }
 
     /// A frame of the response body arrived.
     fn moved(&mut self) {
         if let Some(driver) = self.driver.as_mut() {
-            driver.moved = true;
+            driver.stall.moved();
         }
     }
 
-    /// The response body is waiting: ready once it has waited for
-    /// `timeout` since its last frame (or since its first wait).
-    fn poll_stalled(&mut self, timeout: Duration, cx: &mut Context<'_>) -> Poll<()> {
-        let Some(driver) = self.driver.as_mut() else {
+    /// The response body is waiting: ready once it has waited for the
+    /// stall timeout since its last frame (or since its first wait).
+    fn poll_stalled(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self.driver.as_mut() {
+            Some(driver) => driver.stall.poll_expired(cx),
             // Finished: the body ends with what the connection read.
-            return Poll::Pending;
-        };
-        let at = || deadline::later(tokio::time::Instant::now(), timeout);
-        let stall = match &mut driver.stall {
-            Some(stall) if !driver.moved => stall,
-            Some(stall) => {
-                stall.as_mut().reset(at());
-                stall
-            }
-            None => driver
-                .stall
-                .insert(Box::pin(tokio::time::sleep_until(at()))),
-        };
-        driver.moved = false;
-        stall.as_mut().poll(cx)
+            None => Poll::Pending,
+        }
     }
 
     /// Whether a request can be sent right now, without waiting.
@@ -317,8 +300,7 @@ impl Pool {
             sender,
             driver: Some(Box::new(Driver {
                 connection: driver,
-                stall: None,
-                moved: true,
+                stall: Stall::new(self.stall_timeout),
             })),
         })
     }
@@ -535,11 +517,10 @@ impl PooledBody {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<bytes::Bytes>, hyper::Error>>> {
-        let timeout = self.pool.stall_timeout;
         let Some(conn) = self.conn.as_mut() else {
             return Poll::Pending;
         };
-        ready!(conn.poll_stalled(timeout, cx));
+        ready!(conn.poll_stalled(cx));
         self.conn = None;
         Pin::new(&mut self.inner).poll_frame(cx)
     }

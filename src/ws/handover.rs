@@ -24,7 +24,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, Sleep};
+
+use crate::deadline::Stall;
 
 /// How long writes to a client may make no progress before its connection
 /// is closed: nginx's `send_timeout`. The contract has no key for it.
@@ -46,26 +47,13 @@ impl HoldSwitch {
     }
 }
 
-/// When writes to a client stopped making progress, and the timer that
-/// ends the wait. Nothing is done while writes go through: the clock is
-/// read and the timer armed only when a write would block, which already
-/// costs a system call. The timer is armed once and moved only when it
-/// goes off before the current stall's end, like [`crate::deadline`]'s.
-struct WriteStall {
-    /// [`WRITE_STALL`], but for tests.
-    bound: Duration,
-    /// When the current stall began; `None` while writes go through.
-    since: Option<Instant>,
-    timer: Option<Pin<Box<Sleep>>>,
-}
+/// How long writes to a client have made no progress, turned into an
+/// error once they have for the bound.
+struct WriteStall(Stall);
 
 impl WriteStall {
     fn new(bound: Duration) -> Self {
-        Self {
-            bound,
-            since: None,
-            timer: None,
-        }
+        Self(Stall::new(bound))
     }
 
     /// What a write to the socket returned, with a stall that lasted the
@@ -76,35 +64,17 @@ impl WriteStall {
         polled: Poll<io::Result<usize>>,
     ) -> Poll<io::Result<usize>> {
         match polled {
-            Poll::Pending => self.poll_expired(cx).map(Err),
+            Poll::Pending => self.0.poll_expired(cx).map(|()| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client read nothing for the write stall bound",
+                ))
+            }),
             Poll::Ready(Ok(n)) if n > 0 => {
-                self.since = None;
+                self.0.moved();
                 Poll::Ready(Ok(n))
             }
             other => other,
-        }
-    }
-
-    /// Ready with the error once the stall has lasted the bound; otherwise
-    /// the timer wakes the task then.
-    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        let since = *self.since.get_or_insert_with(Instant::now);
-        let end = crate::deadline::later(since, self.bound);
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(end)));
-        loop {
-            // Unconstrained: out of cooperative budget, a tokio timer
-            // returns `Pending` without taking the waker.
-            ready!(std::pin::pin!(tokio::task::unconstrained(timer.as_mut())).poll(cx));
-            if timer.deadline() >= end {
-                return Poll::Ready(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the client read nothing for the write stall bound",
-                ));
-            }
-            // It went off for an earlier stall.
-            timer.as_mut().reset(end);
         }
     }
 }
@@ -215,6 +185,7 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
+    use tokio::time::Instant;
 
     async fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
