@@ -125,19 +125,12 @@ impl BodyFault {
     /// is bad framing (hyper reports both as I/O errors under its own).
     fn of(e: &hyper::Error) -> Self {
         use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-        while let Some(err) = source {
-            if let Some(io) = err.downcast_ref::<std::io::Error>() {
-                return match io.kind() {
-                    UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe => {
-                        Self::Incomplete
-                    }
-                    _ => Self::Malformed,
-                };
+        match io_errors(e).next().map(std::io::Error::kind) {
+            Some(UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe) => {
+                Self::Incomplete
             }
-            source = err.source();
+            _ => Self::Malformed,
         }
-        Self::Malformed
     }
 
     fn code(self) -> u8 {
@@ -841,16 +834,17 @@ fn append_forwarded_for(headers: &mut HeaderMap, client: &Peer) {
 }
 
 fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(e);
-    while let Some(err) = source {
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::TimedOut
-        {
-            return true;
-        }
-        source = err.source();
-    }
-    false
+    io_errors(e).any(|io| io.kind() == std::io::ErrorKind::TimedOut)
+}
+
+/// The I/O errors in `e` and its chain of sources, outermost first: hyper
+/// and its client report a broken or timed-out connection as an error of
+/// their own with the I/O error beneath.
+fn io_errors<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a std::io::Error> {
+    std::iter::successors(Some(e), |err| err.source())
+        .filter_map(|err| err.downcast_ref::<std::io::Error>())
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

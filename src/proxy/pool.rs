@@ -438,17 +438,11 @@ fn resend_copy(
 /// upstream that closed it as the request was on its way.
 fn closed_before_answer(e: &hyper::Error) -> bool {
     use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
-    if e.is_incomplete_message() {
-        return true;
-    }
-    let mut source = std::error::Error::source(e);
-    while let Some(err) = source {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            return matches!(io.kind(), ConnectionReset | ConnectionAborted | BrokenPipe);
-        }
-        source = err.source();
-    }
-    false
+    e.is_incomplete_message()
+        || matches!(
+            super::io_errors(e).next().map(std::io::Error::kind),
+            Some(ConnectionReset | ConnectionAborted | BrokenPipe)
+        )
 }
 
 /// A response body from the upstream that also drives its connection, and
