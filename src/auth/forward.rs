@@ -18,12 +18,9 @@ use hyper::{Method, Request, StatusCode};
 use super::Rejection;
 use crate::config::AuthUpstreamConfig;
 use crate::metrics::RejectReason;
-use crate::proxy::{Upstream, strip_hop_by_hop};
+use crate::proxy::{MAX_REFUSAL_BODY, Upstream, strip_hop_by_hop};
 use crate::response;
 use crate::rooms::{Identity, RoomPatterns};
-
-/// Largest auth refusal body passed back to the client.
-const MAX_BODY: usize = 64 * 1024;
 
 /// The forward-auth client.
 pub struct ForwardAuth {
@@ -147,7 +144,7 @@ fn identity(headers: &hyper::HeaderMap) -> Identity {
 }
 
 async fn read_body(body: hyper::body::Incoming) -> bytes::Bytes {
-    match Limited::new(body, MAX_BODY).collect().await {
+    match Limited::new(body, MAX_REFUSAL_BODY).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(_) => bytes::Bytes::new(),
     }

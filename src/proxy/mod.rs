@@ -768,9 +768,10 @@ fn response_headers(headers: &mut HeaderMap) -> Result<(), ProxyError> {
     Ok(())
 }
 
-/// Largest body of an upstream's answer to an upgrade that it did not
-/// switch, passed on whole: the same bound as for forward auth's refusals.
-const MAX_REFUSAL_BODY: usize = 64 * 1024;
+/// Largest refusal the gateway reads whole from the upstream to pass on:
+/// the answer to an upgrade it did not switch, and forward auth's 401 or
+/// 403. A refusal is a short explanation; more is not one.
+pub const MAX_REFUSAL_BODY: usize = 64 * 1024;
 
 /// The upstream's answer to an upgrade request that it did not switch,
 /// read whole within `timeout` and passed on with its length: a client
