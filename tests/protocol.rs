@@ -697,3 +697,39 @@ async fn wait_for_member_count(gw: &TestGateway, room: &str, count: u64) {
     })
     .await;
 }
+
+#[tokio::test]
+async fn content_nested_deeper_than_32_levels_is_refused_and_32_reach_the_members() {
+    let gw = TestGateway::start(test_config()).await;
+    let mut a = gw.client().await;
+    let mut b = gw.client().await;
+    a.join("deep").await;
+    b.join("deep").await;
+    let nested = |depth: usize| format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+    let deepest = nested(32);
+    a.send_text(&format!(
+        r#"{{"type":"message","room":"deep","content":{deepest},"id":"ok"}}"#
+    ))
+    .await;
+    assert_eq!(a.recv().await, json!({"type": "ack", "id": "ok"}));
+    let got = b.recv().await;
+    assert_eq!(
+        got["content"],
+        serde_json::from_str::<Value>(&deepest).expect("JSON"),
+        "passed on unchanged"
+    );
+    let deeper = nested(33);
+    expect_refusal(
+        &mut a,
+        &format!(r#"{{"type":"message","room":"deep","content":{deeper},"id":"deep"}}"#),
+        "invalid_json",
+        Some("deep"),
+    )
+    .await;
+    let barrier = b.barrier().await;
+    assert!(
+        barrier.is_empty(),
+        "nothing reached the others: {barrier:?}"
+    );
+    assert_usable(&mut a, "deep").await;
+}

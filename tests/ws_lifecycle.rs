@@ -373,6 +373,27 @@ async fn frames_that_break_the_websocket_protocol_close_with_1002_or_1007() {
 }
 
 #[tokio::test]
+async fn a_clients_own_close_code_is_echoed_and_one_no_endpoint_may_send_gets_1002() {
+    let gw = TestGateway::start(test_config()).await;
+    for (code, reply) in [
+        (1000, 1000),
+        (3000, 3000),
+        (4999, 4999),
+        (1005, 1002),
+        (1016, 1002),
+        (999, 1002),
+        (5000, 1002),
+    ] {
+        let close = client_frame(0x88, &u16::to_be_bytes(code), true);
+        assert_eq!(
+            close_code_after(gw.addr, "a close frame", &close).await,
+            Some(reply),
+            "a client closing with {code}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_message_over_the_size_limit_closes_with_1009() {
     let gw = TestGateway::with(|c| c.websocket.max_message_size_bytes = 1024).await;
     let mut client = gw.client().await;
