@@ -371,3 +371,98 @@ async fn a_failed_request_body_is_the_clients_400_not_an_upstream_502() {
         0.0
     );
 }
+
+/// How an upstream that refuses an upload ends its connection.
+#[derive(Clone, Copy, Debug)]
+enum Refusal {
+    /// Answers as soon as the request head is in and closes with the body
+    /// unread, so its kernel resets the connection under the gateway's
+    /// writes.
+    CloseUnread,
+    /// Answers, half-closes, and reads the rest until the gateway stops
+    /// sending (a lingering close, as careful servers do).
+    Linger,
+}
+
+/// An upstream that refuses every upload with 413, ending as `how` says.
+async fn refusing_upstream(how: Refusal) -> String {
+    const TOO_LARGE: &[u8] = b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 9\r\n\
+        connection: close\r\n\r\ntoo large";
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let Ok(byte) = conn.read_u8().await else {
+                        return;
+                    };
+                    head.push(byte);
+                }
+                if conn.write_all(TOO_LARGE).await.is_err() {
+                    return;
+                }
+                if matches!(how, Refusal::Linger) {
+                    let _ = conn.shutdown().await;
+                    let mut sink = [0u8; 65536];
+                    while let Ok(1..) = conn.read(&mut sink).await {}
+                }
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn an_upstream_refusing_an_upload_early_gets_its_answer_to_the_client() {
+    // The upstream answers 413 while the client is still sending 8 MiB,
+    // and goes away. Its answer, not a 502 for the failed upload, is what
+    // the client reads, however the upstream ends the connection.
+    const UPLOAD: usize = 8 << 20;
+    const TRIES: usize = 5;
+    for how in [Refusal::CloseUnread, Refusal::Linger] {
+        let url = refusing_upstream(how).await;
+        let gw = TestGateway::with(|c| c.upstream.url = url).await;
+        for _ in 0..TRIES {
+            let stream = TcpStream::connect(gw.addr).await.expect("connect");
+            let (mut from_gateway, mut to_gateway) = stream.into_split();
+            let upload = tokio::spawn(async move {
+                let head = format!(
+                    "POST /upload HTTP/1.1\r\nhost: app.test\r\ncontent-length: {UPLOAD}\r\n\r\n"
+                );
+                to_gateway.write_all(head.as_bytes()).await?;
+                let chunk = vec![b'x'; 64 << 10];
+                for _ in 0..UPLOAD / chunk.len() {
+                    to_gateway.write_all(&chunk).await?;
+                }
+                Ok::<_, std::io::Error>(())
+            });
+            let mut reply = Vec::new();
+            // The gateway closes once it has answered; reading stops there
+            // (or at the reset that follows an unread upload).
+            let _ = within(
+                "the answer and the close",
+                from_gateway.read_to_end(&mut reply),
+            )
+            .await;
+            upload.abort();
+            let reply = String::from_utf8_lossy(&reply);
+            let (head, body) = split(&reply);
+            assert!(head.starts_with("HTTP/1.1 413"), "{how:?}: {reply:?}");
+            assert_eq!(body, "too large", "{how:?}");
+        }
+        assert_eq!(
+            gw.metric("roomgate_proxy_requests_total{code=\"413\"}")
+                .await,
+            TRIES as f64,
+            "{how:?}"
+        );
+        assert_eq!(
+            gw.metric("roomgate_proxy_requests_total{code=\"502\"}")
+                .await,
+            0.0,
+            "{how:?}"
+        );
+    }
+}
