@@ -285,19 +285,48 @@ async fn upload_is_streamed_to_the_upstream() {
 
 #[tokio::test]
 async fn response_is_streamed_to_the_client() {
-    // The upstream sends a first event, then waits for the test's go-ahead
-    // (given only once the client has that event) before the second one.
+    streams_events(&[]).await;
+}
+
+#[tokio::test]
+async fn a_request_offering_h2c_is_proxied_as_http1_and_streamed() {
+    // curl --http2 and Java's HttpClient offer h2c on plain requests. The
+    // offer is dropped like any hop-by-hop header; the request is not
+    // taken for a tunnel, whose refused answer would be read whole.
+    streams_events(&[
+        ("connection", "Upgrade, HTTP2-Settings"),
+        ("upgrade", "h2c"),
+        ("http2-settings", "AAMAAABkAAQCAAAAAAIAAAAA"),
+    ])
+    .await;
+}
+
+/// A long second event: more than the gateway reads whole of an answer it
+/// does not stream.
+const SECOND_EVENT_LEN: usize = 2 * roomgate::proxy::MAX_REFUSAL_BODY;
+
+/// `GET /events` with `extra` headers through a gateway to an upstream
+/// that sends a first event, then waits for the test's go-ahead (given
+/// only once the client has that event) before a long second one. The
+/// upstream must see none of the `extra` headers.
+async fn streams_events(extra: &[(&'static str, &'static str)]) {
     let (release_tx, release_rx) = oneshot::channel::<()>();
     let release = Arc::new(Mutex::new(Some(release_rx)));
-    let upstream = Upstream::start(move |_request| {
+    let upstream = Upstream::start(move |request: Request<Incoming>| {
         let release = release.clone();
         async move {
             let release = release.lock().unwrap().take().expect("one request");
             let (tx, body) = body_channel();
+            let hops = ["upgrade", "http2-settings"]
+                .iter()
+                .filter(|name| request.headers().contains_key(**name))
+                .count();
             tokio::spawn(async move {
-                let _ = tx.send(Bytes::from_static(b"data: first\n\n")).await;
+                let first = format!("data: first, {hops} hop-by-hop headers\n\n");
+                let _ = tx.send(Bytes::from(first)).await;
                 let _ = release.await;
-                let _ = tx.send(Bytes::from_static(b"data: second\n\n")).await;
+                let second = format!("data: {}\n\n", "2".repeat(SECOND_EVENT_LEN));
+                let _ = tx.send(Bytes::from(second)).await;
             });
             Response::builder()
                 .header("content-type", "text/event-stream")
@@ -308,15 +337,21 @@ async fn response_is_streamed_to_the_client() {
     .await;
     let gw = gateway_for(&upstream).await;
 
-    let response = get_events(gw.addr).await;
+    let mut request = Request::get("/events").header("host", "app.example.test");
+    for (name, value) in extra {
+        request = request.header(*name, *value);
+    }
+    let response = send_request(gw.addr, request.body(empty()).unwrap()).await;
+    assert_eq!(response.status(), 200);
     assert_eq!(
         header(response.headers(), "content-type"),
         Some("text/event-stream")
     );
+    let first = "data: first, 0 hop-by-hop headers\n\n";
     let mut body = response.into_body();
     let mut received = Vec::new();
     within("the first event before the upstream finishes", async {
-        while !received.ends_with(b"data: first\n\n") {
+        while received.len() < first.len() {
             let frame = body
                 .frame()
                 .await
@@ -328,13 +363,13 @@ async fn response_is_streamed_to_the_client() {
         }
     })
     .await;
-    assert_eq!(received, b"data: first\n\n");
+    assert_eq!(String::from_utf8_lossy(&received), first);
     release_tx.send(()).expect("upstream waiting");
     let rest = within("the rest of the stream", body.collect())
         .await
         .expect("body")
         .to_bytes();
-    assert_eq!(rest, "data: second\n\n");
+    assert_eq!(rest.len(), SECOND_EVENT_LEN + "data: \n\n".len());
 }
 
 /// `GET /events` through the gateway at `addr`, which must answer 200.

@@ -809,10 +809,21 @@ fn is_plain_chunked(headers: &HeaderMap) -> bool {
     )
 }
 
-/// Whether the request asks to switch protocols (`Connection: upgrade`).
+/// Whether the request asks to switch to a protocol the gateway tunnels
+/// (`Connection: upgrade`, and an `Upgrade` that offers more than `h2c`).
+/// An offer of `h2c` alone, which HTTP clients such as `curl --http2` and
+/// Java's `HttpClient` add to plain requests, is dropped with the other
+/// hop-by-hop headers and the request is proxied as HTTP/1.1, as nginx
+/// does: RFC 9113 §3.1 deprecates that upgrade, and taking it as a tunnel
+/// would hold back the response of every such request.
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && header_has_token(headers, header::CONNECTION, "upgrade")
+    header_has_token(headers, header::CONNECTION, "upgrade")
+        && headers
+            .get_all(header::UPGRADE)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .any(|offer| !offer.is_empty() && !offer.eq_ignore_ascii_case(b"h2c"))
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, client: &Peer) {
@@ -888,6 +899,27 @@ mod tests {
         let before = h.clone();
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h, before);
+    }
+
+    #[test]
+    fn an_offer_of_h2c_alone_is_no_tunnel() {
+        let offers = |upgrade: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                "connection",
+                HeaderValue::from_static("Upgrade, HTTP2-Settings"),
+            );
+            h.insert("upgrade", HeaderValue::from_static(upgrade));
+            is_upgrade(&h)
+        };
+        assert!(!offers("h2c"));
+        assert!(!offers(" H2C ,"));
+        assert!(offers("websocket"));
+        assert!(offers("h2c, websocket"));
+        assert!(offers("SPDY/3.1"));
+        let mut no_connection = HeaderMap::new();
+        no_connection.insert("upgrade", HeaderValue::from_static("websocket"));
+        assert!(!is_upgrade(&no_connection));
     }
 
     #[test]
