@@ -557,7 +557,7 @@ impl Config {
             .nats
             .urls()
             .iter()
-            .map(|u| mask_url_password(u))
+            .map(|u| mask_login(u))
             .collect::<Vec<_>>()
             .join(",");
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
@@ -820,18 +820,27 @@ fn valid_subject_prefix(prefix: &str) -> bool {
         })
 }
 
-/// Hides the secret in a server URL's user info: the password of
+/// A server URL with the secret in its user info hidden: the password of
 /// `user:pass@`, or all of it for `token@`, which NATS reads as a token.
-fn mask_url_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
+/// The scheme is optional, as it is to the NATS client, which logs in with
+/// `user:pass@host:4222` all the same. Used wherever a URL is shown:
+/// `check-config` and errors about a URL.
+pub fn mask_login(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
+    };
+    // The last `@` ends the user info: a password may hold one unencoded.
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
         return url.to_string();
     };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-            None => format!("{scheme}://***@{host}"),
-        },
-        None => url.to_string(),
+    let login = match userinfo.split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        None => "***".to_string(),
+    };
+    match scheme {
+        Some(scheme) => format!("{scheme}://{login}@{host}"),
+        None => format!("{login}@{host}"),
     }
 }
 
@@ -1003,13 +1012,21 @@ mod tests {
 
     #[test]
     fn tokens_in_the_user_info_are_masked() {
-        assert_eq!(
-            mask_url_password("nats://s3cr3t-token@10.0.0.1:4222"),
-            "nats://***@10.0.0.1:4222"
-        );
-        assert_eq!(
-            mask_url_password("nats://app:p@ss@10.0.0.1:4222"),
-            "nats://app:***@10.0.0.1:4222"
-        );
+        for (url, shown) in [
+            (
+                "nats://s3cr3t-token@10.0.0.1:4222",
+                "nats://***@10.0.0.1:4222",
+            ),
+            (
+                "nats://app:p@ss@10.0.0.1:4222",
+                "nats://app:***@10.0.0.1:4222",
+            ),
+            // The NATS client takes URLs without a scheme, logins included.
+            ("app:s3cr3t@10.0.0.1:4222", "app:***@10.0.0.1:4222"),
+            ("s3cr3t-token@10.0.0.1:4222", "***@10.0.0.1:4222"),
+            ("10.0.0.1:4222", "10.0.0.1:4222"),
+        ] {
+            assert_eq!(mask_login(url), shown);
+        }
     }
 }

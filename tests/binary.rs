@@ -274,10 +274,13 @@ fn check_config_prints_the_effective_config_with_nats_secrets_masked() {
     );
 
     // A password from the environment, and a token (user info without a
-    // password, which NATS treats as the secret itself).
+    // password, which NATS treats as the secret itself), each with and
+    // without a scheme: the NATS client logs in with either.
     for (url, secret) in [
         ("nats://svc:s3cr3t@127.0.0.1:4222", "s3cr3t"),
         ("nats://t0ken-abc@127.0.0.1:4222", "t0ken-abc"),
+        ("svc:s3cr3t@127.0.0.1:4222", "s3cr3t"),
+        ("t0ken-abc@127.0.0.1:4222", "t0ken-abc"),
     ] {
         let (config, stdout, stderr) = effective_config(&[], &[("ROOMGATE_NATS_URL", url)]);
         assert!(!stdout.contains(secret), "{url}: {stdout}");
