@@ -126,6 +126,16 @@ async fn upgrade_status(
     query: &str,
     headers: &[(&str, &str)],
 ) -> (u16, String) {
+    let (status, _, body) = upgrade_answer(addr, query, headers).await;
+    (status, body)
+}
+
+/// [`upgrade_status`] with the answer's headers.
+async fn upgrade_answer(
+    addr: std::net::SocketAddr,
+    query: &str,
+    headers: &[(&str, &str)],
+) -> (u16, hyper::HeaderMap, String) {
     let mut request = Request::get(format!("/ws{query}"))
         .header("host", addr.to_string())
         .header("upgrade", "websocket")
@@ -137,14 +147,19 @@ async fn upgrade_status(
     }
     let response = send_request(addr, request.body(empty()).expect("request")).await;
     let status = response.status().as_u16();
+    let (parts, body) = response.into_parts();
     if status == 101 {
-        return (101, String::new());
+        return (101, parts.headers, String::new());
     }
-    let body = within("refusal body", response.into_body().collect())
+    let body = within("refusal body", body.collect())
         .await
         .expect("body")
         .to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    (
+        status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
 }
 
 /// Connects with tokio-tungstenite using a request with extra headers.
@@ -231,8 +246,13 @@ async fn bad_tokens_get_401_and_no_websocket() {
             vec![("authorization", format!("Bearer {token}"))]
         };
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let (status, _) = upgrade_status(gw.addr, "", &headers).await;
+        let (status, answer, _) = upgrade_answer(gw.addr, "", &headers).await;
         assert_eq!(status, 401, "{what} token must be refused with 401");
+        assert_eq!(
+            answer.get("www-authenticate").map(|v| v.as_bytes()),
+            Some(&b"Bearer"[..]),
+            "{what}: the challenge names the scheme the gateway reads"
+        );
     }
     let (_, metrics) = http_get(gw.admin, "/metrics").await;
     assert_eq!(
@@ -448,9 +468,11 @@ async fn auth_upstream() -> Upstream {
             .to_string();
         let forwarded = request.headers().contains_key("x-forwarded-for");
         if cookie.contains("session=good") && forwarded {
+            // The room list in two field lines: one list.
             Response::builder()
                 .header("roomgate-user", "alice")
-                .header("roomgate-rooms", "chat.*, lobby")
+                .header("roomgate-rooms", "chat.*")
+                .header("roomgate-rooms", "lobby")
                 .body(full(""))
                 .expect("response")
         } else if cookie.contains("session=norooms") {
@@ -464,6 +486,8 @@ async fn auth_upstream() -> Upstream {
             Response::builder()
                 .status(StatusCode::FORBIDDEN)
                 .header("content-type", "application/json")
+                .header("x-auth-reason", "banned")
+                .header("connection", "close")
                 .body(full(r#"{"error":"banned"}"#))
                 .expect("response")
         } else if cookie.contains("session=slow") {
@@ -472,6 +496,8 @@ async fn auth_upstream() -> Upstream {
         } else {
             Response::builder()
                 .status(StatusCode::UNAUTHORIZED)
+                .header("www-authenticate", "Cookie realm=\"app\"")
+                .header("set-cookie", "session=; Max-Age=0")
                 .body(full("log in first"))
                 .expect("response")
         }
@@ -505,14 +531,24 @@ async fn forward_auth_admits_refuses_and_passes_the_body_back() {
         "an empty room list allows no room"
     );
 
-    assert_eq!(
-        upgrade_status(gw.addr, "", &[("cookie", "session=banned")]).await,
-        (403, r#"{"error":"banned"}"#.to_string())
-    );
-    assert_eq!(
-        upgrade_status(gw.addr, "", &[]).await,
-        (401, "log in first".to_string())
-    );
+    // The refusals come back with the auth service's headers, less the
+    // hop-by-hop ones, and with no challenge of the gateway's own.
+    let header = |h: &hyper::HeaderMap, name: &str| {
+        h.get_all(name)
+            .iter()
+            .map(|v| v.to_str().expect("text").to_string())
+            .collect::<Vec<_>>()
+    };
+    let (status, h, body) = upgrade_answer(gw.addr, "", &[("cookie", "session=banned")]).await;
+    assert_eq!((status, body.as_str()), (403, r#"{"error":"banned"}"#));
+    assert_eq!(header(&h, "content-type"), ["application/json"]);
+    assert_eq!(header(&h, "x-auth-reason"), ["banned"]);
+    assert!(header(&h, "connection").is_empty(), "{h:?}");
+    let (status, h, body) = upgrade_answer(gw.addr, "", &[]).await;
+    assert_eq!((status, body.as_str()), (401, "log in first"));
+    assert_eq!(header(&h, "www-authenticate"), [r#"Cookie realm="app""#]);
+    assert_eq!(header(&h, "set-cookie"), ["session=; Max-Age=0"]);
+    assert_eq!(header(&h, "content-length"), ["12"]);
     assert_eq!(
         upgrade_status(gw.addr, "", &[("cookie", "session=slow")])
             .await

@@ -2,7 +2,7 @@
 //! sessions, so the gateway asks it: `GET auth.upstream.path` with the
 //! upgrade request's cookies and headers. 2xx admits, and the response
 //! headers `Roomgate-User` and `Roomgate-Rooms` say who it is and where it
-//! may go; 401 and 403 (with their body) go back to the client; anything
+//! may go; 401 and 403 (with their body and headers) go back to the client; anything
 //! else, a timeout or an unreachable upstream refuses with 503, because
 //! failing open would let everyone in whenever the upstream hiccups.
 
@@ -55,24 +55,20 @@ impl ForwardAuth {
             return Ok(identity(response.headers()));
         }
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            let content_type = response
-                .headers()
-                .get(header::CONTENT_TYPE)
-                .cloned()
-                .unwrap_or_else(|| HeaderValue::from_static("text/plain; charset=utf-8"));
             let reason = if status == StatusCode::UNAUTHORIZED {
                 RejectReason::Unauthorized
             } else {
                 RejectReason::Forbidden
             };
-            let body = tokio::time::timeout(self.timeout, read_body(response.into_body()))
+            let (parts, body) = response.into_parts();
+            let body = tokio::time::timeout(self.timeout, read_body(body))
                 .await
                 .unwrap_or_default();
             return Err(Rejection {
                 status,
                 reason,
                 body,
-                content_type,
+                headers: refusal_headers(parts.headers),
             });
         }
         tracing::warn!(
@@ -127,20 +123,47 @@ impl ForwardAuth {
 /// The identity the auth service's answer grants. A `Roomgate-Rooms` header
 /// that is present but lists no pattern allows no room: only a missing
 /// header leaves the rooms unrestricted, so that a service building the list
-/// from a user's rooms never grants every room to a user who has none.
+/// from a user's rooms never grants every room to a user who has none. The
+/// list may come in several field lines, which count as one list joined by
+/// commas (RFC 9110 §5.3).
 fn identity(headers: &hyper::HeaderMap) -> Identity {
-    let text = |name: &str| {
-        headers
-            .get(name)
-            .map(|v| v.to_str().map(str::trim).unwrap_or_default())
-    };
+    let user = headers
+        .get("roomgate-user")
+        .map(text)
+        .filter(|v| !v.is_empty())
+        .map(Arc::from);
+    let mut rooms = headers.get_all("roomgate-rooms").iter().peekable();
+    let rooms = rooms
+        .peek()
+        .is_some()
+        .then(|| RoomPatterns::new(rooms.flat_map(|v| text(v).split(','))));
     Identity {
-        user: text("roomgate-user")
-            .filter(|v| !v.is_empty())
-            .map(Arc::from),
-        rooms: text("roomgate-rooms").map(|v| RoomPatterns::new(v.split(','))),
+        user,
+        rooms,
         expires_at: None,
     }
+}
+
+/// A field's value as text; one that is not text counts as empty, which
+/// grants nothing.
+fn text(value: &HeaderValue) -> &str {
+    value.to_str().map(str::trim).unwrap_or_default()
+}
+
+/// The auth service's headers as the client gets them with its refusal:
+/// without hop-by-hop headers and without its framing, since the body is
+/// passed on whole (or empty, if it was too long) with a length of its
+/// own.
+fn refusal_headers(mut headers: hyper::HeaderMap) -> hyper::HeaderMap {
+    strip_hop_by_hop(&mut headers, false);
+    headers.remove(header::CONTENT_LENGTH);
+    if !headers.contains_key(header::CONTENT_TYPE) {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+    }
+    headers
 }
 
 async fn read_body(body: hyper::body::Incoming) -> bytes::Bytes {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use hyper::StatusCode;
-use hyper::header::{self, HeaderMap};
+use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::http::request::Parts;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
@@ -165,12 +165,18 @@ fn load_pem(
     })
 }
 
+/// A 401 with the challenge RFC 9110 §15.5.2 requires: the gateway reads
+/// bearer tokens (RFC 6750).
 fn unauthorized(message: &str) -> Rejection {
-    Rejection::new(
+    let mut rejection = Rejection::new(
         StatusCode::UNAUTHORIZED,
         RejectReason::Unauthorized,
         message,
-    )
+    );
+    rejection
+        .headers
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    rejection
 }
 
 fn bearer(headers: &HeaderMap) -> Option<String> {

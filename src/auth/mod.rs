@@ -10,7 +10,7 @@ mod jwt;
 
 use std::net::SocketAddr;
 
-use hyper::header::{self, HeaderValue};
+use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Response, StatusCode};
 
@@ -56,18 +56,26 @@ pub struct Rejection {
     pub reason: RejectReason,
     /// Body text, or the auth upstream's own body for its 401/403.
     pub body: bytes::Bytes,
-    /// Content type of `body`.
-    pub content_type: HeaderValue,
+    /// Headers of the answer: `Content-Type`, and for forward auth's 401
+    /// and 403 those the auth service sent (its `WWW-Authenticate`, a
+    /// `Set-Cookie` that ends a session), so that the client learns what
+    /// the service meant it to.
+    pub headers: HeaderMap,
 }
 
 impl Rejection {
     /// A plain-text refusal.
     pub fn new(status: StatusCode, reason: RejectReason, message: &str) -> Self {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
         Self {
             status,
             reason,
             body: bytes::Bytes::from(format!("{message}\n")),
-            content_type: HeaderValue::from_static("text/plain; charset=utf-8"),
+            headers,
         }
     }
 
@@ -75,14 +83,7 @@ impl Rejection {
     pub fn into_response(self) -> Response<Body> {
         let mut response = Response::new(response::full(self.body));
         *response.status_mut() = self.status;
-        response
-            .headers_mut()
-            .insert(header::CONTENT_TYPE, self.content_type);
-        if self.status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
+        *response.headers_mut() = self.headers;
         response
     }
 }
