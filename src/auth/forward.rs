@@ -68,7 +68,7 @@ impl ForwardAuth {
                 status,
                 reason,
                 body,
-                headers: refusal_headers(parts.headers),
+                headers: Box::new(refusal_headers(parts.headers)),
             });
         }
         tracing::warn!(

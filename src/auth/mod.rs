@@ -59,8 +59,9 @@ pub struct Rejection {
     /// Headers of the answer: `Content-Type`, and for forward auth's 401
     /// and 403 those the auth service sent (its `WWW-Authenticate`, a
     /// `Set-Cookie` that ends a session), so that the client learns what
-    /// the service meant it to.
-    pub headers: HeaderMap,
+    /// the service meant it to. Boxed: refusals are rare, and the result
+    /// of every admission would otherwise be as large as a header map.
+    pub headers: Box<HeaderMap>,
 }
 
 impl Rejection {
@@ -75,7 +76,7 @@ impl Rejection {
             status,
             reason,
             body: bytes::Bytes::from(format!("{message}\n")),
-            headers,
+            headers: Box::new(headers),
         }
     }
 
@@ -83,7 +84,7 @@ impl Rejection {
     pub fn into_response(self) -> Response<Body> {
         let mut response = Response::new(response::full(self.body));
         *response.status_mut() = self.status;
-        *response.headers_mut() = self.headers;
+        *response.headers_mut() = *self.headers;
         response
     }
 }
