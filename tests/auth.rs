@@ -391,6 +391,32 @@ async fn a_token_expiring_beyond_the_clock_range_is_accepted() {
     client.ping_pong().await;
 }
 
+/// `exp` and `nbf` are NumericDates, which may have a fraction (RFC 7519
+/// §2); `nbf` is honoured, with a minute's leeway for the issuer's clock.
+#[tokio::test]
+async fn exp_and_nbf_are_read_with_fractions_and_both_are_enforced() {
+    let gw = jwt_gateway(&[]);
+    let now = now() as f64;
+    let cases = [
+        ("a fractional exp ahead", json!({"exp": now + 3600.5}), 101),
+        ("a fractional exp past", json!({"exp": now - 3600.5}), 401),
+        ("an nbf past", json!({"nbf": now - 10.0}), 101),
+        ("an nbf within the leeway", json!({"nbf": now + 5.25}), 101),
+        ("an nbf an hour ahead", json!({"nbf": now + 3600.0}), 401),
+        ("a negative exp", json!({"exp": -1}), 401),
+        ("an exp that is text", json!({"exp": "soon"}), 401),
+    ];
+    for (what, times, expected) in cases {
+        let mut claims = json!({"sub": "alice"});
+        for (name, value) in times.as_object().expect("object") {
+            claims[name] = value.clone();
+        }
+        let token = hs256(&claims);
+        let (status, _) = upgrade_status(gw.addr, &format!("?token={token}"), &[]).await;
+        assert_eq!(status, expected, "{what}");
+    }
+}
+
 #[tokio::test]
 async fn rooms_claim_limits_joins() {
     let gw = jwt_gateway(&[]);

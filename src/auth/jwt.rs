@@ -4,16 +4,19 @@
 //! Exactly one algorithm is accepted, the configured one, so a token cannot
 //! choose `none` or trick an RS256 key into verifying an HMAC. `exp` is
 //! checked without leeway, the same instant the session later closes with
-//! 1008; a token without `exp` does not expire.
+//! 1008; a token without `exp` does not expire. `nbf` is checked with a
+//! minute's leeway for the issuer's clock. Both are read here rather than
+//! by the JWT library, which takes only whole seconds, where RFC 7519 §2
+//! allows fractions.
 
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hyper::StatusCode;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::http::request::Parts;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 use super::{AuthSetupError, Rejection};
 use crate::config::{JwtAlgorithm, JwtConfig};
@@ -21,12 +24,37 @@ use crate::metrics::RejectReason;
 use crate::request::{cookie, query_param};
 use crate::rooms::{Identity, RoomPatterns};
 
+/// How far in the future a token's `nbf` may lie and the token still be
+/// taken: the issuer's clock may run ahead of this one, and a token used
+/// the moment it is issued must not fail for that (RFC 7519 §4.1.5 allows
+/// a small leeway; the JWT library's default is the same minute).
+const NBF_LEEWAY_SECS: u64 = 60;
+
 /// The claims the gateway reads; others are ignored.
 #[derive(Debug, Deserialize)]
 struct Claims {
     sub: Option<String>,
-    exp: Option<u64>,
+    exp: Option<NumericDate>,
+    nbf: Option<NumericDate>,
     rooms: Option<RoomsClaim>,
+}
+
+/// A NumericDate (RFC 7519 §2): seconds since the epoch, possibly with a
+/// fraction, which is dropped. A negative or non-finite one makes the
+/// token malformed; one past what `u64` holds is the largest.
+#[derive(Debug, Clone, Copy)]
+struct NumericDate(u64);
+
+impl<'de> Deserialize<'de> for NumericDate {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let secs = f64::deserialize(deserializer)?;
+        if secs.is_finite() && secs >= 0.0 {
+            // Saturating: 1e300 is "never".
+            Ok(Self(secs as u64))
+        } else {
+            Err(serde::de::Error::custom("not a NumericDate"))
+        }
+    }
 }
 
 /// `rooms` as a list of patterns, or one comma-separated string.
@@ -71,9 +99,11 @@ impl JwtVerifier {
             ),
         };
         let mut validation = Validation::new(algorithm);
+        // `exp` and `nbf` are checked in `verify`.
         validation.leeway = 0;
         validation.required_spec_claims.clear();
-        validation.validate_exp = true;
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
         if config.issuer.is_empty() {
             validation.iss = None;
         } else {
@@ -104,6 +134,10 @@ impl JwtVerifier {
                 unauthorized("invalid token")
             })?;
         let claims = data.claims;
+        check_times(&claims, unix_now()).map_err(|why| {
+            tracing::debug!(error = why, "token refused");
+            unauthorized("invalid token")
+        })?;
         Ok(Identity {
             user: claims.sub.map(Arc::from),
             rooms: claims.rooms.map(|r| match r {
@@ -113,7 +147,7 @@ impl JwtVerifier {
             // An expiry past what the clock can represent never comes.
             expires_at: claims
                 .exp
-                .and_then(|exp| UNIX_EPOCH.checked_add(Duration::from_secs(exp))),
+                .and_then(|exp| UNIX_EPOCH.checked_add(Duration::from_secs(exp.0))),
         })
     }
 
@@ -129,6 +163,28 @@ impl JwtVerifier {
     }
 }
 
+/// Whether the token is valid at `now` (seconds since the epoch): not
+/// expired (`exp` is the last valid second, as for the JWT library), and
+/// not before its `nbf`, give or take [`NBF_LEEWAY_SECS`].
+fn check_times(claims: &Claims, now: u64) -> Result<(), &'static str> {
+    if claims.exp.is_some_and(|exp| exp.0 < now) {
+        return Err("expired");
+    }
+    if claims
+        .nbf
+        .is_some_and(|nbf| nbf.0 > now.saturating_add(NBF_LEEWAY_SECS))
+    {
+        return Err("not yet valid");
+    }
+    Ok(())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Short names for error kinds, so logs say why without showing the token.
 trait KindName {
     fn kind_name(&self) -> &'static str;
@@ -138,7 +194,6 @@ impl KindName for jsonwebtoken::errors::Error {
     fn kind_name(&self) -> &'static str {
         use jsonwebtoken::errors::ErrorKind::*;
         match self.kind() {
-            ExpiredSignature => "expired",
             InvalidSignature => "bad signature",
             InvalidAlgorithm => "wrong algorithm",
             InvalidIssuer => "wrong issuer",
