@@ -424,6 +424,14 @@ async fn rooms_claim_limits_joins() {
     let mut client = WsClient::connect(&format!("ws://{}/ws?token={token}", gw.addr)).await;
     client.join("chat.general").await;
     client.join("game.1.lobby").await;
+    // The admin view names the member's user.
+    let (status, detail) = http_get(gw.admin, "/rooms/chat.general").await;
+    assert_eq!(status, 200);
+    let detail: Value = serde_json::from_str(&detail).expect("JSON");
+    assert_eq!(
+        detail["connections"],
+        json!([{"connection_id": client.id, "user": "alice"}])
+    );
     for room in ["admin", "chat.a.b", "chat"] {
         client
             .send(json!({"type": "join", "room": room, "id": room}))

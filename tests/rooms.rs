@@ -413,6 +413,17 @@ async fn the_admin_port_lists_rooms_with_members_and_creation_time() {
         member_ids(&gw, "alpha").await,
         HashSet::from([a.id.clone(), b.id.clone()])
     );
+    let mut connections = alpha["connections"]
+        .as_array()
+        .expect("connections")
+        .clone();
+    connections.sort_by_key(|c| c["connection_id"].as_str().map(str::to_string));
+    let mut expected = vec![
+        json!({"connection_id": a.id, "user": null}),
+        json!({"connection_id": b.id, "user": null}),
+    ];
+    expected.sort_by_key(|c| c["connection_id"].as_str().map(str::to_string));
+    assert_eq!(connections, expected, "no authentication, no users");
     // Names with reserved URL characters, as typed or percent-encoded.
     for path in ["/rooms/user:42@eu=1", "/rooms/user%3A42%40eu%3D1"] {
         let (status, detail) = gw.admin_json(path).await;

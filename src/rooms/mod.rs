@@ -654,6 +654,14 @@ impl Hub {
                 .iter()
                 .map(|m| m.id_str().to_string())
                 .collect(),
+            connections: state
+                .members
+                .iter()
+                .map(|m| MemberInfo {
+                    connection_id: m.id_str().to_string(),
+                    user: m.user().map(str::to_string),
+                })
+                .collect(),
             created: unix_ms(room.created),
         })
     }
@@ -719,8 +727,20 @@ pub struct RoomDetail {
     pub members: usize,
     /// Their connection ids.
     pub member_ids: Vec<String>,
+    /// The same members with their users, so that a backend rebuilding
+    /// its view after an outage knows who is where.
+    pub connections: Vec<MemberInfo>,
     /// Creation time, Unix milliseconds.
     pub created: u64,
+}
+
+/// One member in [`RoomDetail`].
+#[derive(Debug, Serialize)]
+pub struct MemberInfo {
+    /// The connection's id, as in its `welcome` and NATS events.
+    pub connection_id: String,
+    /// Its user, when authentication named one (`null` otherwise).
+    pub user: Option<String>,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
