@@ -470,3 +470,138 @@ async fn running_out_of_file_descriptors_does_not_stop_the_gateway() {
     let (status, _) = http_get(gateway.admin, "/readyz").await;
     assert_eq!(status, 200);
 }
+
+/// Every key of SPEC §5, by the environment variable the SPEC names for it,
+/// each set to a value other than its default, and the value
+/// `check-config` must then print (TOML).
+const EVERY_OVERRIDE: [(&str, &str, &str); 37] = [
+    (
+        "ROOMGATE_SERVER_LISTEN",
+        "127.0.0.1:18001",
+        r#""127.0.0.1:18001""#,
+    ),
+    (
+        "ROOMGATE_SERVER_WS_PATHS",
+        "/live, /ws2",
+        r#"["/live", "/ws2"]"#,
+    ),
+    ("ROOMGATE_SERVER_MAX_CONNECTIONS", "77", "77"),
+    ("ROOMGATE_SERVER_SHUTDOWN_GRACE_SECS", "3", "3"),
+    (
+        "ROOMGATE_ADMIN_LISTEN",
+        "127.0.0.1:18002",
+        r#""127.0.0.1:18002""#,
+    ),
+    (
+        "ROOMGATE_UPSTREAM_URL",
+        "http://127.0.0.1:18003",
+        r#""http://127.0.0.1:18003""#,
+    ),
+    ("ROOMGATE_UPSTREAM_CONNECT_TIMEOUT_SECS", "2", "2"),
+    ("ROOMGATE_UPSTREAM_TIMEOUT_SECS", "9", "9"),
+    ("ROOMGATE_WEBSOCKET_MAX_MESSAGE_SIZE_BYTES", "1234", "1234"),
+    ("ROOMGATE_WEBSOCKET_PING_INTERVAL_SECS", "11", "11"),
+    ("ROOMGATE_WEBSOCKET_PONG_TIMEOUT_SECS", "4", "4"),
+    ("ROOMGATE_WEBSOCKET_SEND_QUEUE_CAPACITY", "33", "33"),
+    ("ROOMGATE_WEBSOCKET_SLOW_CONSUMER", "drop", r#""drop""#),
+    ("ROOMGATE_WEBSOCKET_MAX_MESSAGES_PER_SEC", "5", "5"),
+    ("ROOMGATE_WEBSOCKET_ROOMS_ENABLED", "false", "false"),
+    ("ROOMGATE_WEBSOCKET_ROOMS_MAX_MEMBERS", "12", "12"),
+    (
+        "ROOMGATE_WEBSOCKET_ROOMS_MAX_ROOMS_PER_CONNECTION",
+        "3",
+        "3",
+    ),
+    ("ROOMGATE_WEBSOCKET_ROOMS_IDLE_TIMEOUT_SECS", "0", "0"),
+    (
+        "ROOMGATE_WEBSOCKET_ROOMS_CLIENT_BROADCAST",
+        "false",
+        "false",
+    ),
+    ("ROOMGATE_WEBSOCKET_ROOMS_PRESENCE", "true", "true"),
+    ("ROOMGATE_NATS_ENABLED", "false", "false"),
+    (
+        "ROOMGATE_NATS_URL",
+        "nats://127.0.0.1:18004",
+        r#""nats://127.0.0.1:18004""#,
+    ),
+    (
+        "ROOMGATE_NATS_CREDS_FILE",
+        "/etc/app.creds",
+        r#""/etc/app.creds""#,
+    ),
+    ("ROOMGATE_NATS_SUBJECT_PREFIX", "rg2", r#""rg2""#),
+    ("ROOMGATE_NATS_REQUIRED", "true", "true"),
+    ("ROOMGATE_AUTH_MODE", "jwt", r#""jwt""#),
+    (
+        "ROOMGATE_AUTH_ALLOWED_ORIGINS",
+        "https://a.test, https://b.test",
+        r#"["https://a.test", "https://b.test"]"#,
+    ),
+    ("ROOMGATE_AUTH_JWT_ALGORITHM", "HS256", r#""HS256""#),
+    (
+        "ROOMGATE_AUTH_JWT_SECRET_ENV",
+        "RG_ENV_TEST_SECRET",
+        r#""RG_ENV_TEST_SECRET""#,
+    ),
+    (
+        "ROOMGATE_AUTH_JWT_PUBLIC_KEY_FILE",
+        "/etc/unused.pem",
+        r#""/etc/unused.pem""#,
+    ),
+    ("ROOMGATE_AUTH_JWT_COOKIE", "tok", r#""tok""#),
+    ("ROOMGATE_AUTH_JWT_ISSUER", "iss1", r#""iss1""#),
+    ("ROOMGATE_AUTH_JWT_AUDIENCE", "aud1", r#""aud1""#),
+    ("ROOMGATE_AUTH_UPSTREAM_PATH", "/check", r#""/check""#),
+    ("ROOMGATE_AUTH_UPSTREAM_TIMEOUT_SECS", "6", "6"),
+    ("ROOMGATE_LOG_LEVEL", "debug", r#""debug""#),
+    ("ROOMGATE_LOG_FORMAT", "json", r#""json""#),
+];
+
+#[test]
+fn every_key_of_the_spec_is_set_by_the_variable_the_spec_names() {
+    let mut env: Vec<(&str, &str)> = EVERY_OVERRIDE
+        .iter()
+        .map(|(var, raw, _)| (*var, *raw))
+        .collect();
+    env.push(("RG_ENV_TEST_SECRET", "s3cret"));
+    let (code, stdout, stderr) = run_binary(&["check-config"], &env);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        !stderr.contains("ignoring"),
+        "every variable matches a key: {stderr}"
+    );
+    let printed: toml::Table = stdout.parse().expect("TOML");
+
+    let mut leaves = Vec::new();
+    collect_leaves("", &printed, &mut leaves);
+    assert_eq!(
+        leaves.len(),
+        EVERY_OVERRIDE.len(),
+        "the SPEC's keys, no more: {leaves:?}"
+    );
+    for (path, value) in leaves {
+        let var = format!("ROOMGATE_{}", path.replace('.', "_").to_uppercase());
+        let (_, _, expected) = EVERY_OVERRIDE
+            .iter()
+            .find(|(v, _, _)| *v == var)
+            .unwrap_or_else(|| panic!("{path} has no override in the SPEC's list"));
+        let expected: toml::Table = format!("v = {expected}").parse().expect("expected TOML");
+        assert_eq!(Some(&value), expected.get("v"), "{var} sets {path}");
+    }
+}
+
+/// Every leaf of `table` with its dotted path.
+fn collect_leaves(prefix: &str, table: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
+    for (key, value) in table {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match value {
+            toml::Value::Table(inner) => collect_leaves(&path, inner, out),
+            leaf => out.push((path, leaf.clone())),
+        }
+    }
+}
