@@ -518,6 +518,61 @@ async fn a_slow_consumer_is_closed_with_1013_and_the_others_get_everything() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_that_never_reads_again_is_reset_after_the_pong_timeout() {
+    // The 1013 close frame waits `pong_timeout_secs` for the client to read.
+    // A client that does not is reset: the kernel drops what it still held
+    // for it (megabytes, on loopback), instead of delivering stale frames
+    // and a frame cut short for as long as the client cares to read.
+    let mut config = flood_config("close");
+    config.websocket.pong_timeout_secs = 1;
+    config.websocket.rooms.max_members = 4;
+    let gw = TestGateway::start(config).await;
+    let mut flooder = gw.client().await;
+    let mut slow = WsClient::connect_with(&gw.ws_url(), None, Some(4096)).await;
+    let mut r1 = gw.client().await;
+    let mut r2 = gw.client().await;
+    for client in [&mut flooder, &mut slow, &mut r1, &mut r2] {
+        client.join("flood").await;
+    }
+    let readers = vec![
+        spawn_reader(r1, flooder.id.clone()),
+        spawn_reader(r2, flooder.id.clone()),
+    ];
+    let sent = flood_until(
+        &mut flooder,
+        &readers,
+        "the slow client leaving the room",
+        || async { gw.admin_json("/rooms/flood").await.1["members"] == 3 },
+    )
+    .await;
+    finish_flood(&mut flooder, readers, sent).await;
+    let closed = r#"roomgate_connections_closed_total{reason="slow_consumer"}"#;
+    eventually_async("the gateway to give up on the slow client", || async {
+        gw.metric(closed).await == 1.0
+    })
+    .await;
+
+    // Only now does it read: what its own kernel had already taken, then
+    // the reset, never a clean end after a cut frame.
+    let ending = within("the slow client's connection to end", async {
+        loop {
+            match slow.ws.next().await {
+                Some(Ok(Message::Text(_))) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await;
+    match ending {
+        Some(Err(tokio_tungstenite::tungstenite::Error::Io(e))) => {
+            assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}")
+        }
+        other => panic!("expected a reset, got {other:?}"),
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_loses_frames_with_drop_and_stays_connected() {
     let gw = TestGateway::start(flood_config("drop")).await;
     let mut flooder = gw.client().await;
