@@ -330,6 +330,17 @@ async fn send_reaches_one_connection_and_all_reaches_everyone() {
         )
         .await;
     assert_eq!(b.recv().await, json!({"type": "notice", "n": 1}));
+    // `Roomgate-Exclude` holds here too: naming the target skips it, and
+    // naming another connection changes nothing. NATS keeps the order, so
+    // the next frame b gets shows what was skipped.
+    let direct = format!("roomgate.send.{}", b.id);
+    backend
+        .publish_with(&direct, &[("Roomgate-Exclude", &b.id)], "not for b")
+        .await;
+    backend
+        .publish_with(&direct, &[("Roomgate-Exclude", &a.id)], "for b")
+        .await;
+    assert_eq!(b.recv().await, server_message(None, "for b", "server"));
     // Nobody has these ids; nothing happens, nothing breaks.
     backend
         .publish(&format!("roomgate.send.{}", uuid::Uuid::new_v4()), "lost")

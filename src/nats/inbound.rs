@@ -159,6 +159,11 @@ impl Inbound {
         if self.hub.connection(id).is_none() {
             return;
         }
+        // `Roomgate-Exclude` applies to every delivery: naming the one
+        // target skips it, as it would in a room.
+        if exclude(message) == Some(id) {
+            return;
+        }
         if let Some(frame) = backend_frame(None, message) {
             self.hub.send_to(id, frame);
         }
