@@ -137,6 +137,18 @@ async fn client_events_are_published_with_every_field_and_header() {
     let (msg, close) = events.next_json().await;
     assert_eq!(msg.subject.as_str(), "roomgate.connection.close");
     assert_eq!(close["code"], 1006);
+
+    // A close frame without a status code: 1005, as RFC 6455 §7.1.5 has
+    // the receiving end report it.
+    let mut c = gw.client().await;
+    events.next_json().await; // its connection.open
+    c.ws.close(None).await.expect("close");
+    let (msg, close) = events.next_json().await;
+    assert_eq!(msg.subject.as_str(), "roomgate.connection.close");
+    assert_eq!(
+        (close["connection_id"].as_str(), close["code"].as_u64()),
+        (Some(c.id.as_str()), Some(1005))
+    );
     events.expect_silence().await;
     gw.stop().await;
 }
