@@ -817,13 +817,14 @@ fn is_plain_chunked(headers: &HeaderMap) -> bool {
 /// does: RFC 9113 §3.1 deprecates that upgrade, and taking it as a tunnel
 /// would hold back the response of every such request.
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    header_has_token(headers, header::CONNECTION, "upgrade")
-        && headers
-            .get_all(header::UPGRADE)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .map(<[u8]>::trim_ascii)
-            .any(|offer| !offer.is_empty() && !offer.eq_ignore_ascii_case(b"h2c"))
+    // `Upgrade` first: most requests have none, and then one lookup decides.
+    headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .any(|offer| !offer.is_empty() && !offer.eq_ignore_ascii_case(b"h2c"))
+        && header_has_token(headers, header::CONNECTION, "upgrade")
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, client: &Peer) {
