@@ -573,8 +573,7 @@ fn every_key_of_the_spec_is_set_by_the_variable_the_spec_names() {
     );
     let printed: toml::Table = stdout.parse().expect("TOML");
 
-    let mut leaves = Vec::new();
-    collect_leaves("", &printed, &mut leaves);
+    let leaves = toml_leaves(&printed);
     assert_eq!(
         leaves.len(),
         EVERY_OVERRIDE.len(),
@@ -588,20 +587,5 @@ fn every_key_of_the_spec_is_set_by_the_variable_the_spec_names() {
             .unwrap_or_else(|| panic!("{path} has no override in the SPEC's list"));
         let expected: toml::Table = format!("v = {expected}").parse().expect("expected TOML");
         assert_eq!(Some(&value), expected.get("v"), "{var} sets {path}");
-    }
-}
-
-/// Every leaf of `table` with its dotted path.
-fn collect_leaves(prefix: &str, table: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
-    for (key, value) in table {
-        let path = if prefix.is_empty() {
-            key.clone()
-        } else {
-            format!("{prefix}.{key}")
-        };
-        match value {
-            toml::Value::Table(inner) => collect_leaves(&path, inner, out),
-            leaf => out.push((path, leaf.clone())),
-        }
     }
 }

@@ -77,23 +77,6 @@ fn lookup<'a>(table: &'a Table, path: &str) -> &'a Value {
     value
 }
 
-/// Every key path (`server.listen`, ...) of a table's leaves.
-fn key_paths(table: &Table, prefix: &str, out: &mut BTreeSet<String>) {
-    for (key, value) in table {
-        let path = if prefix.is_empty() {
-            key.clone()
-        } else {
-            format!("{prefix}.{key}")
-        };
-        match value {
-            Value::Table(inner) => key_paths(inner, &path, out),
-            _ => {
-                out.insert(path);
-            }
-        }
-    }
-}
-
 // ----- the Helm chart's `config` tree ------------------------------------
 
 /// Reads the top-level `config:` mapping of the chart's values file into a
@@ -241,9 +224,13 @@ fn helm_chart_default_config_passes_check_config() {
 fn helm_chart_config_has_every_key_of_the_config_file() {
     let chart: Table = chart_config(&repo_file("charts/roomgate/values.yaml"));
     let file: Table = toml::from_str(&repo_file("config/roomgate.toml")).expect("config file");
-    let (mut in_chart, mut in_file) = (BTreeSet::new(), BTreeSet::new());
-    key_paths(&chart, "", &mut in_chart);
-    key_paths(&file, "", &mut in_file);
+    let paths = |table: &Table| -> BTreeSet<String> {
+        toml_leaves(table)
+            .into_iter()
+            .map(|(path, _)| path)
+            .collect()
+    };
+    let (in_chart, in_file) = (paths(&chart), paths(&file));
     let missing: Vec<_> = in_file.difference(&in_chart).collect();
     let extra: Vec<_> = in_chart.difference(&in_file).collect();
     assert!(

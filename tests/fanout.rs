@@ -459,14 +459,21 @@ async fn finish_flood(flooder: &mut WsClient, readers: Vec<Reader>, sent: usize)
     clients
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_consumer_is_closed_with_1013_and_the_others_get_everything() {
+/// `flood_config("close")` for a room that four clients fill.
+fn slow_close_config() -> roomgate::Config {
     let mut config = flood_config("close");
-    // The room is full with the four of them.
     config.websocket.rooms.max_members = 4;
-    let gw = TestGateway::start(config).await;
+    config
+}
+
+/// Fills the room "flood" with a flooder, a client that never reads (with
+/// a small kernel receive buffer, so that the stall reaches the gateway
+/// sooner) and two readers, and floods it until the slow client's queue
+/// overflows. It is then closing, and leaves the room at once, even though
+/// its close frame waits for it to read. Returns the flooder, the slow
+/// client and the two readers, which got the whole flood.
+async fn flood_out_a_slow_client(gw: &TestGateway) -> (WsClient, WsClient, Vec<WsClient>) {
     let mut flooder = gw.client().await;
-    // A small kernel receive buffer: the stall reaches the gateway sooner.
     let mut slow = WsClient::connect_with(&gw.ws_url(), None, Some(4096)).await;
     let mut r1 = gw.client().await;
     let mut r2 = gw.client().await;
@@ -477,8 +484,6 @@ async fn a_slow_consumer_is_closed_with_1013_and_the_others_get_everything() {
         spawn_reader(r1, flooder.id.clone()),
         spawn_reader(r2, flooder.id.clone()),
     ];
-    // Once its queue overflows, the slow client is closing: it leaves the
-    // room at once, even though its close frame waits for it to read.
     let sent = flood_until(
         &mut flooder,
         &readers,
@@ -486,7 +491,14 @@ async fn a_slow_consumer_is_closed_with_1013_and_the_others_get_everything() {
         || async { gw.admin_json("/rooms/flood").await.1["members"] == 3 },
     )
     .await;
-    let mut others = finish_flood(&mut flooder, readers, sent).await;
+    let others = finish_flood(&mut flooder, readers, sent).await;
+    (flooder, slow, others)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_is_closed_with_1013_and_the_others_get_everything() {
+    let gw = TestGateway::start(slow_close_config()).await;
+    let (mut flooder, mut slow, mut others) = flood_out_a_slow_client(&gw).await;
     let (_, detail) = gw.admin_json("/rooms/flood").await;
     assert!(
         !detail["member_ids"].to_string().contains(&slow.id),
@@ -523,29 +535,10 @@ async fn a_slow_consumer_that_never_reads_again_is_reset_after_the_pong_timeout(
     // A client that does not is reset: the kernel drops what it still held
     // for it (megabytes, on loopback), instead of delivering stale frames
     // and a frame cut short for as long as the client cares to read.
-    let mut config = flood_config("close");
+    let mut config = slow_close_config();
     config.websocket.pong_timeout_secs = 1;
-    config.websocket.rooms.max_members = 4;
     let gw = TestGateway::start(config).await;
-    let mut flooder = gw.client().await;
-    let mut slow = WsClient::connect_with(&gw.ws_url(), None, Some(4096)).await;
-    let mut r1 = gw.client().await;
-    let mut r2 = gw.client().await;
-    for client in [&mut flooder, &mut slow, &mut r1, &mut r2] {
-        client.join("flood").await;
-    }
-    let readers = vec![
-        spawn_reader(r1, flooder.id.clone()),
-        spawn_reader(r2, flooder.id.clone()),
-    ];
-    let sent = flood_until(
-        &mut flooder,
-        &readers,
-        "the slow client leaving the room",
-        || async { gw.admin_json("/rooms/flood").await.1["members"] == 3 },
-    )
-    .await;
-    finish_flood(&mut flooder, readers, sent).await;
+    let (_flooder, mut slow, _others) = flood_out_a_slow_client(&gw).await;
     let closed = r#"roomgate_connections_closed_total{reason="slow_consumer"}"#;
     eventually_async("the gateway to give up on the slow client", || async {
         gw.metric(closed).await == 1.0

@@ -1335,3 +1335,24 @@ pub async fn client_that_stops_reading(addr: SocketAddr, room: &str) -> TcpStrea
     .await;
     stream
 }
+
+/// Every leaf of a TOML table with its dotted key path (`server.listen`),
+/// in the table's order: what a configuration sets, key by key.
+pub fn toml_leaves(table: &toml::Table) -> Vec<(String, toml::Value)> {
+    fn walk(prefix: &str, table: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
+        for (key, value) in table {
+            let path = if prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            match value {
+                toml::Value::Table(inner) => walk(&path, inner, out),
+                leaf => out.push((path, leaf.clone())),
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk("", table, &mut out);
+    out
+}
