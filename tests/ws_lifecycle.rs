@@ -565,6 +565,50 @@ async fn a_client_that_never_answers_pings_is_closed() {
 }
 
 #[tokio::test]
+async fn a_client_that_stops_reading_is_reset_when_its_close_goes_unanswered() {
+    // A client that neither reads nor answers pings, with a few KiB waiting
+    // for it: more than its small receive buffer takes, so some stays in
+    // the gateway's kernel buffer behind the close frame. When the close
+    // deadline passes the gateway resets the connection, which drops that
+    // data. Closed the ordinary way, the socket would linger with it, and
+    // the client's side would stay open for as long as it did not read.
+    let gw = TestGateway::with(|c| {
+        c.websocket.ping_interval_secs = 1;
+        c.websocket.pong_timeout_secs = 1;
+    })
+    .await;
+    let mut stalled = WsClient::connect_with(&gw.ws_url(), None, Some(4096)).await;
+    let mut talker = gw.client().await;
+    stalled.join("backlog").await;
+    talker.join("backlog").await;
+    for n in 0..8 {
+        talker
+            .say("backlog", json!("x".repeat(1000)), &format!("m{n}"))
+            .await;
+    }
+    let port = match stalled.ws.get_ref() {
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp) => tcp.local_addr().expect("address").port(),
+        _ => unreachable!("plain TCP"),
+    };
+    eventually("the stalled client's connection to be reset", || {
+        !tcp_socket_open(port)
+    })
+    .await;
+}
+
+/// Whether this machine has an IPv4 TCP socket bound to local `port` that
+/// is not closed (a reset one leaves the table at once).
+fn tcp_socket_open(port: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let local = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_whitespace().nth(1))
+        .any(|address| address.ends_with(&local))
+}
+
+#[tokio::test]
 async fn a_pong_timeout_longer_than_the_ping_interval_still_closes() {
     // A ping sent while an earlier one is unanswered must not restart the
     // clock, or the deadline would never come.

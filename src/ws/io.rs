@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
 
 use crate::rooms::{Connection, PushError};
@@ -27,6 +28,24 @@ impl ReadSide {
     /// Reads from `read`; writes go to `conn`'s queue as control frames.
     pub fn new(read: OwnedReadHalf, conn: Arc<Connection>) -> Self {
         Self { read, conn }
+    }
+
+    /// The socket both halves share.
+    pub fn tcp(&self) -> &TcpStream {
+        self.read.as_ref()
+    }
+}
+
+/// Makes the connection end with a reset when its socket is closed, for a
+/// client that stopped reading: what the kernel still holds for it, up to
+/// its whole send buffer (megabytes on a fast link), would otherwise go
+/// out for as long as the client cares to read, ending in a frame cut
+/// short or a close frame long stale, while the socket lingers outside
+/// every limit of the gateway's. A reset drops it at once and tells the
+/// client.
+pub fn reset_on_close(tcp: &TcpStream) {
+    if let Err(e) = tcp.set_zero_linger() {
+        tracing::debug!(error = %e, "cannot set the connection to reset on close");
     }
 }
 

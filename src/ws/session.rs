@@ -16,7 +16,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tracing::{Instrument, debug};
 
-use super::io::ReadSide;
+use super::io::{self, ReadSide};
 use super::ratelimit::TokenBucket;
 use super::writer::Writer;
 use crate::events::{Event, now_ms};
@@ -106,7 +106,10 @@ pub async fn run(
     match ended {
         Ok((write, Some(deadline))) => {
             drop(write);
-            await_close_reply(&mut stream, deadline).await;
+            if !await_close_reply(&mut stream, deadline).await {
+                // Our close frame may still sit unread in the kernel.
+                io::reset_on_close(stream.get_ref().tcp());
+            }
         }
         Ok((_write, None)) => {}
         Err(e) => tracing::error!(conn = %conn.id_str(), error = %e, "writer task failed"),
@@ -347,8 +350,9 @@ async fn expiry_sleep(at: Option<SystemTime>) {
 /// has the server close it last) would answer frames the client sends
 /// meanwhile, such as pongs to pings it had not read yet, with a reset;
 /// client libraries then report 1006 instead of our close code (1013 for
-/// a slow consumer, 1001 for a missed heartbeat).
-async fn await_close_reply(stream: &mut WsStream, deadline: tokio::time::Instant) {
+/// a slow consumer, 1001 for a missed heartbeat). Whether the reply (or
+/// the end of the stream) came in time.
+async fn await_close_reply(stream: &mut WsStream, deadline: tokio::time::Instant) -> bool {
     let drain = async {
         while let Some(Ok(message)) = stream.next().await {
             if message.is_close() {
@@ -356,5 +360,5 @@ async fn await_close_reply(stream: &mut WsStream, deadline: tokio::time::Instant
             }
         }
     };
-    let _ = tokio::time::timeout_at(deadline, drain).await;
+    tokio::time::timeout_at(deadline, drain).await.is_ok()
 }

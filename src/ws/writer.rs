@@ -287,7 +287,7 @@ impl Writer {
             tokio::time::timeout_at(deadline, write_all(&mut self.io, &mut out, &mut written))
                 .await;
         if !matches!(sent, Ok(Ok(()))) {
-            abort_on_close(&self.io);
+            super::io::reset_on_close(self.io.as_ref());
         }
         // At shutdown the whole gateway is going away, bounded by
         // `shutdown_grace_secs`: it does not also wait on every idle
@@ -295,18 +295,6 @@ impl Writer {
         let awaits_reply = ours && request.reason != CloseReason::Shutdown;
         let awaits = (matches!(sent, Ok(Ok(()))) && awaits_reply).then_some(deadline);
         (self.io, awaits)
-    }
-}
-
-/// Makes the connection end with a reset when it is closed: the client
-/// stopped reading (or the connection failed), and what the kernel still
-/// holds for it, up to its whole send buffer (megabytes on a fast link),
-/// would otherwise go out for as long as the client cares to read, ending
-/// in a frame cut short, while the socket lingers outside every limit of
-/// the gateway's. A reset drops it at once and tells the client.
-fn abort_on_close(io: &OwnedWriteHalf) {
-    if let Err(e) = io.as_ref().set_zero_linger() {
-        debug!(error = %e, "cannot set the connection to reset on close");
     }
 }
 
