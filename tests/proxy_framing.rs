@@ -156,6 +156,27 @@ async fn a_response_with_a_transfer_coding_other_than_chunked_gets_502() {
 }
 
 #[tokio::test]
+async fn a_status_code_outside_100_to_599_gets_502() {
+    // hyper reads any three digits as a status; RFC 9110 §15 allows
+    // 100-599, and a client has no class by which to read the rest.
+    for answer in [
+        &b"HTTP/1.1 804 No Content\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"[..],
+        &b"HTTP/1.1 999 Odd\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"[..],
+    ] {
+        let upstream = RawUpstream::start(answer).await;
+        let gw = upstream.gateway().await;
+        let (status, body) = http_get(gw.addr, "/odd").await;
+        assert_eq!(status, 502, "{body}");
+    }
+    // 599 is still a status, of the server-error class.
+    let upstream =
+        RawUpstream::start(b"HTTP/1.1 599 Odd\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+            .await;
+    let gw = upstream.gateway().await;
+    assert_eq!(http_get(gw.addr, "/odd").await, (599, "ok".to_string()));
+}
+
+#[tokio::test]
 async fn a_request_with_a_transfer_coding_besides_chunked_gets_501() {
     // The gateway only implements chunked (RFC 9112 §6.1). Re-framed as
     // plain chunked, the upstream would take the gzip bytes for the

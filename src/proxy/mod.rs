@@ -557,6 +557,7 @@ impl Proxy {
         let outgoing = self.outgoing(request, client, false)?;
         let mut response =
             Box::pin(self.upstream.send_pooled(outgoing, self.timeout, deadlines)).await?;
+        response_status(response.status())?;
         response_headers(response.headers_mut())?;
         Ok(response.map(Body::pooled))
     }
@@ -581,6 +582,7 @@ impl Proxy {
             let (parts, _) = response.into_parts();
             return Ok(Response::from_parts(parts, response::empty()));
         }
+        response_status(response.status())?;
         response_headers(response.headers_mut())?;
         refusal(response, self.timeout).await
     }
@@ -742,6 +744,18 @@ fn request_headers(headers: &mut HeaderMap, keep_upgrade: bool) -> Result<(), Pr
     }
     remove_hop_by_hop(headers, keep_upgrade);
     Ok(())
+}
+
+/// Refuses a status outside 100–599, which hyper reads (any three digits
+/// parse) but which is no HTTP status (RFC 9110 §15): the client could
+/// not make sense of it, and no class says how to treat it. The upstream
+/// is at fault, so the client gets 502.
+fn response_status(status: StatusCode) -> Result<(), ProxyError> {
+    if status.as_u16() < 600 {
+        Ok(())
+    } else {
+        Err(ProxyError::BadResponse("a status code outside 100-599"))
+    }
 }
 
 /// Readies an upstream response's headers for the client: hop-by-hop
