@@ -24,6 +24,7 @@ use crate::metrics::Metrics;
 use crate::request::percent_decode;
 use crate::response::{self, Body};
 use crate::rooms::Hub;
+use crate::ws::{ClientStream, HoldSwitch};
 
 /// What readiness depends on.
 pub struct Health {
@@ -92,6 +93,10 @@ impl Admin {
                     let admin = admin.clone();
                     async move { Ok::<_, Infallible>(admin.route(request)) }
                 });
+                // The public port's client stream, for its bound on stalled
+                // writes: a scraper that stops reading does not hold its
+                // connection and megabytes of `/rooms` for ever.
+                let stream = ClientStream::new(stream, HoldSwitch::default());
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
                     .serve_connection(TokioIo::new(stream), service);
