@@ -619,6 +619,46 @@ async fn pings_are_answered_and_do_not_count_against_the_rate() {
 }
 
 #[tokio::test]
+async fn a_fragmented_message_counts_once_against_the_rate() {
+    // The bucket holds one message. A join cut into three fragments is
+    // one message: it is served. Two more joins right behind it, in the
+    // same write, find the bucket empty, so the fragmented one was counted.
+    use tokio::io::AsyncWriteExt;
+    let gw = TestGateway::with(|c| c.websocket.max_messages_per_sec = 1).await;
+    let mut stream = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    upgrade_raw(&mut stream, gw.addr).await;
+    let welcome = within("the welcome", read_raw_frame(&mut stream)).await;
+    assert_eq!(welcome.map(|f| f.opcode), Some(1));
+    let mut burst = Vec::new();
+    burst.extend(client_frame(0x01, br#"{"type":"jo"#, true));
+    burst.extend(client_frame(0x00, br#"in","room""#, true));
+    burst.extend(client_frame(0x80, br#":"r","id":"frag"}"#, true));
+    for room in ["s", "t"] {
+        let join = format!(r#"{{"type":"join","room":"{room}","id":"{room}"}}"#);
+        burst.extend(client_frame(0x81, join.as_bytes(), true));
+    }
+    stream.write_all(&burst).await.expect("write");
+    let mut replies = Vec::new();
+    for _ in 0..3 {
+        let frame = within("a reply", read_raw_frame(&mut stream))
+            .await
+            .expect("a frame");
+        replies.push(serde_json::from_slice::<Value>(&frame.payload).expect("JSON"));
+    }
+    assert_eq!(
+        replies[0],
+        json!({"type": "joined", "room": "r", "id": "frag"})
+    );
+    assert!(
+        replies[1..].iter().any(|r| r["code"] == "rate_limited"),
+        "{replies:?}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn a_message_over_the_size_limit_closes_with_1009_and_spares_the_others() {
     const LIMIT: usize = 1024;
     let gw = TestGateway::with(|c| c.websocket.max_message_size_bytes = LIMIT).await;
