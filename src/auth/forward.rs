@@ -2,15 +2,15 @@
 //! sessions, so the gateway asks it: `GET auth.upstream.path` with the
 //! upgrade request's cookies and headers. 2xx admits, and the response
 //! headers `Roomgate-User` and `Roomgate-Rooms` say who it is and where it
-//! may go; 401 and 403 (with their body and headers) go back to the client; anything
-//! else, a timeout or an unreachable upstream refuses with 503, because
-//! failing open would let everyone in whenever the upstream hiccups.
+//! may go; 401 and 403 (with their body and headers) go back to the
+//! client; anything else, a timeout or an unreachable upstream refuses
+//! with 503, because failing open would let everyone in whenever the
+//! upstream hiccups.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Limited};
 use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, StatusCode};
@@ -18,7 +18,7 @@ use hyper::{Method, Request, StatusCode};
 use super::Rejection;
 use crate::config::AuthUpstreamConfig;
 use crate::metrics::RejectReason;
-use crate::proxy::{MAX_REFUSAL_BODY, Upstream, strip_hop_by_hop};
+use crate::proxy::{Upstream, read_refusal, strip_hop_by_hop};
 use crate::response;
 use crate::rooms::{Identity, RoomPatterns};
 
@@ -61,9 +61,8 @@ impl ForwardAuth {
                 RejectReason::Forbidden
             };
             let (parts, body) = response.into_parts();
-            let body = tokio::time::timeout(self.timeout, read_body(body))
-                .await
-                .unwrap_or_default();
+            // Too long, broken or stalled: the refusal stands, without it.
+            let body = read_refusal(body, self.timeout).await.unwrap_or_default();
             return Err(Rejection {
                 status,
                 reason,
@@ -132,11 +131,10 @@ fn identity(headers: &hyper::HeaderMap) -> Identity {
         .map(text)
         .filter(|v| !v.is_empty())
         .map(Arc::from);
-    let mut rooms = headers.get_all("roomgate-rooms").iter().peekable();
-    let rooms = rooms
-        .peek()
-        .is_some()
-        .then(|| RoomPatterns::new(rooms.flat_map(|v| text(v).split(','))));
+    let rooms = headers.contains_key("roomgate-rooms").then(|| {
+        let lines = headers.get_all("roomgate-rooms").into_iter();
+        RoomPatterns::new(lines.flat_map(|v| text(v).split(',')))
+    });
     Identity {
         user,
         rooms,
@@ -164,13 +162,6 @@ fn refusal_headers(mut headers: hyper::HeaderMap) -> hyper::HeaderMap {
         );
     }
     headers
-}
-
-async fn read_body(body: hyper::body::Incoming) -> bytes::Bytes {
-    match Limited::new(body, MAX_REFUSAL_BODY).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(_) => bytes::Bytes::new(),
-    }
 }
 
 fn unavailable() -> Rejection {

@@ -788,32 +788,36 @@ fn response_headers(headers: &mut HeaderMap) -> Result<(), ProxyError> {
 pub const MAX_REFUSAL_BODY: usize = 64 * 1024;
 
 /// The upstream's answer to an upgrade request that it did not switch,
-/// read whole within `timeout` and passed on with its length: a client
-/// waiting for a WebSocket gets an error it can read, and an upstream that
-/// stops sending in the middle of it cannot hold the client (504), which a
-/// streamed body from this path's client could.
+/// read whole and passed on with its length: a client waiting for a
+/// WebSocket gets an error it can read, and an upstream that stops sending
+/// in the middle of it cannot hold the client (504), which a streamed body
+/// from this path's client could.
 async fn refusal(
     response: Response<Incoming>,
     timeout: Duration,
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, body) = response.into_parts();
-    let body =
-        match tokio::time::timeout(timeout, Limited::new(body, MAX_REFUSAL_BODY).collect()).await {
-            Ok(Ok(collected)) => collected.to_bytes(),
-            Ok(Err(_)) => {
-                return Err(ProxyError::BadResponse(
-                    "an answer to an upgrade that is too large or broken",
-                ));
-            }
-            Err(_) => return Err(ProxyError::Timeout),
-        };
+    let body = read_refusal(body, timeout).await?;
     // hyper writes the length of the body it now has.
     parts.headers.remove(header::CONTENT_LENGTH);
     parts.headers.remove(header::TRANSFER_ENCODING);
     Ok(Response::from_parts(parts, response::full(body)))
 }
 
-/// Whether the message's `Transfer-Encoding` is exactly `chunked`: one/// Whether the message's `Transfer-Encoding` is exactly `chunked`: one
+/// A refusal's body from the upstream, read whole within `timeout`: at
+/// most [`MAX_REFUSAL_BODY`] (502 beyond that, or when it breaks), 504
+/// when it stalls.
+pub async fn read_refusal(body: Incoming, timeout: Duration) -> Result<bytes::Bytes, ProxyError> {
+    match tokio::time::timeout(timeout, Limited::new(body, MAX_REFUSAL_BODY).collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(_)) => Err(ProxyError::BadResponse(
+            "a refusal that is too large or broken",
+        )),
+        Err(_) => Err(ProxyError::Timeout),
+    }
+}
+
+/// Whether the message's `Transfer-Encoding` is exactly `chunked`: one
 /// field line, one coding.
 fn is_plain_chunked(headers: &HeaderMap) -> bool {
     let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
