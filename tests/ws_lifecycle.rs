@@ -586,26 +586,33 @@ async fn a_client_that_stops_reading_is_reset_when_its_close_goes_unanswered() {
             .say("backlog", json!("x".repeat(1000)), &format!("m{n}"))
             .await;
     }
-    let port = match stalled.ws.get_ref() {
-        tokio_tungstenite::MaybeTlsStream::Plain(tcp) => tcp.local_addr().expect("address").port(),
+    let (local, remote) = match stalled.ws.get_ref() {
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp) => (
+            tcp.local_addr().expect("address"),
+            tcp.peer_addr().expect("address"),
+        ),
         _ => unreachable!("plain TCP"),
     };
     eventually("the stalled client's connection to be reset", || {
-        !tcp_socket_open(port)
+        !tcp_socket_open(local.port(), remote.port())
     })
     .await;
 }
 
-/// Whether this machine has an IPv4 TCP socket bound to local `port` that
-/// is not closed (a reset one leaves the table at once).
-fn tcp_socket_open(port: u16) -> bool {
+/// Whether this machine has an IPv4 TCP socket from local port `local` to
+/// remote port `remote` that is not closed (a reset one leaves the table
+/// at once). Both ports: the kernel gives a local port to connections to
+/// other peers too, and those of other tests may outlive this one's.
+fn tcp_socket_open(local: u16, remote: u16) -> bool {
     let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
-    let local = format!(":{port:04X}");
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| line.split_whitespace().nth(1))
-        .any(|address| address.ends_with(&local))
+    let (local, remote) = (format!(":{local:04X}"), format!(":{remote:04X}"));
+    table.lines().skip(1).any(|line| {
+        let mut fields = line.split_whitespace().skip(1);
+        matches!(
+            (fields.next(), fields.next()),
+            (Some(l), Some(r)) if l.ends_with(&local) && r.ends_with(&remote)
+        )
+    })
 }
 
 #[tokio::test]
