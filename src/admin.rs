@@ -60,6 +60,11 @@ impl Health {
     }
 }
 
+/// How long an admin connection may take to finish the answer it is
+/// writing once the admin port stops: a scraper that reads is done in
+/// milliseconds, and one that does not is not waited for.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The admin service's shared state.
 pub struct Admin {
     /// Rendered at `/metrics`.
@@ -101,14 +106,24 @@ impl Admin {
                     .timer(TokioTimer::new())
                     .serve_connection(TokioIo::new(stream), service);
                 let mut conn = pin!(conn);
-                tokio::select! {
-                    result = conn.as_mut() => if let Err(e) = result { debug!(error = %e, "admin connection error") },
-                    _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
+                let result = tokio::select! {
+                    result = conn.as_mut() => result,
+                    _ = stop.cancelled() => {
+                        // A scrape in progress gets its whole answer (an
+                        // idle connection closes at once), within a bound.
+                        conn.as_mut().graceful_shutdown();
+                        tokio::time::timeout(STOP_GRACE, conn.as_mut())
+                            .await
+                            .unwrap_or(Ok(()))
+                    }
+                };
+                if let Err(e) = result {
+                    debug!(error = %e, "admin connection error");
                 }
             });
         }
         tasks.close();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), tasks.wait()).await;
+        tasks.wait().await;
     }
 
     fn route(&self, request: Request<Incoming>) -> Response<Body> {

@@ -200,3 +200,110 @@ async fn an_idle_keep_alive_connection_is_closed_when_shutdown_begins() {
     assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
     gateway.wait_stopped().await;
 }
+
+/// A scrape the admin port is answering when the gateway stops gets its
+/// whole answer before the connection closes. The scraper here has asked
+/// for more than the socket buffers hold (pipelined `/metrics` requests,
+/// 1.5 MB of answers, against about 100 KB of buffers) and reads only once
+/// shutdown has begun, so the admin port is in the middle of writing an
+/// answer when it stops.
+#[tokio::test]
+async fn an_admin_answer_in_progress_at_shutdown_is_finished() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    // All of them fit in the gateway's first read of the connection (8
+    // KiB), so none is left unread in its socket when the connection
+    // closes: the kernel would answer that with a reset, losing the
+    // answers it still holds.
+    const REQUESTS: usize = 300;
+    let mut gateway = TestGateway::with(|_| {}).await;
+    let (_, body) = gateway.admin_get("/metrics").await;
+    assert!(
+        body.len() > 4000,
+        "a /metrics answer of {} bytes",
+        body.len()
+    );
+
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("receive buffer");
+    small_segments(&socket);
+    let mut stream = within("connect", socket.connect(gateway.admin))
+        .await
+        .expect("connect");
+    let requests = "GET /metrics HTTP/1.1\r\n\r\n".repeat(REQUESTS);
+    within(
+        "the requests to be written",
+        stream.write_all(requests.as_bytes()),
+    )
+    .await
+    .expect("requests written");
+    within("the first answer to start", async {
+        let mut probe = [0u8; 1];
+        stream.peek(&mut probe).await.expect("peek")
+    })
+    .await;
+
+    gateway.begin_stop();
+    let mut received = Vec::new();
+    within(
+        "the admin connection to close",
+        stream.read_to_end(&mut received),
+    )
+    .await
+    .expect("read to the end");
+    let answers = whole_responses(&received);
+    assert!(
+        (1..REQUESTS).contains(&answers),
+        "some answers, not all: {answers}"
+    );
+    gateway.wait_stopped().await;
+}
+
+/// How many complete HTTP/1.1 responses with a `content-length` `bytes`
+/// holds back to back; panics if anything follows the last whole one.
+fn whole_responses(mut bytes: &[u8]) -> usize {
+    let mut count = 0;
+    while !bytes.is_empty() {
+        let head_end = bytes
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or_else(|| panic!("response {count} has a head cut short"));
+        let head = String::from_utf8_lossy(&bytes[..head_end]).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "response {count}: {head}");
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("response {count} has no length: {head}"));
+        let end = head_end + 4 + length;
+        assert!(
+            end <= bytes.len(),
+            "response {count} is cut short: {} of {length} body bytes",
+            bytes.len() - head_end - 4
+        );
+        bytes = &bytes[end..];
+        count += 1;
+    }
+    count
+}
+
+/// Makes the connection `socket` will open use 536-byte segments. The
+/// kernel sizes a sender's buffer from the segment size, and on loopback
+/// (64 KiB segments) a peer that reads nothing can be sent about 3 MB;
+/// with small segments it is about 100 KB.
+fn small_segments(socket: &tokio::net::TcpSocket) {
+    use std::os::fd::AsRawFd;
+    let size: libc::c_int = 536;
+    // SAFETY: a valid socket descriptor, and an option value of the size
+    // passed with it.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_MAXSEG,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_MAXSEG: {}", std::io::Error::last_os_error());
+}
