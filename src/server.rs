@@ -165,6 +165,7 @@ impl Gateway {
                 max_messages_per_sec: config.websocket.max_messages_per_sec,
                 client_broadcast: config.websocket.rooms.client_broadcast,
             },
+            forced: shutdown.forced().clone(),
         });
         let router = Arc::new(Router {
             upgrader: Upgrader::new(&config, ctx, auth, shutdown.clone()),

@@ -307,3 +307,48 @@ fn small_segments(socket: &tokio::net::TcpSocket) {
     };
     assert_eq!(rc, 0, "TCP_MAXSEG: {}", std::io::Error::last_os_error());
 }
+
+/// A client that reads nothing, with megabytes waiting for it, cannot take
+/// its 1001 at shutdown. It is cut when the grace period is over (1 s
+/// here), not when `pong_timeout` (an hour here) would end the close, and
+/// the gateway stops with nothing of it left behind.
+#[tokio::test]
+async fn a_client_stalled_at_shutdown_is_cut_when_the_grace_period_ends() {
+    const MESSAGES: usize = 80;
+    let gw = TestGateway::with(|c| {
+        c.websocket.ping_interval_secs = 3600;
+        c.websocket.pong_timeout_secs = 3600;
+        c.server.shutdown_grace_secs = 1;
+    })
+    .await;
+    let mut stalled = WsClient::connect_with(&gw.ws_url(), None, Some(4096)).await;
+    let mut talker = gw.client().await;
+    stalled.join("stalled").await;
+    talker.join("stalled").await;
+    // 4.8 MB: more than the kernel holds for a client that reads nothing
+    // (about 3 MB on loopback).
+    let big = "x".repeat(60_000);
+    for n in 0..MESSAGES {
+        talker
+            .say("stalled", serde_json::json!(big), &format!("m{n}"))
+            .await;
+    }
+    let (client_port, gateway_port) = match stalled.ws.get_ref() {
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp) => (
+            tcp.local_addr().expect("address").port(),
+            tcp.peer_addr().expect("address").port(),
+        ),
+        _ => unreachable!("plain TCP"),
+    };
+    eventually("the gateway's writes to the client to back up", || {
+        tcp_send_queue(gateway_port, client_port).is_some_and(|queued| queued > 1_000_000)
+    })
+    .await;
+
+    gw.stop().await;
+    eventually("the stalled client's connection to be gone", || {
+        !tcp_socket_open(gateway_port, client_port)
+    })
+    .await;
+    drop(talker);
+}

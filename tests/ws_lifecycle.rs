@@ -599,22 +599,6 @@ async fn a_client_that_stops_reading_is_reset_when_its_close_goes_unanswered() {
     .await;
 }
 
-/// Whether this machine has an IPv4 TCP socket from local port `local` to
-/// remote port `remote` that is not closed (a reset one leaves the table
-/// at once). Both ports: the kernel gives a local port to connections to
-/// other peers too, and those of other tests may outlive this one's.
-fn tcp_socket_open(local: u16, remote: u16) -> bool {
-    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
-    let (local, remote) = (format!(":{local:04X}"), format!(":{remote:04X}"));
-    table.lines().skip(1).any(|line| {
-        let mut fields = line.split_whitespace().skip(1);
-        matches!(
-            (fields.next(), fields.next()),
-            (Some(l), Some(r)) if l.ends_with(&local) && r.ends_with(&remote)
-        )
-    })
-}
-
 #[tokio::test]
 async fn a_pong_timeout_longer_than_the_ping_interval_still_closes() {
     // A ping sent while an earlier one is unanswered must not restart the

@@ -14,6 +14,8 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{Instrument, debug};
 
 use super::io::{self, ReadSide};
@@ -48,12 +50,16 @@ pub struct SessionSettings {
 
 /// What every session shares.
 pub struct SessionContext {
-    /// Rooms and connections.
+    /// Where the session registers its connection and joins rooms.
     pub hub: Arc<Hub>,
-    /// Counters.
+    /// Where its traffic and its end are counted.
     pub metrics: Metrics,
-    /// Settings.
+    /// The configuration's WebSocket settings, resolved once for all.
     pub settings: SessionSettings,
+    /// Shutdown's forced phase: a session still waiting on a stalled
+    /// client when the grace period is over is cut then, instead of
+    /// holding shutdown for up to `pong_timeout` more.
+    pub forced: CancellationToken,
 }
 
 /// Runs a session to its end: registers the connection, serves it, and
@@ -75,11 +81,13 @@ pub async fn run(
     });
     debug!("connection opened");
 
-    let writer = tokio::spawn(
+    // Aborted if this task ends first (a panic), so the writer never
+    // outlives its session.
+    let mut writer = AbortOnDropHandle::new(tokio::spawn(
         Writer::new(write, conn.clone(), ctx.settings.clone())
             .run()
             .instrument(tracing::Span::current()),
-    );
+    ));
     Reader::new(&conn, &ctx).run(&mut stream).await;
     conn.cancel();
     // Leave every room as soon as the connection is closing, not when the
@@ -88,7 +96,10 @@ pub async fn run(
     // would still fill a `max_members` slot, be listed and miss its
     // presence `leave`, while nothing more can reach it.
     hub.unregister(&conn);
-    let ended = writer.await;
+    let ended = tokio::select! {
+        ended = &mut writer => Some(ended),
+        _ = ctx.forced.cancelled() => None,
+    };
     let (code, reason) = conn
         .close_request()
         .map(|r| (r.code, r.reason))
@@ -104,15 +115,26 @@ pub async fn run(
     // client that sees the end of the stream sees consistent metrics. Its
     // drop sends FIN; the client's close reply is still read.
     match ended {
-        Ok((write, Some(deadline))) => {
+        Some(Ok((write, Some(deadline)))) => {
             drop(write);
-            if !await_close_reply(&mut stream, deadline).await {
+            let replied = tokio::select! {
+                replied = await_close_reply(&mut stream, deadline) => replied,
+                _ = ctx.forced.cancelled() => false,
+            };
+            if !replied {
                 // Our close frame may still sit unread in the kernel.
                 io::reset_on_close(stream.get_ref().tcp());
             }
         }
-        Ok((_write, None)) => {}
-        Err(e) => tracing::error!(conn = %conn.id_str(), error = %e, "writer task failed"),
+        Some(Ok((_write, None))) => {}
+        Some(Err(e)) => tracing::error!(conn = %conn.id_str(), error = %e, "writer task failed"),
+        None => {
+            // The grace period is over and the writer is still stuck on
+            // the client: what it could not write is dropped with a reset.
+            io::reset_on_close(stream.get_ref().tcp());
+            writer.abort();
+            let _ = writer.await;
+        }
     }
     debug!(code, reason = reason.as_str(), "connection closed");
 }

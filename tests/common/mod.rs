@@ -81,6 +81,37 @@ where
 
 // ----- gateway in-process ----------------------------------------------
 
+/// Whether this machine has an IPv4 TCP socket from local port `local` to
+/// remote port `remote` that is not closed (a reset one leaves the table
+/// at once). Both ports: the kernel gives a local port to connections to
+/// other peers too, and those of other tests may outlive this one's.
+pub fn tcp_socket_open(local: u16, remote: u16) -> bool {
+    tcp_socket_fields(local, remote).is_some()
+}
+
+/// The bytes queued to send on the IPv4 TCP socket from local port `local`
+/// to remote port `remote` (written by its owner, not yet acknowledged by
+/// the peer), if there is such a socket.
+pub fn tcp_send_queue(local: u16, remote: u16) -> Option<u64> {
+    let fields = tcp_socket_fields(local, remote)?;
+    let (sending, _) = fields.get(4)?.split_once(':')?;
+    u64::from_str_radix(sending, 16).ok()
+}
+
+/// The fields of the `/proc/net/tcp` line of that socket.
+fn tcp_socket_fields(local: u16, remote: u16) -> Option<Vec<String>> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let (local, remote) = (format!(":{local:04X}"), format!(":{remote:04X}"));
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<String> = line.split_whitespace().map(String::from).collect();
+        let ours = matches!(
+            (fields.get(1), fields.get(2)),
+            (Some(l), Some(r)) if l.ends_with(&local) && r.ends_with(&remote)
+        );
+        ours.then_some(fields)
+    })
+}
+
 /// A configuration for tests: loopback, port 0, NATS off, upstream none.
 pub fn test_config() -> Config {
     let mut config = Config::default();
