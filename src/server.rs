@@ -33,7 +33,7 @@ use crate::nats::{Bridge, BridgeSettings, NatsSetupError};
 use crate::proxy::{Peer, Proxy, Upstream};
 use crate::response::Body;
 use crate::rooms::Hub;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Background, Shutdown};
 use crate::ws::{ClientStream, HoldSwitch, SessionContext, SessionSettings, Upgrader};
 
 /// Events queued for NATS before further ones are dropped and counted.
@@ -78,9 +78,8 @@ impl StartError {
 /// `check-config`; start-up goes through the same checks as it builds the
 /// gateway.
 pub fn preflight(config: &Config) -> Result<(), StartError> {
-    Authenticator::new(&config.auth, &Upstream::new(&config.upstream), |v| {
-        std::env::var(v).ok()
-    })?;
+    let upstream = Upstream::new(&config.upstream, &Background::default());
+    Authenticator::new(&config.auth, &upstream, |v| std::env::var(v).ok())?;
     if config.nats.enabled {
         crate::nats::Servers::new(&config.nats)?;
     }
@@ -97,6 +96,7 @@ pub struct Gateway {
     hub: Arc<Hub>,
     health: Arc<Health>,
     shutdown: Shutdown,
+    background: Background,
     router: Arc<Router>,
     nats: Option<(async_nats::Client, EventStream)>,
 }
@@ -145,7 +145,8 @@ impl Gateway {
             .connections_max
             .set(i64::try_from(config.server.max_connections).unwrap_or(i64::MAX));
         let shutdown = Shutdown::new();
-        let upstream = Upstream::new(&config.upstream);
+        let background = Background::default();
+        let upstream = Upstream::new(&config.upstream, &background);
         let auth = Authenticator::new(&config.auth, &upstream, |v| std::env::var(v).ok())?;
         let (events, nats) = if config.nats.enabled {
             let client = crate::nats::connect(&config.nats, &id, &metrics).await?;
@@ -190,6 +191,7 @@ impl Gateway {
             metrics,
             hub,
             shutdown,
+            background,
             router,
             nats,
         })
@@ -224,21 +226,16 @@ impl Gateway {
             gateway = %self.id,
             "roomgate listening"
         );
-        let background = CancellationToken::new();
+        let background = self.background;
         let admin = Arc::new(Admin {
             metrics: self.metrics.clone(),
             hub: self.hub.clone(),
             health: self.health.clone(),
         });
-        let admin_task = tokio::spawn(admin.serve(self.admin_listener, background.clone()));
-        let sweeper = tokio::spawn(self.hub.clone().run_sweeper(background.clone()));
-        let pool_sweeper = tokio::spawn(
-            self.router
-                .proxy
-                .upstream()
-                .clone()
-                .run_sweeper(background.clone()),
-        );
+        let stop = background.stopping().clone();
+        background.spawn(admin.serve(self.admin_listener, stop.clone()));
+        background.spawn(self.hub.clone().run_sweeper(stop.clone()));
+        background.spawn(self.router.proxy.upstream().clone().run_sweeper(stop));
         let bridge_stop = CancellationToken::new();
         let bridge = self.nats.map(|(client, stream)| {
             let settings = BridgeSettings {
@@ -278,8 +275,7 @@ impl Gateway {
             warn!("NATS flush did not finish in time");
             bridge.abort();
         }
-        background.cancel();
-        let _ = tokio::join!(admin_task, sweeper, pool_sweeper);
+        background.stop().await;
         info!("roomgate stopped");
     }
 }

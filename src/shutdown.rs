@@ -1,8 +1,10 @@
 //! Shutdown in two phases (SPEC §8): first *stop* (no new connections,
 //! WebSockets close with 1001, HTTP connections finish their in-flight
 //! request), then, once the grace period is over, *force* (whatever is
-//! still running is cut). Every task the gateway spawns is tracked here, so
-//! `Gateway::run` returns only when nothing it started is left behind.
+//! still running is cut). Every task the gateway spawns is tracked here,
+//! by [`Shutdown`] for those serving a client connection and by
+//! [`Background`] for the rest, so `Gateway::run` returns only when nothing
+//! it started is left behind.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -88,6 +90,69 @@ impl Shutdown {
             let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
         }
         clean
+    }
+}
+
+/// Tasks that work for the gateway as a whole rather than for one client
+/// connection: the admin port, the sweepers, the upstream connections of
+/// the HTTP client used for tunnels and forward auth, an upload finishing
+/// after its response. Shutdown's drain does not wait for them (an idle
+/// upstream connection would hold it for a minute); `Gateway::run` stops
+/// them as it returns, so none outlives the gateway.
+#[derive(Clone, Default)]
+pub struct Background {
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Background {
+    /// Cancelled when the gateway has drained and its last users are gone.
+    pub fn stopping(&self) -> &CancellationToken {
+        &self.stop
+    }
+
+    /// Runs `task`, which watches [`Background::stopping`] itself and ends
+    /// soon after it is cancelled (the admin port finishes its answers).
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(task);
+    }
+
+    /// Runs `task` until it ends or the gateway stops, whichever is first.
+    pub fn spawn_until_stopped<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let stop = self.stop.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = task => {}
+                () = stop.cancelled() => {}
+            }
+        });
+    }
+
+    /// Stops every task and waits until each has ended.
+    pub async fn stop(&self) {
+        self.tasks.close();
+        self.stop.cancel();
+        self.tasks.wait().await;
+    }
+}
+
+/// hyper's client spawns each connection it opens through this, so its
+/// pooled upstream connections end with the gateway.
+impl<F> hyper::rt::Executor<F> for Background
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        self.spawn_until_stopped(async move {
+            future.await;
+        });
     }
 }
 

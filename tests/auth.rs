@@ -724,3 +724,27 @@ async fn user_flows_into_nats_payloads_and_headers() {
         Some("alice")
     );
 }
+
+/// The HTTP client behind forward auth keeps its connection to the auth
+/// service for the next check. It is closed when the gateway stops, not
+/// when its idle time (a minute) runs out: nothing the gateway started
+/// outlives it.
+#[tokio::test]
+async fn the_forward_auth_connection_is_closed_when_the_gateway_stops() {
+    let upstream = auth_upstream().await;
+    let gw = TestGateway::with(|c| {
+        c.auth.mode = roomgate::config::AuthMode::Upstream;
+        c.upstream.url = upstream.url();
+    })
+    .await;
+    let mut alice = connect_with(&gw.ws_url(), &[("cookie", "session=good")]).await;
+    alice.join("lobby").await;
+    assert_eq!(upstream.connections_open(), 1, "kept for the next check");
+    alice.close_normally().await;
+
+    gw.stop().await;
+    eventually("the auth service's connection to be closed", || {
+        upstream.connections_open() == 0
+    })
+    .await;
+}

@@ -24,7 +24,7 @@ use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -33,7 +33,7 @@ use crate::deadline::{self, Deadlines};
 use crate::metrics::Metrics;
 use crate::request::{self, HostError, header_has_token};
 use crate::response::{self, Body};
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Background, Shutdown};
 
 pub mod pool;
 
@@ -215,12 +215,13 @@ fn bad_uri(e: impl std::fmt::Display) -> ProxyError {
 
 impl Upstream {
     /// Builds the client; with an empty `upstream.url` every call answers
-    /// [`ProxyError::NoUpstream`].
-    pub fn new(config: &UpstreamConfig) -> Self {
+    /// [`ProxyError::NoUpstream`]. The client's connections, and uploads
+    /// still being written after their response, run in `background`.
+    pub fn new(config: &UpstreamConfig, background: &Background) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config::secs(config.connect_timeout_secs)));
         connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
+        let client = Client::builder(background.clone())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .pool_idle_timeout(IDLE_TIMEOUT)
@@ -244,6 +245,7 @@ impl Upstream {
                 config::secs(config.connect_timeout_secs),
                 IDLE_TIMEOUT,
                 config::secs(config.timeout_secs),
+                background.clone(),
             ))
         });
         Self { client, base, pool }
@@ -1021,13 +1023,13 @@ mod tests {
             url: "http://127.0.0.1:3000/api/".into(),
             ..UpstreamConfig::default()
         };
-        let up = Upstream::new(&config);
+        let up = Upstream::new(&config, &Background::default());
         assert_eq!(
             up.uri_for("/x?y=1").expect("uri").to_string(),
             "http://127.0.0.1:3000/api/x?y=1"
         );
         assert!(matches!(
-            Upstream::new(&UpstreamConfig::default()).uri_for("/"),
+            Upstream::new(&UpstreamConfig::default(), &Background::default()).uri_for("/"),
             Err(ProxyError::NoUpstream)
         ));
     }

@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Progress, UpstreamBody};
 use crate::deadline::{self, Stall};
+use crate::shutdown::Background;
 
 /// Idle connections kept at most; more are closed when they come back.
 const MAX_IDLE: usize = 512;
@@ -81,6 +82,9 @@ pub struct Pool {
     /// Oldest at the front; checkout takes the newest, which is the least
     /// likely to have been closed by the upstream's own idle timeout.
     idle: Mutex<VecDeque<Idle>>,
+    /// Where a connection still writing its upload after the response is
+    /// driven to the end of it.
+    background: Background,
 }
 
 struct Idle {
@@ -203,6 +207,7 @@ impl Pool {
         connect_timeout: Duration,
         idle_timeout: Duration,
         stall_timeout: Duration,
+        background: Background,
     ) -> Self {
         Self {
             target,
@@ -210,6 +215,7 @@ impl Pool {
             idle_timeout,
             stall_timeout,
             idle: Mutex::new(VecDeque::new()),
+            background,
         }
     }
 
@@ -313,14 +319,14 @@ impl Pool {
     /// its own until the request is written, and parked only then. That
     /// task lives no longer than the upload: the client's connection feeds
     /// it (and is tracked by shutdown), and an upload that stands still
-    /// for the upstream timeout closes the connection.
+    /// for the upstream timeout closes the connection. It runs in the
+    /// background, so it also ends when the gateway stops.
     fn release(self: &Arc<Self>, conn: Conn, upload: Option<Arc<Progress>>) {
         if conn.idle() {
             self.checkin(conn);
-        } else if conn.reusable()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            runtime.spawn(self.clone().finish(conn, upload));
+        } else if conn.reusable() && tokio::runtime::Handle::try_current().is_ok() {
+            self.background
+                .spawn_until_stopped(self.clone().finish(conn, upload));
         }
     }
 

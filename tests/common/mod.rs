@@ -728,6 +728,7 @@ pub struct Upstream {
     /// Its address.
     pub addr: SocketAddr,
     accepted: Arc<std::sync::atomic::AtomicUsize>,
+    open: Arc<std::sync::atomic::AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -744,14 +745,17 @@ impl Upstream {
             .expect("bind upstream");
         let addr = listener.local_addr().expect("addr");
         let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counter = accepted.clone();
+        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (counter, still_open) = (accepted.clone(), open.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
                 counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                still_open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let handler = handler.clone();
+                let still_open = still_open.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |r| {
                         let handler = handler.clone();
@@ -761,12 +765,14 @@ impl Upstream {
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                         .with_upgrades()
                         .await;
+                    still_open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                 });
             }
         });
         Self {
             addr,
             accepted,
+            open,
             task,
         }
     }
@@ -779,6 +785,12 @@ impl Upstream {
     /// TCP connections accepted so far (to check connection reuse).
     pub fn connections_accepted(&self) -> usize {
         self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Connections whose HTTP exchange has not ended (the peer has not
+    /// closed them, nor has an upgrade ended).
+    pub fn connections_open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
