@@ -15,7 +15,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
@@ -112,10 +112,8 @@ impl Future for Deadline {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let at = self.at;
-        // The lock is only ever taken by the connection's own task, so it
-        // is never contended; a panic while it was held leaves a timer that
-        // is still usable.
-        let mut timer = self.timer.lock().unwrap_or_else(PoisonError::into_inner);
+        // Only ever taken by the connection's own task: never contended.
+        let mut timer = crate::sync::lock(&self.timer);
         let timer = timer.get_or_insert_with(|| Timer::new(at));
         if timer.sleep.deadline() > at {
             timer.reset(at);

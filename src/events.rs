@@ -19,6 +19,7 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::protocol::PresenceKind;
 use crate::rooms::{Connection, RoomName};
+use crate::sync::lock;
 
 /// One thing to publish.
 #[derive(Debug)]
@@ -75,9 +76,14 @@ pub enum Event {
 
 /// Unix time in milliseconds, for the `ts` fields.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
+    unix_ms(SystemTime::now())
+}
+
+/// `t` in Unix milliseconds, the unit of every time the gateway reports
+/// (0 for a clock set before 1970).
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
 
@@ -193,8 +199,4 @@ impl EventStream {
             set.drain().collect()
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -54,6 +54,7 @@ pub mod response;
 pub mod rooms;
 pub mod server;
 pub mod shutdown;
+pub mod sync;
 pub mod ws;
 
 pub use config::Config;

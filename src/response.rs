@@ -84,7 +84,8 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
     }
 }
 
-/// An empty body.
+/// A body with nothing in it, for statuses that carry none (101, 204,
+/// HEAD answers): no allocation.
 pub fn empty() -> Body {
     Body(Kind::Empty)
 }
@@ -102,7 +103,8 @@ pub fn text(status: StatusCode, message: impl Into<String>) -> Response<Body> {
     response
 }
 
-/// A JSON response.
+/// A response with `value` as JSON; a value that cannot be encoded (a
+/// bug, not input) gets 500 rather than a panic.
 pub fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
     match serde_json::to_vec(value) {
         Ok(body) => {

@@ -72,7 +72,8 @@ impl Shutdown {
         self.tasks.spawn(task)
     }
 
-    /// Begins shutdown.
+    /// Begins shutdown: the flag first, so every [`Cancelled`] wait that
+    /// the token wakes sees it.
     pub fn begin(&self) {
         self.stopped.store(true, Ordering::Release);
         self.stop.cancel();

@@ -341,7 +341,8 @@ struct RoomSubscription {
     task: JoinHandle<()>,
 }
 
-/// The running bridge.
+/// Moves traffic both ways between the hub and NATS: room events out to
+/// backends, and backends' publications in to rooms and connections.
 pub struct Bridge {
     client: Client,
     hub: Arc<Hub>,

@@ -396,8 +396,7 @@ impl Pool {
     }
 
     fn lock(&self) -> MutexGuard<'_, VecDeque<Idle>> {
-        // A panic elsewhere cannot leave the deque half-changed.
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.idle)
     }
 }
 

@@ -113,7 +113,7 @@ impl Connection {
         })
     }
 
-    /// The connection id.
+    /// The connection id, as the registry keys it.
     pub fn id(&self) -> Uuid {
         self.id
     }
@@ -255,9 +255,7 @@ impl Connection {
 
     /// The membership list, locked.
     pub(super) fn rooms(&self) -> MutexGuard<'_, Vec<Arc<Room>>> {
-        // A panic while holding this lock would be a bug in this module; the
-        // list itself stays consistent, so keep serving.
-        self.rooms.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.rooms)
     }
 }
 

@@ -43,9 +43,10 @@ pub use outbox::{Batch, MAX_CONTROL_BYTES, Outbox, PushError};
 use idle::{IdleQueue, Ticket};
 
 use crate::config::RoomsConfig;
-use crate::events::{Event, Events, now_ms};
+use crate::events::{Event, Events, now_ms, unix_ms};
 use crate::metrics::Metrics;
 use crate::protocol::{self, ErrorCode, Frame, PresenceKind, Refusal, Run};
+use crate::sync::{lock, read, write};
 
 /// Number of lock shards for rooms and for connections. A power of two well
 /// above the core count keeps contention negligible.
@@ -147,7 +148,8 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// Creates an empty hub.
+    /// A hub with no rooms, keeping up to the built-in number of empty
+    /// rooms for their idle timeout.
     pub fn new(config: HubConfig, metrics: Metrics, events: Events) -> Arc<Self> {
         Self::with_empty_room_limit(config, metrics, events, MAX_EMPTY_ROOMS)
     }
@@ -741,27 +743,6 @@ pub struct MemberInfo {
     pub connection_id: String,
     /// Its user, when authentication named one (`null` otherwise).
     pub user: Option<String>,
-}
-
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-// Poisoning only follows a panic in this module while a lock was held; the
-// maps stay structurally valid, so keep serving rather than cascade panics.
-
-fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
-    lock.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
-    lock.write().unwrap_or_else(|e| e.into_inner())
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

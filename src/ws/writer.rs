@@ -71,7 +71,8 @@ impl Heartbeat {
     }
 }
 
-/// The writer's state.
+/// The only task that writes to a client's socket, so frames from the
+/// reader, the hub and the heartbeat never interleave on the wire.
 pub struct Writer {
     io: OwnedWriteHalf,
     conn: Arc<Connection>,
