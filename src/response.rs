@@ -84,8 +84,8 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
     }
 }
 
-/// A body with nothing in it, for statuses that carry none (101, 204,
-/// HEAD answers): no allocation.
+/// A body with nothing in it (a 101, the GET to the auth service), at no
+/// allocation.
 pub fn empty() -> Body {
     Body(Kind::Empty)
 }
