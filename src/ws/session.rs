@@ -112,14 +112,33 @@ pub async fn run(
         ts: now_ms(),
     });
     // The sending half goes only now, after the books are closed, so a
-    // client that sees the end of the stream sees consistent metrics. Its
-    // drop sends FIN; the client's close reply is still read.
+    // client that sees the end of the stream sees consistent metrics.
+    release(&mut stream, ended, writer, &ctx.forced, &conn).await;
+    debug!(code, reason = reason.as_str(), "connection closed");
+}
+
+/// What the writer returns: its half of the socket, and until when to
+/// wait for the client's close reply, if at all.
+type WriterEnd = (OwnedWriteHalf, Option<tokio::time::Instant>);
+
+/// Lets the socket go once the writer has ended (`ended`), or once the
+/// grace period is over with the writer still stuck (`None`). Dropping the
+/// sending half sends FIN; the client's close reply is still read, until
+/// the writer's deadline. A client that has not taken everything by then
+/// is reset, so nothing lingers in the kernel for it.
+async fn release(
+    stream: &mut WsStream,
+    ended: Option<Result<WriterEnd, tokio::task::JoinError>>,
+    writer: AbortOnDropHandle<WriterEnd>,
+    forced: &CancellationToken,
+    conn: &Connection,
+) {
     match ended {
         Some(Ok((write, Some(deadline)))) => {
             drop(write);
             let replied = tokio::select! {
-                replied = await_close_reply(&mut stream, deadline) => replied,
-                _ = ctx.forced.cancelled() => false,
+                replied = await_close_reply(stream, deadline) => replied,
+                _ = forced.cancelled() => false,
             };
             if !replied {
                 // Our close frame may still sit unread in the kernel.
@@ -129,14 +148,12 @@ pub async fn run(
         Some(Ok((_write, None))) => {}
         Some(Err(e)) => tracing::error!(conn = %conn.id_str(), error = %e, "writer task failed"),
         None => {
-            // The grace period is over and the writer is still stuck on
-            // the client: what it could not write is dropped with a reset.
+            // What the writer could not write is dropped with a reset.
             io::reset_on_close(stream.get_ref().tcp());
             writer.abort();
             let _ = writer.await;
         }
     }
-    debug!(code, reason = reason.as_str(), "connection closed");
 }
 
 /// The reading half: parses frames and acts on them.
