@@ -58,6 +58,22 @@ pub fn later(at: Instant, by: Duration) -> Instant {
     at.checked_add(by).unwrap_or_else(|| at + FAR_OFF)
 }
 
+/// Resolves once `last()`, the time something last moved, lies `bound` in
+/// the past: the bound on an upload to the upstream, which moves it on
+/// with every chunk taken. `sleep` makes the timer: the connection's
+/// [`Deadlines`] where one serves the task, tokio's otherwise.
+pub async fn stalled<S>(last: impl Fn() -> Instant, bound: Duration, sleep: impl Fn(Instant) -> S)
+where
+    S: Future<Output = ()>,
+{
+    loop {
+        sleep(later(last(), bound)).await;
+        if later(last(), bound) <= Instant::now() {
+            return;
+        }
+    }
+}
+
 /// About thirty years.
 const FAR_OFF: Duration = Duration::from_secs(86_400 * 365 * 30);
 
@@ -215,6 +231,21 @@ mod tests {
         tokio::time::timeout(3600 * SECOND, deadline)
             .await
             .expect("the deadline resolves");
+    }
+
+    /// A stall is measured from the last move: a move during the wait
+    /// pushes its end on, and it ends once nothing moved for the bound.
+    #[tokio::test(start_paused = true)]
+    async fn a_stall_ends_a_bound_after_the_last_move() {
+        let start = Instant::now();
+        let last = std::cell::Cell::new(start);
+        let mover = async {
+            tokio::time::sleep(2 * SECOND).await;
+            last.set(Instant::now());
+        };
+        let stall = stalled(|| last.get(), 3 * SECOND, tokio::time::sleep_until);
+        tokio::join!(reach(stall), mover);
+        assert_eq!(Instant::now(), start + 5 * SECOND);
     }
 
     /// Deadlines in a row, each later than the last, on a paused clock.

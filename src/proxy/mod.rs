@@ -11,7 +11,7 @@
 //! together.
 
 use std::net::SocketAddr;
-use std::pin::{Pin, pin};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
@@ -367,20 +367,13 @@ async fn timed<T, E, F: Future<Output = Result<T, E>>>(
         inner,
         progress: Some(progress.clone()),
     });
-    let mut response = pin!(send(request));
-    loop {
-        tokio::select! {
-            result = &mut response => {
-                return match progress.fault() {
-                    Some(fault) if result.is_err() => Err(ProxyError::ClientBody(fault)),
-                    _ => Ok(result),
-                };
-            }
-            _ = deadlines.at(deadline::later(progress.last(), timeout)) => {
-                if deadline::later(progress.last(), timeout) <= tokio::time::Instant::now() {
-                    return Err(ProxyError::Timeout);
-                }
-            }
+    tokio::select! {
+        result = send(request) => match progress.fault() {
+            Some(fault) if result.is_err() => Err(ProxyError::ClientBody(fault)),
+            _ => Ok(result),
+        },
+        () = deadline::stalled(|| progress.last(), timeout, |at| deadlines.at(at)) => {
+            Err(ProxyError::Timeout)
         }
     }
 }

@@ -336,21 +336,9 @@ impl Pool {
     async fn finish(self: Arc<Self>, mut conn: Conn, upload: Option<Arc<Progress>>) {
         let since = tokio::time::Instant::now();
         let last_moved = || upload.as_ref().map_or(since, |upload| upload.last());
-        let idle = {
-            let mut idle = pin!(poll_fn(|cx| conn.poll_idle(cx)));
-            loop {
-                let stalled = deadline::later(last_moved(), self.stall_timeout);
-                tokio::select! {
-                    idle = &mut idle => break idle,
-                    _ = tokio::time::sleep_until(stalled) => {
-                        if deadline::later(last_moved(), self.stall_timeout)
-                            <= tokio::time::Instant::now()
-                        {
-                            break false;
-                        }
-                    }
-                }
-            }
+        let idle = tokio::select! {
+            idle = poll_fn(|cx| conn.poll_idle(cx)) => idle,
+            () = deadline::stalled(last_moved, self.stall_timeout, tokio::time::sleep_until) => false,
         };
         if idle {
             self.checkin(conn);
