@@ -748,3 +748,46 @@ async fn the_forward_auth_connection_is_closed_when_the_gateway_stops() {
     })
     .await;
 }
+
+/// A gateway at `max_connections` refuses further upgrades before asking
+/// the auth service, so a crowd of clients at a full gateway does not turn
+/// into a crowd of auth checks.
+#[tokio::test]
+async fn a_full_gateway_refuses_upgrades_without_asking_the_auth_service() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let checks = Arc::new(AtomicUsize::new(0));
+    let counted = checks.clone();
+    let upstream = Upstream::start(move |_request: Request<hyper::body::Incoming>| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async {
+            Response::builder()
+                .header("roomgate-user", "alice")
+                .body(full(""))
+                .expect("response")
+        }
+    })
+    .await;
+    let gw = TestGateway::with(|c| {
+        c.auth.mode = roomgate::config::AuthMode::Upstream;
+        c.upstream.url = upstream.url();
+        c.server.max_connections = 1;
+    })
+    .await;
+    let _admitted = gw.client().await;
+    assert_eq!(checks.load(Ordering::SeqCst), 1);
+
+    let (status, _) = upgrade_status(gw.addr, "", &[]).await;
+    assert_eq!(status, 503);
+    assert_eq!(
+        checks.load(Ordering::SeqCst),
+        1,
+        "no check for a refused upgrade"
+    );
+    assert_eq!(
+        gw.metric("roomgate_upgrades_rejected_total{reason=\"max_connections\"}")
+            .await,
+        1.0
+    );
+}

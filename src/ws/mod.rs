@@ -136,6 +136,13 @@ impl Upgrader {
         if self.shutdown.is_stopping() {
             return Err(unavailable(RejectReason::ShuttingDown, "shutting down"));
         }
+        // Taken before authentication, so a full gateway sends no more
+        // checks to the auth service, and the checks in flight count
+        // against the limit with the connections they may become.
+        let permit =
+            self.slots.clone().try_acquire_owned().map_err(|_| {
+                unavailable(RejectReason::TooManyConnections, "too many connections")
+            })?;
         let on_upgrade = hyper::upgrade::on(&mut request);
         let (parts, _) = request.into_parts();
         let identity = self.auth.admit(&parts, client).await?;
@@ -144,10 +151,6 @@ impl Upgrader {
         if self.shutdown.is_stopping() {
             return Err(unavailable(RejectReason::ShuttingDown, "shutting down"));
         }
-        let permit =
-            self.slots.clone().try_acquire_owned().map_err(|_| {
-                unavailable(RejectReason::TooManyConnections, "too many connections")
-            })?;
         self.spawn_session(on_upgrade, identity, permit, &parts, client);
         Ok(switching_protocols(&accept))
     }
