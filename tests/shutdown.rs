@@ -5,10 +5,12 @@
 mod common;
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use common::*;
 use http_body_util::BodyExt;
 use hyper::{Request, Response};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 /// An upstream whose `/slow` requests report their arrival on the returned
@@ -104,26 +106,75 @@ async fn sigterm_drains_then_exits_zero() {
 
 #[tokio::test]
 async fn a_request_that_outlives_the_grace_period_is_cut_and_the_exit_is_still_zero() {
+    const GRACE: Duration = Duration::from_secs(2);
     let (upstream, mut arrived) = slow_upstream().await;
     let url = upstream.url();
+    let grace = GRACE.as_secs().to_string();
     let mut gateway = GatewayProcess::start(
         &[],
         &[
             ("ROOMGATE_UPSTREAM_URL", url.as_str()),
-            ("ROOMGATE_SERVER_SHUTDOWN_GRACE_SECS", "1"),
+            ("ROOMGATE_SERVER_SHUTDOWN_GRACE_SECS", grace.as_str()),
         ],
     );
-    let request = slow_request(&gateway);
+    // The request's outcome and the moment it ended, without panicking on
+    // a cut connection: a cut is what this test expects.
+    let addr = gateway.addr;
+    let request = tokio::spawn(async move {
+        let outcome: Result<(u16, String), String> = async {
+            let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            let response = sender
+                .send_request(
+                    Request::get("/slow")
+                        .header("host", "app.example.test")
+                        .body(empty())
+                        .unwrap(),
+                )
+                .await
+                .map_err(|e| format!("no response: {e}"))?;
+            let status = response.status().as_u16();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("status {status}, body cut: {e}"))?;
+            Ok((
+                status,
+                String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+            ))
+        }
+        .await;
+        (outcome, Instant::now())
+    });
+    // Never released: the upstream holds the request past the grace period.
     let _never_released = within("the slow request to reach the upstream", arrived.recv())
         .await
         .expect("upstream saw the request");
+
+    // Taken before the signal is sent, so the time measured from it to the
+    // cut is at least the time the gateway itself waited.
+    let signalled = Instant::now();
     gateway.signal("TERM");
+    let (outcome, ended) = within("the cut request to end", request)
+        .await
+        .expect("request task");
     assert_eq!(gateway.wait_exit(), 0);
-    let result = within("the cut request to end", request).await;
+
+    let waited = ended - signalled;
     assert!(
-        !matches!(result, Ok((200, ref body)) if body == "done"),
-        "the request was not served: {result:?}"
+        waited >= GRACE,
+        "the request was cut {waited:?} after SIGTERM, before the {GRACE:?} grace period: {outcome:?}"
     );
+    match outcome {
+        Err(_) => {}
+        Ok((status, _)) if status >= 500 => {}
+        Ok(served) => panic!("the request was answered instead of cut: {served:?}"),
+    }
 }
 
 #[tokio::test]
