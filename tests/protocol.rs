@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -608,53 +608,118 @@ async fn the_first_frame_names_a_unique_uuid_connection_id() {
 
 #[tokio::test]
 async fn pings_are_answered_and_do_not_count_against_the_rate() {
+    // The bucket holds one frame. Ten pings and a join, written at once:
+    // every ping is answered and the join still finds its token. Had the
+    // pings been counted, the join (and all but one ping) would have been
+    // refused, unless a second passed meanwhile and refilled the bucket:
+    // such a round proves nothing and is repeated on a new connection.
+    const PINGS: usize = 10;
     let gw = TestGateway::with(|c| c.websocket.max_messages_per_sec = 1).await;
-    let mut a = gw.client().await;
-    for _ in 0..10 {
-        a.ping_pong().await;
+    let dropped = r#"roomgate_messages_dropped_total{reason="rate_limited"}"#;
+    let started = Instant::now();
+    let mut round = 0;
+    loop {
+        round += 1;
+        assert!(
+            started.elapsed() < WAIT,
+            "no round of pings finished within a second"
+        );
+        let mut a = gw.client().await;
+        let room = format!("r{round}");
+        let round_start = Instant::now();
+        within("the pings and the join to be written", async {
+            for i in 0..PINGS {
+                let payload = bytes::Bytes::from(format!("ping {i}"));
+                a.ws.feed(Message::Ping(payload)).await.expect("feed");
+            }
+            let join = json!({"type": "join", "room": room, "id": "j"}).to_string();
+            a.ws.feed(Message::text(join)).await.expect("feed");
+            a.ws.flush().await.expect("flush");
+        })
+        .await;
+        let mut pongs = Vec::new();
+        let reply = within("the pongs and the join's reply", async {
+            loop {
+                match a.ws.next().await {
+                    Some(Ok(Message::Pong(p))) => pongs.push(p),
+                    Some(Ok(Message::Text(text))) => {
+                        break serde_json::from_str::<Value>(text.as_str()).expect("JSON");
+                    }
+                    Some(Ok(_)) => continue,
+                    other => panic!("connection ended: {other:?}"),
+                }
+            }
+        })
+        .await;
+        let expected: Vec<bytes::Bytes> = (0..PINGS)
+            .map(|i| bytes::Bytes::from(format!("ping {i}")))
+            .collect();
+        assert_eq!(
+            pongs, expected,
+            "every ping answered, in order, before the join's reply"
+        );
+        assert_eq!(reply, json!({"type": "joined", "room": room, "id": "j"}));
+        assert_eq!(gw.metric(dropped).await, 0.0, "no frame was rate limited");
+        if round_start.elapsed() < Duration::from_secs(1) {
+            break;
+        }
     }
-    // The one frame the bucket holds is still there.
-    a.join("r").await;
     gw.stop().await;
 }
 
 #[tokio::test]
 async fn a_fragmented_message_counts_once_against_the_rate() {
-    // The bucket holds one message. A join cut into three fragments is
-    // one message: it is served. Two more joins right behind it, in the
-    // same write, find the bucket empty, so the fragmented one was counted.
+    // The bucket holds one message and refills one a second. A join cut
+    // into three fragments is one message: it is served. Two more joins
+    // right behind it, in the same write, find the bucket empty, so both
+    // are refused, unless a second passed between the first and the last
+    // (a refill): such a round is repeated on a new connection.
     use tokio::io::AsyncWriteExt;
     let gw = TestGateway::with(|c| c.websocket.max_messages_per_sec = 1).await;
-    let mut stream = tokio::net::TcpStream::connect(gw.addr)
-        .await
-        .expect("connect");
-    upgrade_raw(&mut stream, gw.addr).await;
-    let welcome = within("the welcome", read_raw_frame(&mut stream)).await;
-    assert_eq!(welcome.map(|f| f.opcode), Some(1));
-    let mut burst = Vec::new();
-    burst.extend(client_frame(0x01, br#"{"type":"jo"#, true));
-    burst.extend(client_frame(0x00, br#"in","room""#, true));
-    burst.extend(client_frame(0x80, br#":"r","id":"frag"}"#, true));
-    for room in ["s", "t"] {
-        let join = format!(r#"{{"type":"join","room":"{room}","id":"{room}"}}"#);
-        burst.extend(client_frame(0x81, join.as_bytes(), true));
-    }
-    stream.write_all(&burst).await.expect("write");
-    let mut replies = Vec::new();
-    for _ in 0..3 {
-        let frame = within("a reply", read_raw_frame(&mut stream))
+    let started = Instant::now();
+    loop {
+        assert!(
+            started.elapsed() < WAIT,
+            "no round of three joins finished within a second"
+        );
+        let mut stream = within("connect", tokio::net::TcpStream::connect(gw.addr))
             .await
-            .expect("a frame");
-        replies.push(serde_json::from_slice::<Value>(&frame.payload).expect("JSON"));
+            .expect("connect");
+        upgrade_raw(&mut stream, gw.addr).await;
+        let welcome = within("the welcome", read_raw_frame(&mut stream)).await;
+        assert_eq!(welcome.map(|f| f.opcode), Some(1));
+        let mut burst = Vec::new();
+        burst.extend(client_frame(0x01, br#"{"type":"jo"#, true));
+        burst.extend(client_frame(0x00, br#"in","room""#, true));
+        burst.extend(client_frame(0x80, br#":"r","id":"frag"}"#, true));
+        for room in ["s", "t"] {
+            let join = format!(r#"{{"type":"join","room":"{room}","id":"{room}"}}"#);
+            burst.extend(client_frame(0x81, join.as_bytes(), true));
+        }
+        // The bucket's clock for the first frame starts no earlier than this.
+        let round_start = Instant::now();
+        within("the burst to be written", stream.write_all(&burst))
+            .await
+            .expect("write");
+        let mut replies = Vec::new();
+        for _ in 0..3 {
+            let frame = within("a reply", read_raw_frame(&mut stream))
+                .await
+                .expect("a frame");
+            replies.push(serde_json::from_slice::<Value>(&frame.payload).expect("JSON"));
+        }
+        assert_eq!(
+            replies[0],
+            json!({"type": "joined", "room": "r", "id": "frag"})
+        );
+        if round_start.elapsed() >= Duration::from_secs(1) {
+            continue;
+        }
+        for (reply, id) in replies[1..].iter().zip(["s", "t"]) {
+            assert_error(reply, "rate_limited", Some(id));
+        }
+        break;
     }
-    assert_eq!(
-        replies[0],
-        json!({"type": "joined", "room": "r", "id": "frag"})
-    );
-    assert!(
-        replies[1..].iter().any(|r| r["code"] == "rate_limited"),
-        "{replies:?}"
-    );
     gw.stop().await;
 }
 
@@ -703,7 +768,7 @@ async fn a_client_that_answers_pings_stays_and_one_that_does_not_is_closed() {
         loop {
             tokio::select! {
                 _ = &mut stopped => return (live, pings),
-                next = futures_util::StreamExt::next(&mut live.ws) => match next {
+                next = live.ws.next() => match next {
                     Some(Ok(Message::Ping(_))) => pings += 1,
                     other => panic!("unexpected while idle: {other:?}"),
                 },
