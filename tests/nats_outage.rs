@@ -6,9 +6,13 @@
 mod common;
 mod nats_support;
 
+use std::time::Duration;
+
 use common::*;
+use futures_util::SinkExt;
 use nats_support::*;
 use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
 
 /// Sends `n` messages with ids from `sender`, each acknowledged before the
 /// next; returns the sender.
@@ -157,41 +161,88 @@ fn signal(pid: u32, name: &str) {
 /// A nats-server that stops answering (frozen with SIGSTOP: its TCP
 /// connections stay open, nothing is read) does not slow clients down:
 /// messages are acknowledged and delivered locally, and shutdown finishes.
+/// The clients send far more than every buffer on the way to NATS holds
+/// (the socket's, the NATS client's and the gateway's event queue), so the
+/// gateway must have dropped events rather than wait for room in them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_nats_server_does_not_slow_clients() {
+    /// The gateway's event queue (`EVENT_QUEUE` in src/server.rs).
+    const EVENT_QUEUE: u64 = 16 * 1024;
+    /// Messages sent while NATS is frozen.
+    const N: u64 = 40_000;
+    /// Messages written before their acks are read.
+    const WINDOW: u64 = 200;
     let server = NatsServer::start();
     let backend = Backend::connect(&server).await;
     let mut presence = backend.subscribe("roomgate.presence.>").await;
-    let mut gw = nats_gateway(&server, |_| {}).await;
+    // Queues long enough that neither client can be closed as a slow
+    // consumer while the other one writes ahead.
+    let mut gw = nats_gateway(&server, |c| {
+        c.websocket.send_queue_capacity = N as usize * 2;
+    })
+    .await;
     let mut a = gw.client().await;
     let mut b = gw.client().await;
     join_synced(&mut a, &mut presence, "general").await;
     join_synced(&mut b, &mut presence, "general").await;
     let published = gw.metric("roomgate_nats_published_total").await;
+    let errors = gw.metric("roomgate_nats_publish_errors_total").await;
 
     let pid = server.pid().expect("nats-server runs");
     signal(pid, "STOP");
-    const N: u64 = 500;
     let padding = "x".repeat(1024);
     let receiver = tokio::spawn(async move {
         receive_seq(&mut b, "general", 0, N).await;
         b
     });
-    for seq in 0..N {
-        let id = seq.to_string();
-        a.send(json!({"type": "message", "room": "general",
-                      "content": {"seq": seq, "padding": padding}, "id": id}))
-            .await;
-        assert_eq!(a.recv().await, json!({"type": "ack", "id": id}));
-    }
-    let mut b = within("b to get every message", receiver)
+    within_for(
+        Duration::from_secs(300),
+        "every message to be acknowledged",
+        async {
+            for start in (0..N).step_by(WINDOW as usize) {
+                let end = (start + WINDOW).min(N);
+                within("a window of messages to be written", async {
+                    for seq in start..end {
+                        let message = json!({"type": "message", "room": "general",
+                            "content": {"seq": seq, "padding": padding}, "id": seq.to_string()});
+                        a.ws.feed(Message::text(message.to_string()))
+                            .await
+                            .expect("feed");
+                    }
+                    a.ws.flush().await.expect("flush");
+                })
+                .await;
+                for seq in start..end {
+                    assert_eq!(
+                        a.recv().await,
+                        json!({"type": "ack", "id": seq.to_string()})
+                    );
+                }
+            }
+        },
+    )
+    .await;
+    let mut b = within_for(Duration::from_secs(300), "b to get every message", receiver)
         .await
         .expect("receiver task");
-    // The bridge kept publishing into its buffers meanwhile.
-    eventually_async("the messages to be handed to the NATS client", || async {
-        gw.metric("roomgate_nats_published_total").await >= published + N as f64
-    })
-    .await;
+
+    // Every message made one event. What was neither handed to the NATS
+    // client nor can still be in the queue (or in the one publish the
+    // bridge may be waiting on) was dropped and counted: the queue did
+    // overflow, and clients went on regardless.
+    let (_, metrics) = gw.admin_get("/metrics").await;
+    let handed = metric_value(&metrics, "roomgate_nats_published_total") - published;
+    let failed = metric_value(&metrics, "roomgate_nats_publish_errors_total") - errors;
+    let unpublished = N as f64 - handed;
+    assert!(
+        unpublished > (EVENT_QUEUE + 2) as f64,
+        "only {unpublished} of {N} events were left unpublished, which the queue could hold: \
+         the test did not overflow it"
+    );
+    assert!(
+        failed >= unpublished - (EVENT_QUEUE + 2) as f64,
+        "{failed} publish errors counted, {unpublished} events unpublished"
+    );
     gw.begin_stop();
     assert_eq!(a.recv_close().await, Some(1001));
     assert_eq!(b.recv_close().await, Some(1001));
