@@ -1181,11 +1181,8 @@ async fn an_upload_that_stalls_after_an_early_answer_is_given_up_after_the_timeo
 /// An upstream that answers one request per connection and, when told to,
 /// closes that connection without having said so (no `Connection: close`),
 /// as an upstream whose keep-alive timeout ran out would. Reports each
-/// close; with `until_peer_closes`, only once the gateway has closed its
-/// end too.
-async fn closing_upstream(
-    until_peer_closes: bool,
-) -> (
+/// close once the gateway has closed its end too.
+async fn closing_upstream() -> (
     SocketAddr,
     mpsc::UnboundedSender<()>,
     mpsc::UnboundedReceiver<usize>,
@@ -1218,10 +1215,8 @@ async fn closing_upstream(
             if close_rx.recv().await.is_none() {
                 return;
             }
-            if until_peer_closes {
-                let _ = stream.shutdown().await;
-                while let Ok(1..) = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await {}
-            }
+            let _ = stream.shutdown().await;
+            while let Ok(1..) = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await {}
             drop(stream);
             let _ = closed_tx.send(n);
         }
@@ -1229,21 +1224,133 @@ async fn closing_upstream(
     (addr, close_tx, closed_rx)
 }
 
+/// The TCP state of `stream` (`tcpi_state`, as in linux/tcp_states.h).
+fn tcp_state(stream: &tokio::net::TcpStream) -> u8 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `tcp_info` is plain data, and getsockopt writes at most
+    // `len` bytes into it on a descriptor `stream` keeps open.
+    unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        );
+        assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+        info.tcpi_state
+    }
+}
+
+/// `TCP_FIN_WAIT1`: a FIN sent and not yet acknowledged.
+const TCP_FIN_WAIT1: u8 = 4;
+
+/// An upstream that answers one request per connection and, when told to,
+/// half-closes that connection (without having said so in the response)
+/// and keeps reading it. It reports each half-close once the gateway's
+/// side has acknowledged the FIN, and, when the gateway has closed its end
+/// too, how many bytes arrived on the connection after the half-close.
+async fn half_closing_upstream() -> (
+    SocketAddr,
+    mpsc::UnboundedSender<()>,
+    mpsc::UnboundedReceiver<usize>,
+    mpsc::UnboundedReceiver<(usize, Vec<u8>)>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (close_tx, mut close_rx) = mpsc::unbounded_channel::<()>();
+    let (half_closed_tx, half_closed_rx) = mpsc::unbounded_channel();
+    let (closed_tx, closed_rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        for n in 0.. {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.ends_with(b"\r\n\r\n") {
+                match tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(read) => head.extend_from_slice(&buf[..read]),
+                }
+            }
+            let body = format!("connection {n}");
+            let response = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+            if close_rx.recv().await.is_none() {
+                return;
+            }
+            let _ = stream.shutdown().await;
+            // Once the FIN is acknowledged, the gateway's kernel has it: the
+            // connection reads as ended there before any later event.
+            while tcp_state(&stream) == TCP_FIN_WAIT1 {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            let _ = half_closed_tx.send(n);
+            let closed = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut after = Vec::new();
+                let _ = tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut after).await;
+                let _ = closed.send((n, after));
+            });
+        }
+    });
+    (addr, close_tx, half_closed_rx, closed_rx)
+}
+
 #[tokio::test]
 async fn an_idle_upstream_connection_the_upstream_closed_is_not_reused() {
-    let (addr, close, mut closed) = closing_upstream(false).await;
+    // The upstream half-closes each idle connection and keeps reading it.
+    // A request the gateway wrote on one would arrive there (and the
+    // gateway, finding no response, would send it again on a new
+    // connection, so the responses alone cannot tell).
+    const ROUNDS: usize = 4;
+    let (addr, close, mut half_closed, mut closed) = half_closing_upstream().await;
     let gw = TestGateway::with(|c| c.upstream.url = format!("http://{addr}")).await;
-    for n in 0..4 {
+    for n in 0..ROUNDS {
         let (status, body) = http_get(gw.addr, "/").await;
         assert_eq!(
             (status, body.as_str()),
             (200, format!("connection {n}").as_str())
         );
-        // The gateway now holds the connection as idle; the upstream drops it.
+        // The gateway now holds the connection as idle; the upstream ends it.
         close.send(()).expect("upstream running");
-        let seen = within("the upstream closes its connection", closed.recv()).await;
+        let seen = within(
+            "the upstream to half-close its connection",
+            half_closed.recv(),
+        )
+        .await;
         assert_eq!(seen, Some(n));
     }
+    // Each connection ends when the gateway closes it (found closed at a
+    // checkout or by its sweep): nothing may have been written on it.
+    let mut ends = Vec::new();
+    for _ in 0..ROUNDS {
+        let end = within(
+            "the gateway to close a half-closed connection",
+            closed.recv(),
+        )
+        .await
+        .expect("upstream running");
+        ends.push(end);
+    }
+    ends.sort();
+    let expected: Vec<(usize, Vec<u8>)> = (0..ROUNDS).map(|n| (n, Vec::new())).collect();
+    assert_eq!(
+        ends,
+        expected,
+        "bytes written on connections after the upstream closed them: {:?}",
+        ends.iter()
+            .map(|(n, after)| (n, String::from_utf8_lossy(after)))
+            .collect::<Vec<_>>()
+    );
 }
 
 /// An upstream whose connections each answer one request and then close
@@ -1334,7 +1441,7 @@ async fn a_safe_request_on_a_connection_closed_as_it_went_out_is_sent_again() {
 async fn an_idle_upstream_connection_the_upstream_closed_is_closed_without_traffic() {
     // No request follows, so only the pool's sweep can notice the close:
     // without it the gateway's end would sit half-closed (CLOSE_WAIT).
-    let (addr, close, mut closed) = closing_upstream(true).await;
+    let (addr, close, mut closed) = closing_upstream().await;
     let gw = TestGateway::with(|c| c.upstream.url = format!("http://{addr}")).await;
     let (status, body) = http_get(gw.addr, "/").await;
     assert_eq!((status, body.as_str()), (200, "connection 0"));
