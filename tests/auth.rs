@@ -663,27 +663,59 @@ async fn forward_auth_down_gives_503() {
 
 #[tokio::test]
 async fn disallowed_origin_gets_403_before_any_auth() {
-    let gw =
-        TestGateway::with(|c| c.auth.allowed_origins = vec!["https://app.example".into()]).await;
-    assert_eq!(
-        upgrade_status(gw.addr, "", &[("origin", "https://evil.example")])
-            .await
-            .0,
-        403
-    );
-    assert_eq!(
-        upgrade_status(gw.addr, "", &[("origin", "https://app.example")])
-            .await
-            .0,
-        101
-    );
+    // JWT is on, with the secret taken from an environment variable this
+    // process has too. Without a token the answer would be 401, with one
+    // 101: 403 for both means the origin was checked first.
+    let secret = std::env::var("PATH").expect("PATH is set");
+    let gw = TestGateway::with(|c| {
+        c.auth.mode = roomgate::config::AuthMode::Jwt;
+        c.auth.jwt.secret_env = "PATH".into();
+        c.auth.allowed_origins = vec!["https://app.example".into()];
+    })
+    .await;
+    let token = encode(
+        &Header::new(Algorithm::HS256),
+        &claims(|_| {}),
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("sign");
+    let with_token = format!("?token={token}");
+    let evil = [("origin", "https://evil.example")];
+    let app = [("origin", "https://app.example")];
+    assert_eq!(upgrade_status(gw.addr, "", &evil).await.0, 403);
+    assert_eq!(upgrade_status(gw.addr, &with_token, &evil).await.0, 403);
+    // The allowed origin still has to authenticate, and can.
+    assert_eq!(upgrade_status(gw.addr, "", &app).await.0, 401);
+    assert_eq!(upgrade_status(gw.addr, &with_token, &app).await.0, 101);
     // Non-browser clients send no Origin and cannot be hijacked cross-site.
-    assert_eq!(upgrade_status(gw.addr, "", &[]).await.0, 101);
+    assert_eq!(upgrade_status(gw.addr, &with_token, &[]).await.0, 101);
     assert_eq!(
         gw.metric(r#"roomgate_upgrades_rejected_total{reason="origin"}"#)
             .await,
-        1.0
+        2.0
     );
+}
+
+#[tokio::test]
+async fn disallowed_origin_gets_403_without_asking_forward_auth() {
+    let upstream = auth_upstream().await;
+    let gw = TestGateway::with(|c| {
+        c.auth.mode = roomgate::config::AuthMode::Upstream;
+        c.upstream.url = upstream.url();
+        c.auth.allowed_origins = vec!["https://app.example".into()];
+    })
+    .await;
+    let cookie = ("cookie", "session=good");
+    let (status, _) =
+        upgrade_status(gw.addr, "", &[("origin", "https://evil.example"), cookie]).await;
+    assert_eq!(status, 403);
+    // The refusal is complete: the auth service was never asked.
+    assert_eq!(upstream.connections_accepted(), 0);
+    // The same request from the allowed origin is asked about, and admitted.
+    let (status, _) =
+        upgrade_status(gw.addr, "", &[("origin", "https://app.example"), cookie]).await;
+    assert_eq!(status, 101);
+    assert_eq!(upstream.connections_accepted(), 1);
 }
 
 #[tokio::test]
