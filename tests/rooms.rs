@@ -109,6 +109,50 @@ async fn a_disconnected_client_leaves_every_room_it_was_in() {
 
 #[tokio::test]
 async fn an_empty_room_is_kept_until_its_idle_timeout() {
+    const IDLE: Duration = Duration::from_secs(2);
+    let gw = TestGateway::with(|c| c.websocket.rooms.idle_timeout_secs = IDLE.as_secs()).await;
+    let mut a = gw.client().await;
+    // Each round empties a room, lets half the idle timeout pass and looks
+    // again. `emptied` is taken before the leave, so the room has been
+    // empty for less than `emptied.elapsed()`: while that is under the
+    // idle timeout, the room must still be there. A round that took longer
+    // proves nothing and is repeated with another room.
+    let started = Instant::now();
+    let mut round = 0;
+    let (room, emptied) = loop {
+        round += 1;
+        assert!(
+            started.elapsed() < WAIT,
+            "no round looked at an emptied room within its idle timeout"
+        );
+        let room = format!("kept{round}");
+        a.join(&room).await;
+        let emptied = Instant::now();
+        a.leave(&room).await;
+        tokio::time::sleep(IDLE / 2).await;
+        let (status, detail) = gw.admin_json(&format!("/rooms/{room}")).await;
+        let rooms = gw.metric("roomgate_rooms").await;
+        if emptied.elapsed() >= IDLE {
+            continue;
+        }
+        assert_eq!(status, 200, "{room} was freed before its idle timeout");
+        assert_eq!(detail["members"], 0);
+        assert_eq!(detail["member_ids"], json!([]));
+        assert!(rooms >= 1.0, "empty rooms count: {rooms}");
+        break (room, emptied);
+    };
+    // Then it is freed, and not before its idle timeout.
+    eventually_async(&format!("{room} to be freed"), || async {
+        members(&gw, &room).await.is_none()
+    })
+    .await;
+    let gone_after = emptied.elapsed();
+    assert!(gone_after >= IDLE, "{room} was freed after {gone_after:?}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_emptied_room_joined_again_is_the_same_room() {
     // The default idle timeout is an hour: an emptied room stays listed.
     let gw = TestGateway::start(test_config()).await;
     let mut a = gw.client().await;
