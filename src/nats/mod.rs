@@ -653,6 +653,22 @@ mod tests {
             ..NatsConfig::default()
         };
         assert_eq!(Servers::new(&config).expect("valid").addrs.len(), 2);
+        // A URL that does not parse is named in the error without its
+        // password.
+        let config = NatsConfig {
+            url: "nats://a:secret@127.0.0.1:4222, nats://a:secret@127.0.0.1:99999".into(),
+            ..NatsConfig::default()
+        };
+        let error = match Servers::new(&config) {
+            Err(NatsSetupError::Url(message)) => message,
+            Err(other) => panic!("expected a URL error, got {other}"),
+            Ok(_) => panic!("port 99999 was accepted"),
+        };
+        assert!(
+            error.starts_with("nats://a:***@127.0.0.1:99999: "),
+            "{error}"
+        );
+        assert!(!error.contains("secret"), "{error}");
     }
 
     fn login(url: &str) -> Option<Login> {
