@@ -373,10 +373,13 @@ async fn send_reaches_one_connection_and_all_reaches_everyone() {
         .await;
     assert_eq!(a.recv().await, server_message(None, "not c", "ops"));
     assert_eq!(b.recv().await, server_message(None, "not c", "ops"));
-
-    a.expect_silence().await;
-    b.expect_silence().await;
-    c.expect_silence().await;
+    // A fence on the same subject: NATS and the gateway keep the order, so
+    // it is the next frame for everyone, and c never got "not c".
+    backend.publish("roomgate.all", "fence").await;
+    let fence = server_message(None, "fence", "server");
+    assert_eq!(a.recv().await, fence);
+    assert_eq!(b.recv().await, fence);
+    assert_eq!(c.recv().await, fence);
     gw.stop().await;
 }
 
@@ -452,7 +455,8 @@ async fn control_subjects_change_membership_and_close_connections() {
         )
         .await;
     assert_eq!(reply, json!({"ok": false, "error": "invalid_room"}));
-    // Malformed payloads are ignored.
+    // Malformed payloads are ignored. A valid request behind them, on the
+    // same subscription (`control.*`), is the next thing a gets.
     backend.publish("roomgate.control.join", "not json").await;
     backend
         .publish(
@@ -460,7 +464,13 @@ async fn control_subjects_change_membership_and_close_connections() {
             r#"{"connection_id":"nope","room":"x"}"#,
         )
         .await;
-    a.expect_silence().await;
+    backend
+        .publish(
+            "roomgate.control.join",
+            &json!({"connection_id": a.id, "room": "fence"}).to_string(),
+        )
+        .await;
+    assert_eq!(a.recv().await, json!({"type": "joined", "room": "fence"}));
 
     let reply = backend
         .request(
@@ -723,17 +733,19 @@ async fn rooms_named_like_fixed_subjects_do_not_double_deliver() {
     let server = NatsServer::start();
     let backend = Backend::connect(&server).await;
     let mut presence = backend.subscribe("roomgate.presence.>").await;
+    let mut lobby = backend.subscribe("roomgate.message.lobby").await;
     let gw = nats_gateway(&server, |_| {}).await;
     let mut a = gw.client().await;
     let a_id = a.id.clone();
-    for room in [
+    let rooms = [
         "join",
         "leave",
         "disconnect",
         "open",
         "close",
         a_id.as_str(),
-    ] {
+    ];
+    for room in rooms {
         join_synced(&mut a, &mut presence, room).await;
     }
 
@@ -758,17 +770,50 @@ async fn rooms_named_like_fixed_subjects_do_not_double_deliver() {
         .publish(&format!("roomgate.send.{}", a.id), "once")
         .await;
     assert_eq!(a.recv().await, server_message(None, "once", "server"));
-    // Other connections opening is not a message in the room `open`.
-    let b = gw.client().await;
-    drop(b);
-    a.expect_silence().await;
-    replies.expect_silence().await;
-    // The rooms' own broadcasts still arrive.
-    backend.publish("roomgate.broadcast.join", "in join").await;
-    assert_eq!(
-        a.recv().await,
-        server_message(Some("join"), "in join", "server")
-    );
+    // Connections opening and closing on another instance are not
+    // messages in the rooms `open` and `close` (the gateway does not hear
+    // its own events; a backend publishes them as another instance would).
+    for event in ["open", "close"] {
+        let payload = json!({"connection_id": uuid::Uuid::new_v4(), "ts": 1});
+        backend
+            .publish(
+                &format!("roomgate.connection.{event}"),
+                &payload.to_string(),
+            )
+            .await;
+    }
+    // A broadcast to each room comes through the subscription any second
+    // delivery above would have come through, behind it: the next frames
+    // are these broadcasts and nothing else.
+    for room in rooms {
+        backend
+            .publish(&format!("roomgate.broadcast.{room}"), &format!("in {room}"))
+            .await;
+    }
+    let mut got = Vec::new();
+    for _ in rooms {
+        got.push(a.recv().await.to_string());
+    }
+    let mut expected: Vec<String> = rooms
+        .iter()
+        .map(|room| server_message(Some(room), &format!("in {room}"), "server").to_string())
+        .collect();
+    got.sort();
+    expected.sort();
+    assert_eq!(got, expected);
+    // A second answer to the control request would have been queued for
+    // publishing before the broadcast to `join` reached a. A message from a
+    // is published after it, through the same queue and connection, so by
+    // the time the backend has the message it would have the answer too.
+    a.send(json!({"type": "message", "room": "lobby", "content": "fence"}))
+        .await;
+    let (_, fence) = lobby.next_json().await;
+    assert_eq!(fence["content"], "fence");
+    if let Some(extra) =
+        futures_util::FutureExt::now_or_never(futures_util::StreamExt::next(&mut replies.0))
+    {
+        panic!("a second answer: {extra:?}");
+    }
     gw.stop().await;
 }
 
@@ -808,8 +853,17 @@ async fn echo_backend_answers_into_the_room() {
         a.recv().await,
         server_message(None, echo_backend::WARNING, "bot")
     );
-    a.expect_silence().await;
-    b.expect_silence().await;
+    // The bot handles messages in order and publishes its echoes on one
+    // subject: the echo of a later message is the next thing in the room.
+    a.send(json!({"type": "message", "room": "general", "content": "fence"}))
+        .await;
+    assert_eq!(
+        b.recv().await,
+        json!({"type": "message", "room": "general", "content": "fence", "from": a.id})
+    );
+    let echo = server_message(Some("general"), "echo: fence", "bot");
+    assert_eq!(a.recv().await, echo);
+    assert_eq!(b.recv().await, echo);
     gw.stop().await;
     bot.abort();
 }

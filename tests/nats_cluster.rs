@@ -154,11 +154,28 @@ async fn send_and_control_act_only_where_the_connection_lives() {
         .expect("publish");
     let (_, reply) = replies.next_json().await;
     assert_eq!(reply, json!({"ok": true}));
-    replies.expect_silence().await;
     assert_eq!(
         on2.recv().await,
         json!({"type": "joined", "room": "general"})
     );
+    // gw1 handles control requests in order and answers them in order: its
+    // answer to a request about its own connection, which it must refuse,
+    // is the next reply; an answer from it to the first request would have
+    // come before.
+    backend
+        .client
+        .publish_with_reply_and_headers(
+            "roomgate.control.leave",
+            inbox.clone(),
+            HeaderMap::new(),
+            json!({"connection_id": on1.id, "room": "general"})
+                .to_string()
+                .into(),
+        )
+        .await
+        .expect("publish");
+    let (_, reply) = replies.next_json().await;
+    assert_eq!(reply, json!({"ok": false, "error": "not_member"}));
     assert_eq!(gw1.metric("roomgate_rooms").await, 0.0);
     assert_eq!(gw2.metric("roomgate_rooms").await, 1.0);
 
