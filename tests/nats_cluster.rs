@@ -34,6 +34,22 @@ async fn probe_until_delivered(sender: &mut WsClient, receiver: &mut WsClient, r
     .await;
 }
 
+/// Sends a fence from `sender` and reads `receiver` up to it: the probes
+/// `sender` sent before travel the same path ahead of it, so all of them
+/// have arrived once it has.
+async fn drain_probes(sender: &mut WsClient, receiver: &mut WsClient, room: &str) {
+    sender
+        .send(json!({"type": "message", "room": room, "content": "fence"}))
+        .await;
+    loop {
+        let frame = receiver.recv().await;
+        if frame["content"] == "fence" {
+            return;
+        }
+        assert_eq!(frame["content"], "probe", "{frame}");
+    }
+}
+
 /// Receives frames until every sender in `senders` has delivered `count`
 /// messages to `client`; asserts each arrives once and in the order sent.
 async fn receive_all(client: &mut WsClient, room: &str, senders: &[&str], count: u64) {
@@ -289,12 +305,10 @@ async fn delivery_crosses_a_three_node_cluster() {
     // Probe until a message from each side crosses, then drain probes.
     probe_until_delivered(&mut on1, &mut on2, "general").await;
     probe_until_delivered(&mut on2, &mut on1, "general").await;
-    // Let outstanding probes land, then the real traffic.
-    for client in [&mut on1, &mut on2] {
-        while let Ok(Some(frame)) = tokio::time::timeout(QUIET, client.next_json()).await {
-            assert_eq!(frame["content"], "probe");
-        }
-    }
+    // Probes still on their way are drained by a fence from each side: it
+    // follows them on the same path, so once it is in, they all are.
+    drain_probes(&mut on1, &mut on2, "general").await;
+    drain_probes(&mut on2, &mut on1, "general").await;
     for seq in 0..20 {
         on1.send(json!({"type": "message", "room": "general", "content": {"seq": seq}}))
             .await;
