@@ -620,7 +620,8 @@ async fn a_pong_timeout_longer_than_the_ping_interval_still_closes() {
 async fn a_client_that_answers_pings_stays_connected() {
     let gw = TestGateway::with(|c| {
         c.websocket.ping_interval_secs = 1;
-        c.websocket.pong_timeout_secs = 1;
+        // Generous, so a busy machine does not make the live client miss it.
+        c.websocket.pong_timeout_secs = 4;
     })
     .await;
     let mut client = gw.client().await;
@@ -654,7 +655,9 @@ async fn a_busy_client_that_answers_pings_stays_connected_under_continuous_traff
     // healthy client for "not answering".
     let gw = TestGateway::with(|c| {
         c.websocket.ping_interval_secs = 1;
-        c.websocket.pong_timeout_secs = 1;
+        // Well past the reader's pauses of half a second, so a busy
+        // machine does not make it miss a deadline.
+        c.websocket.pong_timeout_secs = 4;
         // The flood outpaces the reader; what it cannot take is dropped,
         // so only the heartbeat can close it.
         c.websocket.slow_consumer = roomgate::config::SlowConsumerPolicy::Drop;
