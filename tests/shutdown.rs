@@ -191,13 +191,16 @@ async fn sigterm_with_nothing_in_flight_exits_zero() {
     let mut gateway = GatewayProcess::start(&[], &[]);
     gateway.signal("TERM");
     assert_eq!(gateway.wait_exit(), 0);
-    let logged_stop = gateway
-        .log
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|l| l.contains("roomgate stopped"));
-    assert!(logged_stop, "{:?}", gateway.log);
+    // The process is gone, but the thread reading its output may not have
+    // taken the last line yet.
+    let log = gateway.log.clone();
+    eventually("the stop to be logged", || {
+        log.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("roomgate stopped"))
+    })
+    .await;
 }
 
 /// A keep-alive connection waiting for its next request does not hold up
