@@ -173,8 +173,10 @@ impl ChromeDriver {
             .process_group(0)
             .spawn()
             .expect("spawn chromedriver");
+        // Owned first, so that a panic in the wait kills it on the way out.
+        let driver = Self { child, port, dir };
         wait_for_port(port);
-        Self { child, port, dir }
+        driver
     }
 
     /// Starts a headless browser with a fresh profile.

@@ -909,23 +909,23 @@ impl NatsServer {
     /// Starts the process on the current ports; `false` if it exited
     /// instead of listening (a port was taken meanwhile).
     fn try_spawn(&mut self) -> bool {
-        let mut child = Command::new(nats_server_binary())
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(["-m", &self.monitor_port.to_string()])
-            .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .current_dir(&self.dir)
-            .spawn()
-            .expect("spawn nats-server");
-        let listening = wait_while_running(&mut child, self.port)
-            && wait_while_running(&mut child, self.monitor_port)
-            && matches!(child.try_wait(), Ok(None));
+        // Killed if the wait below panics, or if it does not listen.
+        let mut child = KillOnDrop::new(
+            Command::new(nats_server_binary())
+                .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+                .args(["-m", &self.monitor_port.to_string()])
+                .args(&self.args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .current_dir(&self.dir)
+                .spawn()
+                .expect("spawn nats-server"),
+        );
+        let listening = wait_while_running(child.get(), self.port)
+            && wait_while_running(child.get(), self.monitor_port)
+            && matches!(child.get().try_wait(), Ok(None));
         if listening {
-            self.child = Some(child);
-        } else {
-            let _ = child.kill();
-            let _ = child.wait();
+            self.child = Some(child.into_inner());
         }
         listening
     }
@@ -995,6 +995,36 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A child process that is killed (and reaped) when this is dropped, a
+/// panic's unwinding included, unless taken out with [`KillOnDrop::into_inner`].
+pub struct KillOnDrop(Option<Child>);
+
+impl KillOnDrop {
+    /// Guards `child`.
+    pub fn new(child: Child) -> Self {
+        Self(Some(child))
+    }
+
+    /// The child.
+    pub fn get(&mut self) -> &mut Child {
+        self.0.as_mut().expect("a guarded child")
+    }
+
+    /// Takes the child out: it is no longer killed on drop.
+    pub fn into_inner(mut self) -> Child {
+        self.0.take().expect("a guarded child")
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -1253,11 +1283,13 @@ impl GatewayProcess {
             .current_dir(std::env::temp_dir())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = command.spawn().expect("spawn roomgate");
-        let stdout = child.stdout.take().expect("stdout");
+        // Not yet owned by a `GatewayProcess`, whose drop would kill it:
+        // killed on a panic until it is.
+        let mut child = KillOnDrop::new(command.spawn().expect("spawn roomgate"));
+        let stdout = child.get().stdout.take().expect("stdout");
         let stderr = Arc::new(std::sync::Mutex::new(Vec::new()));
         let errors = stderr.clone();
-        let pipe = child.stderr.take().expect("stderr");
+        let pipe = child.get().stderr.take().expect("stderr");
         std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                 eprintln!("{line}");
@@ -1277,15 +1309,9 @@ impl GatewayProcess {
                 sink.lock().unwrap().push(line);
             }
         });
-        let line = match rx.recv_timeout(WAIT) {
-            Ok(line) => line,
-            Err(_) => {
-                // Not yet owned by a `GatewayProcess`, whose drop would kill it.
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("roomgate did not log its listening line within {WAIT:?}");
-            }
-        };
+        let line = rx
+            .recv_timeout(WAIT)
+            .unwrap_or_else(|_| panic!("roomgate did not log its listening line within {WAIT:?}"));
         let fields: HashMap<String, Value> = serde_json::from_str(&line).expect("JSON log line");
         let addr = fields["addr"]
             .as_str()
@@ -1298,7 +1324,7 @@ impl GatewayProcess {
             .parse()
             .expect("admin parses");
         Self {
-            child,
+            child: child.into_inner(),
             addr,
             admin,
             log,
