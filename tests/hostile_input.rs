@@ -301,7 +301,10 @@ async fn exchange_raw(
         .await
         .expect("connect");
     for piece in request.chunks(chunk.max(1)) {
-        if stream.write_all(piece).await.is_err() {
+        if within("a piece to be written", stream.write_all(piece))
+            .await
+            .is_err()
+        {
             break;
         }
     }
@@ -469,7 +472,10 @@ async fn frames_case(addr: SocketAddr, mut rng: Rng) -> Option<u16> {
         1 + rng.below(64)
     };
     for piece in bytes.chunks(chunk) {
-        if stream.write_all(piece).await.is_err() {
+        if within("a piece to be written", stream.write_all(piece))
+            .await
+            .is_err()
+        {
             break;
         }
     }
@@ -1202,7 +1208,12 @@ enum Ending {
 /// after it: its status, or `None` when the connection ended first.
 async fn upgrade(stream: &mut TcpStream, addr: SocketAddr) -> Option<u16> {
     let request = raw_upgrade_request(addr, "/ws", "");
-    stream.write_all(request.as_bytes()).await.ok()?;
+    within(
+        "the handshake to be written",
+        stream.write_all(request.as_bytes()),
+    )
+    .await
+    .ok()?;
     let mut head = Vec::new();
     within("a response head", async {
         let mut byte = [0u8; 1];
@@ -1232,7 +1243,7 @@ async fn staying_member(addr: SocketAddr, mut rng: Rng) -> Ending {
             true,
         ));
     }
-    let _ = stream.write_all(&bytes).await;
+    let _ = within("the frames to be written", stream.write_all(&bytes)).await;
     let mut close = None;
     within("the gateway to close a member", async {
         while let Some(frame) = read_raw_frame(&mut stream).await {

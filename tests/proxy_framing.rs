@@ -403,12 +403,18 @@ async fn a_failed_request_body_is_the_clients_400_not_an_upstream_502() {
 
     // A client that stops sending half way and half-closes still reads
     // the answer.
-    let mut stream = TcpStream::connect(gw.addr).await.expect("connect");
-    stream
-        .write_all(format!("{post}content-length: 100\r\n\r\nonly ten..").as_bytes())
+    let mut stream = within("connect", TcpStream::connect(gw.addr))
         .await
-        .expect("write");
-    stream.shutdown().await.expect("half-close");
+        .expect("connect");
+    within(
+        "the request to be written",
+        stream.write_all(format!("{post}content-length: 100\r\n\r\nonly ten..").as_bytes()),
+    )
+    .await
+    .expect("write");
+    within("the half-close", stream.shutdown())
+        .await
+        .expect("half-close");
     let mut reply = String::new();
     within("the answer", stream.read_to_string(&mut reply))
         .await
@@ -418,11 +424,15 @@ async fn a_failed_request_body_is_the_clients_400_not_an_upstream_502() {
     assert_eq!(body, "bad request: request body incomplete\n");
 
     // One that goes away entirely reads nothing, but is still no 502.
-    let mut stream = TcpStream::connect(gw.addr).await.expect("connect");
-    stream
-        .write_all(format!("{post}content-length: 100\r\n\r\nonly ten..").as_bytes())
+    let mut stream = within("connect", TcpStream::connect(gw.addr))
         .await
-        .expect("write");
+        .expect("connect");
+    within(
+        "the request to be written",
+        stream.write_all(format!("{post}content-length: 100\r\n\r\nonly ten..").as_bytes()),
+    )
+    .await
+    .expect("write");
     drop(stream);
 
     eventually_async("three 400s counted", || async {

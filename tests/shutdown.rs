@@ -222,10 +222,12 @@ async fn an_idle_keep_alive_connection_is_closed_when_shutdown_begins() {
         .expect("connect");
     // Several exchanges, so the connection's task has been woken many times.
     for _ in 0..3 {
-        stream
-            .write_all(b"GET /a HTTP/1.1\r\nhost: app.example.test\r\n\r\n")
-            .await
-            .expect("request written");
+        within(
+            "the request to be written",
+            stream.write_all(b"GET /a HTTP/1.1\r\nhost: app.example.test\r\n\r\n"),
+        )
+        .await
+        .expect("request written");
         let mut response = Vec::new();
         within("a response", async {
             while !response.ends_with(b"\r\n\r\nok") {

@@ -312,12 +312,19 @@ impl WsClient {
 
     /// Sends raw text.
     pub async fn send_text(&mut self, text: &str) {
-        self.ws.send(Message::text(text)).await.expect("send");
+        within("a text frame to be sent", self.ws.send(Message::text(text)))
+            .await
+            .expect("send");
     }
 
     /// Sends a binary frame.
     pub async fn send_binary(&mut self, data: Vec<u8>) {
-        self.ws.send(Message::binary(data)).await.expect("send");
+        within(
+            "a binary frame to be sent",
+            self.ws.send(Message::binary(data)),
+        )
+        .await
+        .expect("send");
     }
 
     /// Sends a frame and returns the next frame received (the reply, when
@@ -364,10 +371,12 @@ impl WsClient {
     /// Sends a WebSocket ping and waits for the matching pong.
     pub async fn ping_pong(&mut self) {
         let payload = bytes::Bytes::from_static(b"are you there");
-        self.ws
-            .send(Message::Ping(payload.clone()))
-            .await
-            .expect("send ping");
+        within(
+            "a ping to be sent",
+            self.ws.send(Message::Ping(payload.clone())),
+        )
+        .await
+        .expect("send ping");
         within("a pong", async {
             loop {
                 match self.ws.next().await {
@@ -403,7 +412,9 @@ impl WsClient {
             code: CloseCode::Normal,
             reason: "bye".into(),
         };
-        self.ws.close(Some(frame)).await.expect("send close");
+        within("the close frame to be sent", self.ws.close(Some(frame)))
+            .await
+            .expect("send close");
         assert_eq!(self.recv_close().await, Some(1000), "close reply");
     }
 
@@ -582,10 +593,12 @@ pub fn raw_upgrade_request(addr: SocketAddr, path: &str, extra: &str) -> String 
 /// is switched (101); nothing after the response head is read.
 pub async fn upgrade_raw(stream: &mut TcpStream, addr: SocketAddr) {
     use tokio::io::AsyncWriteExt;
-    stream
-        .write_all(raw_upgrade_request(addr, "/ws", "").as_bytes())
-        .await
-        .expect("write handshake");
+    within(
+        "the handshake to be written",
+        stream.write_all(raw_upgrade_request(addr, "/ws", "").as_bytes()),
+    )
+    .await
+    .expect("write handshake");
     let (status, head) = read_response_head(stream).await;
     assert_eq!(status, 101, "{head}");
 }
