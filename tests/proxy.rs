@@ -1191,6 +1191,25 @@ async fn an_upload_that_stalls_after_an_early_answer_is_given_up_after_the_timeo
     drop(tx);
 }
 
+/// Reads one request head from `stream` and answers it with the body
+/// `connection <n>`, so a test can tell its upstream connections apart.
+async fn answer_as_connection(stream: &mut tokio::net::TcpStream, n: usize) {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::io::AsyncReadExt::read(stream, &mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(read) => head.extend_from_slice(&buf[..read]),
+        }
+    }
+    let body = format!("connection {n}");
+    let response = format!(
+        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+}
+
 /// An upstream that answers one request per connection and, when told to,
 /// closes that connection without having said so (no `Connection: close`),
 /// as an upstream whose keep-alive timeout ran out would. Reports each
@@ -1211,20 +1230,8 @@ async fn closing_upstream() -> (
             let Ok((mut stream, _)) = listener.accept().await else {
                 return;
             };
-            let mut head = Vec::new();
+            answer_as_connection(&mut stream, n).await;
             let mut buf = [0u8; 1024];
-            while !head.ends_with(b"\r\n\r\n") {
-                match tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(read) => head.extend_from_slice(&buf[..read]),
-                }
-            }
-            let body = format!("connection {n}");
-            let response = format!(
-                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
             if close_rx.recv().await.is_none() {
                 return;
             }
@@ -1235,26 +1242,6 @@ async fn closing_upstream() -> (
         }
     });
     (addr, close_tx, closed_rx)
-}
-
-/// The TCP state of `stream` (`tcpi_state`, as in linux/tcp_states.h).
-fn tcp_state(stream: &tokio::net::TcpStream) -> u8 {
-    use std::os::fd::AsRawFd;
-    // SAFETY: `tcp_info` is plain data, and getsockopt writes at most
-    // `len` bytes into it on a descriptor `stream` keeps open.
-    unsafe {
-        let mut info: libc::tcp_info = std::mem::zeroed();
-        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-        let rc = libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &mut len,
-        );
-        assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
-        info.tcpi_state
-    }
 }
 
 /// `TCP_FIN_WAIT1`: a FIN sent and not yet acknowledged.
@@ -1283,27 +1270,14 @@ async fn half_closing_upstream() -> (
             let Ok((mut stream, _)) = listener.accept().await else {
                 return;
             };
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !head.ends_with(b"\r\n\r\n") {
-                match tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(read) => head.extend_from_slice(&buf[..read]),
-                }
-            }
-            let body = format!("connection {n}");
-            let response = format!(
-                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
+            answer_as_connection(&mut stream, n).await;
             if close_rx.recv().await.is_none() {
                 return;
             }
             let _ = stream.shutdown().await;
             // Once the FIN is acknowledged, the gateway's kernel has it: the
             // connection reads as ended there before any later event.
-            while tcp_state(&stream) == TCP_FIN_WAIT1 {
+            while tcp_info(&stream).tcpi_state == TCP_FIN_WAIT1 {
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             }
             let _ = half_closed_tx.send(n);

@@ -121,24 +121,9 @@ async fn the_switching_response_and_the_welcome_arrive_together() {
     assert_eq!(data_segments_received(&stream), 1);
 }
 
-/// Segments with data the kernel received on `stream` (Linux `TCP_INFO`).
+/// Segments with data the kernel received on `stream`.
 fn data_segments_received(stream: &TcpStream) -> u32 {
-    use std::os::fd::AsRawFd;
-    // SAFETY: `info` is a properly sized, writable `tcp_info`, and `len`
-    // tells the kernel its size; the descriptor is open for the call.
-    unsafe {
-        let mut info: libc::tcp_info = std::mem::zeroed();
-        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-        let rc = libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        );
-        assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
-        info.tcpi_data_segs_in
-    }
+    tcp_info(stream).tcpi_data_segs_in
 }
 
 #[tokio::test]

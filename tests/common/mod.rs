@@ -89,6 +89,27 @@ pub fn tcp_socket_open(local: u16, remote: u16) -> bool {
     tcp_socket_fields(local, remote).is_some()
 }
 
+/// The kernel's `TCP_INFO` for `stream` (Linux): its state, its segment
+/// counts.
+pub fn tcp_info(stream: &TcpStream) -> libc::tcp_info {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `info` is plain data of the size `len` tells the kernel, and
+    // the descriptor stays open for the call.
+    unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        );
+        assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+        info
+    }
+}
+
 /// The bytes queued to send on the IPv4 TCP socket from local port `local`
 /// to remote port `remote` (written by its owner, not yet acknowledged by
 /// the peer), if there is such a socket.
