@@ -66,14 +66,20 @@ async fn answer_with(mut conn: TcpStream, answer: &[u8], log: Arc<Mutex<Vec<Stri
 /// Writes `request` on a fresh connection and returns the one response
 /// the gateway sends back, read as its framing says, with the connection.
 async fn exchange_on(gw: &TestGateway, request: &[u8]) -> (String, TcpStream) {
+    let mut stream = send_on_new_connection(gw, request).await;
+    let reply = within("a whole response", read_reply(&mut stream)).await;
+    (reply, stream)
+}
+
+/// Writes `request` on a fresh connection and returns the connection.
+async fn send_on_new_connection(gw: &TestGateway, request: &[u8]) -> TcpStream {
     let mut stream = within("connect", TcpStream::connect(gw.addr))
         .await
         .expect("connect");
     within("write", stream.write_all(request))
         .await
         .expect("write the request");
-    let reply = within("a whole response", read_reply(&mut stream)).await;
-    (reply, stream)
+    stream
 }
 
 /// [`exchange_on`] without the connection.
@@ -403,15 +409,8 @@ async fn a_failed_request_body_is_the_clients_400_not_an_upstream_502() {
 
     // A client that stops sending half way and half-closes still reads
     // the answer.
-    let mut stream = within("connect", TcpStream::connect(gw.addr))
-        .await
-        .expect("connect");
-    within(
-        "the request to be written",
-        stream.write_all(format!("{post}content-length: 100\r\n\r\nonly ten..").as_bytes()),
-    )
-    .await
-    .expect("write");
+    let cut_short = format!("{post}content-length: 100\r\n\r\nonly ten..");
+    let mut stream = send_on_new_connection(&gw, cut_short.as_bytes()).await;
     within("the half-close", stream.shutdown())
         .await
         .expect("half-close");
@@ -424,15 +423,7 @@ async fn a_failed_request_body_is_the_clients_400_not_an_upstream_502() {
     assert_eq!(body, "bad request: request body incomplete\n");
 
     // One that goes away entirely reads nothing, but is still no 502.
-    let mut stream = within("connect", TcpStream::connect(gw.addr))
-        .await
-        .expect("connect");
-    within(
-        "the request to be written",
-        stream.write_all(format!("{post}content-length: 100\r\n\r\nonly ten..").as_bytes()),
-    )
-    .await
-    .expect("write");
+    let stream = send_on_new_connection(&gw, cut_short.as_bytes()).await;
     drop(stream);
 
     eventually_async("three 400s counted", || async {
