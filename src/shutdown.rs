@@ -103,6 +103,8 @@ impl Shutdown {
 #[derive(Clone, Default)]
 pub struct Background {
     stop: CancellationToken,
+    /// Set just before `stop` is cancelled, for [`Cancelled`] waits.
+    stopped: Arc<AtomicBool>,
     tasks: TaskTracker,
 }
 
@@ -122,15 +124,20 @@ impl Background {
     }
 
     /// Runs `task` until it ends or the gateway stops, whichever is first.
+    /// The wait for the stop is a [`Cancelled`]: these tasks (an upstream
+    /// connection) wake several times per request, and every one of them
+    /// shares the token.
     pub fn spawn_until_stopped<F>(&self, task: F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let stop = self.stop.clone();
+        let (stop, flag) = (self.stop.clone(), self.stopped.clone());
         self.tasks.spawn(async move {
+            let stopped = Cancelled::new(&stop, || flag.load(Ordering::Acquire));
             tokio::select! {
+                biased;
                 () = task => {}
-                () = stop.cancelled() => {}
+                () = stopped => {}
             }
         });
     }
@@ -138,6 +145,7 @@ impl Background {
     /// Stops every task and waits until each has ended.
     pub async fn stop(&self) {
         self.tasks.close();
+        self.stopped.store(true, Ordering::Release);
         self.stop.cancel();
         self.tasks.wait().await;
     }
@@ -299,5 +307,23 @@ pub(crate) mod tests {
         tokio::time::timeout(Duration::from_secs(20), shutdown.stopped())
             .await
             .expect("already stopped");
+    }
+
+    /// `stop` ends what runs until stopped, waits for what watches the
+    /// token itself, and returns only when both are over.
+    #[tokio::test]
+    async fn background_stop_ends_its_tasks_and_waits_for_them() {
+        let background = Background::default();
+        background.spawn_until_stopped(std::future::pending());
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        let stop = background.stopping().clone();
+        background.spawn(async move {
+            stop.cancelled().await;
+            let _ = done.send(());
+        });
+        tokio::time::timeout(Duration::from_secs(10), background.stop())
+            .await
+            .expect("stop returns");
+        finished.await.expect("the watching task ran to its end");
     }
 }

@@ -97,9 +97,14 @@ pub async fn run(
     // presence `leave`, while nothing more can reach it.
     hub.unregister(&conn);
     let ended = tokio::select! {
+        biased;
         ended = &mut writer => Some(ended),
         _ = ctx.forced.cancelled() => None,
     };
+    if ended.is_none() {
+        // Cut before the writer got to say why (a grace period of 0).
+        conn.close(1001, "server shutting down", CloseReason::Shutdown);
+    }
     let (code, reason) = conn
         .close_request()
         .map(|r| (r.code, r.reason))
