@@ -1205,3 +1205,29 @@ async fn a_burst_to_a_member_with_a_full_queue_is_queued_as_far_as_it_fits_and_c
     drop(stuck);
     gw.stop().await;
 }
+
+/// With no grace period, shutdown cuts every session at once. Each still
+/// reports a shutdown close (1001) on NATS, not an error, whether its
+/// writer got to send the 1001 or the cut came first.
+#[tokio::test]
+async fn sessions_cut_with_no_grace_period_report_a_shutdown_close() {
+    const CLIENTS: usize = 20;
+    let server = NatsServer::start();
+    let backend = Backend::connect(&server).await;
+    let mut opens = backend.subscribe("roomgate.connection.open").await;
+    let mut closes = backend.subscribe("roomgate.connection.close").await;
+    let gw = nats_gateway(&server, |c| c.server.shutdown_grace_secs = 0).await;
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(gw.client().await);
+        opens.next_json().await;
+    }
+
+    gw.stop().await;
+    for _ in 0..CLIENTS {
+        let (_, close) = closes.next_json().await;
+        assert_eq!(close["code"], 1001, "{close}");
+    }
+    closes.expect_silence().await;
+    drop(clients);
+}
