@@ -20,6 +20,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -219,14 +220,19 @@ impl Gateway {
     /// Serves until `signal` resolves, then shuts down as SPEC §8 says:
     /// stop accepting, report not ready, close WebSockets with 1001, let
     /// proxied requests finish within `shutdown_grace_secs`, flush NATS.
-    pub async fn run(self, signal: impl Future<Output = ()>) {
+    pub async fn run(mut self, signal: impl Future<Output = ()>) {
         info!(
             addr = %self.local_addr(),
             admin = %self.admin_addr(),
             gateway = %self.id,
             "roomgate listening"
         );
-        let background = self.background;
+        let bridge_stop = CancellationToken::new();
+        let bridge = self
+            .nats
+            .take()
+            .map(|nats| self.spawn_bridge(nats, &bridge_stop));
+        let background = self.background.clone();
         let admin = Arc::new(Admin {
             metrics: self.metrics.clone(),
             hub: self.hub.clone(),
@@ -236,24 +242,6 @@ impl Gateway {
         background.spawn(admin.serve(self.admin_listener, stop.clone()));
         background.spawn(self.hub.clone().run_sweeper(stop.clone()));
         background.spawn(self.router.proxy.upstream().clone().run_sweeper(stop));
-        let bridge_stop = CancellationToken::new();
-        let bridge = self.nats.map(|(client, stream)| {
-            let settings = BridgeSettings {
-                prefix: self.config.nats.subject_prefix.clone(),
-                gateway_id: self.id.clone(),
-                client_broadcast: self.config.websocket.rooms.client_broadcast,
-                presence: self.config.websocket.rooms.presence,
-                max_run: BridgeSettings::run_length(self.config.websocket.send_queue_capacity),
-            };
-            let bridge = Bridge::new(
-                client,
-                self.hub.clone(),
-                self.metrics.clone(),
-                settings,
-                bridge_stop.clone(),
-            );
-            tokio::spawn(bridge.run(stream, NATS_FLUSH))
-        });
 
         tokio::select! {
             _ = accept_loop(&self.listener, &self.router, &self.shutdown) => {}
@@ -267,16 +255,48 @@ impl Gateway {
             warn!("shutdown grace period over; remaining connections were cut");
         }
         bridge_stop.cancel();
-        if let Some(mut bridge) = bridge
-            && tokio::time::timeout(NATS_FLUSH + NATS_FLUSH_GUARD, &mut bridge)
-                .await
-                .is_err()
-        {
-            warn!("NATS flush did not finish in time");
-            bridge.abort();
+        if let Some(bridge) = bridge {
+            flush_bridge(bridge).await;
         }
         background.stop().await;
         info!("roomgate stopped");
+    }
+
+    /// Starts the NATS bridge, which runs until `stop` and then publishes
+    /// what is left.
+    fn spawn_bridge(
+        &self,
+        (client, stream): (async_nats::Client, EventStream),
+        stop: &CancellationToken,
+    ) -> JoinHandle<()> {
+        let settings = BridgeSettings {
+            prefix: self.config.nats.subject_prefix.clone(),
+            gateway_id: self.id.clone(),
+            client_broadcast: self.config.websocket.rooms.client_broadcast,
+            presence: self.config.websocket.rooms.presence,
+            max_run: BridgeSettings::run_length(self.config.websocket.send_queue_capacity),
+        };
+        let bridge = Bridge::new(
+            client,
+            self.hub.clone(),
+            self.metrics.clone(),
+            settings,
+            stop.clone(),
+        );
+        tokio::spawn(bridge.run(stream, NATS_FLUSH))
+    }
+}
+
+/// Waits for the stopped bridge to publish what is left, within its flush
+/// budget; aborts it past that (a bug there, not slow NATS, which the
+/// budget already covers).
+async fn flush_bridge(mut bridge: JoinHandle<()>) {
+    if tokio::time::timeout(NATS_FLUSH + NATS_FLUSH_GUARD, &mut bridge)
+        .await
+        .is_err()
+    {
+        warn!("NATS flush did not finish in time");
+        bridge.abort();
     }
 }
 
