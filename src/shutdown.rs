@@ -16,13 +16,36 @@ use std::time::Duration;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tokio_util::task::TaskTracker;
 
+/// A one-way signal that long-lived tasks wait on: a token to register
+/// with, and a flag set just before the token is cancelled, so that a
+/// [`Cancelled`] wait costs an atomic load per wake-up instead of the
+/// token's two locks, which every waiter shares.
+#[derive(Clone, Default)]
+struct Signal {
+    token: CancellationToken,
+    raised: Arc<AtomicBool>,
+}
+
+impl Signal {
+    /// The flag first, so every [`Cancelled`] wait the token wakes sees it.
+    fn raise(&self) {
+        self.raised.store(true, Ordering::Release);
+        self.token.cancel();
+    }
+
+    fn is_raised(&self) -> bool {
+        self.raised.load(Ordering::Acquire)
+    }
+
+    fn wait(&self) -> Cancelled<'_, impl Fn() -> bool + '_> {
+        Cancelled::new(&self.token, || self.is_raised())
+    }
+}
+
 /// The gateway's shutdown state, passed explicitly to everything that spawns.
 #[derive(Clone, Default)]
 pub struct Shutdown {
-    stop: CancellationToken,
-    /// Set just before `stop` is cancelled, so a [`Cancelled`] wait on it
-    /// can check it without a lock.
-    stopped: Arc<AtomicBool>,
+    stop: Signal,
     force: CancellationToken,
     tasks: TaskTracker,
 }
@@ -36,7 +59,7 @@ impl Shutdown {
     /// Cancelled when shutdown begins: stop accepting, close WebSockets,
     /// finish in-flight requests.
     pub fn stopping(&self) -> &CancellationToken {
-        &self.stop
+        &self.stop.token
     }
 
     /// Resolves when shutdown begins, like `stopping().cancelled()`, for
@@ -44,13 +67,13 @@ impl Shutdown {
     /// connection: every poll of a token's own future takes two locks on a
     /// token that every connection shares.
     pub fn stopped(&self) -> Cancelled<'_, impl Fn() -> bool + '_> {
-        Cancelled::new(&self.stop, || self.is_stopping())
+        self.stop.wait()
     }
 
     /// A flag that is set just before [`Shutdown::stopping`] is cancelled,
     /// for the flags of [`Cancelled`] futures on tokens below it.
     pub fn stop_flag(&self) -> Arc<AtomicBool> {
-        self.stopped.clone()
+        self.stop.raised.clone()
     }
 
     /// Cancelled when the grace period is over: drop what is left.
@@ -60,7 +83,7 @@ impl Shutdown {
 
     /// Whether shutdown has begun.
     pub fn is_stopping(&self) -> bool {
-        self.stopped.load(Ordering::Acquire)
+        self.stop.is_raised()
     }
 
     /// Spawns a task that shutdown waits for.
@@ -72,11 +95,9 @@ impl Shutdown {
         self.tasks.spawn(task)
     }
 
-    /// Begins shutdown: the flag first, so every [`Cancelled`] wait that
-    /// the token wakes sees it.
+    /// Begins shutdown.
     pub fn begin(&self) {
-        self.stopped.store(true, Ordering::Release);
-        self.stop.cancel();
+        self.stop.raise();
     }
 
     /// Waits up to `grace` for every tracked task, then forces the rest and
@@ -102,16 +123,14 @@ impl Shutdown {
 /// them as it returns, so none outlives the gateway.
 #[derive(Clone, Default)]
 pub struct Background {
-    stop: CancellationToken,
-    /// Set just before `stop` is cancelled, for [`Cancelled`] waits.
-    stopped: Arc<AtomicBool>,
+    stop: Signal,
     tasks: TaskTracker,
 }
 
 impl Background {
     /// Cancelled when the gateway has drained and its last users are gone.
     pub fn stopping(&self) -> &CancellationToken {
-        &self.stop
+        &self.stop.token
     }
 
     /// Runs `task`, which watches [`Background::stopping`] itself and ends
@@ -131,9 +150,9 @@ impl Background {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let (stop, flag) = (self.stop.clone(), self.stopped.clone());
+        let stop = self.stop.clone();
         self.tasks.spawn(async move {
-            let stopped = Cancelled::new(&stop, || flag.load(Ordering::Acquire));
+            let stopped = stop.wait();
             tokio::select! {
                 biased;
                 () = task => {}
@@ -145,8 +164,7 @@ impl Background {
     /// Stops every task and waits until each has ended.
     pub async fn stop(&self) {
         self.tasks.close();
-        self.stopped.store(true, Ordering::Release);
-        self.stop.cancel();
+        self.stop.raise();
         self.tasks.wait().await;
     }
 }
