@@ -389,13 +389,7 @@ async fn a_client_stalled_at_shutdown_is_cut_when_the_grace_period_ends() {
             .say("stalled", serde_json::json!(big), &format!("m{n}"))
             .await;
     }
-    let (client_port, gateway_port) = match stalled.ws.get_ref() {
-        tokio_tungstenite::MaybeTlsStream::Plain(tcp) => (
-            tcp.local_addr().expect("address").port(),
-            tcp.peer_addr().expect("address").port(),
-        ),
-        _ => unreachable!("plain TCP"),
-    };
+    let (client_port, gateway_port) = stalled.ports();
     eventually("the gateway's writes to the client to back up", || {
         tcp_send_queue(gateway_port, client_port).is_some_and(|queued| queued > 1_000_000)
     })

@@ -576,15 +576,9 @@ async fn a_client_that_stops_reading_is_reset_when_its_close_goes_unanswered() {
             .say("backlog", json!("x".repeat(1000)), &format!("m{n}"))
             .await;
     }
-    let (local, remote) = match stalled.ws.get_ref() {
-        tokio_tungstenite::MaybeTlsStream::Plain(tcp) => (
-            tcp.local_addr().expect("address"),
-            tcp.peer_addr().expect("address"),
-        ),
-        _ => unreachable!("plain TCP"),
-    };
+    let (local, remote) = stalled.ports();
     eventually("the stalled client's connection to be reset", || {
-        !tcp_socket_open(local.port(), remote.port())
+        !tcp_socket_open(local, remote)
     })
     .await;
 }

@@ -439,6 +439,18 @@ impl WsClient {
         assert_eq!(self.recv_close().await, Some(1000), "close reply");
     }
 
+    /// The TCP ports of this client's connection: (its own, the gateway's),
+    /// to find the connection in `/proc/net/tcp`.
+    pub fn ports(&self) -> (u16, u16) {
+        match self.ws.get_ref() {
+            MaybeTlsStream::Plain(tcp) => (
+                tcp.local_addr().expect("address").port(),
+                tcp.peer_addr().expect("address").port(),
+            ),
+            _ => unreachable!("plain TCP"),
+        }
+    }
+
     /// Drops the connection without a close frame, resetting the TCP
     /// connection (a client that crashed or lost its network).
     pub fn abort(self) {
