@@ -150,7 +150,10 @@ async fn release(
                 io::reset_on_close(stream.get_ref().tcp());
             }
         }
-        Some(Ok((_write, None))) => {}
+        // Nothing more to say or to wait for: the FIN goes with the close
+        // of the socket a moment later, without a `shutdown` call of its
+        // own (which fails anyway when the client has gone first).
+        Some(Ok((write, None))) => write.forget(),
         Some(Err(e)) => tracing::error!(conn = %conn.id_str(), error = %e, "writer task failed"),
         None => {
             // What the writer could not write is dropped with a reset.
