@@ -165,6 +165,22 @@ impl Run {
         self.wire.slice(..self.walk(n).0)
     }
 
+    /// How many of the first `n` frames fit, whole, in `bytes` of wire.
+    pub fn fitting(&self, n: usize, bytes: usize) -> usize {
+        let (mut end, mut count) = (0, 0);
+        while count < n.min(self.frames) {
+            let Some((header, len)) = self.wire.get(end..).and_then(frame_size) else {
+                break;
+            };
+            if end + header + len > bytes {
+                break;
+            }
+            end += header + len;
+            count += 1;
+        }
+        count
+    }
+
     /// Payload bytes of the first `n` frames, for the bytes-sent counter.
     pub fn payload(&self, n: usize) -> u64 {
         if n >= self.frames {

@@ -1206,6 +1206,57 @@ async fn a_burst_to_a_member_with_a_full_queue_is_queued_as_far_as_it_fits_and_c
     gw.stop().await;
 }
 
+#[tokio::test]
+async fn frames_for_a_member_that_reads_nothing_are_bounded_in_bytes_not_only_in_number() {
+    // Sixty wrapped messages of control characters, each escaped to six
+    // times its size (about 900 KB a frame, 54 MB in all), are far fewer
+    // than the queue's 256 frames but far more than its byte budget (1 MiB
+    // with a message size limit of 4 KiB) and the socket buffers: most must
+    // be dropped, not held for a client that never reads.
+    const MESSAGES: usize = 60;
+    const SIZE: usize = 150_000;
+    let server = NatsServer::start();
+    let backend = Backend::connect(&server).await;
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    let gw = nats_gateway(&server, |c| {
+        c.websocket.ping_interval_secs = 3600;
+        c.websocket.max_message_size_bytes = 4096;
+        c.websocket.slow_consumer = roomgate::config::SlowConsumerPolicy::Drop;
+    })
+    .await;
+    let (stuck, id) = stuck_member(&gw, &mut presence, "bytes").await;
+    let delivered = "roomgate_messages_delivered_total";
+    let dropped = r#"roomgate_messages_dropped_total{reason="slow_consumer"}"#;
+    let delivered_before = gw.metric(delivered).await;
+
+    let payload = "\u{1}".repeat(SIZE);
+    backend
+        .publish_burst(
+            &format!("roomgate.send.{id}"),
+            (0..MESSAGES).map(|_| (async_nats::HeaderMap::new(), payload.clone())),
+        )
+        .await;
+    eventually_async("every message to be queued or dropped", || async {
+        gw.metric(delivered).await - delivered_before + gw.metric(dropped).await >= MESSAGES as f64
+    })
+    .await;
+
+    let queued = gw.metric(delivered).await - delivered_before;
+    let lost = gw.metric(dropped).await;
+    assert_eq!(queued + lost, MESSAGES as f64, "each frame counted once");
+    assert!(
+        lost >= (MESSAGES / 2) as f64,
+        "only {lost} of {MESSAGES} frames of 900 KB were dropped"
+    );
+    assert_eq!(
+        gw.metric("roomgate_connections").await,
+        1.0,
+        "still connected"
+    );
+    drop(stuck);
+    gw.stop().await;
+}
+
 /// With no grace period, shutdown cuts every session at once. Each still
 /// reports a shutdown close (1001) on NATS, not an error, whether its
 /// writer got to send the 1001 or the cut came first.

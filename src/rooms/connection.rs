@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use super::Room;
 use super::name::RoomPatterns;
-use super::outbox::{Outbox, PushError};
+use super::outbox::{Outbox, PushError, QueueLimits};
 use crate::config::SlowConsumerPolicy;
 use crate::metrics::CloseReason;
 use crate::protocol::{Frame, Run};
@@ -89,11 +89,11 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Creates a connection with a fresh UUID and a queue of `capacity`
-    /// frames, which closes when anyone closes it or `shutdown` begins.
+    /// Creates a connection with a fresh UUID and a queue within `limits`,
+    /// which closes when anyone closes it or `shutdown` begins.
     pub fn new(
         identity: Identity,
-        capacity: usize,
+        limits: QueueLimits,
         policy: SlowConsumerPolicy,
         shutdown: &Shutdown,
     ) -> Arc<Self> {
@@ -102,7 +102,7 @@ impl Connection {
             id,
             id_text: id.hyphenated().to_string().into_boxed_str(),
             identity,
-            outbox: Outbox::new(capacity),
+            outbox: Outbox::new(limits),
             policy,
             closing: shutdown.stopping().child_token(),
             closed: AtomicBool::new(false),
@@ -276,7 +276,12 @@ mod tests {
     /// `closed()` future across several wake-ups; that task must see it.
     async fn closing_is_seen(how: impl FnOnce(&Connection, &Shutdown)) {
         let shutdown = Shutdown::new();
-        let conn = Connection::new(Identity::default(), 4, SlowConsumerPolicy::Close, &shutdown);
+        let conn = Connection::new(
+            Identity::default(),
+            QueueLimits::new(4, 64),
+            SlowConsumerPolicy::Close,
+            &shutdown,
+        );
         let waiting = conn.clone();
         seen_across_wake_ups(async move { waiting.closed().await }, || {
             assert!(!conn.is_closing());
@@ -304,12 +309,22 @@ mod tests {
     #[test]
     fn only_a_pong_echoing_a_recent_ping_answers_it() {
         let shutdown = Shutdown::new();
-        let conn = Connection::new(Identity::default(), 4, SlowConsumerPolicy::Close, &shutdown);
+        let conn = Connection::new(
+            Identity::default(),
+            QueueLimits::new(4, 64),
+            SlowConsumerPolicy::Close,
+            &shutdown,
+        );
         let (first, first_payload) = conn.next_ping();
         conn.pong_received(b"");
         conn.pong_received(&[0; 8]);
         assert!(!conn.answered(first), "a pong of its own making");
-        let other = Connection::new(Identity::default(), 4, SlowConsumerPolicy::Close, &shutdown);
+        let other = Connection::new(
+            Identity::default(),
+            QueueLimits::new(4, 64),
+            SlowConsumerPolicy::Close,
+            &shutdown,
+        );
         let (_, others) = other.next_ping();
         assert_ne!(others, first_payload, "payloads differ per connection");
         conn.pong_received(&others);

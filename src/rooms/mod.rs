@@ -38,7 +38,7 @@ use uuid::Uuid;
 pub use connection::{CLOSE_SLOW_CONSUMER, CloseRequest, Connection, Delivery, Identity};
 pub use idle::MAX_EMPTY_ROOMS;
 pub use name::{MAX_ROOM_LEN, RoomName, RoomPatterns, is_valid};
-pub use outbox::{Batch, MAX_CONTROL_BYTES, Outbox, PushError};
+pub use outbox::{Batch, MAX_CONTROL_BYTES, Outbox, PushError, QueueLimits};
 
 use idle::{IdleQueue, Ticket};
 
@@ -759,7 +759,12 @@ mod tests {
 
     fn client(shutdown: &Shutdown) -> Arc<Connection> {
         // Replies pile up unread: `drop` keeps the connection open.
-        Connection::new(Identity::default(), 4, SlowConsumerPolicy::Drop, shutdown)
+        Connection::new(
+            Identity::default(),
+            QueueLimits::new(4, 64),
+            SlowConsumerPolicy::Drop,
+            shutdown,
+        )
     }
 
     fn join(hub: &Hub, conn: &Arc<Connection>, room: &str) {
@@ -786,7 +791,12 @@ mod tests {
             rooms: Some(RoomPatterns::new(["lobby"])),
             ..Identity::default()
         };
-        let conn = Connection::new(identity, 8, SlowConsumerPolicy::Drop, &shutdown);
+        let conn = Connection::new(
+            identity,
+            QueueLimits::new(8, 64),
+            SlowConsumerPolicy::Drop,
+            &shutdown,
+        );
         let staff = RoomName::parse("staff").expect("valid name");
         let refused = hub.join(&conn, &staff, protocol::joined("staff", None));
         assert!(refused.is_err(), "not in the grants");

@@ -7,7 +7,8 @@
 //! waiter list). The writer takes everything queued in one lock
 //! by swapping buffers, so a burst of frames costs the writer one lock and
 //! one vectored write. Nothing is allocated until the first frame arrives,
-//! which keeps idle connections small.
+//! which keeps idle connections small. The queue is bounded both in frames
+//! and in bytes (see [`QueueLimits`]).
 
 use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
@@ -27,10 +28,37 @@ pub const MAX_CONTROL_BYTES: usize = 64 * 1024;
 /// empty.
 const IDLE_CAPACITY: usize = 16;
 
+/// The least byte budget of a queue, however small the message size limit:
+/// frames from backends may be larger than what clients may send.
+pub const MIN_QUEUE_BYTES: usize = 1024 * 1024;
+
+/// How much one connection's queue may hold. Counting frames alone would
+/// let a backend's large frames (a NATS payload, up to six times larger
+/// once escaped into a wrapped message) pile up hundreds deep for a client
+/// that does not read; the byte budget bounds what one slow client costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Data frames (`websocket.send_queue_capacity`).
+    pub frames: usize,
+    /// Wire bytes of those frames.
+    pub bytes: usize,
+}
+
+impl QueueLimits {
+    /// `frames` frames, and the bytes of as many messages of the largest
+    /// size a client may send, at least [`MIN_QUEUE_BYTES`].
+    pub fn new(frames: usize, max_message_size: usize) -> Self {
+        Self {
+            frames: frames.max(1),
+            bytes: frames.saturating_mul(max_message_size).max(MIN_QUEUE_BYTES),
+        }
+    }
+}
+
 /// Why a frame was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PushError {
-    /// `capacity` frames are queued already.
+    /// The queue holds as many frames, or as many bytes, as it may.
     Full,
     /// The writer is gone; nothing will be sent any more.
     Closed,
@@ -43,6 +71,8 @@ struct Queue {
     frames: VecDeque<Bytes>,
     /// Data frames in `frames`, which the capacity counts.
     queued: usize,
+    /// Wire bytes in `frames`, which the byte budget counts.
+    bytes: usize,
     /// Encoded control frames from the WebSocket codec, sent before the
     /// next data frames.
     control: Vec<u8>,
@@ -61,7 +91,7 @@ pub struct Outbox {
     /// The waiting writer. There is only ever one, so a single waker slot
     /// does what a `Notify` would, without its lock and waiter list.
     writer: AtomicWaker,
-    capacity: usize,
+    limits: QueueLimits,
 }
 
 /// What the writer takes in one go: buffers of whole encoded frames in the
@@ -69,12 +99,12 @@ pub struct Outbox {
 pub type Batch = VecDeque<Bytes>;
 
 impl Outbox {
-    /// A queue of at most `capacity` data frames.
-    pub fn new(capacity: usize) -> Self {
+    /// A queue within `limits`.
+    pub fn new(limits: QueueLimits) -> Self {
         Self {
             queue: Mutex::new(Queue::default()),
             writer: AtomicWaker::new(),
-            capacity: capacity.max(1),
+            limits,
         }
     }
 
@@ -100,10 +130,18 @@ impl Outbox {
         if queue.closed {
             return (0, Some(PushError::Closed));
         }
-        let taken = run.len().min(self.capacity.saturating_sub(queue.queued));
+        let mut taken = run
+            .len()
+            .min(self.limits.frames.saturating_sub(queue.queued));
+        let mut wire = run.wire(taken);
+        if queue.bytes + wire.len() > self.limits.bytes {
+            taken = self.fitting(run, taken, &queue);
+            wire = run.wire(taken);
+        }
         let was_empty = queue.is_empty();
         if taken > 0 {
-            queue.frames.push_back(run.wire(taken));
+            queue.bytes += wire.len();
+            queue.frames.push_back(wire);
             queue.queued += taken;
         }
         drop(queue);
@@ -114,6 +152,18 @@ impl Outbox {
         }
         let rest = (taken < run.len()).then_some(PushError::Full);
         (taken, rest)
+    }
+
+    /// How many of the first `n` frames of `run` fit in what is left of
+    /// the byte budget: at least one into a queue holding no data frames,
+    /// so a frame larger than the whole budget still reaches a client that
+    /// keeps up.
+    fn fitting(&self, run: &Run, n: usize, queue: &Queue) -> usize {
+        let room = self.limits.bytes.saturating_sub(queue.bytes);
+        match run.fitting(n, room) {
+            0 if queue.queued == 0 => n.min(1),
+            fit => fit,
+        }
     }
 
     /// Queues encoded control frames (pongs, close replies) ahead of data.
@@ -145,6 +195,7 @@ impl Outbox {
         }
         std::mem::swap(&mut queue.frames, batch);
         queue.queued = 0;
+        queue.bytes = 0;
         if queue.control.is_empty() {
             return false;
         }
@@ -189,6 +240,7 @@ impl Outbox {
         queue.closed = true;
         queue.frames = VecDeque::new();
         queue.queued = 0;
+        queue.bytes = 0;
         let control = std::mem::take(&mut queue.control);
         (!control.is_empty()).then(|| Bytes::from(control))
     }
@@ -212,9 +264,14 @@ mod tests {
         Frame::from_text(text.to_string())
     }
 
+    /// Limits that only the frame count reaches in these tests.
+    fn frames(n: usize) -> QueueLimits {
+        QueueLimits::new(n, 64 * 1024)
+    }
+
     #[test]
     fn bounded_and_ordered() {
-        let outbox = Outbox::new(2);
+        let outbox = Outbox::new(frames(2));
         assert_eq!(outbox.push(frame("a")), Ok(()));
         assert_eq!(outbox.push(frame("b")), Ok(()));
         assert_eq!(outbox.push(frame("c")), Err(PushError::Full));
@@ -228,7 +285,7 @@ mod tests {
 
     #[test]
     fn a_run_is_queued_as_far_as_it_fits_in_order() {
-        let outbox = Outbox::new(3);
+        let outbox = Outbox::new(frames(3));
         outbox.push(frame("a")).expect("room");
         let run = Run::new(&[frame("b"), frame("c"), frame("d")]);
         assert_eq!(outbox.push_run(&run), (2, Some(PushError::Full)));
@@ -251,8 +308,46 @@ mod tests {
     }
 
     #[test]
+    fn the_byte_budget_bounds_a_queue_of_large_frames() {
+        let big = |c: char| frame(&c.to_string().repeat(MIN_QUEUE_BYTES / 3));
+        let outbox = Outbox::new(QueueLimits::new(100, 1));
+        assert_eq!(outbox.limits.bytes, MIN_QUEUE_BYTES, "the least budget");
+        let run = Run::new(&[big('a'), big('b'), big('c')]);
+        assert_eq!(
+            outbox.push_run(&run),
+            (2, Some(PushError::Full)),
+            "a third frame and its headers do not fit"
+        );
+        assert_eq!(outbox.push(big('d')), Err(PushError::Full));
+        assert_eq!(outbox.push(frame("small")), Ok(()), "what fits still goes");
+        let mut batch = Batch::default();
+        outbox.take(&mut batch);
+        assert_eq!(
+            outbox.push_run(&run),
+            (2, Some(PushError::Full)),
+            "taken frames free their bytes"
+        );
+    }
+
+    #[test]
+    fn a_frame_larger_than_the_budget_goes_alone_into_an_empty_queue() {
+        let huge = frame(&"h".repeat(MIN_QUEUE_BYTES * 2));
+        let outbox = Outbox::new(QueueLimits::new(4, 1));
+        outbox.push_control(&[0x8a, 0x00]).expect("open");
+        assert_eq!(
+            outbox.push_run(&Run::new(&[huge.clone(), frame("x")])),
+            (1, Some(PushError::Full))
+        );
+        assert_eq!(outbox.push(frame("y")), Err(PushError::Full));
+        let mut batch = Batch::default();
+        assert!(outbox.take(&mut batch));
+        assert_eq!(batch[1], huge.into_wire());
+        assert_eq!(outbox.push(frame("z")), Ok(()));
+    }
+
+    #[test]
     fn control_goes_in_its_own_capped_buffer() {
-        let outbox = Outbox::new(1);
+        let outbox = Outbox::new(frames(1));
         outbox.push(frame("a")).expect("room for one");
         outbox
             .push_control(&[0x8a, 0x00])
@@ -273,7 +368,7 @@ mod tests {
 
     #[test]
     fn closed_refuses_and_frees() {
-        let outbox = Outbox::new(4);
+        let outbox = Outbox::new(frames(4));
         outbox.push(frame("a")).expect("open");
         outbox.push_control(&[0x88, 0x00]).expect("open");
         assert_eq!(outbox.close().as_deref(), Some(&[0x88, 0x00][..]));
@@ -284,7 +379,7 @@ mod tests {
 
     #[test]
     fn trim_releases_burst_buffers_only_when_idle() {
-        let outbox = Outbox::new(1000);
+        let outbox = Outbox::new(frames(1000));
         let mut batch = Batch::default();
         for _ in 0..2 {
             for _ in 0..500 {
@@ -316,7 +411,7 @@ mod tests {
     #[test]
     fn ready_only_when_something_is_queued() {
         use futures_util::FutureExt;
-        let outbox = Outbox::new(4);
+        let outbox = Outbox::new(frames(4));
         assert_eq!(outbox.ready().now_or_never(), None, "empty");
         outbox.push_control(&[0x8a, 0x00]).expect("open");
         assert_eq!(outbox.ready().now_or_never(), Some(()), "control queued");
@@ -328,7 +423,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_push_wakes_a_waiting_writer() {
-        let outbox = std::sync::Arc::new(Outbox::new(4));
+        let outbox = std::sync::Arc::new(Outbox::new(frames(4)));
         let waiter = {
             let outbox = outbox.clone();
             tokio::spawn(async move { outbox.ready().await })

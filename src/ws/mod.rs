@@ -37,7 +37,7 @@ use crate::config::Config;
 use crate::metrics::RejectReason;
 use crate::request::{self, header_has_token};
 use crate::response::{self, Body};
-use crate::rooms::{Connection, Identity};
+use crate::rooms::{Connection, Identity, QueueLimits};
 use crate::shutdown::Shutdown;
 
 /// tungstenite's read buffer is allocated up front for every connection; its
@@ -58,7 +58,7 @@ pub struct Upgrader {
     paths: Vec<String>,
     slots: Arc<Semaphore>,
     codec: WebSocketConfig,
-    queue_capacity: usize,
+    queue: QueueLimits,
     slow_consumer: crate::config::SlowConsumerPolicy,
     shutdown: Shutdown,
 }
@@ -86,7 +86,7 @@ impl Upgrader {
                 config.server.max_connections.min(Semaphore::MAX_PERMITS),
             )),
             codec,
-            queue_capacity: ws.send_queue_capacity,
+            queue: QueueLimits::new(ws.send_queue_capacity, ws.max_message_size_bytes),
             slow_consumer: ws.slow_consumer,
             shutdown,
         }
@@ -163,12 +163,7 @@ impl Upgrader {
         parts: &Parts,
         client: SocketAddr,
     ) {
-        let conn = Connection::new(
-            identity,
-            self.queue_capacity,
-            self.slow_consumer,
-            &self.shutdown,
-        );
+        let conn = Connection::new(identity, self.queue, self.slow_consumer, &self.shutdown);
         // At debug: the only events inside a connection at info and above
         // are two internal errors, which name the connection themselves,
         // and an enabled span costs every connection a registry entry and

@@ -422,7 +422,7 @@ mod tests {
     use super::*;
     use crate::config::SlowConsumerPolicy;
     use crate::protocol::Frame;
-    use crate::rooms::Identity;
+    use crate::rooms::{Identity, QueueLimits};
     use crate::shutdown::Shutdown;
     use tokio::io::AsyncReadExt;
     use tokio::net::{TcpListener, TcpStream};
@@ -436,7 +436,12 @@ mod tests {
         let (server, _) = listener.accept().await.expect("accept");
         let (_, write) = server.into_split();
         let shutdown = Shutdown::new();
-        let conn = Connection::new(Identity::default(), 8, SlowConsumerPolicy::Close, &shutdown);
+        let conn = Connection::new(
+            Identity::default(),
+            QueueLimits::new(8, 64),
+            SlowConsumerPolicy::Close,
+            &shutdown,
+        );
         let settings = SessionSettings {
             ping_interval: Duration::from_secs(3600),
             pong_timeout: Duration::from_secs(5),
