@@ -383,6 +383,12 @@ fn request<'a>(
                     "content nests more than 32 levels deep",
                 ));
             }
+            if has_lone_surrogate(content.get()) {
+                return Err(Refusal::new(
+                    ErrorCode::InvalidJson,
+                    "content holds half a surrogate pair",
+                ));
+            }
             Ok(Request::Message { room, content })
         }
         _ => Err(Refusal::new(ErrorCode::UnknownType, "unknown frame type")),
@@ -412,6 +418,46 @@ fn nests_deeper_than(json: &str, limit: usize) -> bool {
             _ => {}
         }
         i += 1;
+    }
+    false
+}
+
+/// Whether a string in the valid JSON `json` escapes half of a UTF-16
+/// surrogate pair without the other half (`"\ud800"`). That is valid JSON
+/// syntax but not text: strict parsers (serde_json's among them) refuse
+/// it, so one such message would fail every reader of the room. Escapes
+/// appear only inside strings, so no string tracking is needed, and
+/// content without `\u` is answered by one search.
+fn has_lone_surrogate(json: &str) -> bool {
+    if !json.contains("\\u") {
+        return false;
+    }
+    let bytes = json.as_bytes();
+    // The code unit of the `\uXXXX` escape starting at `i`, if there is one.
+    let unit = |i: usize| -> Option<u16> {
+        if bytes.get(i..i + 2)? != b"\\u" {
+            return None;
+        }
+        u16::from_str_radix(json.get(i + 2..i + 6)?, 16).ok()
+    };
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        match unit(i) {
+            Some(0xD800..=0xDBFF) => {
+                if !matches!(unit(i + 6), Some(0xDC00..=0xDFFF)) {
+                    return true;
+                }
+                i += 12;
+            }
+            Some(0xDC00..=0xDFFF) => return true,
+            Some(_) => i += 6,
+            // Any other escape is two bytes (`\\` among them).
+            None => i += 2,
+        }
     }
     false
 }
@@ -740,6 +786,32 @@ mod tests {
             code_of(&message_with(&nested(100_000, "[", "]"))),
             ErrorCode::InvalidJson
         );
+    }
+
+    #[test]
+    fn content_with_half_a_surrogate_pair_is_refused() {
+        for lone in [
+            r#""\ud800""#,
+            r#""\ud800x""#,
+            r#"["\udbff\u0041"]"#,
+            r#"{"k":"\udc00"}"#,
+            r#""\ud83d\ud83d""#,
+            r#""\\\ud800""#,
+        ] {
+            assert_eq!(
+                code_of(&message_with(lone)),
+                ErrorCode::InvalidJson,
+                "{lone}"
+            );
+        }
+        for fine in [
+            r#""\ud83d\ude00""#,
+            r#""\\ud800""#,
+            r#""\u00e9 \n \"\\""#,
+            r#"{"\ud83d\ude00":["\uffff"]}"#,
+        ] {
+            assert!(parse(&message_with(fine)).1.is_ok(), "{fine}");
+        }
     }
 
     #[test]

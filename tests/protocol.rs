@@ -193,6 +193,15 @@ async fn invalid_json_is_refused_and_the_connection_stays_usable() {
             r#"{"type":"message","room":"r","id":"k4"}"#.into(),
             Some("k4"),
         ),
+        // Content that is JSON but not text: half a surrogate pair.
+        (
+            r#"{"type":"message","room":"r","content":"\ud800x","id":"k5"}"#.into(),
+            Some("k5"),
+        ),
+        (
+            r#"{"type":"message","room":"r","content":{"k":["\udc00"]}}"#.into(),
+            None,
+        ),
         // An id longer than 64 bytes (it cannot be echoed).
         (
             format!(r#"{{"type":"join","room":"r","id":"{long_id}"}}"#),
