@@ -81,6 +81,16 @@ async fn bad_handshakes_get_400_with_the_reason_and_never_a_websocket() {
             "Sec-WebSocket-Version must be 13",
         ),
         ("GET", "a plain GET", Vec::new(), "Upgrade: websocket"),
+        (
+            "GET",
+            "two keys",
+            [
+                upgrade_headers(Some(KEY), "13"),
+                vec![("Sec-WebSocket-Key", KEY)],
+            ]
+            .concat(),
+            "Sec-WebSocket-Key given more than once",
+        ),
     ];
     let count = cases.len();
     for (method, what, headers, reason) in cases {
@@ -156,6 +166,32 @@ async fn a_bad_handshake_on_a_raw_socket_gets_no_websocket_bytes() {
         .expect("write");
     let (status, head) = read_response_head(&mut stream).await;
     assert_eq!(status, 404, "{head}");
+}
+
+#[tokio::test]
+async fn an_http_1_0_upgrade_gets_400_not_a_switch_that_leads_nowhere() {
+    // HTTP/1.0 has no upgrade: hyper would send the 101 and close.
+    let gw = TestGateway::start(test_config()).await;
+    let mut stream = within("connect", TcpStream::connect(gw.addr))
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET /ws HTTP/1.0\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n\r\n",
+        gw.addr
+    );
+    within("write", stream.write_all(request.as_bytes()))
+        .await
+        .expect("write");
+    let (status, head, body) = read_response(&mut stream).await;
+    assert_eq!(status, 400, "{head}");
+    assert!(body.contains("HTTP/1.1"), "{body}");
+    assert_eq!(
+        gw.metric("roomgate_upgrades_rejected_total{reason=\"bad_handshake\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(gw.metric("roomgate_connections_opened_total").await, 0.0);
 }
 
 #[tokio::test]

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::http::request::Parts;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_tungstenite::WebSocketStream;
@@ -132,7 +132,8 @@ impl Upgrader {
             |why: &str| Rejection::new(StatusCode::BAD_REQUEST, RejectReason::BadHandshake, why);
         request::host(request.version(), request.headers())
             .map_err(|e| bad(&format!("bad request: {e}")))?;
-        let accept = handshake_accept(request.method(), request.headers()).map_err(bad)?;
+        let accept = handshake_accept(request.method(), request.version(), request.headers())
+            .map_err(bad)?;
         if self.shutdown.is_stopping() {
             return Err(unavailable(RejectReason::ShuttingDown, "shutting down"));
         }
@@ -223,9 +224,18 @@ async fn take_over(
 
 /// Checks an upgrade request against RFC 6455 §4.2.1 and returns the
 /// `Sec-WebSocket-Accept` value, or why the handshake is bad.
-fn handshake_accept(method: &Method, headers: &hyper::HeaderMap) -> Result<String, &'static str> {
+fn handshake_accept(
+    method: &Method,
+    version: Version,
+    headers: &hyper::HeaderMap,
+) -> Result<String, &'static str> {
     if method != Method::GET {
         return Err("bad handshake: a WebSocket upgrade must be a GET");
+    }
+    // An HTTP/1.0 connection cannot be upgraded: hyper would send the 101
+    // and then close it.
+    if version != Version::HTTP_11 {
+        return Err("bad handshake: a WebSocket upgrade must be HTTP/1.1");
     }
     if !header_has_token(headers, header::UPGRADE, "websocket") {
         return Err("bad handshake: expected Upgrade: websocket");
@@ -233,20 +243,31 @@ fn handshake_accept(method: &Method, headers: &hyper::HeaderMap) -> Result<Strin
     if !header_has_token(headers, header::CONNECTION, "upgrade") {
         return Err("bad handshake: expected Connection: Upgrade");
     }
-    if headers
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .map(|v| v.as_bytes())
-        != Some(b"13")
-    {
+    let version = at_most_once(headers, header::SEC_WEBSOCKET_VERSION)
+        .ok_or("bad handshake: Sec-WebSocket-Version given more than once")?;
+    if version.map(|v| v.as_bytes()) != Some(b"13") {
         return Err("bad handshake: Sec-WebSocket-Version must be 13");
     }
-    let key = headers
-        .get(header::SEC_WEBSOCKET_KEY)
+    let key = at_most_once(headers, header::SEC_WEBSOCKET_KEY)
+        .ok_or("bad handshake: Sec-WebSocket-Key given more than once")?
         .ok_or("bad handshake: missing Sec-WebSocket-Key")?;
     if !is_valid_key(key.as_bytes()) {
         return Err("bad handshake: Sec-WebSocket-Key must be 16 bytes in base64");
     }
     Ok(derive_accept_key(key.as_bytes()))
+}
+
+/// The value of a header that may appear at most once (RFC 6455 §11.3:
+/// the key and the version): `None` when it appears more often.
+fn at_most_once(
+    headers: &hyper::HeaderMap,
+    name: header::HeaderName,
+) -> Option<Option<&HeaderValue>> {
+    let mut values = headers.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (_, Some(_)) => None,
+        (value, None) => Some(value),
+    }
 }
 
 /// A base64 encoding of 16 bytes: 22 base64 characters and `==`.
@@ -299,35 +320,52 @@ mod tests {
 
     #[test]
     fn accepts_the_rfc_example() {
-        let accept = handshake_accept(&Method::GET, &headers(&GOOD)).expect("valid");
+        let accept =
+            handshake_accept(&Method::GET, Version::HTTP_11, &headers(&GOOD)).expect("valid");
         assert_eq!(accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
     }
 
     #[test]
     fn names_what_is_wrong() {
         assert!(
-            handshake_accept(&Method::POST, &headers(&GOOD))
+            handshake_accept(&Method::POST, Version::HTTP_11, &headers(&GOOD))
                 .unwrap_err()
                 .contains("GET")
         );
         let mut h = headers(&GOOD);
         h.insert("sec-websocket-version", HeaderValue::from_static("8"));
         assert!(
-            handshake_accept(&Method::GET, &h)
+            handshake_accept(&Method::GET, Version::HTTP_11, &h)
                 .unwrap_err()
                 .contains("Version")
         );
         let mut h = headers(&GOOD);
         h.remove("sec-websocket-key");
         assert!(
-            handshake_accept(&Method::GET, &h)
+            handshake_accept(&Method::GET, Version::HTTP_11, &h)
                 .unwrap_err()
                 .contains("Key")
         );
+        assert!(
+            handshake_accept(&Method::GET, Version::HTTP_10, &headers(&GOOD))
+                .unwrap_err()
+                .contains("HTTP/1.1")
+        );
+        for name in ["sec-websocket-key", "sec-websocket-version"] {
+            let mut h = headers(&GOOD);
+            let value = h.get(name).expect("set").clone();
+            h.append(name, value);
+            assert!(
+                handshake_accept(&Method::GET, Version::HTTP_11, &h)
+                    .unwrap_err()
+                    .contains("more than once"),
+                "{name} twice"
+            );
+        }
         let mut h = headers(&GOOD);
         h.insert("sec-websocket-key", HeaderValue::from_static("short"));
         assert!(
-            handshake_accept(&Method::GET, &h)
+            handshake_accept(&Method::GET, Version::HTTP_11, &h)
                 .unwrap_err()
                 .contains("16 bytes")
         );
