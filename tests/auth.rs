@@ -494,8 +494,10 @@ async fn tokens_and_cookies_never_reach_the_logs() {
 }
 
 /// An upstream whose `/auth/ws` admits the cookie `session=good` as alice
-/// (rooms `chat.*`), `session=norooms` with an empty room list, refuses `session=banned` with 403 and a body, and
-/// serves everything else with 200.
+/// (rooms `chat.*`), `session=norooms` with an empty room list,
+/// `session=utf8` as José and `session=notutf8` as a user that is not
+/// text, refuses `session=banned` with 403 and a body, and serves
+/// everything else with 200.
 async fn auth_upstream() -> Upstream {
     Upstream::start(|request: Request<hyper::body::Incoming>| async move {
         if request.uri().path() != "/auth/ws" {
@@ -523,6 +525,22 @@ async fn auth_upstream() -> Upstream {
                 .header("roomgate-rooms", "")
                 .body(full(""))
                 .expect("response")
+        } else if cookie.contains("session=utf8") {
+            Response::builder()
+                .header(
+                    "roomgate-user",
+                    hyper::header::HeaderValue::from_bytes("José".as_bytes()).expect("bytes"),
+                )
+                .body(full(""))
+                .expect("response")
+        } else if cookie.contains("session=notutf8") {
+            Response::builder()
+                .header(
+                    "roomgate-user",
+                    hyper::header::HeaderValue::from_bytes(b"a\xffb").expect("bytes"),
+                )
+                .body(full(""))
+                .expect("response")
         } else if cookie.contains("session=banned") {
             Response::builder()
                 .status(StatusCode::FORBIDDEN)
@@ -544,6 +562,30 @@ async fn auth_upstream() -> Upstream {
         }
     })
     .await
+}
+
+#[tokio::test]
+async fn forward_auth_takes_a_utf8_user_and_refuses_a_user_that_is_not_text() {
+    let upstream = auth_upstream().await;
+    let gw = TestGateway::with(|c| {
+        c.auth.mode = roomgate::config::AuthMode::Upstream;
+        c.upstream.url = upstream.url();
+        c.auth.upstream.timeout_secs = 1;
+        c.websocket.rooms.presence = true;
+    })
+    .await;
+    let url = gw.ws_url();
+    let mut first = connect_with(&url, &[("cookie", "session=utf8")]).await;
+    let mut second = connect_with(&url, &[("cookie", "session=utf8")]).await;
+    first.join("lobby").await;
+    second.join("lobby").await;
+    assert_eq!(first.recv().await["user"], "José");
+    // Not anonymous instead: refused, as for any answer the gateway
+    // cannot use.
+    let (status, _) = upgrade_status(gw.addr, "", &[("cookie", "session=notutf8")]).await;
+    assert_eq!(status, 503);
+    assert_eq!(gw.metric("roomgate_connections").await, 2.0);
+    gw.stop().await;
 }
 
 #[tokio::test]

@@ -52,7 +52,10 @@ impl ForwardAuth {
             })?;
         let status = response.status();
         if status.is_success() {
-            return Ok(identity(response.headers()));
+            return identity(response.headers()).ok_or_else(|| {
+                tracing::warn!("auth upstream answered with a Roomgate-User that is not UTF-8");
+                unavailable()
+            });
         }
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             let reason = if status == StatusCode::UNAUTHORIZED {
@@ -124,26 +127,28 @@ impl ForwardAuth {
 /// header leaves the rooms unrestricted, so that a service building the list
 /// from a user's rooms never grants every room to a user who has none. The
 /// list may come in several field lines, which count as one list joined by
-/// commas (RFC 9110 §5.3).
-fn identity(headers: &hyper::HeaderMap) -> Identity {
-    let user = headers
-        .get("roomgate-user")
-        .map(text)
-        .filter(|v| !v.is_empty())
-        .map(Arc::from);
+/// commas (RFC 9110 §5.3). The user is UTF-8 text, as a JWT's `sub` is;
+/// an answer whose user is not text grants nothing (`None`): admitting the
+/// client anonymously instead would hide who it is from every backend.
+fn identity(headers: &hyper::HeaderMap) -> Option<Identity> {
+    let user = match headers.get("roomgate-user") {
+        Some(value) => std::str::from_utf8(value.as_bytes()).ok()?.trim(),
+        None => "",
+    };
+    let user = (!user.is_empty()).then(|| Arc::from(user));
     let rooms = headers.contains_key("roomgate-rooms").then(|| {
         let lines = headers.get_all("roomgate-rooms").into_iter();
         RoomPatterns::new(lines.flat_map(|v| text(v).split(',')))
     });
-    Identity {
+    Some(Identity {
         user,
         rooms,
         expires_at: None,
-    }
+    })
 }
 
-/// A field's value as text; one that is not text counts as empty, which
-/// grants nothing.
+/// A `Roomgate-Rooms` line as text; one that is not ASCII (room names are)
+/// counts as empty, which grants nothing.
 fn text(value: &HeaderValue) -> &str {
     value.to_str().map(str::trim).unwrap_or_default()
 }
