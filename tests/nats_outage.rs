@@ -440,3 +440,72 @@ async fn rooms_joined_during_an_outage_do_not_hold_up_or_replay_events() {
     assert_eq!(a.recv().await, server_message(Some(last), "back", "server"));
     gw.stop().await;
 }
+
+/// Publishes, over a raw connection to `server`, a message whose subject
+/// is not UTF-8, on `roomgate.send.*`, which every gateway subscribes to.
+/// nats-server relays it as it is; the NATS client library cannot read it
+/// and takes its connection for broken.
+async fn publish_unreadable(server: &NatsServer) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let stream = within(
+        "a raw NATS connection",
+        tokio::net::TcpStream::connect(("127.0.0.1", server.port)),
+    )
+    .await
+    .expect("connect");
+    let mut stream = BufReader::new(stream);
+    let mut line = String::new();
+    within("INFO", stream.read_line(&mut line))
+        .await
+        .expect("INFO");
+    assert!(line.starts_with("INFO"), "{line}");
+    let mut command = b"CONNECT {\"verbose\":false}\r\nPUB roomgate.send.".to_vec();
+    command.extend_from_slice(b"\xff\xfe 2\r\nhi\r\nPING\r\n");
+    within("the publication", stream.get_mut().write_all(&command))
+        .await
+        .expect("write");
+    line.clear();
+    within("PONG", stream.read_line(&mut line))
+        .await
+        .expect("PONG");
+    assert_eq!(line, "PONG\r\n", "nats-server took the publication");
+}
+
+#[tokio::test]
+async fn a_message_the_nats_client_cannot_read_costs_a_reconnect_not_the_bridge() {
+    let server = NatsServer::start();
+    let gw = TestGateway::start(nats_config(&server.url())).await;
+    wait_nats_connected(&gw, true).await;
+    let backend = Backend::connect(&server).await;
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    let mut client = gw.client().await;
+    join_synced(&mut client, &mut presence, "r").await;
+
+    publish_unreadable(&server).await;
+
+    // Messages published while the gateway reconnects are lost (core NATS
+    // keeps nothing for it); once it is back and subscribed again, they
+    // arrive. Bounded: 100 tries, 200 ms each.
+    let mut arrived = None;
+    for attempt in 0..100 {
+        backend
+            .publish("roomgate.broadcast.r", &format!("after {attempt}"))
+            .await;
+        if let Ok(frame) = tokio::time::timeout(Duration::from_millis(200), client.recv()).await {
+            arrived = Some(frame);
+            break;
+        }
+    }
+    let frame = arrived.expect("no broadcast arrived after the unreadable message");
+    assert_eq!(frame["room"], "r", "{frame}");
+    wait_nats_connected(&gw, true).await;
+    // And the other way: the client's messages reach NATS again.
+    let mut messages = backend.subscribe("roomgate.message.r").await;
+    client
+        .send(json!({"type": "message", "room": "r", "content": "back"}))
+        .await;
+    let (_, message) = messages.next_json().await;
+    assert_eq!(message["content"], "back");
+    drop(client);
+    gw.stop().await;
+}
