@@ -1145,6 +1145,36 @@ async fn a_write_cut_short_by_a_kick_ends_on_a_whole_frame_before_the_close() {
     gw.stop().await;
 }
 
+/// A burst far longer than a member's queue reaches, whole, a member whose
+/// socket takes what it is sent: the bridge lets the members' writers take
+/// each run before it queues the next. On this test's single-threaded
+/// runtime the writers run only when the bridge lets them.
+#[tokio::test]
+async fn a_burst_longer_than_the_send_queue_reaches_a_member_that_keeps_up() {
+    const MESSAGES: usize = 400;
+    let server = NatsServer::start();
+    let backend = Backend::connect(&server).await;
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    let gw = nats_gateway(&server, |c| c.websocket.send_queue_capacity = 16).await;
+    let mut member = gw.client().await;
+    join_synced(&mut member, &mut presence, "burst").await;
+
+    backend
+        .publish_burst(
+            "roomgate.broadcast.burst",
+            (0..MESSAGES).map(|i| (raw(), format!("[{i}]"))),
+        )
+        .await;
+    for i in 0..MESSAGES {
+        assert_eq!(member.recv_text().await, format!("[{i}]"));
+    }
+    let slow = r#"roomgate_connections_closed_total{reason="slow_consumer"}"#;
+    assert_eq!(gw.metric(slow).await, 0.0);
+    let dropped = r#"roomgate_messages_dropped_total{reason="slow_consumer"}"#;
+    assert_eq!(gw.metric(dropped).await, 0.0);
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn a_burst_to_a_member_with_a_full_queue_is_queued_as_far_as_it_fits_and_counted() {
     // A member that reads nothing, with a queue of 7 frames and the `drop`

@@ -606,12 +606,21 @@ impl Bridge {
                 };
                 batch.push(message);
                 let ended = take_arrived(&mut messages, &mut batch, max_run);
+                let burst = batch.len() == max_run;
                 match &room {
                     Some(room) => inbound.handle_room(room, batch.drain(..)),
                     None => batch.drain(..).for_each(|m| inbound.handle_fixed(m)),
                 }
                 if ended {
                     break;
+                }
+                if burst {
+                    // More may be waiting: let the members' writers, woken
+                    // by this run, take it before the next run is queued.
+                    // Otherwise a burst longer than a send queue would
+                    // overflow the queue of every member, however fast it
+                    // reads.
+                    tokio::task::yield_now().await;
                 }
             }
         })
