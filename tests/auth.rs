@@ -564,46 +564,52 @@ async fn auth_upstream() -> Upstream {
     .await
 }
 
-#[tokio::test]
-async fn forward_auth_takes_a_utf8_user_and_refuses_a_user_that_is_not_text() {
-    let upstream = auth_upstream().await;
-    let gw = TestGateway::with(|c| {
+/// A gateway that asks `upstream` about every upgrade, with presence on.
+async fn forward_auth_gateway(upstream: &Upstream) -> TestGateway {
+    TestGateway::with(|c| {
         c.auth.mode = roomgate::config::AuthMode::Upstream;
         c.upstream.url = upstream.url();
         c.auth.upstream.timeout_secs = 1;
         c.websocket.rooms.presence = true;
     })
-    .await;
-    let url = gw.ws_url();
-    let mut first = connect_with(&url, &[("cookie", "session=utf8")]).await;
-    let mut second = connect_with(&url, &[("cookie", "session=utf8")]).await;
+    .await
+}
+
+/// The user that a client admitted with `cookie` shows to another member
+/// of a room, in the presence frame of its join.
+async fn user_shown(url: &str, cookie: &str) -> Value {
+    let mut first = connect_with(url, &[("cookie", cookie)]).await;
+    let mut second = connect_with(url, &[("cookie", cookie)]).await;
     first.join("lobby").await;
     second.join("lobby").await;
-    assert_eq!(first.recv().await["user"], "José");
+    first.recv().await["user"].clone()
+}
+
+#[tokio::test]
+async fn forward_auth_takes_a_utf8_user_and_refuses_a_user_that_is_not_text() {
+    let upstream = auth_upstream().await;
+    let gw = forward_auth_gateway(&upstream).await;
+    let url = gw.ws_url();
+    assert_eq!(user_shown(&url, "session=utf8").await, "José");
     // Not anonymous instead: refused, as for any answer the gateway
     // cannot use.
     let (status, _) = upgrade_status(gw.addr, "", &[("cookie", "session=notutf8")]).await;
     assert_eq!(status, 503);
-    assert_eq!(gw.metric("roomgate_connections").await, 2.0);
+    assert_eq!(
+        gw.metric("roomgate_connections_opened_total").await,
+        2.0,
+        "only José's two connections opened"
+    );
     gw.stop().await;
 }
 
 #[tokio::test]
 async fn forward_auth_admits_refuses_and_passes_the_body_back() {
     let upstream = auth_upstream().await;
-    let gw = TestGateway::with(|c| {
-        c.auth.mode = roomgate::config::AuthMode::Upstream;
-        c.upstream.url = upstream.url();
-        c.auth.upstream.timeout_secs = 1;
-        c.websocket.rooms.presence = true;
-    })
-    .await;
+    let gw = forward_auth_gateway(&upstream).await;
     let url = gw.ws_url();
+    assert_eq!(user_shown(&url, "session=good").await, "alice");
     let mut alice = connect_with(&url, &[("cookie", "session=good")]).await;
-    let mut other = connect_with(&url, &[("cookie", "session=good")]).await;
-    alice.join("lobby").await;
-    other.join("lobby").await;
-    assert_eq!(alice.recv().await["user"], "alice");
     alice.send(json!({"type": "join", "room": "admin"})).await;
     assert_eq!(alice.recv().await["code"], "forbidden");
     let mut nobody = connect_with(&url, &[("cookie", "session=norooms")]).await;

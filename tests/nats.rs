@@ -1175,6 +1175,45 @@ async fn a_burst_longer_than_the_send_queue_reaches_a_member_that_keeps_up() {
     gw.stop().await;
 }
 
+/// A gateway with the `drop` policy, no pings, and `edit` applied, and in
+/// its room `room` a member that reads nothing, with its id.
+async fn gateway_with_a_stuck_member(
+    server: &NatsServer,
+    backend: &Backend,
+    room: &str,
+    edit: impl FnOnce(&mut roomgate::Config),
+) -> (TestGateway, tokio::net::TcpStream, String) {
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    let gw = nats_gateway(server, |c| {
+        c.websocket.ping_interval_secs = 3600;
+        c.websocket.slow_consumer = roomgate::config::SlowConsumerPolicy::Drop;
+        edit(c);
+    })
+    .await;
+    let (stuck, id) = stuck_member(&gw, &mut presence, room).await;
+    (gw, stuck, id)
+}
+
+/// Waits until each of `messages` frames sent after the delivered count
+/// stood at `delivered_before` was queued or dropped; returns how many
+/// were queued and how many dropped, and checks each was counted once.
+async fn queued_and_dropped(
+    gw: &TestGateway,
+    delivered_before: f64,
+    messages: usize,
+) -> (f64, f64) {
+    let delivered = "roomgate_messages_delivered_total";
+    let dropped = r#"roomgate_messages_dropped_total{reason="slow_consumer"}"#;
+    eventually_async("every frame to be queued or dropped", || async {
+        gw.metric(delivered).await - delivered_before + gw.metric(dropped).await >= messages as f64
+    })
+    .await;
+    let queued = gw.metric(delivered).await - delivered_before;
+    let lost = gw.metric(dropped).await;
+    assert_eq!(queued + lost, messages as f64, "each frame counted once");
+    (queued, lost)
+}
+
 #[tokio::test]
 async fn a_burst_to_a_member_with_a_full_queue_is_queued_as_far_as_it_fits_and_counted() {
     // A member that reads nothing, with a queue of 7 frames and the `drop`
@@ -1187,18 +1226,12 @@ async fn a_burst_to_a_member_with_a_full_queue_is_queued_as_far_as_it_fits_and_c
     const SIZE: usize = 2000;
     let server = NatsServer::start();
     let backend = Backend::connect(&server).await;
-    let mut presence = backend.subscribe("roomgate.presence.>").await;
-    let gw = nats_gateway(&server, |c| {
-        c.websocket.ping_interval_secs = 3600;
-        c.websocket.send_queue_capacity = 7;
-        c.websocket.slow_consumer = roomgate::config::SlowConsumerPolicy::Drop;
+    let (gw, stuck, _) = gateway_with_a_stuck_member(&server, &backend, "full", |c| {
+        c.websocket.send_queue_capacity = 7
     })
     .await;
-    let (stuck, _) = stuck_member(&gw, &mut presence, "full").await;
-    let delivered = "roomgate_messages_delivered_total";
-    let dropped = r#"roomgate_messages_dropped_total{reason="slow_consumer"}"#;
     let (delivered_before, bytes_before) = (
-        gw.metric(delivered).await,
+        gw.metric("roomgate_messages_delivered_total").await,
         gw.metric("roomgate_bytes_sent_total").await,
     );
 
@@ -1209,19 +1242,8 @@ async fn a_burst_to_a_member_with_a_full_queue_is_queued_as_far_as_it_fits_and_c
             (0..MESSAGES).map(|i| (raw(), payload(i))),
         )
         .await;
-    eventually_async(
-        "every frame of the burst to be queued or dropped",
-        || async {
-            gw.metric(delivered).await - delivered_before + gw.metric(dropped).await
-                >= MESSAGES as f64
-        },
-    )
-    .await;
-
-    let queued = gw.metric(delivered).await - delivered_before;
-    let lost = gw.metric(dropped).await;
+    let (queued, lost) = queued_and_dropped(&gw, delivered_before, MESSAGES).await;
     assert!(lost > 0.0, "the queue never filled");
-    assert_eq!(queued + lost, MESSAGES as f64, "each frame counted once");
     assert_eq!(
         gw.metric("roomgate_bytes_sent_total").await - bytes_before,
         queued * SIZE as f64,
@@ -1247,17 +1269,11 @@ async fn frames_for_a_member_that_reads_nothing_are_bounded_in_bytes_not_only_in
     const SIZE: usize = 150_000;
     let server = NatsServer::start();
     let backend = Backend::connect(&server).await;
-    let mut presence = backend.subscribe("roomgate.presence.>").await;
-    let gw = nats_gateway(&server, |c| {
-        c.websocket.ping_interval_secs = 3600;
-        c.websocket.max_message_size_bytes = 4096;
-        c.websocket.slow_consumer = roomgate::config::SlowConsumerPolicy::Drop;
+    let (gw, stuck, id) = gateway_with_a_stuck_member(&server, &backend, "bytes", |c| {
+        c.websocket.max_message_size_bytes = 4096
     })
     .await;
-    let (stuck, id) = stuck_member(&gw, &mut presence, "bytes").await;
-    let delivered = "roomgate_messages_delivered_total";
-    let dropped = r#"roomgate_messages_dropped_total{reason="slow_consumer"}"#;
-    let delivered_before = gw.metric(delivered).await;
+    let delivered_before = gw.metric("roomgate_messages_delivered_total").await;
 
     let payload = "\u{1}".repeat(SIZE);
     backend
@@ -1266,14 +1282,7 @@ async fn frames_for_a_member_that_reads_nothing_are_bounded_in_bytes_not_only_in
             (0..MESSAGES).map(|_| (async_nats::HeaderMap::new(), payload.clone())),
         )
         .await;
-    eventually_async("every message to be queued or dropped", || async {
-        gw.metric(delivered).await - delivered_before + gw.metric(dropped).await >= MESSAGES as f64
-    })
-    .await;
-
-    let queued = gw.metric(delivered).await - delivered_before;
-    let lost = gw.metric(dropped).await;
-    assert_eq!(queued + lost, MESSAGES as f64, "each frame counted once");
+    let (_, lost) = queued_and_dropped(&gw, delivered_before, MESSAGES).await;
     assert!(
         lost >= (MESSAGES / 2) as f64,
         "only {lost} of {MESSAGES} frames of 900 KB were dropped"

@@ -136,20 +136,29 @@ fn data_segments_received(stream: &TcpStream) -> u32 {
     tcp_info(stream).tcpi_data_segs_in
 }
 
+/// Sends an upgrade request to /ws over a raw socket, as `http` (the
+/// request line's version) with `Sec-WebSocket-Version: version`, and
+/// returns the socket for the answer.
+async fn raw_upgrade(addr: std::net::SocketAddr, http: &str, version: &str) -> TcpStream {
+    let mut stream = within("connect", TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET /ws {http}\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: {version}\r\nSec-WebSocket-Key: {KEY}\r\n\r\n"
+    );
+    within("write", stream.write_all(request.as_bytes()))
+        .await
+        .expect("write");
+    stream
+}
+
 #[tokio::test]
 async fn a_bad_handshake_on_a_raw_socket_gets_no_websocket_bytes() {
     // The raw form, so nothing in an HTTP client can hide an upgrade: the
     // answer is a plain 400 and the socket speaks HTTP afterwards.
     let gw = TestGateway::start(test_config()).await;
-    let mut stream = within("connect", TcpStream::connect(gw.addr))
-        .await
-        .expect("connect");
-    let request = format!(
-        "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Version: 12\r\nSec-WebSocket-Key: {KEY}\r\n\r\n",
-        gw.addr
-    );
-    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut stream = raw_upgrade(gw.addr, "HTTP/1.1", "12").await;
     // The 400 carries a Content-Length, so the socket still speaks
     // HTTP/1.1: after its body, a second request on it is answered
     // (proxied: 404, as no upstream is set).
@@ -172,17 +181,7 @@ async fn a_bad_handshake_on_a_raw_socket_gets_no_websocket_bytes() {
 async fn an_http_1_0_upgrade_gets_400_not_a_switch_that_leads_nowhere() {
     // HTTP/1.0 has no upgrade: hyper would send the 101 and close.
     let gw = TestGateway::start(test_config()).await;
-    let mut stream = within("connect", TcpStream::connect(gw.addr))
-        .await
-        .expect("connect");
-    let request = format!(
-        "GET /ws HTTP/1.0\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n\r\n",
-        gw.addr
-    );
-    within("write", stream.write_all(request.as_bytes()))
-        .await
-        .expect("write");
+    let mut stream = raw_upgrade(gw.addr, "HTTP/1.0", "13").await;
     let (status, head, body) = read_response(&mut stream).await;
     assert_eq!(status, 400, "{head}");
     assert!(body.contains("HTTP/1.1"), "{body}");
