@@ -498,6 +498,14 @@ impl Config {
             ws.rooms.max_rooms_per_connection > 0,
             "websocket.rooms.max_rooms_per_connection: must be at least 1",
         );
+        check(
+            self.nats.enabled || !self.nats.required,
+            "nats.required: true needs nats.enabled (readiness cannot wait for a NATS that is off)",
+        );
+        check(
+            self.nats.enabled || ws.rooms.client_broadcast,
+            "websocket.rooms.client_broadcast: false needs nats.enabled (client messages would go nowhere)",
+        );
         if self.nats.enabled {
             check(
                 !self.nats.urls().is_empty(),
@@ -731,7 +739,9 @@ fn parse_env_value(raw: &str, kind: Kind) -> Result<toml::Value, String> {
         Kind::Bool => match raw.to_ascii_lowercase().as_str() {
             "true" | "1" | "yes" | "on" => Ok(toml::Value::Boolean(true)),
             "false" | "0" | "no" | "off" => Ok(toml::Value::Boolean(false)),
-            _ => Err(format!("expected true or false, got {raw:?}")),
+            _ => Err(format!(
+                "expected true or false (or 1/0, yes/no, on/off), got {raw:?}"
+            )),
         },
         Kind::List => Ok(toml::Value::Array(
             split_list(raw)
@@ -936,6 +946,39 @@ mod tests {
             Err(ConfigError::Invalid(errors)) => errors,
             Err(other) => panic!("unexpected error: {other}"),
         }
+    }
+
+    #[test]
+    fn settings_that_need_nats_are_refused_without_it() {
+        let without_nats = |edit: fn(&mut Config)| {
+            errors_with(|c| {
+                c.nats.enabled = false;
+                edit(c);
+            })
+        };
+        let errors = without_nats(|c| c.nats.required = true);
+        assert!(
+            errors.iter().any(|e| e.starts_with("nats.required")),
+            "{errors:?}"
+        );
+        let errors = without_nats(|c| c.websocket.rooms.client_broadcast = false);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("websocket.rooms.client_broadcast")),
+            "{errors:?}"
+        );
+        assert!(
+            without_nats(|_| {}).is_empty(),
+            "NATS off is fine on its own"
+        );
+        assert!(
+            errors_with(|c| {
+                c.nats.required = true;
+                c.websocket.rooms.client_broadcast = false;
+            })
+            .is_empty()
+        );
     }
 
     #[test]
