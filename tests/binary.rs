@@ -513,12 +513,11 @@ const EVERY_OVERRIDE: [(&str, &str, &str); 37] = [
         "3",
     ),
     ("ROOMGATE_WEBSOCKET_ROOMS_IDLE_TIMEOUT_SECS", "0", "0"),
-    (
-        "ROOMGATE_WEBSOCKET_ROOMS_CLIENT_BROADCAST",
-        "false",
-        "false",
-    ),
+    ("ROOMGATE_WEBSOCKET_ROOMS_CLIENT_BROADCAST", "yes", "true"),
     ("ROOMGATE_WEBSOCKET_ROOMS_PRESENCE", "true", "true"),
+    // Off, so that the creds file below is not read; the two settings that
+    // need NATS keep their defaults here, and their variables are checked
+    // by the test after this one.
     ("ROOMGATE_NATS_ENABLED", "false", "false"),
     (
         "ROOMGATE_NATS_URL",
@@ -531,7 +530,7 @@ const EVERY_OVERRIDE: [(&str, &str, &str); 37] = [
         r#""/etc/app.creds""#,
     ),
     ("ROOMGATE_NATS_SUBJECT_PREFIX", "rg2", r#""rg2""#),
-    ("ROOMGATE_NATS_REQUIRED", "true", "true"),
+    ("ROOMGATE_NATS_REQUIRED", "off", "false"),
     ("ROOMGATE_AUTH_MODE", "jwt", r#""jwt""#),
     (
         "ROOMGATE_AUTH_ALLOWED_ORIGINS",
@@ -587,5 +586,30 @@ fn every_key_of_the_spec_is_set_by_the_variable_the_spec_names() {
             .unwrap_or_else(|| panic!("{path} has no override in the SPEC's list"));
         let expected: toml::Table = format!("v = {expected}").parse().expect("expected TOML");
         assert_eq!(Some(&value), expected.get("v"), "{var} sets {path}");
+    }
+}
+
+#[test]
+fn nats_is_turned_off_from_the_environment_but_not_under_settings_that_need_it() {
+    let (code, stdout, stderr) = run_binary(&["check-config"], &[("ROOMGATE_NATS_ENABLED", "off")]);
+    assert_eq!(code, 0, "{stderr}");
+    let printed: toml::Table = stdout.parse().expect("TOML");
+    assert_eq!(printed["nats"]["enabled"], toml::Value::Boolean(false));
+    for (var, key) in [
+        ("ROOMGATE_NATS_REQUIRED", "nats.required"),
+        (
+            "ROOMGATE_WEBSOCKET_ROOMS_CLIENT_BROADCAST",
+            "websocket.rooms.client_broadcast",
+        ),
+    ] {
+        let value = if key == "nats.required" {
+            "true"
+        } else {
+            "false"
+        };
+        let env = [("ROOMGATE_NATS_ENABLED", "false"), (var, value)];
+        let (code, _, stderr) = run_binary(&["check-config"], &env);
+        assert_eq!(code, 2, "{var}={value}: {stderr}");
+        assert!(stderr.contains(key), "{stderr}");
     }
 }
