@@ -33,7 +33,7 @@ use crate::metrics::Metrics;
 use crate::nats::{Bridge, BridgeSettings, NatsSetupError};
 use crate::proxy::{Peer, Proxy, Upstream};
 use crate::response::Body;
-use crate::rooms::Hub;
+use crate::rooms::{Hub, QueueLimits};
 use crate::shutdown::{Background, Shutdown};
 use crate::ws::{ClientStream, HoldSwitch, SessionContext, SessionSettings, Upgrader};
 
@@ -275,6 +275,7 @@ impl Gateway {
             client_broadcast: self.config.websocket.rooms.client_broadcast,
             presence: self.config.websocket.rooms.presence,
             max_run: BridgeSettings::run_length(self.config.websocket.send_queue_capacity),
+            max_run_bytes: BridgeSettings::run_bytes(QueueLimits::of(&self.config.websocket)),
         };
         let bridge = Bridge::new(
             client,

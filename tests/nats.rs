@@ -1214,6 +1214,71 @@ async fn queued_and_dropped(
     (queued, lost)
 }
 
+/// A burst of large messages that arrive together is handed to members
+/// half a send queue's byte budget at a time, so it reaches a member that
+/// keeps up whole. The burst is published from a thread of its own while
+/// this test's only runtime thread (the gateway's) is blocked, so that it
+/// waits in the gateway's NATS socket and arrives all at once.
+#[tokio::test]
+async fn a_burst_of_large_messages_reaches_a_member_that_keeps_up() {
+    const MESSAGES: usize = 8;
+    const SIZE: usize = 200_000;
+    let server = NatsServer::start();
+    let backend = Backend::connect(&server).await;
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    // A byte budget of 1 MiB: five of these messages.
+    let gw = nats_gateway(&server, |c| {
+        c.websocket.send_queue_capacity = 16;
+        c.websocket.max_message_size_bytes = 4096;
+    })
+    .await;
+    let mut member = gw.client().await;
+    join_synced(&mut member, &mut presence, "large").await;
+    let reader = tokio::spawn(async move {
+        for i in 0..MESSAGES {
+            let text = member.recv_text().await;
+            assert!(text.starts_with(&format!("{i}:")), "{:.20}", text);
+            assert_eq!(text.len(), SIZE);
+        }
+        member
+    });
+
+    let url = server.url();
+    let publisher = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let client = within("connect", async_nats::connect(url))
+                .await
+                .expect("connect");
+            for i in 0..MESSAGES {
+                let payload = format!("{i}:{}", "x".repeat(SIZE - 2));
+                within(
+                    "publish",
+                    client.publish_with_headers("roomgate.broadcast.large", raw(), payload.into()),
+                )
+                .await
+                .expect("publish");
+            }
+            within("flush", client.flush()).await.expect("flush");
+        });
+    });
+    // Blocks the gateway until the burst has reached nats-server, and a
+    // moment more for nats-server to pass it on. (The test passes however
+    // the burst arrives; arriving at once is what makes it a burst.)
+    publisher.join().expect("publisher");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+
+    within("the whole burst", reader).await.expect("reader");
+    let slow = r#"roomgate_connections_closed_total{reason="slow_consumer"}"#;
+    assert_eq!(gw.metric(slow).await, 0.0);
+    let dropped = r#"roomgate_messages_dropped_total{reason="slow_consumer"}"#;
+    assert_eq!(gw.metric(dropped).await, 0.0);
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn a_burst_to_a_member_with_a_full_queue_is_queued_as_far_as_it_fits_and_counted() {
     // A member that reads nothing, with a queue of 7 frames and the `drop`
@@ -1283,9 +1348,11 @@ async fn frames_for_a_member_that_reads_nothing_are_bounded_in_bytes_not_only_in
         )
         .await;
     let (_, lost) = queued_and_dropped(&gw, delivered_before, MESSAGES).await;
+    // Counted in frames alone, all sixty would have been queued. How many
+    // are dropped depends on what the kernel's socket buffers took.
     assert!(
-        lost >= (MESSAGES / 2) as f64,
-        "only {lost} of {MESSAGES} frames of 900 KB were dropped"
+        lost > 0.0,
+        "none of {MESSAGES} frames of 900 KB was dropped"
     );
     assert_eq!(
         gw.metric("roomgate_connections").await,

@@ -117,6 +117,9 @@ pub struct BridgeSettings {
     /// Most messages of a room handed to its members at once (see
     /// [`BridgeSettings::run_length`]).
     pub max_run: usize,
+    /// Most payload bytes handed to members before their writers get a
+    /// turn: half a send queue's byte budget.
+    pub max_run_bytes: usize,
 }
 
 impl BridgeSettings {
@@ -128,6 +131,12 @@ impl BridgeSettings {
     /// long behind the first.
     pub fn run_length(capacity: usize) -> usize {
         (capacity / 2).clamp(1, 128)
+    }
+
+    /// The longest run in bytes for send queues within `limits`: half the
+    /// budget, for the same reason as [`BridgeSettings::run_length`].
+    pub fn run_bytes(limits: crate::rooms::QueueLimits) -> usize {
+        (limits.bytes / 2).max(1)
     }
 }
 
@@ -590,10 +599,14 @@ impl Bridge {
         let mut messages = futures_util::stream::select_all(subscribers);
         let inbound = self.inbound.clone();
         let stop = self.stop.clone();
-        let max_run = self.settings.max_run.max(1);
+        let limit = Handed {
+            messages: self.settings.max_run.max(1),
+            bytes: self.settings.max_run_bytes.max(1),
+        };
         self.tasks.spawn(async move {
             // Grown only by bursts: most rooms never see one.
             let mut batch = Vec::new();
+            let mut handed = Handed::default();
             loop {
                 let message = tokio::select! {
                     biased;
@@ -604,9 +617,9 @@ impl Bridge {
                         None => break,
                     },
                 };
+                handed.add(&message);
                 batch.push(message);
-                let ended = take_arrived(&mut messages, &mut batch, max_run);
-                let burst = batch.len() == max_run;
+                let ended = take_arrived(&mut messages, &mut batch, &mut handed, limit);
                 match &room {
                     Some(room) => inbound.handle_room(room, batch.drain(..)),
                     None => batch.drain(..).for_each(|m| inbound.handle_fixed(m)),
@@ -614,12 +627,13 @@ impl Bridge {
                 if ended {
                     break;
                 }
-                if burst {
-                    // More may be waiting: let the members' writers, woken
-                    // by this run, take it before the next run is queued.
+                if handed.reached(limit) {
+                    // A burst: let the members' writers, woken by what was
+                    // handed to them, take it before more is queued.
                     // Otherwise a burst longer than a send queue would
                     // overflow the queue of every member, however fast it
                     // reads.
+                    handed = Handed::default();
                     tokio::task::yield_now().await;
                 }
             }
@@ -627,16 +641,40 @@ impl Bridge {
     }
 }
 
-/// Adds to `batch` the messages that have arrived already, up to `max` in
-/// all, without waiting. Returns whether the stream has ended.
+/// What a delivery task has handed to members since their writers last had
+/// a turn.
+#[derive(Debug, Default, Clone, Copy)]
+struct Handed {
+    messages: usize,
+    bytes: usize,
+}
+
+impl Handed {
+    fn add(&mut self, message: &Message) {
+        self.messages += 1;
+        self.bytes += message.payload.len();
+    }
+
+    fn reached(&self, limit: Handed) -> bool {
+        self.messages >= limit.messages || self.bytes >= limit.bytes
+    }
+}
+
+/// Adds to `batch` the messages that have arrived already, without
+/// waiting, until what was handed since the writers' last turn reaches
+/// `limit`. Returns whether the stream has ended.
 fn take_arrived(
     messages: &mut (impl futures_util::Stream<Item = Message> + Unpin),
     batch: &mut Vec<Message>,
-    max: usize,
+    handed: &mut Handed,
+    limit: Handed,
 ) -> bool {
-    while batch.len() < max {
+    while !handed.reached(limit) {
         match messages.next().now_or_never() {
-            Some(Some(message)) => batch.push(message),
+            Some(Some(message)) => {
+                handed.add(&message);
+                batch.push(message);
+            }
             Some(None) => return true,
             None => break,
         }

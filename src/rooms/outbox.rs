@@ -32,6 +32,11 @@ const IDLE_CAPACITY: usize = 16;
 /// frames from backends may be larger than what clients may send.
 pub const MIN_QUEUE_BYTES: usize = 1024 * 1024;
 
+/// What a client's message gains on its way to the other members, beyond
+/// its own size: the frame header, `"from"` and the connection id, and
+/// room names longer in the frame than in the client's (escaping).
+const FRAME_OVERHEAD: usize = 1024;
+
 /// How much one connection's queue may hold. Counting frames alone would
 /// let a backend's large frames (a NATS payload, up to six times larger
 /// once escaped into a wrapped message) pile up hundreds deep for a client
@@ -45,13 +50,22 @@ pub struct QueueLimits {
 }
 
 impl QueueLimits {
-    /// `frames` frames, and the bytes of as many messages of the largest
-    /// size a client may send, at least [`MIN_QUEUE_BYTES`].
+    /// `frames` frames, and the bytes of as many frames carrying messages
+    /// of the largest size a client may send, at least [`MIN_QUEUE_BYTES`].
     pub fn new(frames: usize, max_message_size: usize) -> Self {
+        let frame = max_message_size.saturating_add(FRAME_OVERHEAD);
         Self {
             frames: frames.max(1),
-            bytes: frames.saturating_mul(max_message_size).max(MIN_QUEUE_BYTES),
+            bytes: frames.saturating_mul(frame).max(MIN_QUEUE_BYTES),
         }
+    }
+
+    /// The limits of `websocket`'s settings.
+    pub fn of(websocket: &crate::config::WebSocketConfig) -> Self {
+        Self::new(
+            websocket.send_queue_capacity,
+            websocket.max_message_size_bytes,
+        )
     }
 }
 
@@ -155,13 +169,14 @@ impl Outbox {
     }
 
     /// How many of the first `n` frames of `run` fit in what is left of
-    /// the byte budget: at least one into a queue holding no data frames,
-    /// so a frame larger than the whole budget still reaches a client that
-    /// keeps up.
+    /// the byte budget: at least one into a queue holding less than half
+    /// the budget, so a frame larger than what is left (or than the whole
+    /// budget) still reaches a client that keeps up, even when a small
+    /// frame queued just before it has not been written yet.
     fn fitting(&self, run: &Run, n: usize, queue: &Queue) -> usize {
         let room = self.limits.bytes.saturating_sub(queue.bytes);
         match run.fitting(n, room) {
-            0 if queue.queued == 0 => n.min(1),
+            0 if queue.bytes < self.limits.bytes / 2 => n.min(1),
             fit => fit,
         }
     }
@@ -312,6 +327,11 @@ mod tests {
         let big = |c: char| frame(&c.to_string().repeat(MIN_QUEUE_BYTES / 3));
         let outbox = Outbox::new(QueueLimits::new(100, 1));
         assert_eq!(outbox.limits.bytes, MIN_QUEUE_BYTES, "the least budget");
+        let defaults = QueueLimits::new(256, 64 * 1024);
+        assert!(
+            defaults.bytes >= 256 * (64 * 1024 + 10 + 45 + 128),
+            "256 client messages of the largest size, with header, id and room"
+        );
         let run = Run::new(&[big('a'), big('b'), big('c')]);
         assert_eq!(
             outbox.push_run(&run),
@@ -330,19 +350,28 @@ mod tests {
     }
 
     #[test]
-    fn a_frame_larger_than_the_budget_goes_alone_into_an_empty_queue() {
+    fn a_frame_larger_than_the_budget_goes_into_a_queue_under_half_full() {
         let huge = frame(&"h".repeat(MIN_QUEUE_BYTES * 2));
-        let outbox = Outbox::new(QueueLimits::new(4, 1));
+        let outbox = Outbox::new(QueueLimits::new(8, 1));
         outbox.push_control(&[0x8a, 0x00]).expect("open");
+        outbox.push(frame("small")).expect("room");
         assert_eq!(
             outbox.push_run(&Run::new(&[huge.clone(), frame("x")])),
-            (1, Some(PushError::Full))
+            (1, Some(PushError::Full)),
+            "the huge frame, after a small one not yet written"
         );
         assert_eq!(outbox.push(frame("y")), Err(PushError::Full));
         let mut batch = Batch::default();
         assert!(outbox.take(&mut batch));
-        assert_eq!(batch[1], huge.into_wire());
+        assert_eq!(batch[2], huge.into_wire());
         assert_eq!(outbox.push(frame("z")), Ok(()));
+        let half = frame(&"h".repeat(MIN_QUEUE_BYTES / 2));
+        outbox.push(half).expect("half the budget fits");
+        assert_eq!(
+            outbox.push(frame(&"h".repeat(MIN_QUEUE_BYTES))),
+            Err(PushError::Full),
+            "not into a queue at least half full"
+        );
     }
 
     #[test]

@@ -86,7 +86,7 @@ impl Upgrader {
                 config.server.max_connections.min(Semaphore::MAX_PERMITS),
             )),
             codec,
-            queue: QueueLimits::new(ws.send_queue_capacity, ws.max_message_size_bytes),
+            queue: QueueLimits::of(ws),
             slow_consumer: ws.slow_consumer,
             shutdown,
         }
