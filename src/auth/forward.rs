@@ -132,7 +132,10 @@ impl ForwardAuth {
 /// client anonymously instead would hide who it is from every backend.
 fn identity(headers: &hyper::HeaderMap) -> Option<Identity> {
     let user = match headers.get("roomgate-user") {
-        Some(value) => std::str::from_utf8(value.as_bytes()).ok()?.trim(),
+        // Only HTTP's own whitespace around a field value is not part of it.
+        Some(value) => std::str::from_utf8(value.as_bytes())
+            .ok()?
+            .trim_matches([' ', '\t']),
         None => "",
     };
     let user = (!user.is_empty()).then(|| Arc::from(user));
