@@ -617,9 +617,14 @@ impl Bridge {
                         None => break,
                     },
                 };
-                handed.add(&message);
+                // A run is cut at the limit on its own; what runs add up to
+                // decides when the writers get their turn, so that between
+                // two turns less than two runs' worth, a send queue, is
+                // handed over.
+                let mut run = Handed::default();
+                run.add(&message);
                 batch.push(message);
-                let ended = take_arrived(&mut messages, &mut batch, &mut handed, limit);
+                let ended = take_arrived(&mut messages, &mut batch, &mut run, limit);
                 match &room {
                     Some(room) => inbound.handle_room(room, batch.drain(..)),
                     None => batch.drain(..).for_each(|m| inbound.handle_fixed(m)),
@@ -627,6 +632,8 @@ impl Bridge {
                 if ended {
                     break;
                 }
+                handed.messages += run.messages;
+                handed.bytes += run.bytes;
                 if handed.reached(limit) {
                     // A burst: let the members' writers, woken by what was
                     // handed to them, take it before more is queued.
@@ -661,18 +668,18 @@ impl Handed {
 }
 
 /// Adds to `batch` the messages that have arrived already, without
-/// waiting, until what was handed since the writers' last turn reaches
-/// `limit`. Returns whether the stream has ended.
+/// waiting, until the run they make (counted in `run`) reaches `limit`.
+/// Returns whether the stream has ended.
 fn take_arrived(
     messages: &mut (impl futures_util::Stream<Item = Message> + Unpin),
     batch: &mut Vec<Message>,
-    handed: &mut Handed,
+    run: &mut Handed,
     limit: Handed,
 ) -> bool {
-    while !handed.reached(limit) {
+    while !run.reached(limit) {
         match messages.next().now_or_never() {
             Some(Some(message)) => {
-                handed.add(&message);
+                run.add(&message);
                 batch.push(message);
             }
             Some(None) => return true,
