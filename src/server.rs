@@ -274,8 +274,7 @@ impl Gateway {
             gateway_id: self.id.clone(),
             client_broadcast: self.config.websocket.rooms.client_broadcast,
             presence: self.config.websocket.rooms.presence,
-            max_run: BridgeSettings::run_length(self.config.websocket.send_queue_capacity),
-            max_run_bytes: BridgeSettings::run_bytes(QueueLimits::of(&self.config.websocket)),
+            queue: QueueLimits::of(&self.config.websocket),
         };
         let bridge = Bridge::new(
             client,

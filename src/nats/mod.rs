@@ -42,7 +42,7 @@ use tracing::{debug, info, warn};
 use crate::config::{NatsConfig, mask_login};
 use crate::events::{EventStream, Work};
 use crate::metrics::Metrics;
-use crate::rooms::{Hub, RoomName};
+use crate::rooms::{Hub, QueueLimits, RoomName};
 
 pub use inbound::Inbound;
 
@@ -114,30 +114,9 @@ pub struct BridgeSettings {
     pub client_broadcast: bool,
     /// `websocket.rooms.presence`: deliver other instances' presence to members.
     pub presence: bool,
-    /// Most messages of a room handed to its members at once (see
-    /// [`BridgeSettings::run_length`]).
-    pub max_run: usize,
-    /// Most payload bytes handed to members before their writers get a
-    /// turn: half a send queue's byte budget.
-    pub max_run_bytes: usize,
-}
-
-impl BridgeSettings {
-    /// The longest run for a send queue of `capacity` frames. A burst of a
-    /// room's messages reaches each member as one run (one queue operation,
-    /// then one write), which is what makes a large fan-out cheap; half the
-    /// queue at most, so a burst on its own never fills a member's queue,
-    /// and at most 128, so the last member of a large room does not wait
-    /// long behind the first.
-    pub fn run_length(capacity: usize) -> usize {
-        (capacity / 2).clamp(1, 128)
-    }
-
-    /// The longest run in bytes for send queues within `limits`: half the
-    /// budget, for the same reason as [`BridgeSettings::run_length`].
-    pub fn run_bytes(limits: crate::rooms::QueueLimits) -> usize {
-        (limits.bytes / 2).max(1)
-    }
+    /// The members' send queues, which bound how much of a burst is
+    /// handed to them at once.
+    pub queue: QueueLimits,
 }
 
 /// The servers of `nats.url` and how to log in to them, checked. The URLs
@@ -599,10 +578,7 @@ impl Bridge {
         let mut messages = futures_util::stream::select_all(subscribers);
         let inbound = self.inbound.clone();
         let stop = self.stop.clone();
-        let limit = Handed {
-            messages: self.settings.max_run.max(1),
-            bytes: self.settings.max_run_bytes.max(1),
-        };
+        let limit = Handed::run_limit(self.settings.queue);
         self.tasks.spawn(async move {
             // Grown only by bursts: most rooms never see one.
             let mut batch = Vec::new();
@@ -632,8 +608,7 @@ impl Bridge {
                 if ended {
                     break;
                 }
-                handed.messages += run.messages;
-                handed.bytes += run.bytes;
+                handed.absorb(run);
                 if handed.reached(limit) {
                     // A burst: let the members' writers, woken by what was
                     // handed to them, take it before more is queued.
@@ -657,9 +632,27 @@ struct Handed {
 }
 
 impl Handed {
+    /// The longest run for members' send queues within `queue`. A burst of
+    /// a room's messages reaches each member as one run (one queue
+    /// operation, then one write), which is what makes a large fan-out
+    /// cheap; half the queue at most, in frames and in bytes, so a burst on
+    /// its own never fills a member's queue, and at most 128 messages, so
+    /// the last member of a large room does not wait long behind the first.
+    fn run_limit(queue: QueueLimits) -> Self {
+        Self {
+            messages: (queue.frames / 2).clamp(1, 128),
+            bytes: (queue.bytes / 2).max(1),
+        }
+    }
+
     fn add(&mut self, message: &Message) {
         self.messages += 1;
         self.bytes += message.payload.len();
+    }
+
+    fn absorb(&mut self, run: Handed) {
+        self.messages += run.messages;
+        self.bytes += run.bytes;
     }
 
     fn reached(&self, limit: Handed) -> bool {
