@@ -105,6 +105,28 @@ async fn forwards_method_path_query_headers_and_body() {
 }
 
 #[tokio::test]
+async fn a_path_in_the_upstream_url_goes_in_front_of_every_proxied_path() {
+    // The forward-auth path too (the recording upstream's 201 admits).
+    let (upstream, log) = recording_upstream().await;
+    let url = format!("{}/app/", upstream.url());
+    let gw = TestGateway::with(|c| {
+        c.upstream.url = url;
+        c.auth.mode = roomgate::config::AuthMode::Upstream;
+    })
+    .await;
+    let (status, _) = http_get(gw.addr, "/p?q=1").await;
+    assert_eq!(status, 201);
+    let _client = gw.client().await;
+    let uris: Vec<String> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.seen.uri.clone())
+        .collect();
+    assert_eq!(uris, ["/app/p?q=1", "/app/auth/ws"]);
+}
+
+#[tokio::test]
 async fn strips_hop_by_hop_headers_both_ways_and_sets_forwarded_headers() {
     let (upstream, log) = recording_upstream().await;
     let gw = gateway_for(&upstream).await;
