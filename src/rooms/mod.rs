@@ -460,17 +460,21 @@ impl Hub {
         if !self.config.enabled {
             return Err(Refusal::new(ErrorCode::RoomsDisabled, "rooms are disabled"));
         }
-        let room = {
-            let mut mine = conn.rooms();
-            let Some(pos) = mine.iter().position(|r| r.name.as_str() == name) else {
-                return Err(Refusal::new(
-                    ErrorCode::NotMember,
-                    "not a member of this room",
-                ));
-            };
-            mine.swap_remove(pos)
+        let mut mine = conn.rooms();
+        let Some(pos) = mine.iter().position(|r| r.name.as_str() == name) else {
+            return Err(Refusal::new(
+                ErrorCode::NotMember,
+                "not a member of this room",
+            ));
         };
+        let room = mine.swap_remove(pos);
+        // The list stays locked until the room no longer holds the member,
+        // as a join holds it until the room does: otherwise a join racing
+        // this leave (one from the client, the other from a backend) would
+        // find the room gone from the list while the room still held the
+        // member, and add it a second time.
         self.remove_member(conn, &room, Some(reply));
+        drop(mine);
         Ok(())
     }
 
@@ -870,6 +874,46 @@ mod tests {
             leave(&hub, &conn, "loop");
         }
         assert_eq!(held(&hub), ["a", "b", "loop"]);
+    }
+
+    /// A client's joins and leaves racing a backend's on one connection and
+    /// room (two threads, a bounded number of rounds) leave the room's
+    /// members and the connection's list in agreement: the member is in
+    /// both or in neither, once, and a disconnect then frees the room.
+    #[test]
+    fn client_and_backend_membership_changes_racing_stay_consistent() {
+        const ROUNDS: usize = 100_000;
+        let hub = hub();
+        let shutdown = Shutdown::new();
+        let conn = client(&shutdown);
+        hub.register(&conn);
+        let name = RoomName::parse("race").expect("valid name");
+        std::thread::scope(|s| {
+            for by_backend in [false, true] {
+                let (hub, conn, name) = (&hub, &conn, &name);
+                s.spawn(move || {
+                    for _ in 0..ROUNDS {
+                        let joined = protocol::joined("race", None);
+                        let _ = if by_backend {
+                            hub.join_by_backend(conn, name, joined)
+                        } else {
+                            hub.join(conn, name, joined)
+                        };
+                        let left = protocol::left("race", None, by_backend);
+                        let _ = hub.leave(conn, "race", left);
+                    }
+                });
+            }
+        });
+        let listed = conn.rooms().iter().filter(|r| r.name == name).count();
+        let members = hub.room_detail("race").map_or(0, |d| d.members);
+        assert!(listed <= 1, "listed {listed} times");
+        assert_eq!(
+            members, listed,
+            "room members against the connection's list"
+        );
+        hub.unregister(&conn);
+        assert!(!hub.has_members("race"), "a member outlived its connection");
     }
 
     #[test]
