@@ -2,14 +2,18 @@
 //! lifecycle events, answers to control requests, plus changes in which
 //! rooms have local members.
 //!
-//! Sessions and rooms hand events over without waiting: a bounded queue
-//! feeds the NATS bridge, and a full queue (NATS slow or down) drops the
-//! event and counts it in `roomgate_nats_publish_errors_total`. Room interest
+//! Sessions and rooms hand events over without waiting: a queue bounded in
+//! events and in bytes feeds the NATS bridge, and a full queue (NATS slow
+//! or down) drops the event and counts it in
+//! `roomgate_nats_publish_errors_total`. The byte bound matters because a
+//! client message's event holds its content: at the default 64 KiB per
+//! message, a queue full of them would otherwise hold a gigabyte. Room interest
 //! changes are not queued but collected in a set, so a client that joins and
 //! leaves in a loop cannot grow memory: the bridge reconciles each room
 //! against its current state, however many times it changed.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -74,6 +78,23 @@ pub enum Event {
     },
 }
 
+/// What an event counts against the queue's byte budget besides the
+/// bytes it carries: its own size, the room name, the connection it holds.
+const EVENT_OVERHEAD: usize = 256;
+
+impl Event {
+    /// The bytes this event holds while queued, as counted against the
+    /// queue's byte budget.
+    fn weight(&self) -> usize {
+        let carried = match self {
+            Event::Message { content, .. } => content.len(),
+            Event::Reply { subject, body } => subject.len() + body.len(),
+            _ => 0,
+        };
+        carried.saturating_add(EVENT_OVERHEAD)
+    }
+}
+
 /// Unix time in milliseconds, for the `ts` fields.
 pub fn now_ms() -> u64 {
     unix_ms(SystemTime::now())
@@ -91,6 +112,27 @@ struct Shared {
     interest: Mutex<HashSet<RoomName>>,
     wake: Notify,
     dropped: IntCounter,
+    /// The weight of the events queued now.
+    queued_bytes: AtomicUsize,
+    /// The most [`Shared::queued_bytes`] may reach, except that an empty
+    /// queue takes any one event.
+    max_bytes: usize,
+}
+
+impl Shared {
+    /// Reserves room for `weight` bytes; false when the budget is spent.
+    fn reserve(&self, weight: usize) -> bool {
+        let before = self.queued_bytes.fetch_add(weight, Ordering::Relaxed);
+        if before > 0 && before.saturating_add(weight) > self.max_bytes {
+            self.release(weight);
+            return false;
+        }
+        true
+    }
+
+    fn release(&self, weight: usize) {
+        self.queued_bytes.fetch_sub(weight, Ordering::Relaxed);
+    }
 }
 
 /// The producer side, held by sessions and rooms. A disabled sink (NATS
@@ -123,14 +165,17 @@ impl Events {
         Self { inner: None }
     }
 
-    /// A sink with a queue of `capacity` events; `dropped` counts what did
-    /// not fit.
-    pub fn channel(capacity: usize, dropped: IntCounter) -> (Self, EventStream) {
+    /// A sink with a queue of at most `capacity` events holding at most
+    /// `max_bytes` (any one event fits an empty queue); `dropped` counts
+    /// what did not fit.
+    pub fn channel(capacity: usize, max_bytes: usize, dropped: IntCounter) -> (Self, EventStream) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let shared = Arc::new(Shared {
             interest: Mutex::new(HashSet::new()),
             wake: Notify::new(),
             dropped,
+            queued_bytes: AtomicUsize::new(0),
+            max_bytes,
         });
         (
             Self {
@@ -146,11 +191,18 @@ impl Events {
     }
 
     /// Hands an event to the bridge without waiting; counts it as a publish
-    /// error when the queue is full.
+    /// error when the queue is full, in events or in bytes.
     pub fn publish(&self, event: Event) {
-        if let Some((tx, shared)) = &self.inner
-            && tx.try_send(event).is_err()
-        {
+        let Some((tx, shared)) = &self.inner else {
+            return;
+        };
+        let weight = event.weight();
+        if !shared.reserve(weight) {
+            shared.dropped.inc();
+            return;
+        }
+        if tx.try_send(event).is_err() {
+            shared.release(weight);
             shared.dropped.inc();
         }
     }
@@ -179,7 +231,7 @@ impl EventStream {
                 biased;
                 _ = self.shared.wake.notified() => continue,
                 event = self.rx.recv() => {
-                    let event = event?;
+                    let event = self.taken(event?);
                     return Some(Work { interest: self.take_interest(), event: Some(event) });
                 }
             }
@@ -188,7 +240,14 @@ impl EventStream {
 
     /// Takes an event without waiting, for draining at shutdown.
     pub fn try_next_event(&mut self) -> Option<Event> {
-        self.rx.try_recv().ok()
+        let event = self.rx.try_recv().ok()?;
+        Some(self.taken(event))
+    }
+
+    /// Gives back the budget of an event taken off the queue.
+    fn taken(&self, event: Event) -> Event {
+        self.shared.release(event.weight());
+        event
     }
 
     fn take_interest(&self) -> Vec<RoomName> {
@@ -198,5 +257,71 @@ impl EventStream {
         } else {
             set.drain().collect()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SlowConsumerPolicy;
+    use crate::rooms::{Identity, QueueLimits};
+    use crate::shutdown::Shutdown;
+
+    fn message(from: &Arc<Connection>, content_len: usize) -> Event {
+        Event::Message {
+            room: RoomName::parse("lobby").expect("valid name"),
+            content: Bytes::from(vec![b'1'; content_len]),
+            from: from.clone(),
+            ts: 0,
+        }
+    }
+
+    fn sender(shutdown: &Shutdown) -> Arc<Connection> {
+        Connection::new(
+            Identity::default(),
+            QueueLimits::new(4, 64),
+            SlowConsumerPolicy::Drop,
+            shutdown,
+        )
+    }
+
+    #[tokio::test]
+    async fn events_beyond_the_byte_budget_are_dropped_and_counted_until_the_bridge_takes_some() {
+        let shutdown = Shutdown::new();
+        let from = sender(&shutdown);
+        let dropped = IntCounter::new("dropped", "events dropped").expect("counter");
+        // Room for the count, but only two 4 KiB messages' worth of bytes.
+        let (events, mut stream) =
+            Events::channel(100, 2 * (4096 + EVENT_OVERHEAD), dropped.clone());
+        for _ in 0..5 {
+            events.publish(message(&from, 4096));
+        }
+        assert_eq!(dropped.get(), 3, "three did not fit the bytes");
+        let work = stream.next().await.expect("work");
+        assert!(work.event.is_some());
+        events.publish(message(&from, 4096));
+        assert_eq!(dropped.get(), 3, "taking one made room for one");
+        events.publish(message(&from, 4096));
+        assert_eq!(dropped.get(), 4);
+        assert!(stream.try_next_event().is_some());
+        assert!(stream.try_next_event().is_some());
+        assert!(stream.try_next_event().is_none());
+    }
+
+    #[test]
+    fn an_empty_queue_takes_an_event_larger_than_the_byte_budget() {
+        let shutdown = Shutdown::new();
+        let from = sender(&shutdown);
+        let dropped = IntCounter::new("dropped", "events dropped").expect("counter");
+        let (events, mut stream) = Events::channel(100, 1024, dropped.clone());
+        events.publish(message(&from, 64 * 1024));
+        events.publish(message(&from, 10));
+        assert_eq!(dropped.get(), 1, "the second waits for the first");
+        let Some(Event::Message { content, .. }) = stream.try_next_event() else {
+            panic!("the large message was queued");
+        };
+        assert_eq!(content.len(), 64 * 1024);
+        events.publish(message(&from, 10));
+        assert_eq!(dropped.get(), 1, "the budget came back when it was taken");
     }
 }

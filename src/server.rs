@@ -40,6 +40,10 @@ use crate::ws::{ClientStream, HoldSwitch, SessionContext, SessionSettings, Upgra
 /// Events queued for NATS before further ones are dropped and counted.
 const EVENT_QUEUE: usize = 16 * 1024;
 
+/// Bytes the queued events may hold (their content, mostly) before further
+/// ones are dropped and counted; see [`Events::channel`].
+const EVENT_QUEUE_BYTES: usize = 32 * 1024 * 1024;
+
 /// Time the NATS bridge gets at the end of shutdown to publish what is left.
 const NATS_FLUSH: Duration = Duration::from_secs(5);
 
@@ -151,8 +155,11 @@ impl Gateway {
         let auth = Authenticator::new(&config.auth, &upstream, |v| std::env::var(v).ok())?;
         let (events, nats) = if config.nats.enabled {
             let client = crate::nats::connect(&config.nats, &id, &metrics).await?;
-            let (events, stream) =
-                Events::channel(EVENT_QUEUE, metrics.nats_publish_errors.clone());
+            let (events, stream) = Events::channel(
+                EVENT_QUEUE,
+                EVENT_QUEUE_BYTES,
+                metrics.nats_publish_errors.clone(),
+            );
             (events, Some((client, stream)))
         } else {
             (Events::disabled(), None)
