@@ -10,7 +10,10 @@
 //! message, a queue full of them would otherwise hold a gigabyte. Room interest
 //! changes are not queued but collected in a set, so a client that joins and
 //! leaves in a loop cannot grow memory: the bridge reconciles each room
-//! against its current state, however many times it changed.
+//! against its current state, however many times it changed. The set is
+//! bounded too, for a bridge held up by a slow NATS while clients churn
+//! through fresh room names: past [`MAX_INTEREST`] rooms it is replaced by
+//! one flag, and the bridge then reconciles every room that may need it.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -78,6 +81,10 @@ pub enum Event {
     },
 }
 
+/// Rooms whose interest changes are collected one by one; beyond this
+/// many the bridge is told to reconcile everything instead.
+pub const MAX_INTEREST: usize = 64 * 1024;
+
 /// What an event counts against the queue's byte budget besides the
 /// bytes it carries: its own size, the room name, the connection it holds.
 const EVENT_OVERHEAD: usize = 256;
@@ -108,8 +115,31 @@ pub fn unix_ms(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+/// Rooms whose interest changed since the bridge last looked.
+#[derive(Default)]
+struct Interest {
+    rooms: HashSet<RoomName>,
+    /// More than [`MAX_INTEREST`] rooms changed: `rooms` was let go, and
+    /// any room may have changed.
+    overflowed: bool,
+}
+
+impl Interest {
+    fn note(&mut self, room: &RoomName) {
+        if self.overflowed || self.rooms.contains(room) {
+            return;
+        }
+        if self.rooms.len() >= MAX_INTEREST {
+            self.rooms = HashSet::new();
+            self.overflowed = true;
+            return;
+        }
+        self.rooms.insert(room.clone());
+    }
+}
+
 struct Shared {
-    interest: Mutex<HashSet<RoomName>>,
+    interest: Mutex<Interest>,
     wake: Notify,
     dropped: IntCounter,
     /// The weight of the events queued now.
@@ -148,13 +178,17 @@ pub struct EventStream {
     shared: Arc<Shared>,
 }
 
-/// What the bridge should do next: reconcile `interest` first, then publish
-/// `event`. The order matters: a presence event must leave after the room's
-/// subscription exists, so a backend reacting to it can reach the member.
+/// What the bridge should do next: reconcile `interest` (or every room,
+/// with `resync`) first, then publish `event`. The order matters: a
+/// presence event must leave after the room's subscription exists, so a
+/// backend reacting to it can reach the member.
 #[derive(Debug, Default)]
 pub struct Work {
     /// Rooms that gained their first or lost their last local member.
     pub interest: Vec<RoomName>,
+    /// Too many rooms changed to list them: every room with local members
+    /// or a subscription may need reconciling.
+    pub resync: bool,
     /// An event to publish.
     pub event: Option<Event>,
 }
@@ -171,7 +205,7 @@ impl Events {
     pub fn channel(capacity: usize, max_bytes: usize, dropped: IntCounter) -> (Self, EventStream) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let shared = Arc::new(Shared {
-            interest: Mutex::new(HashSet::new()),
+            interest: Mutex::new(Interest::default()),
             wake: Notify::new(),
             dropped,
             queued_bytes: AtomicUsize::new(0),
@@ -210,7 +244,7 @@ impl Events {
     /// Notes that `room` gained its first or lost its last local member.
     pub fn interest_changed(&self, room: &RoomName) {
         if let Some((_, shared)) = &self.inner {
-            lock(&shared.interest).insert(room.clone());
+            lock(&shared.interest).note(room);
             shared.wake.notify_one();
         }
     }
@@ -220,19 +254,16 @@ impl EventStream {
     /// Waits for the next piece of work; `None` once every producer is gone.
     pub async fn next(&mut self) -> Option<Work> {
         loop {
-            let interest = self.take_interest();
-            if !interest.is_empty() {
-                return Some(Work {
-                    interest,
-                    event: None,
-                });
+            let work = self.take_interest();
+            if !work.interest.is_empty() || work.resync {
+                return Some(work);
             }
             tokio::select! {
                 biased;
                 _ = self.shared.wake.notified() => continue,
                 event = self.rx.recv() => {
                     let event = self.taken(event?);
-                    return Some(Work { interest: self.take_interest(), event: Some(event) });
+                    return Some(Work { event: Some(event), ..self.take_interest() });
                 }
             }
         }
@@ -250,12 +281,19 @@ impl EventStream {
         event
     }
 
-    fn take_interest(&self) -> Vec<RoomName> {
-        let mut set = lock(&self.shared.interest);
-        if set.is_empty() {
+    /// The interest changes collected so far, as work without an event.
+    fn take_interest(&self) -> Work {
+        let mut interest = lock(&self.shared.interest);
+        let resync = std::mem::take(&mut interest.overflowed);
+        let rooms = if interest.rooms.is_empty() {
             Vec::new()
         } else {
-            set.drain().collect()
+            interest.rooms.drain().collect()
+        };
+        Work {
+            interest: rooms,
+            resync,
+            event: None,
         }
     }
 }
@@ -306,6 +344,30 @@ mod tests {
         assert!(stream.try_next_event().is_some());
         assert!(stream.try_next_event().is_some());
         assert!(stream.try_next_event().is_none());
+    }
+
+    #[tokio::test]
+    async fn past_the_bound_interest_changes_become_one_resync_then_are_collected_again() {
+        let dropped = IntCounter::new("dropped", "events dropped").expect("counter");
+        let (events, mut stream) = Events::channel(100, 1024, dropped);
+        let room = |i: usize| RoomName::parse(&format!("r{i}")).expect("valid name");
+        for i in 0..MAX_INTEREST {
+            events.interest_changed(&room(i));
+        }
+        events.interest_changed(&room(0));
+        let work = stream.next().await.expect("work");
+        assert!(!work.resync, "a room noted twice counts once");
+        assert_eq!(work.interest.len(), MAX_INTEREST);
+        for i in 0..=MAX_INTEREST {
+            events.interest_changed(&room(i));
+        }
+        let work = stream.next().await.expect("work");
+        assert!(work.resync, "one room too many");
+        assert!(work.interest.is_empty(), "the list was let go");
+        events.interest_changed(&room(7));
+        let work = stream.next().await.expect("work");
+        assert!(!work.resync, "the flag is taken once");
+        assert_eq!(work.interest, [room(7)]);
     }
 
     #[test]

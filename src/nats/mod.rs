@@ -409,8 +409,9 @@ impl Bridge {
                 }
                 _ = retry.tick() => self.retry_failed().await,
                 work = events.next() => match work {
-                    Some(Work { interest, event }) => {
-                        for room in interest {
+                    Some(Work { interest, resync, event }) => {
+                        let rooms = if resync { self.every_room() } else { interest };
+                        for room in rooms {
                             self.reconcile(room).await;
                         }
                         if let Some(event) = event {
@@ -446,6 +447,20 @@ impl Bridge {
         }
         self.stop.cancel();
         self.tasks.wait().await;
+    }
+
+    /// Every room whose subscriptions may not match its members: those
+    /// with a subscription or waiting for one, and those with local
+    /// members. For when too many changed to be listed one by one.
+    fn every_room(&self) -> Vec<RoomName> {
+        let mut rooms: HashSet<RoomName> = self.hub.occupied_rooms().into_iter().collect();
+        rooms.extend(self.rooms.keys().cloned());
+        rooms.extend(self.retry.iter().cloned());
+        warn!(
+            rooms = rooms.len(),
+            "too many room interest changes to follow one by one; reconciling every room"
+        );
+        rooms.into_iter().collect()
     }
 
     /// Brings one room's subscriptions in line with whether it has local

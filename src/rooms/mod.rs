@@ -627,6 +627,21 @@ impl Hub {
             .is_some_and(|r| !r.read().members.is_empty())
     }
 
+    /// The rooms with local members, for the NATS bridge to check its
+    /// subscriptions against when it lost track of single changes.
+    pub fn occupied_rooms(&self) -> Vec<RoomName> {
+        self.rooms
+            .iter()
+            .flat_map(|s| {
+                read(s)
+                    .values()
+                    .filter(|r| !r.read().members.is_empty())
+                    .map(|r| r.name.clone())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// Rooms held, empty ones awaiting expiry included.
     pub fn room_count(&self) -> usize {
         self.rooms.iter().map(|s| read(s).len()).sum()
@@ -914,6 +929,25 @@ mod tests {
         );
         hub.unregister(&conn);
         assert!(!hub.has_members("race"), "a member outlived its connection");
+    }
+
+    #[test]
+    fn occupied_rooms_are_those_with_members_not_those_waiting_empty() {
+        let hub = hub();
+        let shutdown = Shutdown::new();
+        let conn = client(&shutdown);
+        for room in ["a", "b", "c"] {
+            join(&hub, &conn, room);
+        }
+        leave(&hub, &conn, "b");
+        let mut occupied: Vec<String> = hub
+            .occupied_rooms()
+            .iter()
+            .map(|r| r.as_str().to_owned())
+            .collect();
+        occupied.sort();
+        assert_eq!(occupied, ["a", "c"]);
+        assert_eq!(held(&hub), ["a", "b", "c"], "b waits, empty");
     }
 
     #[test]
