@@ -240,6 +240,11 @@ fn helm_chart_config_has_every_key_of_the_config_file() {
     );
 }
 
+/// How long the gateway may take to exit after its drain: the last NATS
+/// events, and the bounds on cutting connections and on stopping (README,
+/// "Shutdown").
+const AFTER_THE_DRAIN_SECS: i64 = 14;
+
 #[test]
 fn helm_chart_terminating_pods_outlive_the_drain() {
     let values = repo_file("charts/roomgate/values.yaml");
@@ -256,7 +261,10 @@ fn helm_chart_terminating_pods_outlive_the_drain() {
             .parse()
             .expect("integer")
     };
-    assert!(top("terminationGracePeriodSeconds") > top("preStopSleepSeconds") + grace);
+    assert!(
+        top("terminationGracePeriodSeconds")
+            >= top("preStopSleepSeconds") + grace + AFTER_THE_DRAIN_SECS
+    );
 }
 
 // ----- the Kubernetes manifests -----------------------------------------
@@ -327,6 +335,9 @@ fn kubernetes_configmap_passes_check_config() {
     let (app_sleep, gateway_sleep) = (sleeps[0], sleeps[1]);
     assert!(app_sleep >= gateway_sleep + grace);
     assert!(number("terminationGracePeriodSeconds:") > app_sleep);
+    assert!(
+        number("terminationGracePeriodSeconds:") >= gateway_sleep + grace + AFTER_THE_DRAIN_SECS
+    );
 }
 
 // ----- the container image and Compose ------------------------------------
