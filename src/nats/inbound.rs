@@ -154,18 +154,18 @@ impl Inbound {
 
     fn send(&self, id: &str, message: &Message) {
         let Ok(id) = Uuid::parse_str(id) else { return };
-        // Every instance hears `send.*`; only the owner acts, others skip a
-        // map lookup's worth of work.
-        if self.hub.connection(id).is_none() {
+        // Every instance hears `send.*`; only the owner acts, others stop
+        // after one map lookup.
+        let Some(conn) = self.hub.connection(id) else {
             return;
-        }
+        };
         // `Roomgate-Exclude` applies to every delivery: naming the one
         // target skips it, as it would in a room.
         if exclude(message) == Some(id) {
             return;
         }
         if let Some(frame) = backend_frame(None, message) {
-            self.hub.send_to(id, frame);
+            self.hub.deliver(&conn, frame);
         }
     }
 

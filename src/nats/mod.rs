@@ -422,6 +422,18 @@ impl Bridge {
                 },
             }
         }
+        self.finish(events, &outbound, flush_budget).await;
+    }
+
+    /// After `stop`: publishes what is still queued and flushes, within
+    /// `flush_budget`, counting what did not fit as publish errors; then
+    /// ends every subscription and waits for the delivery tasks.
+    async fn finish(
+        mut self,
+        mut events: EventStream,
+        outbound: &outbound::Publisher,
+        flush_budget: Duration,
+    ) {
         let deadline = tokio::time::Instant::now() + flush_budget;
         let drained = tokio::time::timeout_at(deadline, async {
             while let Some(event) = events.try_next_event() {

@@ -259,11 +259,6 @@ impl Upstream {
         }
     }
 
-    /// Whether an upstream is configured.
-    pub fn is_configured(&self) -> bool {
-        self.base.is_some()
-    }
-
     /// The upstream URI for a path and query, below the base path.
     pub fn uri_for(&self, path_and_query: &str) -> Result<Uri, ProxyError> {
         let base = self.base()?;

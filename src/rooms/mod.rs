@@ -215,19 +215,6 @@ impl Hub {
         read(self.conn_shard(id)).get(&id).cloned()
     }
 
-    /// Connections open on this instance.
-    pub fn connection_count(&self) -> usize {
-        self.conns.iter().map(|s| read(s).len()).sum()
-    }
-
-    /// Every local connection, for shutdown and `all`.
-    pub fn connections(&self) -> Vec<Arc<Connection>> {
-        self.conns
-            .iter()
-            .flat_map(|s| read(s).values().cloned().collect::<Vec<_>>())
-            .collect()
-    }
-
     // ----- delivery ----------------------------------------------------
 
     /// Queues a frame for one connection and counts the outcome.
@@ -274,17 +261,6 @@ impl Hub {
         }
     }
 
-    /// Queues `frame` for one connection by id; `false` if it is not here.
-    pub fn send_to(&self, id: Uuid, frame: Frame) -> bool {
-        match self.connection(id) {
-            Some(conn) => {
-                self.deliver(&conn, frame);
-                true
-            }
-            None => false,
-        }
-    }
-
     /// Queues `frame` for every local connection except `exclude`.
     pub fn broadcast_all(&self, frame: &Frame, exclude: Option<Uuid>) -> Fanout {
         let run = Run::from(frame.clone());
@@ -319,11 +295,6 @@ impl Hub {
             .iter()
             .find(|r| r.name.as_str() == name)
             .cloned()
-    }
-
-    /// Names of the rooms `conn` is in.
-    pub fn rooms_of(&self, conn: &Connection) -> Vec<RoomName> {
-        conn.rooms().iter().map(|r| r.name.clone()).collect()
     }
 
     /// Adds `conn` to `name` and queues `reply` (the `joined` frame) under
@@ -685,13 +656,6 @@ impl Hub {
                 .collect(),
             created: unix_ms(room.created),
         })
-    }
-
-    /// Closes every connection with `code` (shutdown).
-    pub fn close_all(&self, code: u16, text: &str, reason: crate::metrics::CloseReason) {
-        for conn in self.connections() {
-            conn.close(code, text, reason);
-        }
     }
 }
 

@@ -247,12 +247,10 @@ impl<'a> Reader<'a> {
     }
 
     fn on_error(&self, error: WsError) {
-        use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
+        use tokio_tungstenite::tungstenite::error::ProtocolError;
         match error {
-            WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
-                self.conn
-                    .close(1009, "message too big", CloseReason::TooBig)
-            }
+            // A message or a frame over the limit, or a message that would
+            // outgrow the read buffer: all of them too big.
             WsError::Capacity(_) => self
                 .conn
                 .close(1009, "message too big", CloseReason::TooBig),
