@@ -39,7 +39,7 @@ pub fn host(version: Version, headers: &HeaderMap) -> Result<Option<&HeaderValue
 /// literal, or a non-empty registered name or IPv4 address, and an
 /// optional port of at most 65535. No user information, which `Host`
 /// never carries.
-fn is_host_and_port(value: &[u8]) -> bool {
+pub fn is_host_and_port(value: &[u8]) -> bool {
     let (host, port) = match value.iter().rposition(|&b| b == b':') {
         // A colon inside brackets belongs to the IP literal.
         Some(colon) if !value[colon..].contains(&b']') => {

@@ -21,13 +21,20 @@ struct RawUpstream {
 
 impl RawUpstream {
     async fn start(answer: &'static [u8]) -> Self {
+        Self::start_ending(answer, false).await
+    }
+
+    /// Like [`RawUpstream::start`], but with `close` each connection is
+    /// closed once the answer is written: the end of a body without a
+    /// length.
+    async fn start_ending(answer: &'static [u8], close: bool) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("address"));
         let heads = Arc::new(Mutex::new(Vec::new()));
         let log = heads.clone();
         tokio::spawn(async move {
             while let Ok((conn, _)) = listener.accept().await {
-                tokio::spawn(answer_with(conn, answer, log.clone()));
+                tokio::spawn(answer_with(conn, answer, log.clone(), close));
             }
         });
         Self { url, heads }
@@ -45,7 +52,12 @@ impl RawUpstream {
     }
 }
 
-async fn answer_with(mut conn: TcpStream, answer: &[u8], log: Arc<Mutex<Vec<String>>>) {
+async fn answer_with(
+    mut conn: TcpStream,
+    answer: &[u8],
+    log: Arc<Mutex<Vec<String>>>,
+    close: bool,
+) {
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         match conn.read_u8().await {
@@ -56,7 +68,7 @@ async fn answer_with(mut conn: TcpStream, answer: &[u8], log: Arc<Mutex<Vec<Stri
     log.lock()
         .unwrap()
         .push(String::from_utf8_lossy(&head).into_owned());
-    if conn.write_all(answer).await.is_err() {
+    if conn.write_all(answer).await.is_err() || close {
         return;
     }
     let mut sink = [0u8; 4096];
@@ -312,13 +324,13 @@ async fn a_request_without_exactly_one_valid_host_gets_400() {
 #[tokio::test]
 async fn an_absolute_form_target_sets_host_and_forwarded_host() {
     // RFC 9112 §3.2.2: a proxy ignores the received Host and uses the
-    // target's authority instead (user information is never part of it).
+    // target's authority instead.
     let upstream = RawUpstream::start(OK).await;
     let gw = upstream.gateway().await;
     for target in [
         "http://target.test/p?q=1",
         "http://target.test:8080/p?q=1",
-        "http://me@target.test:8080/p?q=1",
+        "https://target.test:8443/p?q=1",
     ] {
         let request = format!("GET {target} HTTP/1.1\r\nhost: other.test\r\n\r\n");
         let reply = exchange(&gw, request.as_bytes()).await;
@@ -328,7 +340,7 @@ async fn an_absolute_form_target_sets_host_and_forwarded_host() {
     for (head, expected) in
         heads
             .iter()
-            .zip(["target.test", "target.test:8080", "target.test:8080"])
+            .zip(["target.test", "target.test:8080", "target.test:8443"])
     {
         let head = head.to_ascii_lowercase();
         assert!(head.starts_with("get /p?q=1 http/1.1\r\n"), "{head}");
@@ -532,4 +544,163 @@ async fn an_upstream_refusing_an_upload_early_gets_its_answer_to_the_client() {
             "{how:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_target_that_names_no_http_host_gets_400_and_is_not_passed_on() {
+    // The target's authority becomes the upstream's Host, so it is checked
+    // as a received Host is; user information is an error (RFC 9110
+    // §4.2.4); only http and https name HTTP hosts; and the authority form
+    // is for CONNECT alone (RFC 9112 §3.2.3).
+    let upstream = RawUpstream::start(OK).await;
+    let gw = upstream.gateway().await;
+    for target in [
+        "http://target.test:99999/p",
+        "http://me@target.test/p",
+        "http://me:secret@target.test/p",
+        "ftp://target.test/p",
+        "target.test:80",
+    ] {
+        let request = format!("GET {target} HTTP/1.1\r\nhost: other.test\r\n\r\n");
+        let reply = exchange(&gw, request.as_bytes()).await;
+        assert!(reply.starts_with("HTTP/1.1 400"), "{target}: {reply:?}");
+    }
+    assert!(upstream.heads().is_empty(), "{:?}", upstream.heads());
+}
+
+#[tokio::test]
+async fn connection_cannot_name_host_away() {
+    // `Host` names the target; HTTP/1.1 requires it (RFC 9112 §3.2), so a
+    // client listing it in `Connection` does not take it from the
+    // upstream, on a plain request or on a tunnelled upgrade.
+    let upstream = RawUpstream::start(OK).await;
+    let gw = upstream.gateway().await;
+    for request in [
+        &b"GET /vhost HTTP/1.1\r\nhost: tenant-a.example\r\nconnection: host\r\n\r\n"[..],
+        b"GET /chat HTTP/1.1\r\nhost: tenant-a.example\r\nconnection: upgrade, host\r\n\
+          upgrade: websocket\r\n\r\n",
+    ] {
+        let reply = exchange(&gw, request).await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply:?}");
+    }
+    let heads = upstream.heads();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    for head in &heads {
+        assert_eq!(field(head, "host"), Some("tenant-a.example"), "{head}");
+    }
+}
+
+#[tokio::test]
+async fn an_http_1_0_upgrade_to_the_upstream_goes_as_a_plain_request() {
+    // RFC 9110 §7.8: a server ignores `Upgrade` in an HTTP/1.0 request,
+    // and no 101 may go to an HTTP/1.0 client (§15.2).
+    let upstream = RawUpstream::start(OK).await;
+    let gw = upstream.gateway().await;
+    let reply = exchange(
+        &gw,
+        b"GET /chat HTTP/1.0\r\nhost: app.test\r\nconnection: upgrade\r\n\
+          upgrade: websocket\r\n\r\n",
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.0 200"), "{reply:?}");
+    assert_eq!(split(&reply).1, "ok");
+    let heads = upstream.heads();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    assert_eq!(field(&heads[0], "upgrade"), None, "{}", heads[0]);
+}
+
+#[tokio::test]
+async fn the_client_hears_the_gateways_http_version_not_the_upstreams() {
+    // RFC 9110 §6.2: an intermediary sends its own version. An HTTP/1.0
+    // answer without a length is framed anew for an HTTP/1.1 client.
+    let upstream = RawUpstream::start_ending(
+        b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nold",
+        true,
+    )
+    .await;
+    let gw = upstream.gateway().await;
+    let (reply, mut stream) =
+        exchange_on(&gw, b"GET /old HTTP/1.1\r\nhost: app.test\r\n\r\n").await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply:?}");
+    let (head, body) = split(&reply);
+    assert_eq!(
+        field(head, "transfer-encoding"),
+        Some("chunked"),
+        "{reply:?}"
+    );
+    assert_eq!(body, "3\r\nold\r\n0\r\n\r\n", "{reply:?}");
+    // The client's connection stays open for its next request.
+    stream
+        .write_all(b"GET /again HTTP/1.1\r\nhost: app.test\r\n\r\n")
+        .await
+        .expect("write");
+    let again = within("a second answer", read_reply(&mut stream)).await;
+    assert!(again.starts_with("HTTP/1.1 200"), "{again:?}");
+}
+
+#[tokio::test]
+async fn a_content_length_list_reaches_the_client_as_one_number() {
+    // hyper reads `5, 5` (and `005`) as 5 after checking that the values
+    // agree; clients that read only plain numbers get that number.
+    for answer in [
+        &b"HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\nconnection: close\r\n\r\nhello"[..],
+        b"HTTP/1.1 200 OK\r\ncontent-length: 005\r\nconnection: close\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 5\r\n\
+          connection: close\r\n\r\nhello",
+    ] {
+        let upstream = RawUpstream::start(answer).await;
+        let gw = upstream.gateway().await;
+        let reply = exchange(&gw, b"GET /len HTTP/1.1\r\nhost: app.test\r\n\r\n").await;
+        let (head, body) = split(&reply);
+        assert_eq!(field(head, "content-length"), Some("5"), "{reply:?}");
+        assert_eq!(
+            head.to_ascii_lowercase().matches("content-length").count(),
+            1,
+            "{reply:?}"
+        );
+        assert_eq!(body, "hello");
+    }
+}
+
+#[tokio::test]
+async fn below_a_base_path_dot_segments_get_400_and_options_star_goes_as_it_came() {
+    // An upstream that resolves `/api/../admin` would serve what lies
+    // outside the base path the gateway was given.
+    let upstream = RawUpstream::start(OK).await;
+    let url = format!("{}/api", upstream.url);
+    let gw = TestGateway::with(|c| c.upstream.url = url).await;
+    for target in [
+        "/../admin",
+        "/./../admin/x",
+        "/a/..",
+        "/%2e%2e/admin",
+        "/%2E./admin",
+        "/..%2fadmin",
+        "/..\\admin",
+        "http://app.test/../../admin",
+    ] {
+        let request = format!("GET {target} HTTP/1.1\r\nhost: app.test\r\n\r\n");
+        let reply = exchange(&gw, request.as_bytes()).await;
+        assert!(reply.starts_with("HTTP/1.1 400"), "{target}: {reply:?}");
+    }
+    assert!(upstream.heads().is_empty(), "{:?}", upstream.heads());
+    // Dots that are not whole segments are ordinary characters.
+    for target in ["/file.txt", "/a..b/.hidden", "/v1.2/..."] {
+        let request = format!("GET {target} HTTP/1.1\r\nhost: app.test\r\n\r\n");
+        let reply = exchange(&gw, request.as_bytes()).await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{target}: {reply:?}");
+    }
+    let reply = exchange(&gw, b"OPTIONS * HTTP/1.1\r\nhost: app.test\r\n\r\n").await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply:?}");
+    let heads = upstream.heads();
+    let lines: Vec<&str> = heads.iter().filter_map(|h| h.lines().next()).collect();
+    assert_eq!(
+        lines,
+        [
+            "GET /api/file.txt HTTP/1.1",
+            "GET /api/a..b/.hidden HTTP/1.1",
+            "GET /api/v1.2/... HTTP/1.1",
+            "OPTIONS * HTTP/1.1",
+        ]
+    );
 }

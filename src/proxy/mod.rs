@@ -48,6 +48,12 @@ pub enum ProxyError {
     /// The request's `Host` is missing, repeated or malformed.
     #[error("bad request: {0}")]
     BadHost(#[from] HostError),
+    /// The request target cannot be passed on: a target in absolute form
+    /// that names no HTTP host, one in authority form on a method other
+    /// than `CONNECT`, or a path that would leave the base path of
+    /// `upstream.url`.
+    #[error("bad request: {0}")]
+    BadTarget(&'static str),
     /// Connection refused, reset, or the upstream broke the protocol.
     #[error("upstream unreachable: {0}")]
     Unreachable(String),
@@ -76,7 +82,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::NoUpstream => StatusCode::NOT_FOUND,
-            Self::BadHost(_) | Self::ClientBody(_) => StatusCode::BAD_REQUEST,
+            Self::BadHost(_) | Self::BadTarget(_) | Self::ClientBody(_) => StatusCode::BAD_REQUEST,
             Self::Unreachable(_) | Self::BadResponse(_) => StatusCode::BAD_GATEWAY,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
@@ -191,9 +197,16 @@ impl Base {
 
     /// A client's path and query below the base path: the client's parsed
     /// path itself when the base URL has none (the common case: no copy).
+    /// Below a base path, a path with dot segments is refused rather than
+    /// passed on: an upstream that resolves `/api/../admin` would serve
+    /// what lies outside the base path. `OPTIONS *` asks about the server
+    /// as a whole, so it goes on as it came.
     fn below(&self, original: &Uri) -> Result<PathAndQuery, ProxyError> {
         match original.path_and_query() {
-            Some(path) if self.prefix.is_empty() => Ok(path.clone()),
+            Some(path) if self.prefix.is_empty() || path.as_str() == "*" => Ok(path.clone()),
+            Some(_) if has_dot_segment(original.path()) => Err(ProxyError::BadTarget(
+                "a path with dot segments below the upstream's base path",
+            )),
             Some(path) => self.join(path.as_str()),
             None => self.join("/"),
         }
@@ -207,6 +220,24 @@ impl Base {
             .build()
             .map_err(bad_uri)
     }
+}
+
+/// Whether `path` has a `.` or `..` segment, also when its dots or the
+/// slashes around them are percent-encoded (`%2e`, `%2f`) or written as
+/// backslashes, which some servers take for slashes.
+fn has_dot_segment(path: &str) -> bool {
+    if !path.contains('.') && !path.contains('%') {
+        return false;
+    }
+    let decoded = path
+        .to_ascii_lowercase()
+        .replace("%2e", ".")
+        .replace("%2f", "/")
+        .replace("%5c", "/")
+        .replace('\\', "/");
+    decoded
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
 }
 
 fn bad_uri(e: impl std::fmt::Display) -> ProxyError {
@@ -539,7 +570,9 @@ impl Proxy {
         if request.method() == Method::CONNECT {
             return Err(ProxyError::Connect);
         }
-        if is_upgrade(request.headers()) {
+        // An HTTP/1.0 request's `Upgrade` is ignored (RFC 9110 §7.8): it
+        // goes as a plain request, without it, as a hop-by-hop header.
+        if request.version() == hyper::Version::HTTP_11 && is_upgrade(request.headers()) {
             // Rare and large: boxed, so it does not size every request's
             // future.
             return Box::pin(self.tunnel(request, client)).await;
@@ -549,6 +582,10 @@ impl Proxy {
             Box::pin(self.upstream.send_pooled(outgoing, self.timeout, deadlines)).await?;
         response_status(response.status())?;
         response_headers(response.headers_mut())?;
+        canonical_length(response.headers_mut());
+        // The client hears the gateway's HTTP version, not the upstream's
+        // (RFC 9110 §6.2); hyper answers an HTTP/1.0 client in its own.
+        *response.version_mut() = hyper::Version::HTTP_11;
         Ok(response.map(Body::pooled))
     }
 
@@ -574,6 +611,7 @@ impl Proxy {
         }
         response_status(response.status())?;
         response_headers(response.headers_mut())?;
+        *response.version_mut() = hyper::Version::HTTP_11;
         refusal(response, self.timeout).await
     }
 
@@ -612,7 +650,7 @@ impl Proxy {
         let received = request::host(parts.version, &parts.headers)?.cloned();
         let host = match (parts.uri.authority(), received) {
             (None, Some(received)) => return Ok(received),
-            (Some(target), _) => target_host(target)?,
+            (Some(target), _) => target_host(&parts.uri, target)?,
             (None, None) => self.upstream.host()?,
         };
         parts.headers.insert(header::HOST, host.clone());
@@ -622,12 +660,53 @@ impl Proxy {
 
 /// The `Host` for a request whose target is in absolute form
 /// (`GET http://example.com/p`): the target's host and port, which a proxy
-/// must put in place of any `Host` it received (RFC 9112 §3.2.2). User
-/// information in the target is left out, as `Host` never carries it.
-fn target_host(target: &Authority) -> Result<HeaderValue, ProxyError> {
+/// must put in place of any `Host` it received (RFC 9112 §3.2.2), checked
+/// as a received `Host` is. The target must name an HTTP host: a scheme
+/// other than `http` or `https`, user information (which RFC 9110 §4.2.4
+/// asks a recipient to treat as an error) or a target in authority form
+/// (`GET example.com:80`, for `CONNECT` only) gets 400.
+fn target_host(uri: &Uri, target: &Authority) -> Result<HeaderValue, ProxyError> {
+    let scheme = uri
+        .scheme()
+        .ok_or(ProxyError::BadTarget("a target in authority form"))?;
+    if *scheme != Scheme::HTTP && *scheme != Scheme::HTTPS {
+        return Err(ProxyError::BadTarget("a target that is not an http URI"));
+    }
     let target = target.as_str();
-    let host = target.rsplit_once('@').map_or(target, |(_, host)| host);
-    HeaderValue::from_str(host).map_err(|_| ProxyError::BadHost(HostError::Invalid))
+    if target.contains('@') {
+        return Err(ProxyError::BadTarget("user information in the target"));
+    }
+    if !request::is_host_and_port(target.as_bytes()) {
+        return Err(ProxyError::BadHost(HostError::Invalid));
+    }
+    HeaderValue::from_str(target).map_err(|_| ProxyError::BadHost(HostError::Invalid))
+}
+
+/// Replaces a `Content-Length` whose value is not a number written plainly
+/// (`5, 5`, `005`, two field lines: hyper checked that they all agree and
+/// framed the body by them) with that number, so that clients that read
+/// only plain numbers can frame the body too.
+fn canonical_length(headers: &mut HeaderMap) {
+    let plain = |v: &HeaderValue| {
+        let b = v.as_bytes();
+        !b.is_empty() && b.iter().all(u8::is_ascii_digit) && (b.len() == 1 || b[0] != b'0')
+    };
+    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+    let Some(first) = lengths.next() else {
+        return;
+    };
+    if plain(first) && lengths.next().is_none() {
+        return;
+    }
+    let length = first
+        .to_str()
+        .ok()
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match length {
+        Some(length) => headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length)),
+        None => headers.remove(header::CONTENT_LENGTH),
+    };
 }
 
 /// Copies bytes both ways between the client's and the upstream's upgraded
@@ -705,6 +784,9 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            // `Host` names the target, not the connection: HTTP/1.1 needs it
+            // (RFC 9112 §3.2) whatever `Connection` says.
+            .filter(|name| *name != header::HOST)
             .collect();
         for name in named {
             headers.remove(name);
