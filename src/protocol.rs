@@ -114,6 +114,18 @@ pub fn frame_end(wire: &[u8], offset: usize) -> usize {
     wire.len()
 }
 
+/// Whether `wire` (whole frames back to back) holds a close frame.
+pub fn has_close_frame(wire: &[u8]) -> bool {
+    let mut start = 0;
+    while let Some((header, payload)) = wire.get(start..).and_then(frame_size) {
+        if wire.get(start).is_some_and(|b| b & 0x0f == 0x8) {
+            return true;
+        }
+        start = start.saturating_add(header).saturating_add(payload);
+    }
+    false
+}
+
 /// Frames for the same recipients, encoded back to back in one buffer.
 /// A burst of a room's messages becomes one run: queued as one entry and
 /// written as one buffer, it costs each member one reference count and one
@@ -698,6 +710,18 @@ mod tests {
             Frame::from_text("b".repeat(300)),
             Frame::from_text("c".repeat(70_000)),
         ]
+    }
+
+    #[test]
+    fn a_close_frame_is_found_among_control_frames_and_not_inside_a_payload() {
+        let pong = [0x8a, 0x02, 0x88, 0x88];
+        let close = [0x88, 0x02, 0x03, 0xe8];
+        assert!(!has_close_frame(&pong), "0x88 inside a payload is no close");
+        let both: Vec<u8> = pong.iter().chain(&close).copied().collect();
+        assert!(has_close_frame(&both));
+        assert!(has_close_frame(&close));
+        assert!(!has_close_frame(&[]));
+        assert!(!has_close_frame(&[0x88]), "a cut header is no frame");
     }
 
     #[test]

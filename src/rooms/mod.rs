@@ -18,7 +18,10 @@
 //!   empty one and the sweeper take its lock; broadcasts never do.
 //!
 //! Lock order: a connection's room list, then a room shard, then a room,
-//! then the queue of empty rooms.
+//! then the queue of empty rooms. A change of membership holds the
+//! connection's list from its check to its presence event, and a client's
+//! message holds it while it is broadcast and published: what one member
+//! does reaches the room and backends in the order it happened.
 
 mod connection;
 mod idle;
@@ -289,12 +292,19 @@ impl Hub {
 
     // ----- membership --------------------------------------------------
 
-    /// The room `name` if `conn` is a member of it.
-    pub fn membership(&self, conn: &Connection, name: &str) -> Option<Arc<Room>> {
-        conn.rooms()
-            .iter()
-            .find(|r| r.name.as_str() == name)
-            .cloned()
+    /// Runs `act` on the room `name` if `conn` is a member of it, with the
+    /// membership held for the while: a client's message is broadcast and
+    /// published as a member's, never after a backend's `control.leave`
+    /// (and the presence `leave` the others got) came in between.
+    pub fn as_member<R>(
+        &self,
+        conn: &Connection,
+        name: &str,
+        act: impl FnOnce(&Arc<Room>) -> R,
+    ) -> Option<R> {
+        let mine = conn.rooms();
+        let room = mine.iter().find(|r| r.name.as_str() == name)?;
+        Some(act(room))
     }
 
     /// Adds `conn` to `name` and queues `reply` (the `joined` frame) under
@@ -360,11 +370,14 @@ impl Hub {
         }
         let (room, first) = self.insert_member(conn, name, reply)?;
         mine.push(room);
-        drop(mine);
         if first {
             self.events.interest_changed(name);
         }
+        // Published before the list is let go, as a leave publishes its
+        // `leave`: a leave or a disconnect racing this join waits for the
+        // list, so backends see the member's presence events in order.
         self.publish_presence(name, PresenceKind::Join, conn);
+        drop(mine);
         Ok(())
     }
 
@@ -855,14 +868,47 @@ mod tests {
         assert_eq!(held(&hub), ["a", "b", "loop"]);
     }
 
+    /// A hub whose events go to a queue the test reads.
+    fn hub_with_events() -> (Arc<Hub>, crate::events::EventStream) {
+        let dropped = prometheus::IntCounter::new("dropped", "events dropped").expect("counter");
+        let (events, stream) = Events::channel(1 << 22, usize::MAX, dropped);
+        let config = HubConfig {
+            presence: true,
+            ..HubConfig::default()
+        };
+        (
+            Hub::with_empty_room_limit(config, Metrics::new(), events, 3),
+            stream,
+        )
+    }
+
+    /// The presence events published for `conn`, in the order the bridge
+    /// takes them.
+    fn presence_of(
+        stream: &mut crate::events::EventStream,
+        conn: &Connection,
+    ) -> Vec<PresenceKind> {
+        let mut kinds = Vec::new();
+        while let Some(event) = stream.try_next_event() {
+            if let Event::Presence { kind, conn: c, .. } = event
+                && c.id() == conn.id()
+            {
+                kinds.push(kind);
+            }
+        }
+        kinds
+    }
+
     /// A client's joins and leaves racing a backend's on one connection and
     /// room (two threads, a bounded number of rounds) leave the room's
     /// members and the connection's list in agreement: the member is in
-    /// both or in neither, once, and a disconnect then frees the room.
+    /// both or in neither, once, and a disconnect then frees the room. The
+    /// presence events backends get alternate, join and leave, as the
+    /// changes did.
     #[test]
     fn client_and_backend_membership_changes_racing_stay_consistent() {
         const ROUNDS: usize = 100_000;
-        let hub = hub();
+        let (hub, mut stream) = hub_with_events();
         let shutdown = Shutdown::new();
         let conn = client(&shutdown);
         hub.register(&conn);
@@ -893,6 +939,93 @@ mod tests {
         );
         hub.unregister(&conn);
         assert!(!hub.has_members("race"), "a member outlived its connection");
+        let kinds = presence_of(&mut stream, &conn);
+        let repeated = kinds.windows(2).position(|w| w[0] == w[1]);
+        assert_eq!(repeated, None, "{} presence events", kinds.len());
+        assert_eq!(kinds.last(), Some(&PresenceKind::Leave));
+    }
+
+    /// A backend's join racing a disconnect either lands before the
+    /// disconnect's cleanup, which then removes the member, or is refused:
+    /// its presence `join` never follows the disconnect's `leave`.
+    #[test]
+    fn no_presence_join_follows_the_leave_of_a_disconnect() {
+        const ROUNDS: usize = 10_000;
+        let (hub, mut stream) = hub_with_events();
+        let shutdown = Shutdown::new();
+        let name = RoomName::parse("race").expect("valid name");
+        let mut late = 0;
+        for _ in 0..ROUNDS {
+            let conn = client(&shutdown);
+            hub.register(&conn);
+            let barrier = std::sync::Barrier::new(2);
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    barrier.wait();
+                    let _ = hub.join_by_backend(&conn, &name, protocol::joined("race", None));
+                });
+                barrier.wait();
+                conn.cancel();
+                hub.unregister(&conn);
+            });
+            if presence_of(&mut stream, &conn) == [PresenceKind::Leave, PresenceKind::Join] {
+                late += 1;
+            }
+        }
+        assert_eq!(late, 0, "rounds with a join after the disconnect's leave");
+        assert!(!hub.has_members("race"));
+    }
+
+    /// A client's messages racing a backend's `control.leave` and
+    /// `control.join` of their sender: the other member never gets a
+    /// message from the sender between the presence `leave` and the next
+    /// `join` it was sent, as the sender was no member then.
+    #[test]
+    fn no_message_from_a_sender_reaches_the_room_between_its_leave_and_its_next_join() {
+        const ROUNDS: usize = 20_000;
+        let (hub, _stream) = hub_with_events();
+        let shutdown = Shutdown::new();
+        let sender = client(&shutdown);
+        let other = Connection::new(
+            Identity::default(),
+            QueueLimits::new(8 * ROUNDS, 64),
+            SlowConsumerPolicy::Drop,
+            &shutdown,
+        );
+        join(&hub, &other, "r");
+        join(&hub, &sender, "r");
+        let name = RoomName::parse("r").expect("valid name");
+        let frame = protocol::message(Some("r"), "\"hi\"", sender.id_str());
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for _ in 0..ROUNDS {
+                    hub.as_member(&sender, "r", |room| {
+                        hub.broadcast(room, &frame, Some(sender.id()));
+                    });
+                }
+            });
+            for _ in 0..ROUNDS {
+                let _ = hub.leave(&sender, "r", protocol::left("r", None, true));
+                let _ = hub.join_by_backend(&sender, &name, protocol::joined("r", None));
+            }
+        });
+        let mut batch = Batch::default();
+        other.outbox().take(&mut batch);
+        let mut member = true;
+        let mut leaves = 0;
+        for part in batch.iter() {
+            let text = String::from_utf8_lossy(part);
+            if text.contains("\"event\":\"leave\"") {
+                member = false;
+                leaves += 1;
+            } else if text.contains("\"event\":\"join\"") {
+                member = true;
+            } else if text.contains("\"type\":\"message\"") {
+                assert!(member, "a message after its sender's leave: {text}");
+            }
+        }
+        assert_eq!(leaves, ROUNDS, "every leave was seen");
+        assert_eq!(other.outbox().len(), 0, "one batch took every frame");
     }
 
     #[test]

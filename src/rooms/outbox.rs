@@ -91,6 +91,10 @@ struct Queue {
     /// next data frames.
     control: Vec<u8>,
     closed: bool,
+    /// Whether a close frame was among the control frames ever queued: the
+    /// reply to a client's close, which must then be the only close frame
+    /// the connection sends.
+    close_queued: bool,
 }
 
 impl Queue {
@@ -192,6 +196,7 @@ impl Outbox {
         }
         let was_empty = queue.is_empty();
         queue.control.extend_from_slice(bytes);
+        queue.close_queued |= crate::protocol::has_close_frame(bytes);
         drop(queue);
         if was_empty {
             self.writer.wake();
@@ -258,6 +263,13 @@ impl Outbox {
         queue.bytes = 0;
         let control = std::mem::take(&mut queue.control);
         (!control.is_empty()).then(|| Bytes::from(control))
+    }
+
+    /// Whether a close frame went into the control frames (the reply to the
+    /// client's close) before the queue closed. Final once it is closed:
+    /// the writer then knows whether it may still send a close of its own.
+    pub fn close_frame_queued(&self) -> bool {
+        self.lock().close_queued
     }
 
     /// Frames queued now (for tests and introspection).

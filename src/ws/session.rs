@@ -333,23 +333,25 @@ impl<'a> Reader<'a> {
         if !hub.config().enabled {
             return Err(Refusal::new(ErrorCode::RoomsDisabled, "rooms are disabled"));
         }
-        let Some(room) = hub.membership(self.conn, name.as_str()) else {
+        let sent = hub.as_member(self.conn, name.as_str(), |room| {
+            if self.ctx.settings.client_broadcast {
+                let frame = protocol::message(Some(name.as_str()), content, self.conn.id_str());
+                hub.broadcast(room, &frame, Some(self.conn.id()));
+            }
+            if hub.events().enabled() {
+                hub.events().publish(Event::Message {
+                    room: name.clone(),
+                    content: slice_of(text, content),
+                    from: self.conn.clone(),
+                    ts: now_ms(),
+                });
+            }
+        });
+        if sent.is_none() {
             return Err(Refusal::new(
                 ErrorCode::NotMember,
                 "not a member of this room",
             ));
-        };
-        if self.ctx.settings.client_broadcast {
-            let frame = protocol::message(Some(name.as_str()), content, self.conn.id_str());
-            hub.broadcast(&room, &frame, Some(self.conn.id()));
-        }
-        if hub.events().enabled() {
-            hub.events().publish(Event::Message {
-                room: name,
-                content: slice_of(text, content),
-                from: self.conn.clone(),
-                ts: now_ms(),
-            });
         }
         if let Some(id) = id {
             hub.deliver(self.conn, protocol::ack(id));

@@ -277,9 +277,13 @@ impl Writer {
         let deadline = Instant::now() + self.settings.pong_timeout;
         let mut out = self.owed();
         out.extend(control);
+        // One close frame per connection (RFC 6455 §5.5.1): none of ours
+        // once the reply to the client's own close was queued, even when a
+        // kick or a slow-consumer close got its reason in first.
         let ours = request.reason != CloseReason::Client
             && request.code != CLOSE_ABNORMAL
-            && request.code != CLOSE_NO_STATUS;
+            && request.code != CLOSE_NO_STATUS
+            && !self.conn.outbox().close_frame_queued();
         if ours {
             out.push_back(close_frame(request.code, &request.text));
         }
@@ -486,5 +490,50 @@ mod tests {
             .expect("read");
         let expected: Vec<u8> = first.iter().chain(&close_reply).copied().collect();
         assert_eq!(received, expected, "the first frame, then the close reply");
+    }
+
+    /// Reads what the writer sent until its side ends.
+    async fn received(mut client: TcpStream) -> Vec<u8> {
+        let mut received = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut received))
+            .await
+            .expect("the writer's side ends")
+            .expect("read");
+        received
+    }
+
+    /// A backend's kick lands after the reader read the client's close
+    /// frame but before it closed the connection as the client's: the kick
+    /// names the reason, and the reply to the client's close is queued
+    /// after. Only the reply goes out, whether it is still queued or was
+    /// already written: one close frame per connection (RFC 6455 §5.5.1).
+    #[tokio::test]
+    async fn a_kick_racing_the_clients_close_sends_one_close_frame() {
+        let close_reply = [0x88, 0x02, 0x03, 0xe8];
+        for written_first in [false, true] {
+            let (mut writer, conn, client, _shutdown) = writer_and_client().await;
+            if written_first {
+                conn.outbox().push_control(&close_reply).expect("open");
+                writer.take_batch();
+                let mut closed = pin!(conn.closed());
+                assert!(matches!(
+                    writer.guarded_write(closed.as_mut()).await,
+                    Some(Ok(()))
+                ));
+                conn.close(1008, "kicked", CloseReason::Kicked);
+            } else {
+                conn.close(1008, "kicked", CloseReason::Kicked);
+                conn.outbox().push_control(&close_reply).expect("open");
+            }
+            conn.close(1000, "", CloseReason::Client);
+            let (io, awaits_reply) = writer.finish().await;
+            assert_eq!(awaits_reply, None, "the client closed first");
+            drop(io);
+            assert_eq!(
+                received(client).await,
+                close_reply,
+                "written first: {written_first}"
+            );
+        }
     }
 }
