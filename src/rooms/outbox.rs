@@ -185,8 +185,18 @@ impl Outbox {
         }
     }
 
-    /// Queues encoded control frames (pongs, close replies) ahead of data.
+    /// Queues bytes to go out ahead of data: the held 101 response.
     pub fn push_control(&self, bytes: &[u8]) -> Result<(), PushError> {
+        self.push_ahead(bytes, false)
+    }
+
+    /// Queues what the WebSocket codec writes (pongs, the reply to a
+    /// client's close) ahead of data, noting a close frame among it.
+    pub fn push_codec(&self, frames: &[u8]) -> Result<(), PushError> {
+        self.push_ahead(frames, crate::protocol::has_close_frame(frames))
+    }
+
+    fn push_ahead(&self, bytes: &[u8], closes: bool) -> Result<(), PushError> {
         let mut queue = self.lock();
         if queue.closed {
             return Err(PushError::Closed);
@@ -196,7 +206,7 @@ impl Outbox {
         }
         let was_empty = queue.is_empty();
         queue.control.extend_from_slice(bytes);
-        queue.close_queued |= crate::protocol::has_close_frame(bytes);
+        queue.close_queued |= closes;
         drop(queue);
         if was_empty {
             self.writer.wake();

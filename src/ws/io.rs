@@ -67,7 +67,7 @@ impl AsyncWrite for ReadSide {
     ) -> Poll<io::Result<usize>> {
         // tungstenite hands over whole frames, so queueing all of it (or
         // nothing) keeps frame boundaries intact.
-        Poll::Ready(match self.conn.outbox().push_control(buf) {
+        Poll::Ready(match self.conn.outbox().push_codec(buf) {
             Ok(()) => Ok(buf.len()),
             // A client that sends pings but never reads the pongs.
             Err(PushError::Full) => Err(io::Error::other("control frames backlog exceeded")),

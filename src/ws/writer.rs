@@ -474,7 +474,7 @@ mod tests {
         ));
 
         let close_reply = [0x88, 0x02, 0x03, 0xe8];
-        conn.outbox().push_control(&close_reply).expect("open");
+        conn.outbox().push_codec(&close_reply).expect("open");
         conn.deliver(Frame::from_text("{\"type\":\"second\"}".into()));
         writer.take_batch();
         conn.close(1000, "", CloseReason::Client);
@@ -513,7 +513,7 @@ mod tests {
         for written_first in [false, true] {
             let (mut writer, conn, client, _shutdown) = writer_and_client().await;
             if written_first {
-                conn.outbox().push_control(&close_reply).expect("open");
+                conn.outbox().push_codec(&close_reply).expect("open");
                 writer.take_batch();
                 let mut closed = pin!(conn.closed());
                 assert!(matches!(
@@ -523,7 +523,7 @@ mod tests {
                 conn.close(1008, "kicked", CloseReason::Kicked);
             } else {
                 conn.close(1008, "kicked", CloseReason::Kicked);
-                conn.outbox().push_control(&close_reply).expect("open");
+                conn.outbox().push_codec(&close_reply).expect("open");
             }
             conn.close(1000, "", CloseReason::Client);
             let (io, awaits_reply) = writer.finish().await;
