@@ -981,3 +981,45 @@ async fn durations_beyond_the_clock_range_do_not_break_sessions() {
     client.close_normally().await;
     gw.stop().await;
 }
+
+/// Clients that vanish (a TCP reset, no close frame) while the room they
+/// are in is busy are counted as gone by the client, not as errors,
+/// whether the gateway notices while reading from them or while writing
+/// to them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_vanish_mid_traffic_count_as_client_closes_not_errors() {
+    const VANISHING: usize = 20;
+    let gw = TestGateway::start(test_config()).await;
+    let mut sender = gw.client().await;
+    sender.join("busy").await;
+    let mut vanishing = Vec::new();
+    for _ in 0..VANISHING {
+        let mut client = gw.client().await;
+        client.join("busy").await;
+        vanishing.push(client);
+    }
+    let padding = "x".repeat(2048);
+    for (i, client) in vanishing.into_iter().enumerate() {
+        for seq in 0..20 {
+            sender
+                .send(json!({"type": "message", "room": "busy",
+                    "content": {"client": i, "seq": seq, "padding": padding}}))
+                .await;
+        }
+        client.abort();
+    }
+    eventually_async("only the sender to be left", || async {
+        gw.metric("roomgate_connections").await == 1.0
+    })
+    .await;
+    assert_eq!(
+        gw.metric(r#"roomgate_connections_closed_total{reason="error"}"#)
+            .await,
+        0.0
+    );
+    assert_eq!(
+        gw.metric(r#"roomgate_connections_closed_total{reason="client"}"#)
+            .await,
+        VANISHING as f64
+    );
+}

@@ -139,7 +139,7 @@ impl Writer {
                 Some(Ok(())) => {}
                 Some(Err(e)) => {
                     debug!(error = %e, "write failed");
-                    self.conn.close(CLOSE_ABNORMAL, "", CloseReason::Error);
+                    self.conn.close(CLOSE_ABNORMAL, "", write_failure(&e));
                     break;
                 }
                 None => break,
@@ -329,6 +329,17 @@ impl Writer {
         }
         let end = protocol::frame_end(front, start);
         Batch::from([front.slice(start..end)])
+    }
+}
+
+/// Why a write failed, for the metrics: a client that reset or closed its
+/// connection went away, as when the reader meets the same end first;
+/// anything else is an error.
+fn write_failure(e: &std::io::Error) -> CloseReason {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    match e.kind() {
+        ConnectionReset | BrokenPipe | ConnectionAborted => CloseReason::Client,
+        _ => CloseReason::Error,
     }
 }
 
