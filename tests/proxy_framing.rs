@@ -157,6 +157,19 @@ fn field<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
+/// Sends `GET <target>` for each target, each on a new connection with
+/// `host: <host>`, and checks that each answer has `status`.
+async fn get_targets(gw: &TestGateway, host: &str, targets: &[&str], status: u16) {
+    for target in targets {
+        let request = format!("GET {target} HTTP/1.1\r\nhost: {host}\r\n\r\n");
+        let reply = exchange(gw, request.as_bytes()).await;
+        assert!(
+            reply.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{target}: {reply:?}"
+        );
+    }
+}
+
 /// A plain answer. [`RawUpstream`] answers one request per connection, so
 /// it tells the gateway not to reuse the connection.
 const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok";
@@ -327,15 +340,17 @@ async fn an_absolute_form_target_sets_host_and_forwarded_host() {
     // target's authority instead.
     let upstream = RawUpstream::start(OK).await;
     let gw = upstream.gateway().await;
-    for target in [
-        "http://target.test/p?q=1",
-        "http://target.test:8080/p?q=1",
-        "https://target.test:8443/p?q=1",
-    ] {
-        let request = format!("GET {target} HTTP/1.1\r\nhost: other.test\r\n\r\n");
-        let reply = exchange(&gw, request.as_bytes()).await;
-        assert!(reply.starts_with("HTTP/1.1 200"), "{target}: {reply:?}");
-    }
+    get_targets(
+        &gw,
+        "other.test",
+        &[
+            "http://target.test/p?q=1",
+            "http://target.test:8080/p?q=1",
+            "https://target.test:8443/p?q=1",
+        ],
+        200,
+    )
+    .await;
     let heads = upstream.heads();
     for (head, expected) in
         heads
@@ -554,17 +569,19 @@ async fn a_target_that_names_no_http_host_gets_400_and_is_not_passed_on() {
     // is for CONNECT alone (RFC 9112 §3.2.3).
     let upstream = RawUpstream::start(OK).await;
     let gw = upstream.gateway().await;
-    for target in [
-        "http://target.test:99999/p",
-        "http://me@target.test/p",
-        "http://me:secret@target.test/p",
-        "ftp://target.test/p",
-        "target.test:80",
-    ] {
-        let request = format!("GET {target} HTTP/1.1\r\nhost: other.test\r\n\r\n");
-        let reply = exchange(&gw, request.as_bytes()).await;
-        assert!(reply.starts_with("HTTP/1.1 400"), "{target}: {reply:?}");
-    }
+    get_targets(
+        &gw,
+        "other.test",
+        &[
+            "http://target.test:99999/p",
+            "http://me@target.test/p",
+            "http://me:secret@target.test/p",
+            "ftp://target.test/p",
+            "target.test:80",
+        ],
+        400,
+    )
+    .await;
     assert!(upstream.heads().is_empty(), "{:?}", upstream.heads());
 }
 
@@ -669,27 +686,31 @@ async fn below_a_base_path_dot_segments_get_400_and_options_star_goes_as_it_came
     let upstream = RawUpstream::start(OK).await;
     let url = format!("{}/api", upstream.url);
     let gw = TestGateway::with(|c| c.upstream.url = url).await;
-    for target in [
-        "/../admin",
-        "/./../admin/x",
-        "/a/..",
-        "/%2e%2e/admin",
-        "/%2E./admin",
-        "/..%2fadmin",
-        "/..\\admin",
-        "http://app.test/../../admin",
-    ] {
-        let request = format!("GET {target} HTTP/1.1\r\nhost: app.test\r\n\r\n");
-        let reply = exchange(&gw, request.as_bytes()).await;
-        assert!(reply.starts_with("HTTP/1.1 400"), "{target}: {reply:?}");
-    }
+    get_targets(
+        &gw,
+        "app.test",
+        &[
+            "/../admin",
+            "/./../admin/x",
+            "/a/..",
+            "/%2e%2e/admin",
+            "/%2E./admin",
+            "/..%2fadmin",
+            "/..\\admin",
+            "http://app.test/../../admin",
+        ],
+        400,
+    )
+    .await;
     assert!(upstream.heads().is_empty(), "{:?}", upstream.heads());
     // Dots that are not whole segments are ordinary characters.
-    for target in ["/file.txt", "/a..b/.hidden", "/v1.2/..."] {
-        let request = format!("GET {target} HTTP/1.1\r\nhost: app.test\r\n\r\n");
-        let reply = exchange(&gw, request.as_bytes()).await;
-        assert!(reply.starts_with("HTTP/1.1 200"), "{target}: {reply:?}");
-    }
+    get_targets(
+        &gw,
+        "app.test",
+        &["/file.txt", "/a..b/.hidden", "/v1.2/..."],
+        200,
+    )
+    .await;
     let reply = exchange(&gw, b"OPTIONS * HTTP/1.1\r\nhost: app.test\r\n\r\n").await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply:?}");
     let heads = upstream.heads();
