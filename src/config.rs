@@ -51,6 +51,13 @@ pub enum ConfigError {
         /// What is wrong with the value.
         message: String,
     },
+    /// A `ROOMGATE_` variable whose value is not UTF-8. The value is not
+    /// shown: it may be a secret.
+    #[error("environment variable {var} is not valid UTF-8")]
+    NotUtf8 {
+        /// The environment variable.
+        var: String,
+    },
     /// Values that parse but cannot work, possibly several at once.
     #[error("invalid configuration:\n  {}", .0.join("\n  "))]
     Invalid(Vec<String>),
@@ -728,8 +735,39 @@ fn schema_message(message: &str) -> String {
         .join("; ")
 }
 
+/// The process's environment as text, for [`Config::load`]. Variables
+/// that are not UTF-8 are left out, as no key reads them, unless they are
+/// `ROOMGATE_` ones: those stop start-up, naming the variable but not its
+/// value, which may be a secret.
+pub fn process_env() -> Result<Vec<(String, String)>, ConfigError> {
+    let mut env = Vec::new();
+    for (var, value) in std::env::vars_os() {
+        let Ok(var) = var.into_string() else {
+            continue;
+        };
+        match value.into_string() {
+            Ok(value) => env.push((var, value)),
+            Err(_) if var.starts_with(ENV_PREFIX) => return Err(ConfigError::NotUtf8 { var }),
+            Err(_) => {}
+        }
+    }
+    Ok(env)
+}
+
+/// An override's value as its key's type. An empty value (only spaces, or
+/// only commas for a list) is refused rather than taken as "off": it
+/// mostly comes from a template whose variable is unset, and would
+/// silently turn off a check the file sets, such as `allowed_origins` or
+/// the JWT issuer. To turn a setting off, change the file.
 fn parse_env_value(raw: &str, kind: Kind) -> Result<toml::Value, String> {
     let raw = raw.trim();
+    let empty = match kind {
+        Kind::List => split_list(raw).is_empty(),
+        _ => raw.is_empty(),
+    };
+    if empty {
+        return Err("empty; unset the variable to keep the file's value".to_string());
+    }
     match kind {
         Kind::String => Ok(toml::Value::String(raw.to_string())),
         Kind::Integer => raw

@@ -37,7 +37,8 @@ const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let loaded = match Config::load(cli.config.as_deref(), std::env::vars()) {
+    let env = roomgate::config::process_env();
+    let loaded = match env.and_then(|env| Config::load(cli.config.as_deref(), env)) {
         Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("roomgate: {e}");

@@ -51,6 +51,13 @@ const NATS_FLUSH: Duration = Duration::from_secs(5);
 /// keeps its own budget, this only guards against a bug there.
 const NATS_FLUSH_GUARD: Duration = Duration::from_secs(2);
 
+/// An environment variable's bytes, for the HS256 secret: any bytes make
+/// a secret, UTF-8 or not.
+fn secret_from_env(var: &str) -> Option<Vec<u8>> {
+    use std::os::unix::ffi::OsStringExt;
+    std::env::var_os(var).map(OsStringExt::into_vec)
+}
+
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -84,7 +91,7 @@ impl StartError {
 /// gateway.
 pub fn preflight(config: &Config) -> Result<(), StartError> {
     let upstream = Upstream::new(&config.upstream, &Background::default());
-    Authenticator::new(&config.auth, &upstream, |v| std::env::var(v).ok())?;
+    Authenticator::new(&config.auth, &upstream, secret_from_env)?;
     if config.nats.enabled {
         crate::nats::Servers::new(&config.nats)?;
     }
@@ -152,7 +159,7 @@ impl Gateway {
         let shutdown = Shutdown::new();
         let background = Background::default();
         let upstream = Upstream::new(&config.upstream, &background);
-        let auth = Authenticator::new(&config.auth, &upstream, |v| std::env::var(v).ok())?;
+        let auth = Authenticator::new(&config.auth, &upstream, secret_from_env)?;
         let (events, nats) = if config.nats.enabled {
             let client = crate::nats::connect(&config.nats, &id, &metrics).await?;
             let (events, stream) = Events::channel(

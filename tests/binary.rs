@@ -613,3 +613,49 @@ fn nats_is_turned_off_from_the_environment_but_not_under_settings_that_need_it()
         assert!(stderr.contains(key), "{stderr}");
     }
 }
+
+#[test]
+fn environment_values_that_are_not_utf8_are_skipped_or_refused_never_shown() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let safe = SAFE.map(|(k, v)| (OsStr::new(k), OsStr::new(v)));
+    // No key reads an unrelated variable: the gateway starts.
+    let mut env = safe.to_vec();
+    env.push((
+        OsStr::new("UNRELATED"),
+        OsStr::from_bytes(b"caf\xe9-password"),
+    ));
+    let (code, _, stderr) = run_binary_os(&["check-config"], &env);
+    assert_eq!(code, 0, "{stderr}");
+    // A roomgate variable is refused by name, its value unshown.
+    let mut env = safe.to_vec();
+    env.push((
+        OsStr::new("ROOMGATE_UPSTREAM_URL"),
+        OsStr::from_bytes(b"http://user:caf\xe9@127.0.0.1:3000"),
+    ));
+    let (code, _, stderr) = run_binary_os(&[], &env);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("ROOMGATE_UPSTREAM_URL"), "{stderr}");
+    assert!(!stderr.contains("caf"), "the value is not shown: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn an_empty_environment_override_is_refused_not_taken_as_off() {
+    // An unset template variable must not turn off what the file sets.
+    for (var, value, key) in [
+        ("ROOMGATE_AUTH_ALLOWED_ORIGINS", "", "auth.allowed_origins"),
+        (
+            "ROOMGATE_AUTH_ALLOWED_ORIGINS",
+            " , ",
+            "auth.allowed_origins",
+        ),
+        ("ROOMGATE_AUTH_JWT_ISSUER", " ", "auth.jwt.issuer"),
+        ("ROOMGATE_UPSTREAM_URL", "", "upstream.url"),
+    ] {
+        let stderr = refused_start(&[], &[(var, value)]);
+        assert!(stderr.contains(var), "{var}={value:?}: {stderr}");
+        assert!(stderr.contains(key), "{var}={value:?}: {stderr}");
+        assert!(stderr.contains("empty"), "{var}={value:?}: {stderr}");
+    }
+}

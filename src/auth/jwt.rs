@@ -77,17 +77,14 @@ impl JwtVerifier {
     /// in `secret_env`, or the PEM public key file.
     pub fn new(
         config: &JwtConfig,
-        env: impl Fn(&str) -> Option<String>,
+        env: impl Fn(&str) -> Option<Vec<u8>>,
     ) -> Result<Self, AuthSetupError> {
         let (algorithm, key) = match config.algorithm {
             JwtAlgorithm::HS256 => {
                 let secret = env(&config.secret_env)
                     .filter(|s| !s.is_empty())
                     .ok_or_else(|| AuthSetupError::MissingSecret(config.secret_env.clone()))?;
-                (
-                    Algorithm::HS256,
-                    DecodingKey::from_secret(secret.as_bytes()),
-                )
+                (Algorithm::HS256, DecodingKey::from_secret(&secret))
             }
             JwtAlgorithm::RS256 => (
                 Algorithm::RS256,

@@ -107,7 +107,7 @@ impl Authenticator {
     pub fn new(
         config: &AuthConfig,
         upstream: &Upstream,
-        env: impl Fn(&str) -> Option<String>,
+        env: impl Fn(&str) -> Option<Vec<u8>>,
     ) -> Result<Self, AuthSetupError> {
         let method = match config.mode {
             AuthMode::None => Method::None,

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::ffi::OsStr;
 use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -1232,6 +1233,15 @@ pub fn binary() -> &'static Path {
 /// process that does not exit (say, one that started serving when it should
 /// have refused its configuration) is killed and the test fails.
 pub fn run_binary(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let env: Vec<(&OsStr, &OsStr)> = env
+        .iter()
+        .map(|(k, v)| (OsStr::new(k), OsStr::new(v)))
+        .collect();
+    run_binary_os(args, &env)
+}
+
+/// [`run_binary`] with variables that need not be UTF-8.
+pub fn run_binary_os(args: &[&str], env: &[(&OsStr, &OsStr)]) -> (i32, String, String) {
     let mut child = Command::new(binary())
         .args(args)
         .env_clear()
