@@ -544,8 +544,12 @@ impl Config {
                     "auth.mode: \"upstream\" needs upstream.url",
                 );
                 check(
-                    self.auth.upstream.path.starts_with('/'),
-                    "auth.upstream.path: must start with '/'",
+                    self.auth.upstream.path.starts_with('/')
+                        && hyper::http::uri::PathAndQuery::try_from(
+                            self.auth.upstream.path.as_str(),
+                        )
+                        .is_ok(),
+                    "auth.upstream.path: must be a path starting with '/', percent-encoded where needed",
                 );
                 check(
                     self.auth.upstream.timeout_secs > 0,

@@ -407,6 +407,18 @@ async fn exp_and_nbf_are_read_with_fractions_and_both_are_enforced() {
         ("an nbf an hour ahead", json!({"nbf": now + 3600.0}), 401),
         ("a negative exp", json!({"exp": -1}), 401),
         ("an exp that is text", json!({"exp": "soon"}), 401),
+        // `null` is not a NumericDate: no token that never expires by it.
+        ("an exp that is null", json!({"exp": null}), 401),
+        ("an nbf that is null", json!({"nbf": null}), 401),
+        // RFC 7519 §4.1.4: valid only before its `exp`, and the session
+        // would close it at once.
+        ("an exp of this second", json!({"exp": now}), 401),
+        // RFC 7519 §4.1.1: one string, not a list.
+        (
+            "an iss that is a list",
+            json!({"iss": ["a", "b"], "exp": now + 60.0}),
+            401,
+        ),
     ];
     for (what, times, expected) in cases {
         let mut claims = json!({"sub": "alice"});
@@ -450,6 +462,60 @@ async fn rooms_claim_limits_joins() {
         client.recv().await,
         json!({"type": "left", "room": "chat.general"})
     );
+}
+
+#[test]
+fn a_private_key_given_as_the_public_key_stops_startup() {
+    // The RSA parser would take it, and then no token would verify.
+    for (kind, algorithm) in [("rsa", "RS256"), ("ec", "ES256")] {
+        let keys = KeyPair::generate(kind);
+        let private = path(&keys.dir.join("private.pem")).to_string();
+        let env = [
+            ("ROOMGATE_NATS_ENABLED", "false"),
+            ("ROOMGATE_AUTH_MODE", "jwt"),
+            ("ROOMGATE_AUTH_JWT_ALGORITHM", algorithm),
+            ("ROOMGATE_AUTH_JWT_PUBLIC_KEY_FILE", private.as_str()),
+        ];
+        let (code, _, stderr) = run_binary(&["check-config"], &env);
+        assert_eq!(code, 2, "{algorithm}: {stderr}");
+        assert!(
+            stderr.contains("auth.jwt.public_key_file"),
+            "{algorithm}: {stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_rooms_claim_of_null_allows_no_room() {
+    // Some encoders write an empty list as `null`: no rooms, not all of
+    // them (an empty `Roomgate-Rooms` from forward auth allows none too).
+    let gw = jwt_gateway(&[]);
+    let token = hs256(&claims(|c| c["rooms"] = Value::Null));
+    let mut client = WsClient::connect(&format!("ws://{}/ws?token={token}", gw.addr)).await;
+    for room in ["lobby", "chat.general"] {
+        client
+            .send(json!({"type": "join", "room": room, "id": room}))
+            .await;
+        let reply = client.recv().await;
+        assert_eq!(reply["code"], "forbidden", "{room}: {reply}");
+    }
+}
+
+#[tokio::test]
+async fn a_token_with_a_critical_extension_is_refused() {
+    // RFC 7515 §4.1.11: an extension marked critical that the recipient
+    // does not understand makes the token invalid.
+    let gw = jwt_gateway(&[]);
+    let mut header = Header::new(Algorithm::HS256);
+    header.crit = Some(vec!["exp".to_string()]);
+    let token = encode(
+        &header,
+        &claims(|_| {}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("sign");
+    let (status, _) = upgrade_status(gw.addr, &format!("?token={token}"), &[]).await;
+    assert_eq!(status, 401);
 }
 
 #[tokio::test]

@@ -128,6 +128,15 @@ fn values_that_would_fail_quietly_or_later_stop_startup_and_check_config() {
             "upstream.url",
             vec![("ROOMGATE_UPSTREAM_URL", "http://app:s3cret@127.0.0.1:3000")],
         ),
+        // Every upgrade would get 503: the path cannot go in a request.
+        (
+            "auth.upstream.path",
+            vec![
+                ("ROOMGATE_AUTH_MODE", "upstream"),
+                ("ROOMGATE_UPSTREAM_URL", "http://127.0.0.1:3000"),
+                ("ROOMGATE_AUTH_UPSTREAM_PATH", "/a b"),
+            ],
+        ),
     ];
     for (key, env) in cases {
         let stderr = refused_start(&[], &env);

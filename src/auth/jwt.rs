@@ -30,13 +30,34 @@ use crate::rooms::{Identity, RoomPatterns};
 /// a small leeway; the JWT library's default is the same minute).
 const NBF_LEEWAY_SECS: u64 = 60;
 
-/// The claims the gateway reads; others are ignored.
+/// The claims the gateway reads; others are ignored. A claim that is
+/// present must have its type: `null` is no `exp` that never comes, and
+/// `"rooms": null` (what some encoders write for an empty list) allows no
+/// room rather than every room, as an empty `Roomgate-Rooms` does.
 #[derive(Debug, Deserialize)]
 struct Claims {
     sub: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     exp: Option<NumericDate>,
+    #[serde(default, deserialize_with = "present")]
     nbf: Option<NumericDate>,
+    #[serde(default, deserialize_with = "rooms_or_none")]
     rooms: Option<RoomsClaim>,
+    /// Checked against `auth.jwt.issuer` by the JWT library, which also
+    /// takes a list; RFC 7519 §4.1.1 has one string.
+    #[serde(rename = "iss", default, deserialize_with = "present")]
+    _iss: Option<String>,
+}
+
+/// A claim that, when present, must hold a `T` (`null` included).
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// `rooms`, where `null` is the empty list.
+fn rooms_or_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<RoomsClaim>, D::Error> {
+    let rooms = Option::<RoomsClaim>::deserialize(d)?;
+    Ok(Some(rooms.unwrap_or(RoomsClaim::List(Vec::new()))))
 }
 
 /// A NumericDate (RFC 7519 §2): seconds since the epoch, possibly with a
@@ -130,8 +151,14 @@ impl JwtVerifier {
                 tracing::debug!(error = %e.kind_name(), "token refused");
                 unauthorized("invalid token")
             })?;
+        // No extension is understood here, so none that a token marks as
+        // critical may be ignored (RFC 7515 §4.1.11).
+        if data.header.crit.is_some() {
+            tracing::debug!(error = "critical extension", "token refused");
+            return Err(unauthorized("invalid token"));
+        }
         let claims = data.claims;
-        check_times(&claims, crate::events::now_ms() / 1000).map_err(|why| {
+        check_times(&claims, crate::events::now_ms()).map_err(|why| {
             tracing::debug!(error = why, "token refused");
             unauthorized("invalid token")
         })?;
@@ -160,13 +187,17 @@ impl JwtVerifier {
     }
 }
 
-/// Whether the token is valid at `now` (seconds since the epoch): not
-/// expired (`exp` is the last valid second, as for the JWT library), and
-/// not before its `nbf`, give or take [`NBF_LEEWAY_SECS`].
-fn check_times(claims: &Claims, now: u64) -> Result<(), &'static str> {
-    if claims.exp.is_some_and(|exp| exp.0 < now) {
+/// Whether the token is valid at `now_ms` (milliseconds since the epoch):
+/// before its `exp` (RFC 7519 §4.1.4), the instant the session would close
+/// it, and not before its `nbf`, give or take [`NBF_LEEWAY_SECS`].
+fn check_times(claims: &Claims, now_ms: u64) -> Result<(), &'static str> {
+    if claims
+        .exp
+        .is_some_and(|exp| exp.0.saturating_mul(1000) <= now_ms)
+    {
         return Err("expired");
     }
+    let now = now_ms / 1000;
     if claims
         .nbf
         .is_some_and(|nbf| nbf.0 > now.saturating_add(NBF_LEEWAY_SECS))
@@ -204,6 +235,15 @@ fn load_pem(
         path: path.clone(),
         source,
     })?;
+    // The RSA parser takes a private key too, and then no token verifies:
+    // refuse it here, where the mistake can be named.
+    if pem.windows(11).any(|w| w == b"PRIVATE KEY") {
+        return Err(AuthSetupError::BadKey {
+            path: path.clone(),
+            algorithm: format!("{:?}", config.algorithm),
+            message: "this is a private key; give the public key".to_string(),
+        });
+    }
     parse(&pem).map_err(|e| AuthSetupError::BadKey {
         path: path.clone(),
         algorithm: format!("{:?}", config.algorithm),
