@@ -1901,3 +1901,47 @@ async fn an_upstream_that_breaks_http_costs_only_its_own_requests() {
         2.0
     );
 }
+
+#[tokio::test]
+async fn an_upstream_connection_whose_chunked_answer_ends_in_trailers_is_reused() {
+    // Trailers end a chunked body: the connection is then free for the
+    // next request, as after any complete answer.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (accepted_tx, mut accepted) = mpsc::unbounded_channel::<()>();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let _ = accepted_tx.send(());
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let mut buf = [0u8; 1024];
+                loop {
+                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                        pending.drain(..end + 4);
+                        let answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\
+                            trailer: x-check\r\n\r\n2\r\nok\r\n0\r\nx-check: 1\r\n\r\n";
+                        if stream.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                    match tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(read) => pending.extend_from_slice(&buf[..read]),
+                    }
+                }
+            });
+        }
+    });
+    let gw = TestGateway::with(|c| c.upstream.url = format!("http://{addr}")).await;
+    for _ in 0..3 {
+        let (status, body) = http_get(gw.addr, "/").await;
+        assert_eq!((status, body.as_str()), (200, "ok"));
+    }
+    within("the first connection", accepted.recv()).await;
+    assert!(
+        accepted.try_recv().is_err(),
+        "one upstream connection served all three"
+    );
+}

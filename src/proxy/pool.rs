@@ -368,7 +368,11 @@ impl Pool {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tick.tick() => self.sweep(),
+                // Outside tokio's cooperative budget: each connection that
+                // has news spends a unit of it, and past 128 the rest would
+                // look quiet, closed ones staying half-closed until later
+                // sweeps when an upstream restart closes hundreds at once.
+                _ = tick.tick() => tokio::task::unconstrained(async { self.sweep() }).await,
             }
         }
     }
@@ -476,7 +480,9 @@ impl hyper::body::Body for PooledBody {
             // A broken body leaves the connection in an unknown state.
             Some(Err(_)) => self.conn = None,
             None => self.release(),
-            Some(Ok(_)) if self.inner.is_end_stream() => self.release(),
+            // Trailers end a chunked body, and hyper's server drops the
+            // body once it has them, without asking for its end.
+            Some(Ok(frame)) if frame.is_trailers() || self.inner.is_end_stream() => self.release(),
             Some(Ok(_)) => {}
         }
         Poll::Ready(frame)
