@@ -65,6 +65,10 @@ impl Health {
 /// milliseconds, and one that does not is not waited for.
 const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The largest request head the admin port reads (431 beyond): probes and
+/// scrapes send a few hundred bytes.
+const MAX_REQUEST_HEAD: usize = 16 * 1024;
+
 /// The admin service's shared state.
 pub struct Admin {
     /// Rendered at `/metrics`.
@@ -104,6 +108,7 @@ impl Admin {
                 let stream = ClientStream::new(stream, HoldSwitch::default());
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
+                    .max_header_size(MAX_REQUEST_HEAD)
                     .serve_connection(TokioIo::new(stream), service);
                 let mut conn = pin!(conn);
                 let result = tokio::select! {

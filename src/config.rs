@@ -460,9 +460,8 @@ impl Config {
             "admin.listen: must not be the address of server.listen (the second bind would fail)",
         );
         check(
-            !self.server.ws_paths.is_empty()
-                && self.server.ws_paths.iter().all(|p| p.starts_with('/')),
-            "server.ws_paths: needs at least one path, each starting with '/'",
+            !self.server.ws_paths.is_empty() && self.server.ws_paths.iter().all(|p| ws_path_ok(p)),
+            "server.ws_paths: needs at least one path, each starting with '/', without a query",
         );
         check(
             self.server.max_connections > 0,
@@ -536,6 +535,14 @@ impl Config {
     }
 
     fn validate_auth(&self, check: &mut impl FnMut(bool, &str)) {
+        check(
+            self.auth.allowed_origins.iter().all(|o| origin_ok(o)),
+            "auth.allowed_origins: each entry is an origin such as https://app.example.com (\"*\" is no wildcard: an empty list allows every origin)",
+        );
+        check(
+            self.auth.jwt.cookie.is_empty() || cookie_name_ok(&self.auth.jwt.cookie),
+            "auth.jwt.cookie: a cookie name (letters, digits and !#$%&'*+-.^_`|~)",
+        );
         match self.auth.mode {
             AuthMode::None => {}
             AuthMode::Upstream => {
@@ -848,9 +855,43 @@ fn upstream_url_ok(url: &str) -> bool {
             uri.scheme_str() == Some("http")
                 && uri.authority().is_some_and(|a| !a.as_str().contains('@'))
                 && uri.query().is_none()
+                && !url.contains('#')
         }
         Err(_) => false,
     }
+}
+
+/// A path a request can carry, to match as a whole: a query or fragment
+/// would never match, as paths are compared without them.
+fn ws_path_ok(path: &str) -> bool {
+    path.starts_with('/')
+        && !path.contains(['?', '#'])
+        && hyper::http::uri::PathAndQuery::try_from(path).is_ok()
+}
+
+/// An origin as browsers send it (RFC 6454 §6.1): a scheme, a host and an
+/// optional port, nothing more; or `null`, which browsers send from
+/// sandboxed and file pages.
+fn origin_ok(origin: &str) -> bool {
+    if origin == "null" {
+        return true;
+    }
+    match origin.trim_end_matches('/').parse::<hyper::Uri>() {
+        Ok(uri) => {
+            uri.scheme().is_some()
+                && uri.authority().is_some_and(|a| !a.as_str().contains('@'))
+                && uri.path_and_query().is_none_or(|p| p.as_str() == "/")
+        }
+        Err(_) => false,
+    }
+}
+
+/// A cookie name (RFC 6265 §4.1.1: an HTTP token).
+fn cookie_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// A filter `tracing` accepts, in which every bare word is a level. The
@@ -1093,6 +1134,29 @@ mod tests {
         let shown = config.to_masked_toml();
         assert!(!shown.contains("hunter2"));
         assert!(shown.contains("nats://app:***@10.0.0.1:4222,nats://10.0.0.2:4222"));
+    }
+
+    #[test]
+    fn origins_are_a_scheme_a_host_and_a_port_or_null() {
+        for good in [
+            "https://app.example.com",
+            "https://app.example.com/",
+            "http://localhost:3000",
+            "http://[::1]:8080",
+            "null",
+        ] {
+            assert!(origin_ok(good), "{good}");
+        }
+        for bad in [
+            "*",
+            "",
+            "app.example.com",
+            "https://app.example.com/path",
+            "https://app.example.com?q",
+            "https://me@app.example.com",
+        ] {
+            assert!(!origin_ok(bad), "{bad}");
+        }
     }
 
     #[test]

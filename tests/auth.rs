@@ -944,3 +944,43 @@ async fn a_full_gateway_refuses_upgrades_without_asking_the_auth_service() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn forward_auth_gets_the_upgrade_uri_from_the_gateway_not_the_client() {
+    // An auth service written for nginx's `auth_request` may trust
+    // `X-Original-URI`; the gateway sets it, with `X-Forwarded-Uri`, and
+    // does not pass on the client's `Roomgate-*` headers, which are the
+    // service's own answer.
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let upstream = Upstream::start(move |request: Request<hyper::body::Incoming>| {
+        let _ = seen_tx.send(request.headers().clone());
+        async move {
+            Response::builder()
+                .header("roomgate-user", "alice")
+                .body(full(""))
+                .expect("response")
+        }
+    })
+    .await;
+    let gw = forward_auth_gateway(&upstream).await;
+    let client = connect_with(
+        &format!("ws://{}/ws?room=1", gw.addr),
+        &[
+            ("x-original-uri", "/admin"),
+            ("x-forwarded-uri", "/admin"),
+            ("roomgate-user", "mallory"),
+            ("roomgate-rooms", ">"),
+        ],
+    )
+    .await;
+    let headers = within("the auth request", seen.recv())
+        .await
+        .expect("asked");
+    for name in ["x-original-uri", "x-forwarded-uri"] {
+        let values: Vec<_> = headers.get_all(name).iter().collect();
+        assert_eq!(values, ["/ws?room=1"], "{name}");
+    }
+    assert!(!headers.contains_key("roomgate-user"), "{headers:?}");
+    assert!(!headers.contains_key("roomgate-rooms"), "{headers:?}");
+    drop(client);
+}

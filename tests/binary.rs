@@ -128,6 +128,25 @@ fn values_that_would_fail_quietly_or_later_stop_startup_and_check_config() {
             "upstream.url",
             vec![("ROOMGATE_UPSTREAM_URL", "http://app:s3cret@127.0.0.1:3000")],
         ),
+        // Values that would never match: `*` is no wildcard, a query is
+        // not part of the path compared, a fragment never reaches a server,
+        // a cookie name with a space is no name.
+        (
+            "auth.allowed_origins",
+            vec![("ROOMGATE_AUTH_ALLOWED_ORIGINS", "*")],
+        ),
+        (
+            "server.ws_paths",
+            vec![("ROOMGATE_SERVER_WS_PATHS", "/ws?v=1")],
+        ),
+        (
+            "upstream.url",
+            vec![("ROOMGATE_UPSTREAM_URL", "http://127.0.0.1:3000/#top")],
+        ),
+        (
+            "auth.jwt.cookie",
+            vec![("ROOMGATE_AUTH_JWT_COOKIE", "a b;")],
+        ),
         // Every upgrade would get 503: the path cannot go in a request.
         (
             "auth.upstream.path",

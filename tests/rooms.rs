@@ -582,3 +582,22 @@ async fn the_admin_port_refuses_other_methods_and_says_which_it_allows() {
         Some("GET, HEAD")
     );
 }
+
+#[tokio::test]
+async fn the_admin_port_refuses_a_request_head_beyond_16_kib() {
+    // Probes and scrapes send a few hundred bytes; a client gets no more
+    // room on the admin port than on the public one.
+    let gw = TestGateway::with(|_| {}).await;
+    let request = |size: usize| {
+        hyper::Request::builder()
+            .uri("/healthz")
+            .header("host", gw.admin.to_string())
+            .header("x-padding", "x".repeat(size))
+            .body(empty())
+            .expect("request")
+    };
+    let (status, _, _) = http_request(gw.admin, request(8 * 1024)).await;
+    assert_eq!(status, 200);
+    let (status, _, _) = http_request(gw.admin, request(20 * 1024)).await;
+    assert_eq!(status, 431);
+}

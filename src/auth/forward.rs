@@ -92,23 +92,31 @@ impl ForwardAuth {
         *request.uri_mut() = self.upstream.uri_for(&self.path)?;
         let headers = request.headers_mut();
         for (name, value) in &parts.headers {
-            if !name.as_str().starts_with("sec-websocket-") && name != header::CONTENT_LENGTH {
+            // The answer's own headers, from the client, are a forgery
+            // the service has no use for.
+            let ours = name == "roomgate-user" || name == "roomgate-rooms";
+            if !name.as_str().starts_with("sec-websocket-")
+                && name != header::CONTENT_LENGTH
+                && !ours
+            {
                 headers.append(name, value.clone());
             }
         }
         strip_hop_by_hop(headers, false);
+        let uri = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default();
+        // `X-Forwarded-*` as Traefik's forward auth sends them, and
+        // `X-Original-URI` as nginx's `auth_request` setups do: set by the
+        // gateway, never the client's.
         let forwarded = [
             ("x-forwarded-for", client.ip().to_string()),
             ("x-forwarded-proto", "http".to_string()),
             ("x-forwarded-method", parts.method.to_string()),
-            (
-                "x-forwarded-uri",
-                parts
-                    .uri
-                    .path_and_query()
-                    .map(|p| p.to_string())
-                    .unwrap_or_default(),
-            ),
+            ("x-forwarded-uri", uri.clone()),
+            ("x-original-uri", uri),
         ];
         for (name, value) in forwarded {
             if let Ok(value) = HeaderValue::from_str(&value) {
