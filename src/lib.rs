@@ -26,6 +26,7 @@
 //! | [`metrics`] | every Prometheus family, in one place |
 //! | [`shutdown`] | signals, cancellation and task tracking |
 //! | [`request`], [`response`] | small HTTP helpers shared by the above |
+//! | [`sync`] | lock helpers that survive a poisoned lock |
 //!
 //! # Data path of a room message
 //!
