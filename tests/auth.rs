@@ -984,3 +984,25 @@ async fn forward_auth_gets_the_upgrade_uri_from_the_gateway_not_the_client() {
     assert!(!headers.contains_key("roomgate-rooms"), "{headers:?}");
     drop(client);
 }
+
+#[tokio::test]
+async fn a_forward_auth_check_on_a_connection_the_service_just_closed_is_sent_again() {
+    // The service's keep-alive timeout ran out as the second check went
+    // out on the kept-alive connection: the check is a GET without a body,
+    // so it goes again on a new connection rather than failing with 503.
+    let (addr, accepted) = upstream_closing_on_second_request(
+        b"HTTP/1.1 200 OK\r\nroomgate-user: alice\r\ncontent-length: 0\r\n\r\n",
+    )
+    .await;
+    let gw = TestGateway::with(|c| {
+        c.auth.mode = roomgate::config::AuthMode::Upstream;
+        c.upstream.url = format!("http://{addr}");
+        c.auth.upstream.timeout_secs = 5;
+    })
+    .await;
+    for _ in 0..2 {
+        let (status, _) = upgrade_status(gw.addr, "", &[]).await;
+        assert_eq!(status, 101);
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+}

@@ -1945,3 +1945,27 @@ async fn an_upstream_connection_whose_chunked_answer_ends_in_trailers_is_reused(
         "one upstream connection served all three"
     );
 }
+
+#[tokio::test]
+async fn an_upgrade_on_a_connection_the_upstream_just_closed_is_sent_again() {
+    // The first upgrade is refused on a kept-alive connection; the second
+    // goes out on it just as the upstream closes it. An upgrade request
+    // without a body may go twice: it is sent again on a new connection
+    // and gets the upstream's answer, not a 502.
+    let (addr, accepted) = upstream_closing_on_second_request(
+        b"HTTP/1.1 403 Forbidden\r\ncontent-length: 2\r\n\r\nno",
+    )
+    .await;
+    let gw = TestGateway::with(|c| c.upstream.url = format!("http://{addr}")).await;
+    for _ in 0..2 {
+        let request = hyper::Request::get("/chat")
+            .header("host", "app.test")
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(empty())
+            .expect("request");
+        let (status, _, body) = http_request(gw.addr, request).await;
+        assert_eq!((status, &body[..]), (403, &b"no"[..]));
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+}

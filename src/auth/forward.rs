@@ -44,7 +44,7 @@ impl ForwardAuth {
         let request = self.request(parts, client).map_err(|_| unavailable())?;
         let response = self
             .upstream
-            .send(request, self.timeout)
+            .send_idempotent(request, || self.request(parts, client), self.timeout)
             .await
             .map_err(|e| {
                 tracing::warn!(error = %e, "auth upstream unavailable");

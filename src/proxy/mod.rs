@@ -326,16 +326,55 @@ impl Upstream {
         request: Request<Body>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, ProxyError> {
+        self.send_once(request, timeout).await.map_err(|(e, _)| e)
+    }
+
+    /// Like [`Upstream::send`] for a request that may go twice (a GET with
+    /// no body: an upgrade, a forward-auth check): sent again, once, on
+    /// another connection when a kept-alive connection it went out on was
+    /// closed before the answer, the race with an upstream's keep-alive
+    /// timeout that plain proxied requests are also covered against.
+    pub async fn send_idempotent(
+        &self,
+        request: Request<Body>,
+        again: impl FnOnce() -> Result<Request<Body>, ProxyError>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        match self.send_once(request, timeout).await {
+            Err((e, true)) => {
+                debug!(error = %e, "upstream closed the connection before answering; sending again");
+                self.send(again()?, timeout).await
+            }
+            result => result.map_err(|(e, _)| e),
+        }
+    }
+
+    /// One attempt; a failure says whether the connection was closed
+    /// before the answer came.
+    async fn send_once(
+        &self,
+        request: Request<Body>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, (ProxyError, bool)> {
         // Rare (upgrades, forward auth): a timer of its own.
         let deadlines = Deadlines::new();
-        match timed(request, timeout, &deadlines, |request| {
+        let result = timed(request, timeout, &deadlines, |request| {
             self.client.request(request)
         })
-        .await?
-        {
+        .await
+        .map_err(|e| (e, false))?;
+        match result {
             Ok(response) => Ok(response),
-            Err(e) if is_timeout(&e) => Err(ProxyError::Timeout),
-            Err(e) => Err(ProxyError::Unreachable(error_chain(&e))),
+            Err(e) if is_timeout(&e) => Err((ProxyError::Timeout, false)),
+            Err(e) => {
+                let closed =
+                    std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |err| {
+                        err.source()
+                    })
+                    .find_map(|err| err.downcast_ref::<hyper::Error>())
+                    .is_some_and(pool::closed_before_answer);
+                Err((ProxyError::Unreachable(error_chain(&e)), closed))
+            }
         }
     }
 
@@ -598,7 +637,14 @@ impl Proxy {
     ) -> Result<Response<Body>, ProxyError> {
         let client_upgrade = hyper::upgrade::on(&mut request);
         let outgoing = self.outgoing(request, client, true)?;
-        let mut response = self.upstream.send(outgoing, self.timeout).await?;
+        let mut response = match bodiless_copy(&outgoing) {
+            Some(copy) => {
+                self.upstream
+                    .send_idempotent(outgoing, || Ok(copy), self.timeout)
+                    .await?
+            }
+            None => self.upstream.send(outgoing, self.timeout).await?,
+        };
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
             self.shutdown.spawn(splice(
@@ -707,6 +753,21 @@ fn canonical_length(headers: &mut HeaderMap) {
         Some(length) => headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length)),
         None => headers.remove(header::CONTENT_LENGTH),
     };
+}
+
+/// A copy of an upgrade request (method, target, version, headers) to send
+/// again should the first go out on a connection the upstream closed;
+/// only when it has no body (an upgrade request seldom has one).
+fn bodiless_copy(request: &Request<Body>) -> Option<Request<Body>> {
+    if !hyper::body::Body::is_end_stream(request.body()) {
+        return None;
+    }
+    let mut copy = Request::new(response::empty());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    Some(copy)
 }
 
 /// Copies bytes both ways between the client's and the upstream's upgraded

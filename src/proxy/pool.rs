@@ -433,7 +433,7 @@ fn resend_copy(
 /// Whether a request that went out failed because the connection was
 /// closed or reset before the response head arrived: the sign of an
 /// upstream that closed it as the request was on its way.
-fn closed_before_answer(e: &hyper::Error) -> bool {
+pub(super) fn closed_before_answer(e: &hyper::Error) -> bool {
     use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
     e.is_incomplete_message()
         || matches!(

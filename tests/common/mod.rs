@@ -1481,3 +1481,52 @@ pub fn toml_leaves(table: &toml::Table) -> Vec<(String, toml::Value)> {
     walk("", table, &mut out);
     out
 }
+
+// ----- an upstream racing its keep-alive timeout ---------------------------
+
+/// An upstream that answers every request with `answer` on kept-alive
+/// connections, except that its first connection, after its first answer,
+/// closes as soon as the next request arrives on it, without answering:
+/// an upstream whose keep-alive timeout ran out just as the request went
+/// out. Returns its address and a count of the connections it accepted.
+pub async fn upstream_closing_on_second_request(
+    answer: &'static [u8],
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::Ordering;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let first = count.fetch_add(1, Ordering::SeqCst) == 0;
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let mut answered = 0;
+                let mut buf = [0u8; 4096];
+                loop {
+                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                        pending.drain(..end + 4);
+                        if first && answered == 1 {
+                            return;
+                        }
+                        if tokio::io::AsyncWriteExt::write_all(&mut stream, answer)
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        answered += 1;
+                    }
+                    match tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(read) => pending.extend_from_slice(&buf[..read]),
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
