@@ -401,6 +401,12 @@ fn request<'a>(
                     "content holds half a surrogate pair",
                 ));
             }
+            if has_number_beyond_double(content.get()) {
+                return Err(Refusal::new(
+                    ErrorCode::InvalidJson,
+                    "content holds a number too large for a double",
+                ));
+            }
             Ok(Request::Message { room, content })
         }
         _ => Err(Refusal::new(ErrorCode::UnknownType, "unknown frame type")),
@@ -469,6 +475,39 @@ fn has_lone_surrogate(json: &str) -> bool {
             Some(_) => i += 6,
             // Any other escape is two bytes (`\\` among them).
             None => i += 2,
+        }
+    }
+    false
+}
+
+/// Whether the valid JSON `json` holds a number beyond what a double
+/// holds (`1e400`, an integer of 400 digits). That is valid JSON syntax,
+/// but serde_json, Go's `encoding/json` and JavaScript's `JSON.parse`
+/// (which makes it `Infinity`) do not read it back as written, so like
+/// half a surrogate pair it would fail or mislead every reader of the
+/// room. Only numbers with an exponent or more than 15 characters can be
+/// that large, so the others are not parsed.
+fn has_number_beyond_double(json: &str) -> bool {
+    let bytes = json.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => i = string_end(bytes, i + 1) + 1,
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < bytes.len()
+                    && matches!(bytes[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                {
+                    i += 1;
+                }
+                let number = &json[start..i];
+                if (number.len() > 15 || number.contains(['e', 'E']))
+                    && !number.parse::<f64>().is_ok_and(f64::is_finite)
+                {
+                    return true;
+                }
+            }
+            _ => i += 1,
         }
     }
     false
@@ -810,6 +849,27 @@ mod tests {
             code_of(&message_with(&nested(100_000, "[", "]"))),
             ErrorCode::InvalidJson
         );
+    }
+
+    #[test]
+    fn content_with_a_number_beyond_a_double_is_refused() {
+        let long = "9".repeat(400);
+        for beyond in ["1e400", "-1e309", r#"[1,{"a":2e999}]"#, long.as_str()] {
+            assert_eq!(
+                code_of(&message_with(beyond)),
+                ErrorCode::InvalidJson,
+                "{beyond}"
+            );
+        }
+        for fine in [
+            "1e308",
+            "-1.5e-400",
+            "123456789012345678901234567890",
+            r#""1e400 in a string""#,
+            r#"{"1e999":0.000000000000000000001}"#,
+        ] {
+            assert!(parse(&message_with(fine)).1.is_ok(), "{fine}");
+        }
     }
 
     #[test]

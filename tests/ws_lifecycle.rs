@@ -395,7 +395,7 @@ async fn frames_that_break_the_websocket_protocol_close_with_1002_or_1007() {
 #[tokio::test]
 async fn a_clients_own_close_code_is_echoed_and_one_no_endpoint_may_send_gets_1002() {
     let gw = TestGateway::start(test_config()).await;
-    for (code, reply) in [
+    let cases = [
         (1000, 1000),
         (3000, 3000),
         (4999, 4999),
@@ -403,7 +403,8 @@ async fn a_clients_own_close_code_is_echoed_and_one_no_endpoint_may_send_gets_10
         (1016, 1002),
         (999, 1002),
         (5000, 1002),
-    ] {
+    ];
+    for (code, reply) in cases {
         let close = client_frame(0x88, &u16::to_be_bytes(code), true);
         assert_eq!(
             close_code_after(gw.addr, "a close frame", &close).await,
@@ -411,6 +412,22 @@ async fn a_clients_own_close_code_is_echoed_and_one_no_endpoint_may_send_gets_10
             "a client closing with {code}"
         );
     }
+    // A code no endpoint may send is a protocol error, counted as one.
+    let refused = cases.iter().filter(|(_, reply)| *reply == 1002).count() as f64;
+    eventually_async("every close to be counted", || async {
+        gw.metric("roomgate_connections").await == 0.0
+    })
+    .await;
+    assert_eq!(
+        gw.metric(r#"roomgate_connections_closed_total{reason="error"}"#)
+            .await,
+        refused
+    );
+    assert_eq!(
+        gw.metric(r#"roomgate_connections_closed_total{reason="client"}"#)
+            .await,
+        cases.len() as f64 - refused
+    );
 }
 
 #[tokio::test]
@@ -781,6 +798,13 @@ async fn a_client_that_pings_but_never_reads_the_pongs_is_disconnected() {
         gw.metric("roomgate_connections").await == 0.0
     })
     .await;
+    // It did not take what it asked for: a slow consumer, not a client
+    // that went away.
+    assert_eq!(
+        gw.metric(r#"roomgate_connections_closed_total{reason="slow_consumer"}"#)
+            .await,
+        1.0
+    );
 }
 
 /// A client that keeps reading (and so answering pings) in the background

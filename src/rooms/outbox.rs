@@ -191,7 +191,10 @@ impl Outbox {
     }
 
     /// Queues what the WebSocket codec writes (pongs, the reply to a
-    /// client's close) ahead of data, noting a close frame among it.
+    /// client's close) ahead of data, noting a close frame among it. Past
+    /// [`MAX_CONTROL_BYTES`] only a close frame still goes in (one per
+    /// connection, at most 125 bytes of payload); pongs are refused, and
+    /// the reader then closes the connection as a slow consumer.
     pub fn push_codec(&self, frames: &[u8]) -> Result<(), PushError> {
         self.push_ahead(frames, crate::protocol::has_close_frame(frames))
     }
@@ -201,7 +204,7 @@ impl Outbox {
         if queue.closed {
             return Err(PushError::Closed);
         }
-        if queue.control.len() + bytes.len() > MAX_CONTROL_BYTES {
+        if queue.control.len() + bytes.len() > MAX_CONTROL_BYTES && !closes {
             return Err(PushError::Full);
         }
         let was_empty = queue.is_empty();
@@ -394,6 +397,20 @@ mod tests {
             Err(PushError::Full),
             "not into a queue at least half full"
         );
+    }
+
+    #[test]
+    fn a_close_reply_goes_in_past_the_control_cap_and_pongs_do_not() {
+        let outbox = Outbox::new(frames(1));
+        outbox
+            .push_control(&vec![0; MAX_CONTROL_BYTES])
+            .expect("up to the cap");
+        assert_eq!(outbox.push_codec(&[0x8a, 0x00]), Err(PushError::Full));
+        assert!(!outbox.close_frame_queued());
+        outbox
+            .push_codec(&[0x88, 0x02, 0x03, 0xe8])
+            .expect("the close reply still goes in");
+        assert!(outbox.close_frame_queued());
     }
 
     #[test]

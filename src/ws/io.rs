@@ -16,7 +16,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
 
-use crate::rooms::{Connection, PushError};
+use crate::metrics::CloseReason;
+use crate::rooms::{CLOSE_SLOW_CONSUMER, Connection, PushError};
 
 /// The receiving half as a `Read + Write` stream for tungstenite.
 pub struct ReadSide {
@@ -69,8 +70,16 @@ impl AsyncWrite for ReadSide {
         // nothing) keeps frame boundaries intact.
         Poll::Ready(match self.conn.outbox().push_codec(buf) {
             Ok(()) => Ok(buf.len()),
-            // A client that sends pings but never reads the pongs.
-            Err(PushError::Full) => Err(io::Error::other("control frames backlog exceeded")),
+            // A client that pings faster than it reads the pongs: it does
+            // not take what it asked for, as a slow consumer does not.
+            Err(PushError::Full) => {
+                self.conn.close(
+                    CLOSE_SLOW_CONSUMER,
+                    "slow consumer",
+                    CloseReason::SlowConsumer,
+                );
+                Err(io::Error::other("control frames backlog exceeded"))
+            }
             Err(PushError::Closed) => Err(io::ErrorKind::BrokenPipe.into()),
         })
     }

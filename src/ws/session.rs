@@ -201,8 +201,15 @@ impl<'a> Reader<'a> {
                     // tungstenite has queued the close reply; flushing hands
                     // it to the writer before the writer is told to finish.
                     let _ = stream.flush().await;
-                    let code = frame.map(|f| u16::from(f.code)).unwrap_or(CLOSE_NO_STATUS);
-                    self.conn.close(code, "", CloseReason::Client);
+                    let code = frame
+                        .as_ref()
+                        .map_or(CLOSE_NO_STATUS, |f| u16::from(f.code));
+                    let reason = if frame.as_ref().is_some_and(is_refused_close) {
+                        CloseReason::Error
+                    } else {
+                        CloseReason::Client
+                    };
+                    self.conn.close(code, "", reason);
                     return;
                 }
                 Some(Ok(message)) => self.on_message(message),
@@ -364,6 +371,16 @@ impl<'a> Reader<'a> {
             .hub
             .deliver(self.conn, protocol::error(&refusal, id));
     }
+}
+
+/// Whether tungstenite put its own 1002 in place of the client's close
+/// frame, whose code no endpoint may send (it answers with the same): a
+/// protocol error, like the others that close with 1002. The reason text
+/// is tungstenite's; `a_clients_own_close_code_is_echoed...` in
+/// tests/ws_lifecycle.rs fails should it change.
+fn is_refused_close(frame: &tokio_tungstenite::tungstenite::protocol::CloseFrame) -> bool {
+    frame.code == tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Protocol
+        && frame.reason.as_str() == "Protocol violation"
 }
 
 fn room_name(room: &str) -> Result<RoomName, Refusal> {
