@@ -747,10 +747,13 @@ fn schema_message(message: &str) -> String {
 }
 
 /// The process's environment as text, for [`Config::load`]. Variables
-/// that are not UTF-8 are left out, as no key reads them, unless they are
-/// `ROOMGATE_` ones: those stop start-up, naming the variable but not its
-/// value, which may be a secret.
+/// that are not UTF-8 are left out, unless they override a key: those stop
+/// start-up, naming the variable but not its value, which may be a secret.
+/// (The HS256 secret's variable, which may be named `ROOMGATE_...` too, is
+/// read as bytes elsewhere: any bytes make a secret.)
 pub fn process_env() -> Result<Vec<(String, String)>, ConfigError> {
+    let overrides: std::collections::BTreeSet<String> =
+        leaf_keys().keys().map(|key| env_name(key)).collect();
     let mut env = Vec::new();
     for (var, value) in std::env::vars_os() {
         let Ok(var) = var.into_string() else {
@@ -758,7 +761,7 @@ pub fn process_env() -> Result<Vec<(String, String)>, ConfigError> {
         };
         match value.into_string() {
             Ok(value) => env.push((var, value)),
-            Err(_) if var.starts_with(ENV_PREFIX) => return Err(ConfigError::NotUtf8 { var }),
+            Err(_) if overrides.contains(&var) => return Err(ConfigError::NotUtf8 { var }),
             Err(_) => {}
         }
     }
@@ -878,9 +881,17 @@ fn origin_ok(origin: &str) -> bool {
     }
     match origin.trim_end_matches('/').parse::<hyper::Uri>() {
         Ok(uri) => {
+            // Browsers leave the scheme's default port out (RFC 6454 §6.2),
+            // and origins are compared as text.
+            let default_port = match uri.scheme_str() {
+                Some(scheme) if scheme.eq_ignore_ascii_case("https") => Some(443),
+                Some(scheme) if scheme.eq_ignore_ascii_case("http") => Some(80),
+                _ => None,
+            };
             uri.scheme().is_some()
                 && uri.authority().is_some_and(|a| !a.as_str().contains('@'))
                 && uri.path_and_query().is_none_or(|p| p.as_str() == "/")
+                && (default_port.is_none() || uri.port_u16() != default_port)
         }
         Err(_) => false,
     }
@@ -1143,6 +1154,7 @@ mod tests {
             "https://app.example.com/",
             "http://localhost:3000",
             "http://[::1]:8080",
+            "https://app.example.com:80",
             "null",
         ] {
             assert!(origin_ok(good), "{good}");
@@ -1154,6 +1166,8 @@ mod tests {
             "https://app.example.com/path",
             "https://app.example.com?q",
             "https://me@app.example.com",
+            "https://app.example.com:443",
+            "http://app.example.com:80",
         ] {
             assert!(!origin_ok(bad), "{bad}");
         }

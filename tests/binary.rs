@@ -666,6 +666,22 @@ fn environment_values_that_are_not_utf8_are_skipped_or_refused_never_shown() {
     assert!(stderr.contains("ROOMGATE_UPSTREAM_URL"), "{stderr}");
     assert!(!stderr.contains("caf"), "the value is not shown: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+    // The HS256 secret is read as bytes, and its variable may be named
+    // like an override without being one.
+    let mut env = safe.to_vec();
+    env.extend([
+        (OsStr::new("ROOMGATE_AUTH_MODE"), OsStr::new("jwt")),
+        (
+            OsStr::new("ROOMGATE_AUTH_JWT_SECRET_ENV"),
+            OsStr::new("ROOMGATE_JWT_SECRET"),
+        ),
+        (
+            OsStr::new("ROOMGATE_JWT_SECRET"),
+            OsStr::from_bytes(b"\xff\x01 a binary secret"),
+        ),
+    ]);
+    let (code, _, stderr) = run_binary_os(&["check-config"], &env);
+    assert_eq!(code, 0, "{stderr}");
 }
 
 #[test]

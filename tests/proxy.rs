@@ -1969,3 +1969,28 @@ async fn an_upgrade_on_a_connection_the_upstream_just_closed_is_sent_again() {
     }
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
+
+#[tokio::test]
+async fn an_upgrade_with_an_unsafe_method_is_not_sent_again() {
+    // A POST may have done its work before the connection closed: it is
+    // not sent a second time, and the client gets 502.
+    let (addr, accepted) = upstream_closing_on_second_request(
+        b"HTTP/1.1 403 Forbidden\r\ncontent-length: 2\r\n\r\nno",
+    )
+    .await;
+    let gw = TestGateway::with(|c| c.upstream.url = format!("http://{addr}")).await;
+    let mut statuses = Vec::new();
+    for method in ["GET", "POST"] {
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri("/chat")
+            .header("host", "app.test")
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(empty())
+            .expect("request");
+        statuses.push(http_request(gw.addr, request).await.0);
+    }
+    assert_eq!(statuses, [403, 502]);
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

@@ -237,7 +237,7 @@ fn load_pem(
     })?;
     // The RSA parser takes a private key too, and then no token verifies:
     // refuse it here, where the mistake can be named.
-    if pem.windows(11).any(|w| w == b"PRIVATE KEY") {
+    if pem.windows(16).any(|w| w == b"PRIVATE KEY-----") {
         return Err(AuthSetupError::BadKey {
             path: path.clone(),
             algorithm: format!("{:?}", config.algorithm),

@@ -222,22 +222,28 @@ impl Base {
     }
 }
 
-/// Whether `path` has a `.` or `..` segment, also when its dots or the
-/// slashes around them are percent-encoded (`%2e`, `%2f`) or written as
-/// backslashes, which some servers take for slashes.
+/// Whether `path` has a `.` or `..` segment as some server behind the
+/// gateway may read it: with its dots or slashes percent-encoded (`%2e`,
+/// `%2f`), encoded twice (`%252e`) or as overlong UTF-8 (`%c0%ae`), with
+/// backslashes for slashes, or with path parameters after a `;` (`..;`,
+/// which Java servers read as `..`).
 fn has_dot_segment(path: &str) -> bool {
     if !path.contains('.') && !path.contains('%') {
         return false;
     }
     let decoded = path
         .to_ascii_lowercase()
+        .replace("%25", "%")
+        .replace("%c0%ae", ".")
+        .replace("%c0%af", "/")
         .replace("%2e", ".")
         .replace("%2f", "/")
         .replace("%5c", "/")
         .replace('\\', "/");
-    decoded
-        .split('/')
-        .any(|segment| segment == "." || segment == "..")
+    decoded.split('/').any(|segment| {
+        let name = segment.split(';').next().unwrap_or(segment);
+        name == "." || name == ".."
+    })
 }
 
 fn bad_uri(e: impl std::fmt::Display) -> ProxyError {
@@ -637,13 +643,13 @@ impl Proxy {
     ) -> Result<Response<Body>, ProxyError> {
         let client_upgrade = hyper::upgrade::on(&mut request);
         let outgoing = self.outgoing(request, client, true)?;
-        let mut response = match bodiless_copy(&outgoing) {
-            Some(copy) => {
-                self.upstream
-                    .send_idempotent(outgoing, || Ok(copy), self.timeout)
-                    .await?
-            }
-            None => self.upstream.send(outgoing, self.timeout).await?,
+        let mut response = if may_resend(&outgoing) {
+            let copy = head_copy(&outgoing, response::empty());
+            self.upstream
+                .send_idempotent(outgoing, || Ok(copy), self.timeout)
+                .await?
+        } else {
+            self.upstream.send(outgoing, self.timeout).await?
         };
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
@@ -673,6 +679,12 @@ impl Proxy {
     ) -> Result<Request<Body>, ProxyError> {
         let (mut parts, body) = request.into_parts();
         let host = self.host(&mut parts)?;
+        // The asterisk form is for OPTIONS alone (RFC 9112 §3.2.4).
+        if parts.uri.path() == "*" && parts.method != Method::OPTIONS {
+            return Err(ProxyError::BadTarget(
+                "an asterisk target on a method other than OPTIONS",
+            ));
+        }
         parts.uri = if upgrade {
             self.upstream.uri_from(&parts.uri)?
         } else {
@@ -729,9 +741,8 @@ fn target_host(uri: &Uri, target: &Authority) -> Result<HeaderValue, ProxyError>
 }
 
 /// Replaces a `Content-Length` whose value is not a number written plainly
-/// (`5, 5`, `005`, two field lines: hyper checked that they all agree and
-/// framed the body by them) with that number, so that clients that read
-/// only plain numbers can frame the body too.
+/// (`5, 5`, `005`, two field lines) with that number, so that clients that
+/// read only plain numbers can frame the body too.
 fn canonical_length(headers: &mut HeaderMap) {
     let plain = |v: &HeaderValue| {
         let b = v.as_bytes();
@@ -744,30 +755,40 @@ fn canonical_length(headers: &mut HeaderMap) {
     if plain(first) && lengths.next().is_none() {
         return;
     }
-    let length = first
-        .to_str()
-        .ok()
-        .and_then(|v| v.split(',').next())
-        .and_then(|v| v.trim().parse::<u64>().ok());
+    // hyper checks that the values agree only when it frames a body by
+    // them, which it does not for HEAD, 204 and 304: values that do not
+    // agree there are dropped rather than one of them picked.
+    let mut values = headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("x").split(','))
+        .map(|v| v.trim().parse::<u64>().ok());
+    let first = values.next().flatten();
+    let length = first.filter(|&length| values.all(|v| v == Some(length)));
     match length {
         Some(length) => headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length)),
         None => headers.remove(header::CONTENT_LENGTH),
     };
 }
 
-/// A copy of an upgrade request (method, target, version, headers) to send
-/// again should the first go out on a connection the upstream closed;
-/// only when it has no body (an upgrade request seldom has one).
-fn bodiless_copy(request: &Request<Body>) -> Option<Request<Body>> {
-    if !hyper::body::Body::is_end_stream(request.body()) {
-        return None;
-    }
-    let mut copy = Request::new(response::empty());
+/// Whether a request may be sent twice: a safe method (RFC 9110 §9.2.1)
+/// and no body. Such a request, when the connection it went out on was
+/// closed before the answer, goes again on another.
+fn may_resend<B: hyper::body::Body>(request: &Request<B>) -> bool {
+    matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    ) && request.body().is_end_stream()
+}
+
+/// `request`'s method, target, version and headers, with `body`.
+fn head_copy<B, C>(request: &Request<B>, body: C) -> Request<C> {
+    let mut copy = Request::new(body);
     *copy.method_mut() = request.method().clone();
     *copy.uri_mut() = request.uri().clone();
     *copy.version_mut() = request.version();
     *copy.headers_mut() = request.headers().clone();
-    Some(copy)
+    copy
 }
 
 /// Copies bytes both ways between the client's and the upstream's upgraded

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::MissedTickBehavior;
@@ -410,24 +410,14 @@ fn resend_copy(
     request: &Request<UpstreamBody>,
     idle_for: Duration,
 ) -> Option<Request<UpstreamBody>> {
-    if idle_for < RESEND_AFTER_IDLE
-        || !matches!(
-            *request.method(),
-            Method::GET | Method::HEAD | Method::OPTIONS
-        )
-        || !request.body().is_end_stream()
-    {
+    if idle_for < RESEND_AFTER_IDLE || !super::may_resend(request) {
         return None;
     }
-    let mut copy = Request::new(UpstreamBody {
+    let body = UpstreamBody {
         inner: crate::response::empty(),
         progress: None,
-    });
-    *copy.method_mut() = request.method().clone();
-    *copy.uri_mut() = request.uri().clone();
-    *copy.version_mut() = request.version();
-    *copy.headers_mut() = request.headers().clone();
-    Some(copy)
+    };
+    Some(super::head_copy(request, body))
 }
 
 /// Whether a request that went out failed because the connection was
@@ -539,6 +529,7 @@ impl Drop for PooledBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper::Method;
 
     fn request(method: Method, body: crate::response::Body) -> Request<UpstreamBody> {
         let mut request = Request::new(UpstreamBody {
