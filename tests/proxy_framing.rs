@@ -749,3 +749,32 @@ async fn content_length_values_that_disagree_on_a_head_answer_are_dropped() {
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply:?}");
     assert_eq!(field(split(&reply).0, "content-length"), None, "{reply:?}");
 }
+
+#[tokio::test]
+async fn an_absolute_form_target_without_a_path_goes_below_the_base_path_as_slash() {
+    let upstream = RawUpstream::start(OK).await;
+    let url = format!("{}/api", upstream.url);
+    let gw = TestGateway::with(|c| c.upstream.url = url).await;
+    get_targets(&gw, "app.test", &["http://app.test?x=1", "/?x=1"], 200).await;
+    let heads = upstream.heads();
+    let lines: Vec<&str> = heads.iter().filter_map(|h| h.lines().next()).collect();
+    assert_eq!(lines, ["GET /api/?x=1 HTTP/1.1", "GET /api/?x=1 HTTP/1.1"]);
+}
+
+#[tokio::test]
+async fn a_426_keeps_the_upgrade_it_names() {
+    // RFC 9110 §15.5.22: a 426 must say in `Upgrade` what to switch to.
+    let upstream = RawUpstream::start(
+        b"HTTP/1.1 426 Upgrade Required\r\nupgrade: TLS/1.3\r\nconnection: upgrade, close\r\n\
+          content-length: 0\r\n\r\n",
+    )
+    .await;
+    let gw = upstream.gateway().await;
+    let reply = exchange(&gw, b"GET /old HTTP/1.1\r\nhost: app.test\r\n\r\n").await;
+    assert!(reply.starts_with("HTTP/1.1 426"), "{reply:?}");
+    assert_eq!(
+        field(split(&reply).0, "upgrade"),
+        Some("TLS/1.3"),
+        "{reply:?}"
+    );
+}

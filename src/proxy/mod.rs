@@ -207,6 +207,10 @@ impl Base {
             Some(_) if has_dot_segment(original.path()) => Err(ProxyError::BadTarget(
                 "a path with dot segments below the upstream's base path",
             )),
+            // An absolute-form target with no path (`http://h?q`) means `/`.
+            Some(path) if path.as_str().starts_with('?') => {
+                self.join(&format!("/{}", path.as_str()))
+            }
             Some(path) => self.join(path.as_str()),
             None => self.join("/"),
         }
@@ -626,7 +630,8 @@ impl Proxy {
         let mut response =
             Box::pin(self.upstream.send_pooled(outgoing, self.timeout, deadlines)).await?;
         response_status(response.status())?;
-        response_headers(response.headers_mut())?;
+        let status = response.status();
+        response_headers(response.headers_mut(), status)?;
         canonical_length(response.headers_mut());
         // The client hears the gateway's HTTP version, not the upstream's
         // (RFC 9110 §6.2); hyper answers an HTTP/1.0 client in its own.
@@ -662,7 +667,8 @@ impl Proxy {
             return Ok(Response::from_parts(parts, response::empty()));
         }
         response_status(response.status())?;
-        response_headers(response.headers_mut())?;
+        let status = response.status();
+        response_headers(response.headers_mut(), status)?;
         *response.version_mut() = hyper::Version::HTTP_11;
         refusal(response, self.timeout).await
     }
@@ -920,7 +926,7 @@ fn response_status(status: StatusCode) -> Result<(), ProxyError> {
 /// coding: a response with any other transfer coding cannot be passed on
 /// without handing the client coded bytes as if they were the content, so
 /// it is refused.
-fn response_headers(headers: &mut HeaderMap) -> Result<(), ProxyError> {
+fn response_headers(headers: &mut HeaderMap, status: StatusCode) -> Result<(), ProxyError> {
     if !has_hop_by_hop(headers) {
         return Ok(());
     }
@@ -932,7 +938,9 @@ fn response_headers(headers: &mut HeaderMap) -> Result<(), ProxyError> {
         }
         headers.remove(header::CONTENT_LENGTH);
     }
-    remove_hop_by_hop(headers, false);
+    // A 426 names in `Upgrade` what the client must switch to (RFC 9110
+    // §15.5.22): that is the message, not the connection.
+    remove_hop_by_hop(headers, status == StatusCode::UPGRADE_REQUIRED);
     Ok(())
 }
 
@@ -1118,7 +1126,7 @@ mod tests {
         h.insert("content-length", HeaderValue::from_static("2"));
         h.insert("transfer-encoding", HeaderValue::from_static("Chunked"));
         h.insert("x-kept", HeaderValue::from_static("1"));
-        response_headers(&mut h).expect("plain chunked passes");
+        response_headers(&mut h, StatusCode::OK).expect("plain chunked passes");
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, vec!["x-kept"]);
     }
@@ -1135,7 +1143,10 @@ mod tests {
                 h.append("transfer-encoding", HeaderValue::from_static(coding));
             }
             assert!(
-                matches!(response_headers(&mut h), Err(ProxyError::BadResponse(_))),
+                matches!(
+                    response_headers(&mut h, StatusCode::OK),
+                    Err(ProxyError::BadResponse(_))
+                ),
                 "{codings:?}"
             );
         }
