@@ -778,3 +778,94 @@ async fn a_426_keeps_the_upgrade_it_names() {
         "{reply:?}"
     );
 }
+
+#[tokio::test]
+async fn an_early_answer_reaches_the_client_when_the_reset_comes_before_it_is_read() {
+    // The upstream reads the request head in one 8 KiB read (a buffered
+    // reader takes some of the body with it), answers in two writes and
+    // closes with the upload unread: its kernel resets the connection, and
+    // the gateway's next write of the upload fails, often before the
+    // answer has been read from the socket. The answer still reaches the
+    // client.
+    const UPLOAD: usize = 5 << 20;
+    const TRIES: usize = 20;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(read) => seen.extend_from_slice(&buf[..read]),
+                    }
+                }
+                let _ = conn
+                    .write_all(b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 9\r\nconnection: close\r\n\r\n")
+                    .await;
+                let _ = conn.write_all(b"too large").await;
+            });
+        }
+    });
+    let gw = TestGateway::with(|c| c.upstream.url = url).await;
+    let mut statuses = Vec::new();
+    for _ in 0..TRIES {
+        let stream = TcpStream::connect(gw.addr).await.expect("connect");
+        let (mut from_gateway, mut to_gateway) = stream.into_split();
+        let upload = tokio::spawn(async move {
+            let mut request = format!(
+                "POST /upload HTTP/1.1\r\nhost: app.test\r\ncontent-length: {UPLOAD}\r\n\r\n"
+            )
+            .into_bytes();
+            request.resize(request.len() + UPLOAD, b'x');
+            to_gateway.write_all(&request).await
+        });
+        let mut reply = Vec::new();
+        let _ = within(
+            "the answer and the close",
+            from_gateway.read_to_end(&mut reply),
+        )
+        .await;
+        upload.abort();
+        let reply = String::from_utf8_lossy(&reply);
+        statuses.push(reply.get(9..12).unwrap_or_default().to_string());
+    }
+    assert!(statuses.iter().all(|s| s == "413"), "{statuses:?}");
+}
+
+#[tokio::test]
+async fn an_upload_the_upstream_resets_without_answering_gets_502() {
+    // Writes after the reset are taken as written only until the end of
+    // the connection is read: without an answer, the client gets 502.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let _ = conn.read(&mut buf).await;
+                let _ = conn.set_zero_linger();
+            });
+        }
+    });
+    let gw = TestGateway::with(|c| c.upstream.url = url).await;
+    let stream = TcpStream::connect(gw.addr).await.expect("connect");
+    let (mut from_gateway, mut to_gateway) = stream.into_split();
+    let upload = tokio::spawn(async move {
+        let mut request =
+            b"POST /upload HTTP/1.1\r\nhost: app.test\r\ncontent-length: 5242880\r\n\r\n".to_vec();
+        request.resize(request.len() + (5 << 20), b'x');
+        to_gateway.write_all(&request).await
+    });
+    let mut reply = Vec::new();
+    let _ = within(
+        "the answer and the close",
+        from_gateway.read_to_end(&mut reply),
+    )
+    .await;
+    upload.abort();
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 502"), "{reply:?}");
+}

@@ -104,7 +104,7 @@ pub struct Conn {
 
 /// A connection's state machine, and the clock on its response bodies.
 struct Driver {
-    connection: http1::Connection<TokioIo<TcpStream>, UpstreamBody>,
+    connection: http1::Connection<TokioIo<UpstreamIo>, UpstreamBody>,
     /// The longest the upstream may pause in the middle of a response body
     /// (the pool's stall timeout), as nginx's `proxy_read_timeout`: without
     /// it, an upstream that stops sending holds its client and its
@@ -300,7 +300,7 @@ impl Pool {
         // Requests are small writes that must leave at once.
         let _ = stream.set_nodelay(true);
         let (sender, driver) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
+            .handshake(TokioIo::new(UpstreamIo::new(stream)))
             .await?;
         Ok(Conn {
             sender,
@@ -430,6 +430,120 @@ pub(super) fn closed_before_answer(e: &hyper::Error) -> bool {
             super::io_errors(e).next().map(std::io::Error::kind),
             Some(ConnectionReset | ConnectionAborted | BrokenPipe)
         )
+}
+
+/// Bytes of a request body taken as written after the upstream reset the
+/// connection, before the failure is reported to hyper: a bound on what
+/// is read from the client for nothing, far above what passes before the
+/// upstream's answer (or the end of the connection) can be read.
+const WRITTEN_AFTER_RESET: usize = 64 << 20;
+
+/// An upstream connection's socket as hyper sees it. An upstream may answer
+/// an upload early (413, 401) and close with the rest unread, so that its
+/// kernel resets the connection; the answer can then still be read from
+/// this side's socket, but the upload's next write fails first, and hyper,
+/// told of the failure, gives up on the exchange without reading the
+/// answer: the client would get 502 for the upstream's 413 whenever the
+/// reset won the race. So once a write fails that way, later writes are
+/// taken as written (up to [`WRITTEN_AFTER_RESET`] bytes), and hyper goes
+/// on to read either the answer or the end of the connection, which fails
+/// the exchange as before.
+struct UpstreamIo {
+    stream: TcpStream,
+    /// Bytes taken as written since the reset, once there was one.
+    after_reset: Option<usize>,
+}
+
+impl UpstreamIo {
+    fn new(stream: TcpStream) -> Self {
+        Self {
+            stream,
+            after_reset: None,
+        }
+    }
+
+    /// What a write of `len` bytes that got `result` from the socket
+    /// returns to hyper.
+    fn written(
+        &mut self,
+        result: Poll<std::io::Result<usize>>,
+        len: usize,
+    ) -> Poll<std::io::Result<usize>> {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+        match result {
+            Poll::Ready(Err(e))
+                if matches!(e.kind(), BrokenPipe | ConnectionReset | ConnectionAborted) =>
+            {
+                self.after_reset = Some(0);
+                self.swallow(len)
+            }
+            other => other,
+        }
+    }
+
+    fn swallow(&mut self, len: usize) -> Poll<std::io::Result<usize>> {
+        let taken = self.after_reset.unwrap_or(0).saturating_add(len);
+        if taken > WRITTEN_AFTER_RESET {
+            return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+        }
+        self.after_reset = Some(taken);
+        Poll::Ready(Ok(len))
+    }
+}
+
+impl tokio::io::AsyncRead for UpstreamIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for UpstreamIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.after_reset.is_some() {
+            return self.swallow(buf.len());
+        }
+        let result = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.written(result, buf.len())
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let len = bufs.iter().map(|b| b.len()).sum();
+        if self.after_reset.is_some() {
+            return self.swallow(len);
+        }
+        let result = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.written(result, len)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.after_reset.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.after_reset.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }
 
 /// A response body from the upstream that also drives its connection, and
