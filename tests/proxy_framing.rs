@@ -812,27 +812,32 @@ async fn an_early_answer_reaches_the_client_when_the_reset_comes_before_it_is_re
     let gw = TestGateway::with(|c| c.upstream.url = url).await;
     let mut statuses = Vec::new();
     for _ in 0..TRIES {
-        let stream = TcpStream::connect(gw.addr).await.expect("connect");
-        let (mut from_gateway, mut to_gateway) = stream.into_split();
-        let upload = tokio::spawn(async move {
-            let mut request = format!(
-                "POST /upload HTTP/1.1\r\nhost: app.test\r\ncontent-length: {UPLOAD}\r\n\r\n"
-            )
-            .into_bytes();
-            request.resize(request.len() + UPLOAD, b'x');
-            to_gateway.write_all(&request).await
-        });
-        let mut reply = Vec::new();
-        let _ = within(
-            "the answer and the close",
-            from_gateway.read_to_end(&mut reply),
-        )
-        .await;
-        upload.abort();
-        let reply = String::from_utf8_lossy(&reply);
+        let reply = upload_in_one_write(&gw, UPLOAD).await;
         statuses.push(reply.get(9..12).unwrap_or_default().to_string());
     }
     assert!(statuses.iter().all(|s| s == "413"), "{statuses:?}");
+}
+
+/// Sends a POST of `size` bytes in one write, as fast as the gateway takes
+/// it, and returns what the gateway answers before it closes.
+async fn upload_in_one_write(gw: &TestGateway, size: usize) -> String {
+    let stream = TcpStream::connect(gw.addr).await.expect("connect");
+    let (mut from_gateway, mut to_gateway) = stream.into_split();
+    let upload = tokio::spawn(async move {
+        let mut request =
+            format!("POST /upload HTTP/1.1\r\nhost: app.test\r\ncontent-length: {size}\r\n\r\n")
+                .into_bytes();
+        request.resize(request.len() + size, b'x');
+        to_gateway.write_all(&request).await
+    });
+    let mut reply = Vec::new();
+    let _ = within(
+        "the answer and the close",
+        from_gateway.read_to_end(&mut reply),
+    )
+    .await;
+    upload.abort();
+    String::from_utf8_lossy(&reply).into_owned()
 }
 
 #[tokio::test]
@@ -851,21 +856,6 @@ async fn an_upload_the_upstream_resets_without_answering_gets_502() {
         }
     });
     let gw = TestGateway::with(|c| c.upstream.url = url).await;
-    let stream = TcpStream::connect(gw.addr).await.expect("connect");
-    let (mut from_gateway, mut to_gateway) = stream.into_split();
-    let upload = tokio::spawn(async move {
-        let mut request =
-            b"POST /upload HTTP/1.1\r\nhost: app.test\r\ncontent-length: 5242880\r\n\r\n".to_vec();
-        request.resize(request.len() + (5 << 20), b'x');
-        to_gateway.write_all(&request).await
-    });
-    let mut reply = Vec::new();
-    let _ = within(
-        "the answer and the close",
-        from_gateway.read_to_end(&mut reply),
-    )
-    .await;
-    upload.abort();
-    let reply = String::from_utf8_lossy(&reply);
+    let reply = upload_in_one_write(&gw, 5 << 20).await;
     assert!(reply.starts_with("HTTP/1.1 502"), "{reply:?}");
 }
