@@ -249,6 +249,12 @@ impl Metrics {
         for reason in RejectReason::ALL {
             m.upgrades_rejected.with_label_values(&[reason.as_str()]);
         }
+        // The answers the gateway gives for an upstream that fails it,
+        // present at 0 from the start: a rate over the first ones after
+        // start-up, which alerts compute, would otherwise miss them.
+        for code in ["502", "504"] {
+            m.proxy_requests.with_label_values(&[code]);
+        }
         m.register_all(dropped);
         m
     }
@@ -339,6 +345,17 @@ fn counter_vec(name: &str, help: &str, label: &str) -> IntCounterVec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_upstream_failure_codes_are_exported_at_zero_from_the_start() {
+        let text = String::from_utf8(Metrics::new().render()).expect("utf-8");
+        for sample in [
+            "roomgate_proxy_requests_total{code=\"502\"} 0",
+            "roomgate_proxy_requests_total{code=\"504\"} 0",
+        ] {
+            assert!(text.contains(sample), "missing {sample}");
+        }
+    }
 
     #[test]
     fn exports_every_spec_family() {
