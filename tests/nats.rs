@@ -1281,6 +1281,65 @@ async fn a_burst_of_large_messages_reaches_a_member_that_keeps_up() {
     gw.stop().await;
 }
 
+/// The same for wrapped messages of control characters, each of which
+/// grows six times as it is escaped into the frame's JSON, so that the
+/// burst's frames come to more than the member's byte budget: the member
+/// still gets all of it.
+#[tokio::test]
+async fn a_burst_of_messages_that_grow_when_escaped_reaches_a_member_that_keeps_up() {
+    const MESSAGES: usize = 8;
+    const SIZE: usize = 30_000;
+    let server = NatsServer::start();
+    let backend = Backend::connect(&server).await;
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    // A byte budget of 1 MiB: five of these frames.
+    let gw = nats_gateway(&server, |c| {
+        c.websocket.send_queue_capacity = 16;
+        c.websocket.max_message_size_bytes = 4096;
+    })
+    .await;
+    let mut member = gw.client().await;
+    join_synced(&mut member, &mut presence, "escaped").await;
+    let reader = tokio::spawn(async move {
+        for i in 0..MESSAGES {
+            let frame = member.recv().await;
+            let content = frame["content"].as_str().expect("text content");
+            assert!(content.starts_with(&format!("{i}:")), "{:.20}", content);
+            assert_eq!(content.len(), SIZE);
+        }
+        member
+    });
+
+    let url = server.url();
+    let publisher = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let client = within("connect", async_nats::connect(url))
+                .await
+                .expect("connect");
+            for i in 0..MESSAGES {
+                let payload = format!("{i}:{}", "\u{1}".repeat(SIZE - 2));
+                within(
+                    "publish",
+                    client.publish("roomgate.broadcast.escaped", payload.into()),
+                )
+                .await
+                .expect("publish");
+            }
+            within("flush", client.flush()).await.expect("flush");
+        });
+    });
+    publisher.join().expect("publisher");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+
+    within("the whole burst", reader).await.expect("reader");
+    assert_no_slow_consumer(&gw).await;
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn a_burst_to_a_member_with_a_full_queue_is_queued_as_far_as_it_fits_and_counted() {
     // A member that reads nothing, with a queue of 7 frames and the `drop`
