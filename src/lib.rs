@@ -27,6 +27,7 @@
 //! | [`shutdown`] | signals, cancellation and task tracking |
 //! | [`request`], [`response`] | small HTTP helpers shared by the above |
 //! | [`sync`] | lock helpers that survive a poisoned lock |
+//! | [`net`] | what a socket error says about the other end |
 //!
 //! # Data path of a room message
 //!
@@ -48,6 +49,7 @@ pub mod deadline;
 pub mod events;
 pub mod metrics;
 pub mod nats;
+pub mod net;
 pub mod protocol;
 pub mod proxy;
 pub mod request;

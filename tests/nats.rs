@@ -1219,6 +1219,43 @@ async fn queued_and_dropped(
     (queued, lost)
 }
 
+/// Publishes `payloads` to `subject` from a thread of its own while this
+/// test's only runtime thread (the gateway's) is blocked, so that they wait
+/// in the gateway's NATS socket and arrive all at once: a burst.
+fn publish_as_one_burst(
+    server: &NatsServer,
+    subject: &'static str,
+    headers: async_nats::HeaderMap,
+    payloads: Vec<String>,
+) {
+    let url = server.url();
+    let publisher = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let client = within("connect", async_nats::connect(url))
+                .await
+                .expect("connect");
+            for payload in payloads {
+                within(
+                    "publish",
+                    client.publish_with_headers(subject, headers.clone(), payload.into()),
+                )
+                .await
+                .expect("publish");
+            }
+            within("flush", client.flush()).await.expect("flush");
+        });
+    });
+    // Blocks the gateway until the burst has reached nats-server, and a
+    // moment more for nats-server to pass it on. (The tests pass however
+    // the burst arrives; arriving at once is what makes it a burst.)
+    publisher.join().expect("publisher");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+}
+
 /// A burst of large messages that arrive together is handed to members
 /// half a send queue's byte budget at a time, so it reaches a member that
 /// keeps up whole. The burst is published from a thread of its own while
@@ -1248,33 +1285,13 @@ async fn a_burst_of_large_messages_reaches_a_member_that_keeps_up() {
         member
     });
 
-    let url = server.url();
-    let publisher = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async {
-            let client = within("connect", async_nats::connect(url))
-                .await
-                .expect("connect");
-            for i in 0..MESSAGES {
-                let payload = format!("{i}:{}", "x".repeat(SIZE - 2));
-                within(
-                    "publish",
-                    client.publish_with_headers("roomgate.broadcast.large", raw(), payload.into()),
-                )
-                .await
-                .expect("publish");
-            }
-            within("flush", client.flush()).await.expect("flush");
-        });
-    });
-    // Blocks the gateway until the burst has reached nats-server, and a
-    // moment more for nats-server to pass it on. (The test passes however
-    // the burst arrives; arriving at once is what makes it a burst.)
-    publisher.join().expect("publisher");
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    let payloads = (0..MESSAGES).map(|i| format!("{i}:{}", "x".repeat(SIZE - 2)));
+    publish_as_one_burst(
+        &server,
+        "roomgate.broadcast.large",
+        raw(),
+        payloads.collect(),
+    );
 
     within("the whole burst", reader).await.expect("reader");
     assert_no_slow_consumer(&gw).await;
@@ -1310,30 +1327,13 @@ async fn a_burst_of_messages_that_grow_when_escaped_reaches_a_member_that_keeps_
         member
     });
 
-    let url = server.url();
-    let publisher = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async {
-            let client = within("connect", async_nats::connect(url))
-                .await
-                .expect("connect");
-            for i in 0..MESSAGES {
-                let payload = format!("{i}:{}", "\u{1}".repeat(SIZE - 2));
-                within(
-                    "publish",
-                    client.publish("roomgate.broadcast.escaped", payload.into()),
-                )
-                .await
-                .expect("publish");
-            }
-            within("flush", client.flush()).await.expect("flush");
-        });
-    });
-    publisher.join().expect("publisher");
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    let payloads = (0..MESSAGES).map(|i| format!("{i}:{}", "\u{1}".repeat(SIZE - 2)));
+    publish_as_one_burst(
+        &server,
+        "roomgate.broadcast.escaped",
+        async_nats::HeaderMap::new(),
+        payloads.collect(),
+    );
 
     within("the whole burst", reader).await.expect("reader");
     assert_no_slow_consumer(&gw).await;

@@ -1946,25 +1946,40 @@ async fn an_upstream_connection_whose_chunked_answer_ends_in_trailers_is_reused(
     );
 }
 
+/// A gateway in front of an upstream that refuses every upgrade with 403
+/// on kept-alive connections, and closes its first connection as the
+/// second request arrives on it; and the count of connections it took.
+async fn gateway_before_an_upstream_closing_on_second_request()
+-> (TestGateway, Arc<std::sync::atomic::AtomicUsize>) {
+    let (addr, accepted) = upstream_closing_on_second_request(
+        b"HTTP/1.1 403 Forbidden\r\ncontent-length: 2\r\n\r\nno",
+    )
+    .await;
+    let gw = TestGateway::with(|c| c.upstream.url = format!("http://{addr}")).await;
+    (gw, accepted)
+}
+
+/// A WebSocket upgrade to `/chat`, a path of the upstream's.
+fn upgrade_to_chat(method: &str) -> hyper::Request<TestBody> {
+    hyper::Request::builder()
+        .method(method)
+        .uri("/chat")
+        .header("host", "app.test")
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .body(empty())
+        .expect("request")
+}
+
 #[tokio::test]
 async fn an_upgrade_on_a_connection_the_upstream_just_closed_is_sent_again() {
     // The first upgrade is refused on a kept-alive connection; the second
     // goes out on it just as the upstream closes it. An upgrade request
     // without a body may go twice: it is sent again on a new connection
     // and gets the upstream's answer, not a 502.
-    let (addr, accepted) = upstream_closing_on_second_request(
-        b"HTTP/1.1 403 Forbidden\r\ncontent-length: 2\r\n\r\nno",
-    )
-    .await;
-    let gw = TestGateway::with(|c| c.upstream.url = format!("http://{addr}")).await;
+    let (gw, accepted) = gateway_before_an_upstream_closing_on_second_request().await;
     for _ in 0..2 {
-        let request = hyper::Request::get("/chat")
-            .header("host", "app.test")
-            .header("connection", "upgrade")
-            .header("upgrade", "websocket")
-            .body(empty())
-            .expect("request");
-        let (status, _, body) = http_request(gw.addr, request).await;
+        let (status, _, body) = http_request(gw.addr, upgrade_to_chat("GET")).await;
         assert_eq!((status, &body[..]), (403, &b"no"[..]));
     }
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
@@ -1974,22 +1989,10 @@ async fn an_upgrade_on_a_connection_the_upstream_just_closed_is_sent_again() {
 async fn an_upgrade_with_an_unsafe_method_is_not_sent_again() {
     // A POST may have done its work before the connection closed: it is
     // not sent a second time, and the client gets 502.
-    let (addr, accepted) = upstream_closing_on_second_request(
-        b"HTTP/1.1 403 Forbidden\r\ncontent-length: 2\r\n\r\nno",
-    )
-    .await;
-    let gw = TestGateway::with(|c| c.upstream.url = format!("http://{addr}")).await;
+    let (gw, accepted) = gateway_before_an_upstream_closing_on_second_request().await;
     let mut statuses = Vec::new();
     for method in ["GET", "POST"] {
-        let request = hyper::Request::builder()
-            .method(method)
-            .uri("/chat")
-            .header("host", "app.test")
-            .header("connection", "upgrade")
-            .header("upgrade", "websocket")
-            .body(empty())
-            .expect("request");
-        statuses.push(http_request(gw.addr, request).await.0);
+        statuses.push(http_request(gw.addr, upgrade_to_chat(method)).await.0);
     }
     assert_eq!(statuses, [403, 502]);
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);

@@ -130,9 +130,10 @@ impl BodyFault {
     /// reset before the body's end is the client going away, anything else
     /// is bad framing (hyper reports both as I/O errors under its own).
     fn of(e: &hyper::Error) -> Self {
-        use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
-        match io_errors(e).next().map(std::io::Error::kind) {
-            Some(UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe) => {
+        match causes::<std::io::Error>(e).next().map(std::io::Error::kind) {
+            Some(kind)
+                if kind == std::io::ErrorKind::UnexpectedEof || crate::net::peer_gone(kind) =>
+            {
                 Self::Incomplete
             }
             _ => Self::Malformed,
@@ -377,11 +378,8 @@ impl Upstream {
             Ok(response) => Ok(response),
             Err(e) if is_timeout(&e) => Err((ProxyError::Timeout, false)),
             Err(e) => {
-                let closed =
-                    std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |err| {
-                        err.source()
-                    })
-                    .find_map(|err| err.downcast_ref::<hyper::Error>())
+                let closed = causes::<hyper::Error>(&e)
+                    .next()
                     .is_some_and(pool::closed_before_answer);
                 Err((ProxyError::Unreachable(error_chain(&e)), closed))
             }
@@ -629,13 +627,7 @@ impl Proxy {
         let outgoing = self.outgoing(request, client, false)?;
         let mut response =
             Box::pin(self.upstream.send_pooled(outgoing, self.timeout, deadlines)).await?;
-        response_status(response.status())?;
-        let status = response.status();
-        response_headers(response.headers_mut(), status)?;
-        canonical_length(response.headers_mut());
-        // The client hears the gateway's HTTP version, not the upstream's
-        // (RFC 9110 §6.2); hyper answers an HTTP/1.0 client in its own.
-        *response.version_mut() = hyper::Version::HTTP_11;
+        prepare_response(&mut response)?;
         Ok(response.map(Body::pooled))
     }
 
@@ -666,10 +658,7 @@ impl Proxy {
             let (parts, _) = response.into_parts();
             return Ok(Response::from_parts(parts, response::empty()));
         }
-        response_status(response.status())?;
-        let status = response.status();
-        response_headers(response.headers_mut(), status)?;
-        *response.version_mut() = hyper::Version::HTTP_11;
+        prepare_response(&mut response)?;
         refusal(response, self.timeout).await
     }
 
@@ -906,6 +895,19 @@ fn request_headers(headers: &mut HeaderMap, keep_upgrade: bool) -> Result<(), Pr
     Ok(())
 }
 
+/// Readies an upstream response for the client: its status checked, its
+/// headers rid of hop-by-hop ones, one `Content-Length`, and the gateway's
+/// HTTP version, not the upstream's (RFC 9110 §6.2; hyper answers an
+/// HTTP/1.0 client in its own).
+fn prepare_response<B>(response: &mut Response<B>) -> Result<(), ProxyError> {
+    let status = response.status();
+    response_status(status)?;
+    response_headers(response.headers_mut(), status)?;
+    canonical_length(response.headers_mut());
+    *response.version_mut() = hyper::Version::HTTP_11;
+    Ok(())
+}
+
 /// Refuses a status outside 100–599, which hyper reads (any three digits
 /// parse) but which is no HTTP status (RFC 9110 §15): the client could
 /// not make sense of it, and no class says how to treat it. The upstream
@@ -1027,17 +1029,17 @@ fn append_forwarded_for(headers: &mut HeaderMap, client: &Peer) {
 }
 
 fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
-    io_errors(e).any(|io| io.kind() == std::io::ErrorKind::TimedOut)
+    causes::<std::io::Error>(e).any(|io| io.kind() == std::io::ErrorKind::TimedOut)
 }
 
-/// The I/O errors in `e` and its chain of sources, outermost first: hyper
-/// and its client report a broken or timed-out connection as an error of
-/// their own with the I/O error beneath.
-fn io_errors<'a>(
+/// The errors of type `T` in `e`'s chain of causes, outermost first:
+/// hyper and its client report a broken or timed-out connection as an
+/// error of their own with the I/O error beneath, and hyper-util's client
+/// wraps hyper's.
+fn causes<'a, T: std::error::Error + 'static>(
     e: &'a (dyn std::error::Error + 'static),
-) -> impl Iterator<Item = &'a std::io::Error> {
-    std::iter::successors(Some(e), |err| err.source())
-        .filter_map(|err| err.downcast_ref::<std::io::Error>())
+) -> impl Iterator<Item = &'a T> {
+    std::iter::successors(Some(e), |err| err.source()).filter_map(|err| err.downcast_ref::<T>())
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -424,12 +424,10 @@ fn resend_copy(
 /// closed or reset before the response head arrived: the sign of an
 /// upstream that closed it as the request was on its way.
 pub(super) fn closed_before_answer(e: &hyper::Error) -> bool {
-    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
     e.is_incomplete_message()
-        || matches!(
-            super::io_errors(e).next().map(std::io::Error::kind),
-            Some(ConnectionReset | ConnectionAborted | BrokenPipe)
-        )
+        || super::causes::<std::io::Error>(e)
+            .next()
+            .is_some_and(|io| crate::net::peer_gone(io.kind()))
 }
 
 /// Bytes of a request body taken as written after the upstream reset the
@@ -469,11 +467,8 @@ impl UpstreamIo {
         result: Poll<std::io::Result<usize>>,
         len: usize,
     ) -> Poll<std::io::Result<usize>> {
-        use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
         match result {
-            Poll::Ready(Err(e))
-                if matches!(e.kind(), BrokenPipe | ConnectionReset | ConnectionAborted) =>
-            {
+            Poll::Ready(Err(e)) if crate::net::peer_gone(e.kind()) => {
                 self.after_reset = Some(0);
                 self.swallow(len)
             }

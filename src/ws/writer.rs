@@ -336,10 +336,10 @@ impl Writer {
 /// connection went away, as when the reader meets the same end first;
 /// anything else is an error.
 fn write_failure(e: &std::io::Error) -> CloseReason {
-    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
-    match e.kind() {
-        ConnectionReset | BrokenPipe | ConnectionAborted => CloseReason::Client,
-        _ => CloseReason::Error,
+    if crate::net::peer_gone(e.kind()) {
+        CloseReason::Client
+    } else {
+        CloseReason::Error
     }
 }
 
