@@ -509,3 +509,52 @@ async fn a_message_the_nats_client_cannot_read_costs_a_reconnect_not_the_bridge(
     drop(client);
     gw.stop().await;
 }
+
+/// While NATS is frozen, client messages queued for it are bounded in
+/// bytes, not only in number: a few thousand 16 KiB messages, far fewer
+/// than the queue's 16,384 events but far more than its 32 MiB, are
+/// mostly dropped and counted rather than held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_queued_for_a_frozen_nats_are_bounded_in_bytes() {
+    /// Messages sent while NATS is frozen: 96 MiB of content.
+    const N: u64 = 6000;
+    /// The queue's byte budget (`EVENT_QUEUE_BYTES` in src/server.rs).
+    const QUEUE_BYTES: f64 = 32.0 * 1024.0 * 1024.0;
+    const SIZE: usize = 16 * 1024;
+    let server = NatsServer::start();
+    let backend = Backend::connect(&server).await;
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    let gw = nats_gateway(&server, |_| {}).await;
+    let mut a = gw.client().await;
+    join_synced(&mut a, &mut presence, "big").await;
+    let errors = gw.metric("roomgate_nats_publish_errors_total").await;
+
+    let pid = server.pid().expect("nats-server runs");
+    signal(pid, "STOP");
+    let padding = "x".repeat(SIZE);
+    within_for(
+        Duration::from_secs(300),
+        "every message to be acknowledged",
+        async {
+            for seq in 0..N {
+                let id = seq.to_string();
+                a.send(json!({"type": "message", "room": "big",
+                "content": {"seq": seq, "padding": padding}, "id": id}))
+                    .await;
+                assert_eq!(a.recv().await, json!({"type": "ack", "id": id}));
+            }
+        },
+    )
+    .await;
+    let failed = gw.metric("roomgate_nats_publish_errors_total").await - errors;
+    signal(pid, "CONT");
+    // What the NATS client and its socket took (2,048 commands and a few
+    // MB) and what the queue holds (32 MiB) leave the rest dropped; a
+    // queue bounded by count alone would have held all of them.
+    let held = N as f64 - failed;
+    assert!(
+        held * SIZE as f64 <= QUEUE_BYTES + 2048.0 * SIZE as f64 + 8.0 * 1024.0 * 1024.0,
+        "{held} of {N} messages held ({failed} dropped)"
+    );
+    gw.stop().await;
+}

@@ -601,3 +601,18 @@ async fn the_admin_port_refuses_a_request_head_beyond_16_kib() {
     let (status, _, _) = http_request(gw.admin, request(20 * 1024)).await;
     assert_eq!(status, 431);
 }
+
+#[tokio::test]
+async fn a_fresh_gateway_exports_the_upstream_failure_codes_at_zero() {
+    // A rate() in an alert sees the first 502 only if the series was there
+    // before it.
+    let gw = TestGateway::with(|_| {}).await;
+    let (status, metrics) = gw.admin_get("/metrics").await;
+    assert_eq!(status, 200);
+    for sample in [
+        "roomgate_proxy_requests_total{code=\"502\"} 0",
+        "roomgate_proxy_requests_total{code=\"504\"} 0",
+    ] {
+        assert!(metrics.contains(sample), "missing {sample}");
+    }
+}
