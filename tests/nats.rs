@@ -1256,6 +1256,22 @@ fn publish_as_one_burst(
     std::thread::sleep(std::time::Duration::from_millis(200));
 }
 
+/// A gateway whose send queues hold 16 frames and 1 MiB (the least byte
+/// budget), and a member of `room` on it.
+async fn member_with_a_1_mib_budget(room: &str) -> (NatsServer, TestGateway, WsClient) {
+    let server = NatsServer::start();
+    let backend = Backend::connect(&server).await;
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    let gw = nats_gateway(&server, |c| {
+        c.websocket.send_queue_capacity = 16;
+        c.websocket.max_message_size_bytes = 4096;
+    })
+    .await;
+    let mut member = gw.client().await;
+    join_synced(&mut member, &mut presence, room).await;
+    (server, gw, member)
+}
+
 /// A burst of large messages that arrive together is handed to members
 /// half a send queue's byte budget at a time, so it reaches a member that
 /// keeps up whole. The burst is published from a thread of its own while
@@ -1265,17 +1281,8 @@ fn publish_as_one_burst(
 async fn a_burst_of_large_messages_reaches_a_member_that_keeps_up() {
     const MESSAGES: usize = 8;
     const SIZE: usize = 200_000;
-    let server = NatsServer::start();
-    let backend = Backend::connect(&server).await;
-    let mut presence = backend.subscribe("roomgate.presence.>").await;
     // A byte budget of 1 MiB: five of these messages.
-    let gw = nats_gateway(&server, |c| {
-        c.websocket.send_queue_capacity = 16;
-        c.websocket.max_message_size_bytes = 4096;
-    })
-    .await;
-    let mut member = gw.client().await;
-    join_synced(&mut member, &mut presence, "large").await;
+    let (server, gw, mut member) = member_with_a_1_mib_budget("large").await;
     let reader = tokio::spawn(async move {
         for i in 0..MESSAGES {
             let text = member.recv_text().await;
@@ -1306,17 +1313,8 @@ async fn a_burst_of_large_messages_reaches_a_member_that_keeps_up() {
 async fn a_burst_of_messages_that_grow_when_escaped_reaches_a_member_that_keeps_up() {
     const MESSAGES: usize = 8;
     const SIZE: usize = 30_000;
-    let server = NatsServer::start();
-    let backend = Backend::connect(&server).await;
-    let mut presence = backend.subscribe("roomgate.presence.>").await;
     // A byte budget of 1 MiB: five of these frames.
-    let gw = nats_gateway(&server, |c| {
-        c.websocket.send_queue_capacity = 16;
-        c.websocket.max_message_size_bytes = 4096;
-    })
-    .await;
-    let mut member = gw.client().await;
-    join_synced(&mut member, &mut presence, "escaped").await;
+    let (server, gw, mut member) = member_with_a_1_mib_budget("escaped").await;
     let reader = tokio::spawn(async move {
         for i in 0..MESSAGES {
             let frame = member.recv().await;
