@@ -133,7 +133,7 @@ impl Admin {
 
     fn route(&self, request: Request<Incoming>) -> Response<Body> {
         if request.method() != Method::GET && request.method() != Method::HEAD {
-            let mut refused = response::text(StatusCode::METHOD_NOT_ALLOWED, "only GET");
+            let mut refused = response::text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD");
             refused.headers_mut().insert(
                 hyper::header::ALLOW,
                 hyper::header::HeaderValue::from_static("GET, HEAD"),

@@ -63,6 +63,27 @@ pub enum ConfigError {
     Invalid(Vec<String>),
 }
 
+impl ConfigError {
+    /// Adds to each problem of an [`ConfigError::Invalid`] the environment
+    /// variable that set its key, if one did: the operator then knows
+    /// where to look, the file or the deployment's environment.
+    fn naming_variables(self, set_by: &BTreeMap<String, String>) -> Self {
+        let ConfigError::Invalid(problems) = self else {
+            return self;
+        };
+        let named = problems
+            .into_iter()
+            .map(
+                |p| match p.split_once(':').and_then(|(key, _)| set_by.get(key)) {
+                    Some(var) => format!("{p} (set by {var})"),
+                    None => p,
+                },
+            )
+            .collect();
+        ConfigError::Invalid(named)
+    }
+}
+
 /// The whole gateway configuration.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -424,10 +445,13 @@ impl Config {
         // Check the file alone first, so its errors point at its lines.
         Self::deserialize_table(&table, &path)?;
         let env: Vec<(String, String)> = env.into_iter().collect();
-        let mut warnings = apply_env(&mut table, &env)?;
+        let Overrides {
+            mut warnings,
+            set_by,
+        } = apply_env(&mut table, &env)?;
         let config = Self::deserialize_table(&table, &path)?;
         warnings.retain(|w| !mentions_secret_var(w, &config));
-        config.validate()?;
+        config.validate().map_err(|e| e.naming_variables(&set_by))?;
         Ok(Loaded { config, warnings })
     }
 
@@ -512,16 +536,16 @@ impl Config {
             self.nats.enabled || ws.rooms.client_broadcast,
             "websocket.rooms.client_broadcast: false needs nats.enabled (client messages would go nowhere)",
         );
-        if self.nats.enabled {
-            check(
-                !self.nats.urls().is_empty(),
-                "nats.url: needs at least one server URL",
-            );
-            check(
-                valid_subject_prefix(&self.nats.subject_prefix),
-                "nats.subject_prefix: must be one or more dot-separated tokens without spaces, '*' or '>'",
-            );
-        }
+        check(
+            !self.nats.enabled || !self.nats.urls().is_empty(),
+            "nats.url: needs at least one server URL",
+        );
+        // Checked whether NATS is on or not, like every value: a file that
+        // passes `check-config` must not fail once NATS is turned on.
+        check(
+            valid_subject_prefix(&self.nats.subject_prefix),
+            "nats.subject_prefix: must be one or more dot-separated tokens without spaces, '*' or '>'",
+        );
         check(
             log_level_ok(&self.log.level),
             "log.level: expected a level (trace, debug, info, warn, error, off), or a filter like roomgate=debug",
@@ -543,26 +567,24 @@ impl Config {
             self.auth.jwt.cookie.is_empty() || cookie_name_ok(&self.auth.jwt.cookie),
             "auth.jwt.cookie: a cookie name (letters, digits and !#$%&'*+-.^_`|~)",
         );
+        // Values are checked in every mode, so that a file that passes
+        // `check-config` does not fail once the mode is switched.
+        check(
+            self.auth.upstream.path.starts_with('/')
+                && hyper::http::uri::PathAndQuery::try_from(self.auth.upstream.path.as_str())
+                    .is_ok(),
+            "auth.upstream.path: must be a path starting with '/', percent-encoded where needed",
+        );
+        check(
+            self.auth.upstream.timeout_secs > 0,
+            "auth.upstream.timeout_secs: must be at least 1",
+        );
         match self.auth.mode {
             AuthMode::None => {}
-            AuthMode::Upstream => {
-                check(
-                    !self.upstream.url.is_empty(),
-                    "auth.mode: \"upstream\" needs upstream.url",
-                );
-                check(
-                    self.auth.upstream.path.starts_with('/')
-                        && hyper::http::uri::PathAndQuery::try_from(
-                            self.auth.upstream.path.as_str(),
-                        )
-                        .is_ok(),
-                    "auth.upstream.path: must be a path starting with '/', percent-encoded where needed",
-                );
-                check(
-                    self.auth.upstream.timeout_secs > 0,
-                    "auth.upstream.timeout_secs: must be at least 1",
-                );
-            }
+            AuthMode::Upstream => check(
+                !self.upstream.url.is_empty(),
+                "auth.mode: \"upstream\" needs upstream.url",
+            ),
             AuthMode::Jwt => match self.auth.jwt.algorithm {
                 JwtAlgorithm::HS256 => check(
                     !self.auth.jwt.secret_env.is_empty(),
@@ -693,23 +715,28 @@ pub fn env_name(key: &str) -> String {
     format!("{ENV_PREFIX}{}", key.replace('.', "_").to_uppercase())
 }
 
-/// Applies `ROOMGATE_*` variables onto the file's table; returns warnings for
-/// variables that match no key.
+/// What the environment did to the file's table.
+struct Overrides {
+    /// Variables that match no key.
+    warnings: Vec<String>,
+    /// The variable that set each key it set.
+    set_by: BTreeMap<String, String>,
+}
+
+/// Applies `ROOMGATE_*` variables onto the file's table.
 ///
 /// A value can have the right shape for the environment and still not fit
 /// its key (`ROOMGATE_LOG_FORMAT=xml`, a negative count). The file alone is
 /// known to be valid when this runs, so the table is checked after each
 /// variable: the first one that breaks it is the one reported, by name,
 /// instead of a schema error blamed on the file.
-fn apply_env(
-    table: &mut toml::Table,
-    env: &[(String, String)],
-) -> Result<Vec<String>, ConfigError> {
+fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> Result<Overrides, ConfigError> {
     let keys: BTreeMap<String, (String, Kind)> = leaf_keys()
         .into_iter()
         .map(|(key, kind)| (env_name(&key), (key, kind)))
         .collect();
     let mut warnings = Vec::new();
+    let mut set_by = BTreeMap::new();
     for (var, raw) in env {
         if !var.starts_with(ENV_PREFIX) {
             continue;
@@ -731,8 +758,9 @@ fn apply_env(
                 message: schema_message(&e.to_string()),
             });
         }
+        set_by.insert(key.clone(), var.clone());
     }
-    Ok(warnings)
+    Ok(Overrides { warnings, set_by })
 }
 
 /// toml's schema error without its trailing "in `key`" line, which the
@@ -756,8 +784,17 @@ pub fn process_env() -> Result<Vec<(String, String)>, ConfigError> {
         leaf_keys().keys().map(|key| env_name(key)).collect();
     let mut env = Vec::new();
     for (var, value) in std::env::vars_os() {
-        let Ok(var) = var.into_string() else {
-            continue;
+        let var = match var.into_string() {
+            Ok(var) => var,
+            // Matches no key; kept (without its value) for the warning that
+            // every such `ROOMGATE_` variable gets.
+            Err(var) => {
+                let name = var.to_string_lossy().into_owned();
+                if name.starts_with(ENV_PREFIX) {
+                    env.push((name, String::new()));
+                }
+                continue;
+            }
         };
         match value.into_string() {
             Ok(value) => env.push((var, value)),
@@ -787,7 +824,12 @@ fn parse_env_value(raw: &str, kind: Kind) -> Result<toml::Value, String> {
         Kind::Integer => raw
             .parse::<i64>()
             .map(toml::Value::Integer)
-            .map_err(|_| format!("expected an integer, got {raw:?}")),
+            .map_err(|e| match e.kind() {
+                std::num::IntErrorKind::PosOverflow | std::num::IntErrorKind::NegOverflow => {
+                    format!("{raw} is out of range")
+                }
+                _ => format!("expected an integer, got {raw:?}"),
+            }),
         Kind::Bool => match raw.to_ascii_lowercase().as_str() {
             "true" | "1" | "yes" | "on" => Ok(toml::Value::Boolean(true)),
             "false" | "0" | "no" | "off" => Ok(toml::Value::Boolean(false)),
@@ -1006,6 +1048,68 @@ mod tests {
         assert_eq!(var, "ROOMGATE_LOG_FORMAT");
         assert_eq!(key, "log.format");
         assert!(message.contains("xml"), "{message}");
+    }
+
+    #[test]
+    fn a_value_refused_by_validation_names_the_variable_that_set_it() {
+        let err = Config::load(None, env(&[("ROOMGATE_SERVER_LISTEN", "foo")])).unwrap_err();
+        let ConfigError::Invalid(problems) = &err else {
+            panic!("expected a validation error, got {err}");
+        };
+        assert_eq!(
+            problems,
+            &["server.listen: expected an address such as 0.0.0.0:8080 \
+               (set by ROOMGATE_SERVER_LISTEN)"]
+        );
+        // A key the environment did not set is the file's (or the default's).
+        let mut config = Config::default();
+        config.server.listen = "foo".into();
+        let problems = match config.validate().map_err(|e| {
+            e.naming_variables(&BTreeMap::from([(
+                "admin.listen".to_string(),
+                "ROOMGATE_ADMIN_LISTEN".to_string(),
+            )]))
+        }) {
+            Err(ConfigError::Invalid(problems)) => problems,
+            other => panic!("expected a validation error, got {other:?}"),
+        };
+        assert!(!problems[0].contains("set by"), "{problems:?}");
+    }
+
+    #[test]
+    fn an_integer_too_large_for_any_key_is_out_of_range() {
+        let err = Config::load(
+            None,
+            env(&[(
+                "ROOMGATE_SERVER_SHUTDOWN_GRACE_SECS",
+                "18446744073709551615",
+            )]),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("18446744073709551615 is out of range"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn values_of_a_mode_that_is_off_are_checked_too() {
+        let errors = errors_with(|c| c.auth.upstream.path = "auth".into());
+        assert!(errors[0].starts_with("auth.upstream.path"), "{errors:?}");
+        let errors = errors_with(|c| c.auth.upstream.timeout_secs = 0);
+        assert!(
+            errors[0].starts_with("auth.upstream.timeout_secs"),
+            "{errors:?}"
+        );
+        let errors = errors_with(|c| {
+            c.nats.enabled = false;
+            c.nats.subject_prefix = "a b".into();
+        });
+        assert!(errors[0].starts_with("nats.subject_prefix"), "{errors:?}");
+        // What is only required in a mode is not required outside it.
+        assert!(errors_with(|c| c.nats.enabled = false).is_empty());
+        assert!(errors_with(|c| c.auth.jwt.secret_env.clear()).is_empty());
     }
 
     #[test]

@@ -8,8 +8,9 @@
 
 use std::sync::{Arc, OnceLock};
 
-use prometheus::core::Collector;
+use prometheus::core::{Collector, Desc};
 use prometheus::process_collector::ProcessCollector;
+use prometheus::proto::{Counter, MetricFamily};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
@@ -278,7 +279,7 @@ impl Metrics {
             Box::new(self.nats_received.clone()),
             Box::new(self.proxy_requests.clone()),
             Box::new(self.proxy_duration.clone()),
-            Box::new(ProcessCollector::for_self()),
+            Box::new(ProcessMetrics(ProcessCollector::for_self())),
         ];
         for c in collectors {
             self.registry.register(c).expect("metric names are unique");
@@ -342,6 +343,50 @@ fn counter_vec(name: &str, help: &str, label: &str) -> IntCounterVec {
     IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid counter family")
 }
 
+/// prometheus's process metrics, with `process_cpu_seconds_total` to the
+/// microsecond. The collector counts whole seconds (it is an integer
+/// counter), which `rate()` over a lightly loaded gateway reads as 0 or as
+/// steps of a whole second.
+struct ProcessMetrics(ProcessCollector);
+
+/// The family whose value [`ProcessMetrics`] replaces.
+const CPU_SECONDS: &str = "process_cpu_seconds_total";
+
+impl Collector for ProcessMetrics {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut families = self.0.collect();
+        let Some(seconds) = cpu_seconds() else {
+            return families;
+        };
+        for family in families.iter_mut().filter(|f| f.name() == CPU_SECONDS) {
+            for metric in family.mut_metric() {
+                let mut counter = Counter::default();
+                counter.set_value(seconds);
+                metric.set_counter(counter);
+            }
+        }
+        families
+    }
+}
+
+/// The CPU time (user and system) of every thread of the process so far.
+fn cpu_seconds() -> Option<f64> {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `getrusage` writes the struct it is given, nothing else.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: zeroed, then filled in by the successful call.
+    let usage = unsafe { usage.assume_init() };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Some(seconds(usage.ru_utime) + seconds(usage.ru_stime))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,5 +428,24 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name}");
         }
+    }
+
+    #[test]
+    fn process_cpu_time_is_exported_to_the_microsecond() {
+        let metrics = Metrics::new();
+        let before = cpu_seconds().expect("getrusage");
+        let text = String::from_utf8(metrics.render()).expect("utf-8");
+        let after = cpu_seconds().expect("getrusage");
+        let exported: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("process_cpu_seconds_total "))
+            .expect("the process metrics are exported")
+            .parse()
+            .expect("a number");
+        // Whole seconds would fall below `before` (by up to a second).
+        assert!(
+            (before..=after).contains(&exported),
+            "{before} <= {exported} <= {after}"
+        );
     }
 }

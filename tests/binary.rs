@@ -655,6 +655,16 @@ fn environment_values_that_are_not_utf8_are_skipped_or_refused_never_shown() {
     ));
     let (code, _, stderr) = run_binary_os(&["check-config"], &env);
     assert_eq!(code, 0, "{stderr}");
+    // A `ROOMGATE_` name that is not UTF-8 matches no key: warned about,
+    // like any other, and ignored.
+    let mut env = safe.to_vec();
+    env.push((OsStr::from_bytes(b"ROOMGATE_CAF\xc9"), OsStr::new("1")));
+    let (code, _, stderr) = run_binary_os(&["check-config"], &env);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("ignoring ROOMGATE_CAF\u{fffd}: it matches no configuration key"),
+        "{stderr}"
+    );
     // A roomgate variable is refused by name, its value unshown.
     let mut env = safe.to_vec();
     env.push((

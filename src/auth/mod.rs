@@ -25,7 +25,7 @@ use crate::rooms::Identity;
 #[derive(Debug, thiserror::Error)]
 pub enum AuthSetupError {
     /// The HS256 secret's environment variable is unset or empty.
-    #[error("auth.jwt.secret_env: environment variable {0} is not set")]
+    #[error("auth.jwt.secret_env: environment variable {0} is not set, or empty")]
     MissingSecret(String),
     /// The public key file could not be read.
     #[error("auth.jwt.public_key_file: cannot read {path}: {source}")]
