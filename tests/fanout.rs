@@ -180,6 +180,55 @@ async fn a_member_gets_joined_before_the_rooms_messages_and_left_after_them() {
     gw.stop().await;
 }
 
+/// A client may pipeline far more frames than a send queue holds (16
+/// here). The gateway handles them half a queue at a time and gives the
+/// writers a turn in between, so members that read as fast as they can get
+/// every message, the sender gets every ack, and nobody is taken for a slow
+/// consumer. On one runtime thread, as here, the turn is certain to be
+/// taken: the writers run before the reader goes on.
+#[tokio::test]
+async fn a_pipelined_burst_longer_than_a_send_queue_reaches_members_that_keep_up() {
+    const BURST: usize = 600;
+    let gw = TestGateway::with(|c| c.websocket.send_queue_capacity = 16).await;
+    let mut sender = gw.client().await;
+    sender.join("burst").await;
+    let mut members = Vec::new();
+    for _ in 0..3 {
+        let mut member = gw.client().await;
+        member.join("burst").await;
+        members.push(member);
+    }
+    within("the burst to be written", async {
+        for n in 0..BURST {
+            let frame = json!({"type": "message", "room": "burst", "content": {"s": "x", "n": n},
+                "id": n.to_string()});
+            sender
+                .ws
+                .feed(Message::text(frame.to_string()))
+                .await
+                .expect("feed");
+        }
+        sender.ws.flush().await.expect("flush");
+    })
+    .await;
+    for n in 0..BURST {
+        assert_eq!(
+            sender.recv().await,
+            json!({"type": "ack", "id": n.to_string()})
+        );
+    }
+    let expected = HashMap::from([(sender.id.clone(), BURST)]);
+    for member in &mut members {
+        collect_sequences(member, "burst", &expected).await;
+    }
+    assert_eq!(
+        gw.metric(r#"roomgate_connections_closed_total{reason="slow_consumer"}"#)
+            .await,
+        0.0
+    );
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn content_of_any_json_type_arrives_unchanged() {
     let gw = TestGateway::start(test_config()).await;

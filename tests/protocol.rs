@@ -422,6 +422,48 @@ async fn a_connection_is_limited_in_the_rooms_it_joins() {
     gw.stop().await;
 }
 
+/// Each frame over the rate gets its `rate_limited`, however many come at
+/// once: a burst far longer than the send queue (16 here) is answered in
+/// full and in order, not cut short as a slow consumer's.
+#[tokio::test]
+async fn a_burst_longer_than_the_send_queue_gets_one_reply_per_frame() {
+    const BURST: usize = 200;
+    let gw = TestGateway::with(|c| {
+        c.websocket.max_messages_per_sec = 2;
+        c.websocket.send_queue_capacity = 16;
+    })
+    .await;
+    let mut a = gw.client().await;
+    within("a burst to be written", async {
+        for i in 0..BURST {
+            let frame = json!({"type": "join", "room": "r", "id": format!("b{i}")});
+            a.ws.feed(Message::text(frame.to_string()))
+                .await
+                .expect("feed");
+        }
+        a.ws.flush().await.expect("flush");
+    })
+    .await;
+    let mut refused = 0;
+    for i in 0..BURST {
+        let reply = a.recv().await;
+        let id = format!("b{i}");
+        if reply["code"] == "rate_limited" {
+            assert_error(&reply, "rate_limited", Some(&id));
+            refused += 1;
+        } else {
+            assert_eq!(reply, json!({"type": "joined", "room": "r", "id": id}));
+        }
+    }
+    assert!(refused > 0, "no frame of {BURST} was over the rate");
+    assert_eq!(
+        gw.metric(r#"roomgate_connections_closed_total{reason="slow_consumer"}"#)
+            .await,
+        0.0
+    );
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn frames_over_the_rate_are_refused_one_by_one_and_the_connection_recovers() {
     const RATE: u32 = 2;

@@ -42,7 +42,7 @@ use tracing::{debug, info, warn};
 use crate::config::{NatsConfig, mask_login};
 use crate::events::{EventStream, Work};
 use crate::metrics::Metrics;
-use crate::rooms::{Hub, QueueLimits, RoomName};
+use crate::rooms::{Handed, Hub, QueueLimits, RoomName};
 
 pub use inbound::Inbound;
 
@@ -605,7 +605,7 @@ impl Bridge {
         let mut messages = futures_util::stream::select_all(subscribers);
         let inbound = self.inbound.clone();
         let stop = self.stop.clone();
-        let limit = Handed::run_limit(self.settings.queue);
+        let limit = self.settings.queue.turn();
         self.tasks.spawn(async move {
             // Grown only by bursts: most rooms never see one.
             let mut batch = Vec::new();
@@ -625,7 +625,7 @@ impl Bridge {
                 // two turns less than two runs' worth, a send queue, is
                 // handed over.
                 let mut run = Handed::default();
-                run.add(&message);
+                run.add(message.payload.len());
                 batch.push(message);
                 let ended = take_arrived(&mut messages, &mut batch, &mut run, limit);
                 match &room {
@@ -650,43 +650,6 @@ impl Bridge {
     }
 }
 
-/// What a delivery task has handed to members since their writers last had
-/// a turn.
-#[derive(Debug, Default, Clone, Copy)]
-struct Handed {
-    messages: usize,
-    bytes: usize,
-}
-
-impl Handed {
-    /// The longest run for members' send queues within `queue`. A burst of
-    /// a room's messages reaches each member as one run (one queue
-    /// operation, then one write), which is what makes a large fan-out
-    /// cheap; half the queue at most, in frames and in bytes, so a burst on
-    /// its own never fills a member's queue, and at most 128 messages, so
-    /// the last member of a large room does not wait long behind the first.
-    fn run_limit(queue: QueueLimits) -> Self {
-        Self {
-            messages: (queue.frames / 2).clamp(1, 128),
-            bytes: (queue.bytes / 2).max(1),
-        }
-    }
-
-    fn add(&mut self, message: &Message) {
-        self.messages += 1;
-        self.bytes += message.payload.len();
-    }
-
-    fn absorb(&mut self, run: Handed) {
-        self.messages += run.messages;
-        self.bytes += run.bytes;
-    }
-
-    fn reached(&self, limit: Handed) -> bool {
-        self.messages >= limit.messages || self.bytes >= limit.bytes
-    }
-}
-
 /// Adds to `batch` the messages that have arrived already, without
 /// waiting, until the run they make (counted in `run`) reaches `limit`.
 /// Returns whether the stream has ended.
@@ -699,7 +662,7 @@ fn take_arrived(
     while !run.reached(limit) {
         match messages.next().now_or_never() {
             Some(Some(message)) => {
-                run.add(&message);
+                run.add(message.payload.len());
                 batch.push(message);
             }
             Some(None) => return true,

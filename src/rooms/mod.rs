@@ -44,7 +44,9 @@ use uuid::Uuid;
 pub use connection::{CLOSE_SLOW_CONSUMER, CloseRequest, Connection, Delivery, Identity};
 pub use idle::MAX_EMPTY_ROOMS;
 pub use name::{MAX_ROOM_LEN, RoomName, RoomPatterns, is_valid};
-pub use outbox::{Batch, MAX_CONTROL_BYTES, MIN_QUEUE_BYTES, Outbox, PushError, QueueLimits};
+pub use outbox::{
+    Batch, Handed, MAX_CONTROL_BYTES, MIN_QUEUE_BYTES, Outbox, PushError, QueueLimits,
+};
 
 use idle::{IdleQueue, Ticket};
 

@@ -37,6 +37,41 @@ pub const MIN_QUEUE_BYTES: usize = 1024 * 1024;
 /// room names longer in the frame than in the client's (escaping).
 const FRAME_OVERHEAD: usize = 1024;
 
+/// What a task has handed to send queues since the writers last had a
+/// turn, counted against [`QueueLimits::turn`].
+///
+/// Frames that are already at hand (a backend's burst, a client's
+/// pipelined frames in the read buffer) are handled without a wait, so
+/// the task handling them would otherwise fill every member's queue before
+/// any writer ran, and close members that read as fast as they can as slow
+/// consumers.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Handed {
+    /// Frames, or messages that each make one frame per member.
+    pub frames: usize,
+    /// Their bytes.
+    pub bytes: usize,
+}
+
+impl Handed {
+    /// Counts one frame of `bytes`.
+    pub fn add(&mut self, bytes: usize) {
+        self.frames += 1;
+        self.bytes = self.bytes.saturating_add(bytes);
+    }
+
+    /// Counts what `other` counted.
+    pub fn absorb(&mut self, other: Handed) {
+        self.frames += other.frames;
+        self.bytes = self.bytes.saturating_add(other.bytes);
+    }
+
+    /// Whether `limit` was reached, in frames or in bytes.
+    pub fn reached(&self, limit: Handed) -> bool {
+        self.frames >= limit.frames || self.bytes >= limit.bytes
+    }
+}
+
 /// How much one connection's queue may hold. Counting frames alone would
 /// let a backend's large frames (a NATS payload, up to six times larger
 /// once escaped into a wrapped message) pile up hundreds deep for a client
@@ -50,6 +85,17 @@ pub struct QueueLimits {
 }
 
 impl QueueLimits {
+    /// How much a task that hands over a burst gives each queue between two
+    /// turns of the writers: half the queue at most, in frames and in bytes,
+    /// so a burst on its own never fills a queue, and at most 128 frames, so
+    /// the last member of a large room does not wait long behind the first.
+    pub fn turn(&self) -> Handed {
+        Handed {
+            frames: (self.frames / 2).clamp(1, 128),
+            bytes: (self.bytes / 2).max(1),
+        }
+    }
+
     /// `frames` frames, and the bytes of as many frames carrying messages
     /// of the largest size a client may send, at least [`MIN_QUEUE_BYTES`].
     pub fn new(frames: usize, max_message_size: usize) -> Self {

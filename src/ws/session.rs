@@ -24,7 +24,7 @@ use super::writer::Writer;
 use crate::events::{Event, now_ms};
 use crate::metrics::{CloseReason, Metrics};
 use crate::protocol::{self, ErrorCode, Refusal, Request};
-use crate::rooms::{Connection, Hub, RoomName};
+use crate::rooms::{Connection, Handed, Hub, RoomName};
 
 /// The reading side of a client's WebSocket.
 pub type WsStream = WebSocketStream<ReadSide>;
@@ -46,6 +46,8 @@ pub struct SessionSettings {
     pub max_messages_per_sec: u32,
     /// Whether client messages are delivered to the room locally.
     pub client_broadcast: bool,
+    /// How many frames the reader handles before the writers get a turn.
+    pub turn: Handed,
 }
 
 /// What every session shares.
@@ -169,6 +171,8 @@ struct Reader<'a> {
     conn: &'a Arc<Connection>,
     ctx: &'a SessionContext,
     limit: Option<TokenBucket>,
+    /// Frames handled since the writers last had a turn.
+    handed: Handed,
 }
 
 impl<'a> Reader<'a> {
@@ -177,6 +181,7 @@ impl<'a> Reader<'a> {
             conn,
             ctx,
             limit: TokenBucket::new(ctx.settings.max_messages_per_sec, Instant::now()),
+            handed: Handed::default(),
         }
     }
 
@@ -212,7 +217,11 @@ impl<'a> Reader<'a> {
                     self.conn.close(code, "", reason);
                     return;
                 }
-                Some(Ok(message)) => self.on_message(message),
+                Some(Ok(message)) => {
+                    let len = message.len();
+                    self.on_message(message);
+                    self.pace(len).await;
+                }
                 Some(Err(e)) => {
                     self.on_error(e);
                     return;
@@ -222,6 +231,22 @@ impl<'a> Reader<'a> {
                     return;
                 }
             }
+        }
+    }
+
+    /// Gives the writers a turn after half a send queue's worth of frames.
+    /// Each frame read may queue one frame for this client (a reply, an
+    /// error, a pong) and one for each other member of a room (a message,
+    /// a presence event). Frames already in the read buffer are handled
+    /// without a wait on the socket, so without a turn a client's
+    /// pipelined burst would fill those queues before any writer ran, and
+    /// close members that keep up, and the client itself, as slow
+    /// consumers.
+    async fn pace(&mut self, len: usize) {
+        self.handed.add(len);
+        if self.handed.reached(self.ctx.settings.turn) {
+            self.handed = Handed::default();
+            tokio::task::yield_now().await;
         }
     }
 

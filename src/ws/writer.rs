@@ -462,6 +462,7 @@ mod tests {
             pong_timeout: Duration::from_secs(5),
             max_messages_per_sec: 0,
             client_broadcast: true,
+            turn: QueueLimits::new(8, 64).turn(),
         };
         let writer = Writer::new(write, conn.clone(), settings);
         (writer, conn, client, shutdown)
