@@ -340,13 +340,12 @@ struct IdOnly<'a> {
 pub fn parse(text: &str) -> (Option<Cow<'_, str>>, Result<Request<'_>, Refusal>) {
     // serde would also read a struct from an array; the protocol is objects.
     if !text.trim_start().starts_with('{') {
-        return (
-            None,
-            Err(Refusal::new(
-                ErrorCode::InvalidJson,
-                "frame is not a JSON object",
-            )),
-        );
+        let what = if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() {
+            "frame is not a JSON object"
+        } else {
+            "frame is not valid JSON"
+        };
+        return (None, Err(Refusal::new(ErrorCode::InvalidJson, what)));
     }
     let incoming: Incoming<'_> = match serde_json::from_str(text) {
         Ok(incoming) => incoming,
@@ -549,9 +548,11 @@ fn id_of(text: &str) -> Option<Cow<'_, str>> {
 
 fn describe_json_error(e: &serde_json::Error) -> Cow<'static, str> {
     match e.classify() {
-        serde_json::error::Category::Data => {
-            "a field has the wrong type, or the frame is not an object".into()
+        // Not an object was refused before; `Data` is a field's fault.
+        serde_json::error::Category::Data if e.to_string().starts_with("duplicate field") => {
+            "a field is given more than once".into()
         }
+        serde_json::error::Category::Data => "a field has the wrong type".into(),
         _ => "frame is not valid JSON".into(),
     }
 }
@@ -740,6 +741,25 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn refusals_of_bad_json_say_what_is_wrong() {
+        let message_of = |text: &str| parse(text).1.expect_err("refused").message;
+        for not_json in ["", "   ", "nope", "{"] {
+            assert_eq!(
+                message_of(not_json),
+                "frame is not valid JSON",
+                "{not_json:?}"
+            );
+        }
+        assert_eq!(message_of("[1]"), "frame is not a JSON object");
+        assert_eq!(message_of(r#""join""#), "frame is not a JSON object");
+        assert_eq!(
+            message_of(r#"{"type":"join","room":"a","room":"b"}"#),
+            "a field is given more than once"
+        );
+        assert_eq!(message_of(r#"{"type":5}"#), "a field has the wrong type");
     }
 
     /// Frames with 2-, 4- and 10-byte headers.
