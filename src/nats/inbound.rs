@@ -322,7 +322,7 @@ fn in_runs(
 }
 
 /// The frame a backend's payload becomes: wrapped as a `message` (content
-/// = payload text, from = `Roomgate-From` or `"server"`), or sent as is with
+/// = payload text, from = `Roomgate-From` if not empty, else `"server"`), or sent as is with
 /// `Roomgate-Raw: true`. `None` for a raw payload that is not UTF-8.
 fn backend_frame(room: Option<&str>, message: &Message) -> Option<Frame> {
     let raw = header(message, HEADER_RAW).is_some_and(|v| v.eq_ignore_ascii_case("true"));
@@ -338,7 +338,10 @@ fn backend_frame(room: Option<&str>, message: &Message) -> Option<Frame> {
     let text = String::from_utf8_lossy(&message.payload);
     let mut content = String::with_capacity(text.len() + 2);
     protocol::push_json_str(&mut content, Some(&text));
-    let from = header(message, HEADER_FROM).unwrap_or("server");
+    // An empty header is taken as none: `"from":""` would name nobody.
+    let from = header(message, HEADER_FROM)
+        .filter(|f| !f.is_empty())
+        .unwrap_or("server");
     Some(protocol::message(room, &content, from))
 }
 
@@ -422,6 +425,30 @@ mod tests {
             ..message
         };
         assert_eq!(header(&bare, "Roomgate-Raw"), None);
+    }
+
+    #[test]
+    fn an_empty_from_header_is_no_sender() {
+        let with_from = |from: &str| {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(HEADER_FROM, from);
+            Message {
+                subject: "roomgate.broadcast.lobby".into(),
+                reply: None,
+                payload: Bytes::from_static(b"hi"),
+                headers: Some(headers),
+                status: None,
+                description: None,
+                length: 0,
+            }
+        };
+        let from_of = |from: &str| {
+            let frame = backend_frame(Some("lobby"), &with_from(from)).expect("a frame");
+            let value: serde_json::Value = serde_json::from_str(frame.as_str()).expect("JSON");
+            value["from"].clone()
+        };
+        assert_eq!(from_of("alerts"), "alerts");
+        assert_eq!(from_of(""), "server");
     }
 
     #[test]
