@@ -186,9 +186,16 @@ impl Connection {
         self.cancel();
     }
 
-    /// Stops the connection's tasks without a close request of its own:
-    /// the writer then closes as for shutdown, unless a request comes first.
-    pub fn cancel(&self) {
+    /// Closes with 1001 for shutdown, unless a close was asked for already
+    /// (the first request decides). Shutdown stops every connection at once
+    /// through its token, without a request per connection; whichever of a
+    /// session's tasks notices first says why with this.
+    pub fn close_for_shutdown(&self) {
+        self.close(1001, "server shutting down", CloseReason::Shutdown);
+    }
+
+    /// Stops the connection's tasks; [`Connection::close`] says why first.
+    fn cancel(&self) {
         self.closed.store(true, Ordering::Release);
         self.closing.cancel();
     }

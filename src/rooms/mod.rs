@@ -970,7 +970,7 @@ mod tests {
                     let _ = hub.join_by_backend(&conn, &name, protocol::joined("race", None));
                 });
                 barrier.wait();
-                conn.cancel();
+                conn.close_for_shutdown();
                 hub.unregister(&conn);
             });
             if presence_of(&mut stream, &conn) == [PresenceKind::Leave, PresenceKind::Join] {

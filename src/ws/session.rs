@@ -91,7 +91,11 @@ pub async fn run(
             .instrument(tracing::Span::current()),
     ));
     Reader::new(&conn, &ctx).run(&mut stream).await;
-    conn.cancel();
+    // The reader returns after a close was asked for, or when shutdown
+    // stopped the connection without one. Said here, the reason does not
+    // depend on whether the writer got to run before shutdown's grace
+    // period (which may be 0) cut it.
+    conn.close_for_shutdown();
     // Leave every room as soon as the connection is closing, not when the
     // close handshake is over: the writer may wait up to `pong_timeout` for
     // a stalled client to take its close frame, and meanwhile the member
@@ -103,10 +107,6 @@ pub async fn run(
         ended = &mut writer => Some(ended),
         _ = ctx.forced.cancelled() => None,
     };
-    if ended.is_none() {
-        // Cut before the writer got to say why (a grace period of 0).
-        conn.close(1001, "server shutting down", CloseReason::Shutdown);
-    }
     let (code, reason) = conn
         .close_request()
         .map(|r| (r.code, r.reason))

@@ -265,11 +265,8 @@ impl Writer {
     /// was sent (other than at shutdown), for the session to wait for the
     /// client's reply until then.
     async fn finish(mut self) -> (OwnedWriteHalf, Option<Instant>) {
-        if self.conn.close_request().is_none() {
-            // Only the shutdown token cancels without saying why.
-            self.conn
-                .close(1001, "server shutting down", CloseReason::Shutdown);
-        }
+        // Stopped without a close request: only shutdown does that.
+        self.conn.close_for_shutdown();
         let control = self.conn.outbox().close();
         let Some(request) = self.conn.close_request().cloned() else {
             return (self.io, None);
