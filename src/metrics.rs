@@ -360,6 +360,9 @@ impl Collector for ProcessMetrics {
     fn collect(&self) -> Vec<MetricFamily> {
         let mut families = self.0.collect();
         let Some(seconds) = cpu_seconds() else {
+            // The whole seconds would read as a counter reset after a
+            // precise value: better no sample than a wrong one.
+            families.retain(|f| f.name() != CPU_SECONDS);
             return families;
         };
         for family in families.iter_mut().filter(|f| f.name() == CPU_SECONDS) {

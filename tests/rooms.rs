@@ -575,12 +575,13 @@ async fn the_admin_port_refuses_other_methods_and_says_which_it_allows() {
         .header("host", gw.admin.to_string())
         .body(empty())
         .expect("request");
-    let (status, headers, _) = http_request(gw.admin, request).await;
+    let (status, headers, body) = http_request(gw.admin, request).await;
     assert_eq!(status, 405);
     assert_eq!(
         headers.get("allow").and_then(|v| v.to_str().ok()),
         Some("GET, HEAD")
     );
+    assert_eq!(String::from_utf8_lossy(&body).trim(), "only GET and HEAD");
 }
 
 #[tokio::test]

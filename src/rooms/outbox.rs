@@ -87,8 +87,9 @@ pub struct QueueLimits {
 impl QueueLimits {
     /// How much a task that hands over a burst gives each queue between two
     /// turns of the writers: half the queue at most, in frames and in bytes,
-    /// so a burst on its own never fills a queue, and at most 128 frames, so
-    /// the last member of a large room does not wait long behind the first.
+    /// so a burst on its own does not fill a queue (with a queue of one
+    /// frame, one frame a turn), and at most 128 frames, so the last member
+    /// of a large room does not wait long behind the first.
     pub fn turn(&self) -> Handed {
         Handed {
             frames: (self.frames / 2).clamp(1, 128),
