@@ -1047,3 +1047,96 @@ async fn clients_that_vanish_mid_traffic_count_as_client_closes_not_errors() {
         VANISHING as f64
     );
 }
+
+/// A client that sends far faster than it reads its replies is held back
+/// by TCP, not closed and not robbed of replies: the gateway stops reading
+/// its frames while their replies wait. Here 60,000 messages to a room the
+/// client is not in make 60,000 `not_member` errors, about 7 MB: more than
+/// the socket buffers between the gateway and a client with a small
+/// receive buffer hold, and far more than a send queue of 16 frames. The
+/// client reads only once the gateway has stopped reading (or closed it),
+/// and gets every reply, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_faster_than_it_reads_is_held_back_not_closed() {
+    const N: usize = 60_000;
+    let gw = TestGateway::with(|c| c.websocket.send_queue_capacity = 16).await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(8192).expect("SO_RCVBUF");
+    let mut stream = within("TCP connect", socket.connect(gw.addr))
+        .await
+        .expect("connect");
+    upgrade_raw(&mut stream, gw.addr).await;
+    let client_port = stream.local_addr().expect("local address").port();
+    let (read, mut write) = stream.into_split();
+    let id = |i: usize| format!("{i:0>60}");
+    let frames: Vec<u8> = (0..N)
+        .flat_map(|i| {
+            let text = json!({"type": "message", "room": "elsewhere", "content": 0, "id": id(i)});
+            client_frame(0x81, text.to_string().as_bytes(), true)
+        })
+        .collect();
+    let writer = tokio::spawn(async move {
+        write.write_all(&frames).await.expect("write the frames");
+        write
+    });
+
+    // The gateway's side backs up, then its reading of the client stops
+    // short of the last frame: the count of frames read holds still.
+    let slow = r#"roomgate_connections_closed_total{reason="slow_consumer"}"#;
+    let read_before_reading = within("the gateway to stop reading the client", async {
+        let (mut last, mut still) = (-1.0, 0);
+        loop {
+            let read = gw.metric("roomgate_messages_received_total").await;
+            let backed_up = tcp_send_queue(gw.addr.port(), client_port)
+                .is_some_and(|queued| queued > 1_000_000);
+            still = if read == last && backed_up {
+                still + 1
+            } else {
+                0
+            };
+            last = read;
+            if still >= 10 || gw.metric(slow).await > 0.0 {
+                return read;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        read_before_reading < N as f64,
+        "all {N} frames were read at once"
+    );
+
+    let mut read = tokio::io::BufReader::new(read);
+    let welcome = within("the welcome frame", next_frame(&mut read)).await;
+    assert!(String::from_utf8_lossy(&welcome.payload).contains("Connected as"));
+    for i in 0..N {
+        let frame = within("a reply", next_frame(&mut read)).await;
+        assert_eq!(frame.opcode, 1, "reply {i} of {N}: {frame:?}");
+        let reply: Value = serde_json::from_slice(&frame.payload).expect("JSON");
+        assert_eq!(reply["code"], "not_member", "{reply}");
+        assert_eq!(reply["id"], id(i), "{reply}");
+    }
+    within("the frames to be written", writer)
+        .await
+        .expect("writer task");
+    assert_eq!(gw.metric(slow).await, 0.0);
+}
+
+/// Reads one unmasked frame from a buffered raw socket.
+async fn next_frame(read: &mut (impl tokio::io::AsyncRead + Unpin)) -> RawFrame {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 2];
+    read.read_exact(&mut head).await.expect("frame head");
+    let len = match head[1] & 0x7f {
+        126 => usize::from(read.read_u16().await.expect("length")),
+        127 => usize::try_from(read.read_u64().await.expect("length")).expect("length"),
+        n => usize::from(n),
+    };
+    let mut payload = vec![0u8; len];
+    read.read_exact(&mut payload).await.expect("frame payload");
+    RawFrame {
+        opcode: head[0] & 0x0f,
+        payload,
+    }
+}

@@ -156,6 +156,9 @@ pub struct Outbox {
     /// The waiting writer. There is only ever one, so a single waker slot
     /// does what a `Notify` would, without its lock and waiter list.
     writer: AtomicWaker,
+    /// The session's reader, waiting for room before it handles more of
+    /// its client's frames (see [`Outbox::room_for`]).
+    reader: AtomicWaker,
     limits: QueueLimits,
 }
 
@@ -169,6 +172,7 @@ impl Outbox {
         Self {
             queue: Mutex::new(Queue::default()),
             writer: AtomicWaker::new(),
+            reader: AtomicWaker::new(),
             limits,
         }
     }
@@ -276,11 +280,34 @@ impl Outbox {
         std::mem::swap(&mut queue.frames, batch);
         queue.queued = 0;
         queue.bytes = 0;
-        if queue.control.is_empty() {
+        let control = std::mem::take(&mut queue.control);
+        drop(queue);
+        self.reader.wake();
+        if control.is_empty() {
             return false;
         }
-        batch.push_front(Bytes::from(std::mem::take(&mut queue.control)));
+        batch.push_front(Bytes::from(control));
         true
+    }
+
+    /// Resolves once `turn` more frames fit in the queue, at once if they
+    /// do, or if the queue is closed. For the one reader, which waits for
+    /// it before it handles more of its client's frames: the replies those
+    /// frames make then wait in the client's socket, not in a queue that
+    /// would overflow, and a client that sends faster than it reads is
+    /// slowed down by TCP instead of being closed or losing replies.
+    pub fn room_for(&self, turn: Handed) -> impl Future<Output = ()> + '_ {
+        poll_fn(move |cx| {
+            self.reader.register(cx.waker());
+            let queue = self.lock();
+            let fits = queue.queued + turn.frames <= self.limits.frames
+                && queue.bytes.saturating_add(turn.bytes) <= self.limits.bytes;
+            if fits || queue.closed {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
     }
 
     /// Releases buffers grown by a past burst if nothing is queued, so an

@@ -220,7 +220,15 @@ impl<'a> Reader<'a> {
                 Some(Ok(message)) => {
                     let len = message.len();
                     self.on_message(message);
-                    self.pace(len).await;
+                    if self.turn_due(len) {
+                        tokio::task::yield_now().await;
+                        // Own replies: wait for the writer to take them.
+                        tokio::select! {
+                            biased;
+                            _ = closed.as_mut() => return,
+                            _ = self.conn.outbox().room_for(self.ctx.settings.turn) => {}
+                        }
+                    }
                 }
                 Some(Err(e)) => {
                     self.on_error(e);
@@ -234,20 +242,23 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// Gives the writers a turn after half a send queue's worth of frames.
-    /// Each frame read may queue one frame for this client (a reply, an
-    /// error, a pong) and one for each other member of a room (a message,
-    /// a presence event). Frames already in the read buffer are handled
-    /// without a wait on the socket, so without a turn a client's
-    /// pipelined burst would fill those queues before any writer ran, and
-    /// close members that keep up, and the client itself, as slow
-    /// consumers.
-    async fn pace(&mut self, len: usize) {
+    /// Whether the writers are due a turn: half a send queue's worth of
+    /// frames was handled since the last one. Each frame read may queue
+    /// one frame for this client (a reply, an error, a pong) and one for
+    /// each other member of a room (a message, a presence event). Frames
+    /// already in the read buffer are handled without a wait on the
+    /// socket, so without turns a client's pipelined burst would fill
+    /// those queues before any writer ran, and close members that keep up,
+    /// and the client itself, as slow consumers. At a turn the reader
+    /// yields, so the writers take what was queued, and waits until its
+    /// own client's queue has room for the replies of another turn.
+    fn turn_due(&mut self, len: usize) -> bool {
         self.handed.add(len);
-        if self.handed.reached(self.ctx.settings.turn) {
-            self.handed = Handed::default();
-            tokio::task::yield_now().await;
+        if !self.handed.reached(self.ctx.settings.turn) {
+            return false;
         }
+        self.handed = Handed::default();
+        true
     }
 
     /// Handles one message other than a close frame.
