@@ -180,7 +180,6 @@ impl Gateway {
                 pong_timeout: config.websocket.pong_timeout(),
                 max_messages_per_sec: config.websocket.max_messages_per_sec,
                 client_broadcast: config.websocket.rooms.client_broadcast,
-                turn: QueueLimits::of(&config.websocket).turn(),
             },
             forced: shutdown.forced().clone(),
         });

@@ -13,6 +13,7 @@
 use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
 
 use bytes::Bytes;
@@ -157,8 +158,13 @@ pub struct Outbox {
     /// does what a `Notify` would, without its lock and waiter list.
     writer: AtomicWaker,
     /// The session's reader, waiting for room before it handles more of
-    /// its client's frames (see [`Outbox::room_for`]).
+    /// its client's frames (see [`Outbox::room_for_turn`]).
     reader: AtomicWaker,
+    /// Frames the reader handled since the writers' last turn. Only the
+    /// reader touches it; here rather than in the reader's state because
+    /// a connection's allocation has room to spare and its session task
+    /// does not.
+    reader_handled: AtomicUsize,
     limits: QueueLimits,
 }
 
@@ -173,6 +179,7 @@ impl Outbox {
             queue: Mutex::new(Queue::default()),
             writer: AtomicWaker::new(),
             reader: AtomicWaker::new(),
+            reader_handled: AtomicUsize::new(0),
             limits,
         }
     }
@@ -290,13 +297,29 @@ impl Outbox {
         true
     }
 
-    /// Resolves once `turn` more frames fit in the queue, at once if they
-    /// do, or if the queue is closed. For the one reader, which waits for
-    /// it before it handles more of its client's frames: the replies those
-    /// frames make then wait in the client's socket, not in a queue that
-    /// would overflow, and a client that sends faster than it reads is
-    /// slowed down by TCP instead of being closed or losing replies.
-    pub fn room_for(&self, turn: Handed) -> impl Future<Output = ()> + '_ {
+    /// Counts a frame the session's reader handled; true when the writers
+    /// are due a turn: half a queue of frames since the last one
+    /// ([`QueueLimits::turn`]). Each frame a client sends queues at most
+    /// one frame for it and one for each other member of a room, and is no
+    /// larger than a queue's byte budget allows per frame, so counting
+    /// frames bounds the bytes too.
+    pub fn reader_handled(&self) -> bool {
+        let handled = self.reader_handled.fetch_add(1, Ordering::Relaxed) + 1;
+        if handled < self.limits.turn().frames {
+            return false;
+        }
+        self.reader_handled.store(0, Ordering::Relaxed);
+        true
+    }
+
+    /// Resolves once another turn of frames fits in the queue, at once if
+    /// it does, or if the queue is closed. For the one reader, which waits
+    /// for it before it handles more of its client's frames: the replies
+    /// those frames make then wait in the client's socket, not in a queue
+    /// that would overflow, and a client that sends faster than it reads
+    /// is slowed down by TCP instead of being closed or losing replies.
+    pub fn room_for_turn(&self) -> impl Future<Output = ()> + '_ {
+        let turn = self.limits.turn();
         poll_fn(move |cx| {
             self.reader.register(cx.waker());
             let queue = self.lock();

@@ -6,7 +6,8 @@
 //! cancelled, by either of them, by a backend, by the slow-consumer policy
 //! or by shutdown.
 
-use std::pin::pin;
+use std::future::Future;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -24,7 +25,7 @@ use super::writer::Writer;
 use crate::events::{Event, now_ms};
 use crate::metrics::{CloseReason, Metrics};
 use crate::protocol::{self, ErrorCode, Refusal, Request};
-use crate::rooms::{Connection, Handed, Hub, RoomName};
+use crate::rooms::{Connection, Hub, RoomName};
 
 /// The reading side of a client's WebSocket.
 pub type WsStream = WebSocketStream<ReadSide>;
@@ -46,8 +47,6 @@ pub struct SessionSettings {
     pub max_messages_per_sec: u32,
     /// Whether client messages are delivered to the room locally.
     pub client_broadcast: bool,
-    /// How many frames the reader handles before the writers get a turn.
-    pub turn: Handed,
 }
 
 /// What every session shares.
@@ -86,7 +85,7 @@ pub async fn run(
     // Aborted if this task ends first (a panic), so the writer never
     // outlives its session.
     let mut writer = AbortOnDropHandle::new(tokio::spawn(
-        Writer::new(write, conn.clone(), ctx.settings.clone())
+        Writer::new(write, conn.clone(), &ctx.settings)
             .run()
             .instrument(tracing::Span::current()),
     ));
@@ -171,8 +170,6 @@ struct Reader<'a> {
     conn: &'a Arc<Connection>,
     ctx: &'a SessionContext,
     limit: Option<TokenBucket>,
-    /// Frames handled since the writers last had a turn.
-    handed: Handed,
 }
 
 impl<'a> Reader<'a> {
@@ -181,7 +178,6 @@ impl<'a> Reader<'a> {
             conn,
             ctx,
             limit: TokenBucket::new(ctx.settings.max_messages_per_sec, Instant::now()),
-            handed: Handed::default(),
         }
     }
 
@@ -218,16 +214,12 @@ impl<'a> Reader<'a> {
                     return;
                 }
                 Some(Ok(message)) => {
-                    let len = message.len();
                     self.on_message(message);
-                    if self.turn_due(len) {
-                        tokio::task::yield_now().await;
-                        // Own replies: wait for the writer to take them.
-                        tokio::select! {
-                            biased;
-                            _ = closed.as_mut() => return,
-                            _ = self.conn.outbox().room_for(self.ctx.settings.turn) => {}
-                        }
+                    // Frames already in the read buffer are handled without
+                    // a wait on the socket: see `Outbox::reader_handled`.
+                    if self.conn.outbox().reader_handled() && !self.take_turn(closed.as_mut()).await
+                    {
+                        return;
                     }
                 }
                 Some(Err(e)) => {
@@ -242,23 +234,28 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// Whether the writers are due a turn: half a send queue's worth of
-    /// frames was handled since the last one. Each frame read may queue
-    /// one frame for this client (a reply, an error, a pong) and one for
-    /// each other member of a room (a message, a presence event). Frames
-    /// already in the read buffer are handled without a wait on the
-    /// socket, so without turns a client's pipelined burst would fill
-    /// those queues before any writer ran, and close members that keep up,
-    /// and the client itself, as slow consumers. At a turn the reader
-    /// yields, so the writers take what was queued, and waits until its
-    /// own client's queue has room for the replies of another turn.
-    fn turn_due(&mut self, len: usize) -> bool {
-        self.handed.add(len);
-        if !self.handed.reached(self.ctx.settings.turn) {
-            return false;
-        }
-        self.handed = Handed::default();
-        true
+    /// The writers' turn, after half a send queue of frames. Each frame
+    /// read may queue one frame for this client (a reply, an error) and
+    /// one for each other member of a room (a message, a presence event);
+    /// without turns a client's pipelined burst would fill those queues
+    /// before any writer ran, and close members that keep up, and the
+    /// client itself, as slow consumers. The reader yields, so the writers
+    /// take what was queued, then waits until its own client's queue has
+    /// room for another turn of replies. False if the connection closed
+    /// meanwhile. Boxed: it comes once per half a queue of frames, and
+    /// inline its state would make every connection's session task larger.
+    fn take_turn<'b>(
+        &'b self,
+        closed: impl Future<Output = ()> + Unpin + Send + 'b,
+    ) -> Pin<Box<dyn Future<Output = bool> + Send + 'b>> {
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            tokio::select! {
+                biased;
+                _ = closed => false,
+                _ = self.conn.outbox().room_for_turn() => true,
+            }
+        })
     }
 
     /// Handles one message other than a close frame.

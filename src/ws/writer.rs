@@ -76,7 +76,9 @@ impl Heartbeat {
 pub struct Writer {
     io: OwnedWriteHalf,
     conn: Arc<Connection>,
-    settings: SessionSettings,
+    /// The one setting it needs after start: the rest would only make
+    /// every connection's writer task larger.
+    pong_timeout: Duration,
     batch: Batch,
     /// Bytes of the first buffer of `batch` already written: not zero when
     /// a write was abandoned in the middle of it.
@@ -99,12 +101,12 @@ pub struct Writer {
 
 impl Writer {
     /// A writer for `conn` on the sending half `io`.
-    pub fn new(io: OwnedWriteHalf, conn: Arc<Connection>, settings: SessionSettings) -> Self {
+    pub fn new(io: OwnedWriteHalf, conn: Arc<Connection>, settings: &SessionSettings) -> Self {
         let ticker = Ticker::new(settings.ping_interval);
         Self {
             io,
             conn,
-            settings,
+            pong_timeout: settings.pong_timeout,
             batch: VecDeque::new(),
             front_written: 0,
             heartbeat: Heartbeat {
@@ -191,7 +193,7 @@ impl Writer {
                 }
                 _ = self.ticker.tick() => {
                     self.conn.outbox().trim(&mut self.batch);
-                    Self::ping_due(&mut self.heartbeat, &mut self.ping_due, &self.conn, self.settings.pong_timeout);
+                    Self::ping_due(&mut self.heartbeat, &mut self.ping_due, &self.conn, self.pong_timeout);
                     return true;
                 }
                 _ = self.conn.outbox().ready() => return true,
@@ -216,7 +218,7 @@ impl Writer {
         let Self {
             io,
             conn,
-            settings,
+            pong_timeout,
             batch,
             front_written,
             heartbeat,
@@ -235,7 +237,7 @@ impl Writer {
             return None;
         }
         if poll_fn(|cx| Poll::Ready(ticker.poll_tick(cx).is_ready())).await {
-            Self::ping_due(heartbeat, ping_due, conn, settings.pong_timeout);
+            Self::ping_due(heartbeat, ping_due, conn, *pong_timeout);
         }
         let mut write = pin!(write_all(io, batch, front_written));
         // A write that cannot finish has registered for the socket's
@@ -252,7 +254,7 @@ impl Writer {
                         return None;
                     }
                 }
-                _ = ticker.tick() => Self::ping_due(heartbeat, ping_due, conn, settings.pong_timeout),
+                _ = ticker.tick() => Self::ping_due(heartbeat, ping_due, conn, *pong_timeout),
                 result = &mut write => return Some(result),
             }
         }
@@ -271,7 +273,7 @@ impl Writer {
         let Some(request) = self.conn.close_request().cloned() else {
             return (self.io, None);
         };
-        let deadline = Instant::now() + self.settings.pong_timeout;
+        let deadline = Instant::now() + self.pong_timeout;
         let mut out = self.owed();
         out.extend(control);
         // One close frame per connection (RFC 6455 §5.5.1): none of ours
@@ -459,9 +461,8 @@ mod tests {
             pong_timeout: Duration::from_secs(5),
             max_messages_per_sec: 0,
             client_broadcast: true,
-            turn: QueueLimits::new(8, 64).turn(),
         };
-        let writer = Writer::new(write, conn.clone(), settings);
+        let writer = Writer::new(write, conn.clone(), &settings);
         (writer, conn, client, shutdown)
     }
 
