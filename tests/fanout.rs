@@ -24,18 +24,12 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 /// Writes `count` messages `{"s":tag,"n":0..count}` to `room` in one burst
 /// (fed, then flushed once), without ids.
 async fn send_sequence(client: &mut WsClient, room: &str, tag: &str, count: usize) {
-    within("a sequence of messages to be written", async {
-        for n in 0..count {
-            let frame = json!({"type": "message", "room": room, "content": {"s": tag, "n": n}});
-            client
-                .ws
-                .feed(Message::text(frame.to_string()))
-                .await
-                .expect("feed");
-        }
-        client.ws.flush().await.expect("flush");
-    })
-    .await
+    client
+        .send_burst(
+            (0..count)
+                .map(|n| json!({"type": "message", "room": room, "content": {"s": tag, "n": n}})),
+        )
+        .await
 }
 
 /// Reads until `expected` (sender connection id → count) messages of `room`
@@ -198,19 +192,12 @@ async fn a_pipelined_burst_longer_than_a_send_queue_reaches_members_that_keep_up
         member.join("burst").await;
         members.push(member);
     }
-    within("the burst to be written", async {
-        for n in 0..BURST {
-            let frame = json!({"type": "message", "room": "burst", "content": {"s": "x", "n": n},
-                "id": n.to_string()});
-            sender
-                .ws
-                .feed(Message::text(frame.to_string()))
-                .await
-                .expect("feed");
-        }
-        sender.ws.flush().await.expect("flush");
-    })
-    .await;
+    sender
+        .send_burst((0..BURST).map(|n| {
+            json!({"type": "message", "room": "burst", "content": {"s": "x", "n": n},
+                "id": n.to_string()})
+        }))
+        .await;
     for n in 0..BURST {
         assert_eq!(
             sender.recv().await,

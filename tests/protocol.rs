@@ -434,16 +434,8 @@ async fn a_burst_longer_than_the_send_queue_gets_one_reply_per_frame() {
     })
     .await;
     let mut a = gw.client().await;
-    within("a burst to be written", async {
-        for i in 0..BURST {
-            let frame = json!({"type": "join", "room": "r", "id": format!("b{i}")});
-            a.ws.feed(Message::text(frame.to_string()))
-                .await
-                .expect("feed");
-        }
-        a.ws.flush().await.expect("flush");
-    })
-    .await;
+    a.send_burst((0..BURST).map(|i| json!({"type": "join", "room": "r", "id": format!("b{i}")})))
+        .await;
     let mut refused = 0;
     for i in 0..BURST {
         let reply = a.recv().await;

@@ -332,6 +332,21 @@ impl WsClient {
         self.send_text(&value.to_string()).await;
     }
 
+    /// Writes `frames` in one burst: fed, then flushed once, so they
+    /// reach the gateway together.
+    pub async fn send_burst(&mut self, frames: impl IntoIterator<Item = Value>) {
+        within("a burst of frames to be written", async {
+            for frame in frames {
+                self.ws
+                    .feed(Message::text(frame.to_string()))
+                    .await
+                    .expect("feed");
+            }
+            self.ws.flush().await.expect("flush");
+        })
+        .await
+    }
+
     /// Sends raw text.
     pub async fn send_text(&mut self, text: &str) {
         within("a text frame to be sent", self.ws.send(Message::text(text)))
