@@ -65,20 +65,27 @@ pub enum ConfigError {
 
 impl ConfigError {
     /// Adds to each problem of an [`ConfigError::Invalid`] the environment
-    /// variable that set its key, if one did: the operator then knows
-    /// where to look, the file or the deployment's environment.
+    /// variables that set its key, or another key it names (the mode that
+    /// made a setting required): the operator then knows where to look,
+    /// the file or the deployment's environment.
     fn naming_variables(self, set_by: &BTreeMap<String, String>) -> Self {
         let ConfigError::Invalid(problems) = self else {
             return self;
         };
         let named = problems
             .into_iter()
-            .map(
-                |p| match p.split_once(':').and_then(|(key, _)| set_by.get(key)) {
-                    Some(var) => format!("{p} (set by {var})"),
-                    None => p,
-                },
-            )
+            .map(|problem| {
+                let key = problem.split_once(':').map_or("", |(key, _)| key);
+                let mut named = problem.clone();
+                for (other, var) in set_by {
+                    if other == key {
+                        named.push_str(&format!(" (set by {var})"));
+                    } else if mentions_key(&problem, other) {
+                        named.push_str(&format!(" ({other} set by {var})"));
+                    }
+                }
+                named
+            })
             .collect();
         ConfigError::Invalid(named)
     }
@@ -588,11 +595,11 @@ impl Config {
             AuthMode::Jwt => match self.auth.jwt.algorithm {
                 JwtAlgorithm::HS256 => check(
                     !self.auth.jwt.secret_env.is_empty(),
-                    "auth.jwt.secret_env: HS256 needs the name of the environment variable holding the secret",
+                    "auth.jwt.secret_env: auth.mode \"jwt\" with auth.jwt.algorithm HS256 needs the name of the environment variable holding the secret",
                 ),
                 JwtAlgorithm::RS256 | JwtAlgorithm::ES256 => check(
                     !self.auth.jwt.public_key_file.is_empty(),
-                    "auth.jwt.public_key_file: RS256 and ES256 need a PEM public key file",
+                    "auth.jwt.public_key_file: auth.mode \"jwt\" with auth.jwt.algorithm RS256 or ES256 needs a PEM public key file",
                 ),
             },
         }
@@ -865,6 +872,17 @@ fn insert_path(table: &mut toml::Table, key: &str, value: toml::Value) {
     current.insert(last.to_string(), value);
 }
 
+/// Whether `text` names `key` as a whole (`nats.enabled`, not the
+/// `nats.enabled` inside `nats.enabled_x`).
+fn mentions_key(text: &str, key: &str) -> bool {
+    let part_of_key = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '.';
+    text.match_indices(key).any(|(at, _)| {
+        let before = text[..at].chars().next_back();
+        let after = text[at + key.len()..].chars().next();
+        !before.is_some_and(part_of_key) && !after.is_some_and(|c| part_of_key(c) && c != '.')
+    })
+}
+
 /// The HS256 secret's variable may well be named `ROOMGATE_...`; it is not a
 /// configuration key, so it is not worth a warning.
 fn mentions_secret_var(warning: &str, config: &Config) -> bool {
@@ -1074,6 +1092,25 @@ mod tests {
             other => panic!("expected a validation error, got {other:?}"),
         };
         assert!(!problems[0].contains("set by"), "{problems:?}");
+    }
+
+    #[test]
+    fn a_problem_names_the_variable_that_set_the_mode_it_depends_on() {
+        let err = Config::load(None, env(&[("ROOMGATE_AUTH_MODE", "jwt")])).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("auth.jwt.secret_env:"), "{msg}");
+        assert!(
+            msg.contains("(auth.mode set by ROOMGATE_AUTH_MODE)"),
+            "{msg}"
+        );
+        assert!(
+            !msg.contains("(set by"),
+            "the key at fault was not set: {msg}"
+        );
+        assert!(mentions_key("needs nats.enabled (x)", "nats.enabled"));
+        assert!(mentions_key("needs nats.enabled.", "nats.enabled"));
+        assert!(!mentions_key("needs nats.enabled_x", "nats.enabled"));
+        assert!(!mentions_key("needs xnats.enabled", "nats.enabled"));
     }
 
     #[test]
