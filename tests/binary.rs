@@ -86,6 +86,15 @@ fn bad_value_in_the_environment_stops_startup_naming_variable_and_key() {
             "sometimes",
             "websocket.slow_consumer",
         ),
+        (
+            "ROOMGATE_SERVER_SHUTDOWN_GRACE_SECS",
+            "18446744073709551615",
+            "server.shutdown_grace_secs",
+        ),
+        // Values refused only once the whole configuration is read.
+        ("ROOMGATE_SERVER_LISTEN", "foo", "server.listen"),
+        // Checked although forward auth is off.
+        ("ROOMGATE_AUTH_UPSTREAM_PATH", "auth", "auth.upstream.path"),
     ] {
         let stderr = refused_start(&[], &[(var, value)]);
         assert!(stderr.contains(var), "{var}={value}: {stderr}");
@@ -213,6 +222,16 @@ fn effective_config(args: &[&str], env: &[(&str, &str)]) -> (roomgate::Config, S
     let loaded = roomgate::Config::load(Some(&printed), Vec::new())
         .unwrap_or_else(|e| panic!("check-config prints a loadable configuration: {e}\n{stdout}"));
     (loaded.config, stdout, stderr)
+}
+
+#[test]
+fn a_setting_required_by_a_mode_set_from_the_environment_names_that_variable() {
+    let stderr = refused_start(&[], &[("ROOMGATE_AUTH_MODE", "jwt")]);
+    assert!(stderr.contains("auth.jwt.secret_env:"), "{stderr}");
+    assert!(
+        stderr.contains("(auth.mode set by ROOMGATE_AUTH_MODE)"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -285,6 +285,13 @@ async fn backend_broadcast_reaches_members_wrapped_raw_or_excluding_one() {
     let from_bot = server_message(Some("game.42.lobby"), "beep", "bot");
     assert_eq!(a.recv().await, from_bot);
     assert_eq!(b.recv().await, from_bot);
+    // An empty `Roomgate-From` names nobody: the sender is the server.
+    backend
+        .publish_with(subject, &[("Roomgate-From", "")], "boop")
+        .await;
+    let from_nobody = server_message(Some("game.42.lobby"), "boop", "server");
+    assert_eq!(a.recv().await, from_nobody);
+    assert_eq!(b.recv().await, from_nobody);
 
     let raw = r#"{"type":"scoreboard","scores":[1,2]}"#;
     backend
