@@ -787,8 +787,6 @@ fn schema_message(message: &str) -> String {
 /// (The HS256 secret's variable, which may be named `ROOMGATE_...` too, is
 /// read as bytes elsewhere: any bytes make a secret.)
 pub fn process_env() -> Result<Vec<(String, String)>, ConfigError> {
-    let overrides: std::collections::BTreeSet<String> =
-        leaf_keys().keys().map(|key| env_name(key)).collect();
     let mut env = Vec::new();
     for (var, value) in std::env::vars_os() {
         let var = match var.into_string() {
@@ -805,7 +803,10 @@ pub fn process_env() -> Result<Vec<(String, String)>, ConfigError> {
         };
         match value.into_string() {
             Ok(value) => env.push((var, value)),
-            Err(_) if overrides.contains(&var) => return Err(ConfigError::NotUtf8 { var }),
+            // Rare: the keys are listed only then, not at every start.
+            Err(_) if leaf_keys().keys().any(|key| env_name(key) == var) => {
+                return Err(ConfigError::NotUtf8 { var });
+            }
             Err(_) => {}
         }
     }
