@@ -949,13 +949,88 @@ fn rss_bytes() -> u64 {
 
 /// Resident set size of process `pid`, from /proc.
 fn rss_of(pid: u32) -> u64 {
+    status_bytes(pid, "VmRSS:")
+}
+
+/// A size in /proc/`pid`/status (`VmRSS:`, `VmHWM:`), in bytes.
+fn status_bytes(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map(|kb| kb * 1024)
-        .expect("VmRSS")
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+}
+
+/// A backend that publishes large payloads faster than they become frames
+/// (control characters, escaped sixfold) must not make the gateway hold
+/// them all: what waits for delivery is bounded in bytes (64 MiB), not only
+/// in messages (4,096 per subscription, 4 GB of 1 MB payloads). Every
+/// message is either delivered or dropped and counted, and the gateway's
+/// peak memory stays far below what was published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_large_backend_payloads_is_held_within_a_byte_budget() {
+    const MESSAGES: usize = 800;
+    const PAYLOAD: usize = 1_000_000;
+    let server = NatsServer::start();
+    let url = server.url();
+    let gateway = GatewayProcess::start(
+        &[],
+        &[
+            ("ROOMGATE_NATS_ENABLED", "true"),
+            ("ROOMGATE_NATS_URL", &url),
+            ("ROOMGATE_WEBSOCKET_SLOW_CONSUMER", "drop"),
+        ],
+    );
+    let metric = |name: &'static str| async move {
+        let (status, body) = http_get(gateway.admin, "/metrics").await;
+        assert_eq!(status, 200);
+        metric_value(&body, name) as usize
+    };
+    eventually_async("the gateway is connected to NATS", || async {
+        metric("roomgate_nats_connected").await == 1
+    })
+    .await;
+    // One connection that reads nothing, so `all` has someone to build
+    // frames for; its queue overflows and drops (counted elsewhere).
+    let _member = WsClient::connect(&format!("ws://{}/ws", gateway.addr)).await;
+    eventually_async("the member is counted", || async {
+        metric("roomgate_connections").await == 1
+    })
+    .await;
+    let backend = Backend::connect(&server).await;
+    let payload = "\u{1}".repeat(PAYLOAD);
+    backend
+        .publish_burst(
+            "roomgate.all",
+            (0..MESSAGES).map(|_| (async_nats::HeaderMap::new(), payload.clone())),
+        )
+        .await;
+    backend.sync().await;
+    let taken = || async {
+        metric("roomgate_nats_received_total").await
+            + metric("roomgate_messages_dropped_total{reason=\"nats_slow_consumer\"}").await
+    };
+    within_for(
+        std::time::Duration::from_secs(120),
+        "every message delivered or dropped",
+        async {
+            while taken().await < MESSAGES {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        },
+    )
+    .await;
+    assert_eq!(taken().await, MESSAGES, "each counted once");
+    let peak = status_bytes(gateway.child.id(), "VmHWM:");
+    eprintln!("peak RSS {} MiB", peak >> 20);
+    assert!(
+        peak < 512 * 1024 * 1024,
+        "peak RSS {} MiB for {} MiB published",
+        peak >> 20,
+        (MESSAGES * PAYLOAD) >> 20
+    );
 }
 
 /// Memory of the room interest in the real binary: 100 clients join 100

@@ -170,6 +170,9 @@ impl Inbound {
     }
 
     fn all(&self, message: &Message) {
+        if !self.hub.has_connections() {
+            return;
+        }
         if let Some(frame) = backend_frame(None, message) {
             self.hub.broadcast_all(&frame, exclude(message));
         }

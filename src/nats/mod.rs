@@ -22,6 +22,7 @@
 //!   outage is not subscribed then (that would hold up the events behind
 //!   it) but as soon as the connection is back.
 
+mod backlog;
 mod inbound;
 mod outbound;
 
@@ -30,8 +31,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::connection::State;
-use async_nats::{Client, ConnectOptions, Message, ServerAddr, Subscriber};
-use futures_util::{FutureExt, StreamExt};
+use async_nats::{Client, ConnectOptions, ServerAddr, Subscriber};
+use futures_util::StreamExt;
 use prometheus::IntCounter;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -44,6 +45,7 @@ use crate::events::{EventStream, Work};
 use crate::metrics::Metrics;
 use crate::rooms::{Handed, Hub, QueueLimits, RoomName};
 
+use backlog::{Backlog, Budget};
 pub use inbound::Inbound;
 
 /// Header naming the sender connection of a published event.
@@ -76,7 +78,9 @@ const STATE_POLL: Duration = Duration::from_millis(100);
 
 /// Messages async-nats buffers per subscription before it drops (its
 /// default, 65,536, would let one flooded room hold that many payloads).
-/// The delivery task only queues frames, so it keeps up unless starved.
+/// The delivery task empties the channel into its byte-bounded backlog
+/// each time it looks (`backlog`), so the channel fills only while a run
+/// of messages is handled.
 const SUBSCRIPTION_CAPACITY: usize = 4096;
 
 /// Why the bridge could not be set up; reported at start-up.
@@ -102,6 +106,11 @@ pub enum NatsSetupError {
     #[error("nats: {0}")]
     Connect(String),
 }
+
+/// Most payload bytes a delivery task handles before it takes what has
+/// arrived meanwhile into its backlog: a run of small messages is handled
+/// whole, a large message alone.
+const RUN_BYTES: usize = 1024 * 1024;
 
 /// Settings the bridge acts on, besides the connection.
 #[derive(Debug, Clone)]
@@ -344,6 +353,8 @@ pub struct Bridge {
     retry: HashSet<RoomName>,
     /// Whether the fixed subscriptions (`send.*`, `all`, `control.*`) exist.
     fixed: bool,
+    /// The bytes that messages waiting in the delivery tasks may hold.
+    budget: Arc<Budget>,
     stop: CancellationToken,
     tasks: TaskTracker,
 }
@@ -359,6 +370,10 @@ impl Bridge {
         stop: CancellationToken,
     ) -> Self {
         let inbound = Arc::new(Inbound::new(hub.clone(), metrics.clone(), settings.clone()));
+        let budget = Budget::new(
+            backlog::budget_bytes(settings.queue),
+            metrics.dropped_nats_slow_consumer.clone(),
+        );
         Self {
             client,
             hub,
@@ -368,6 +383,7 @@ impl Bridge {
             rooms: HashMap::new(),
             retry: HashSet::new(),
             fixed: false,
+            budget,
             stop,
             tasks: TaskTracker::new(),
         }
@@ -606,36 +622,50 @@ impl Bridge {
         let inbound = self.inbound.clone();
         let stop = self.stop.clone();
         let limit = self.settings.queue.turn();
+        let run_limit = Handed {
+            frames: limit.frames,
+            bytes: limit.bytes.min(RUN_BYTES),
+        };
+        let mut backlog = Backlog::new(self.budget.clone());
         self.tasks.spawn(async move {
             // Grown only by bursts: most rooms never see one.
-            let mut batch = Vec::new();
+            let mut run = Vec::new();
             let mut handed = Handed::default();
+            let mut open = true;
             loop {
-                let message = tokio::select! {
-                    biased;
-                    _ = stop.cancelled() => break,
-                    _ = token.cancelled() => break,
-                    message = messages.next() => match message {
-                        Some(message) => message,
-                        None => break,
-                    },
-                };
-                // A run is cut at the limit on its own; what runs add up to
-                // decides when the writers get their turn, so that between
-                // two turns less than two runs' worth, a send queue, is
-                // handed over.
-                let mut run = Handed::default();
-                run.add(message.payload.len());
-                batch.push(message);
-                let ended = take_arrived(&mut messages, &mut batch, &mut run, limit);
-                match &room {
-                    Some(room) => inbound.handle_room(room, batch.drain(..)),
-                    None => batch.drain(..).for_each(|m| inbound.handle_fixed(m)),
-                }
-                if ended {
+                if stop.is_cancelled() || token.is_cancelled() {
                     break;
                 }
-                handed.absorb(run);
+                if backlog.is_empty() {
+                    if !open {
+                        break;
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => break,
+                        _ = token.cancelled() => break,
+                        message = messages.next() => match message {
+                            Some(message) => backlog.admit(message),
+                            None => break,
+                        },
+                    }
+                }
+                // Everything that has arrived leaves the channel now, so
+                // that the byte budget, not the channel's count, bounds it.
+                if open {
+                    open = !backlog.take_arrived(&mut messages);
+                }
+                // A run is cut at the limit on its own, and at `RUN_BYTES`
+                // so that the channel is looked at again soon; what runs
+                // add up to decides when the writers get their turn, so
+                // that between two turns less than two runs' worth, a send
+                // queue, is handed over.
+                let taken = backlog.take_run(&mut run, run_limit);
+                match &room {
+                    Some(room) => inbound.handle_room(room, run.drain(..)),
+                    None => run.drain(..).for_each(|m| inbound.handle_fixed(m)),
+                }
+                handed.absorb(taken);
                 if handed.reached(limit) {
                     // A burst: let the members' writers, woken by what was
                     // handed to them, take it before more is queued.
@@ -648,28 +678,6 @@ impl Bridge {
             }
         })
     }
-}
-
-/// Adds to `batch` the messages that have arrived already, without
-/// waiting, until the run they make (counted in `run`) reaches `limit`.
-/// Returns whether the stream has ended.
-fn take_arrived(
-    messages: &mut (impl futures_util::Stream<Item = Message> + Unpin),
-    batch: &mut Vec<Message>,
-    run: &mut Handed,
-    limit: Handed,
-) -> bool {
-    while !run.reached(limit) {
-        match messages.next().now_or_never() {
-            Some(Some(message)) => {
-                run.add(message.payload.len());
-                batch.push(message);
-            }
-            Some(None) => return true,
-            None => break,
-        }
-    }
-    false
 }
 
 #[cfg(test)]

@@ -269,6 +269,12 @@ impl Hub {
         }
     }
 
+    /// Whether any connection is registered: a message for all of them
+    /// need not be made into a frame when there is none.
+    pub fn has_connections(&self) -> bool {
+        self.conns.iter().any(|shard| !read(shard).is_empty())
+    }
+
     /// Queues `frame` for every local connection except `exclude`.
     pub fn broadcast_all(&self, frame: &Frame, exclude: Option<Uuid>) -> Fanout {
         let run = Run::from(frame.clone());

@@ -1,0 +1,253 @@
+//! Messages taken from NATS that wait to be delivered, bounded in bytes.
+//!
+//! async-nats keeps each subscription's messages in a channel bounded in
+//! count only (`SUBSCRIPTION_CAPACITY` messages), and a message
+//! may be as large as the server's `max_payload` (1 MB by default, up to
+//! 64 MB). A backend that publishes large payloads faster than they become
+//! frames (a wrapped payload of control characters grows sixfold when
+//! escaped) would fill that channel with gigabytes. So each delivery task
+//! empties its channel into a [`Backlog`] whenever it looks, and the
+//! backlogs of all tasks share one [`Budget`] ([`budget_bytes`]): a
+//! message that would take them past it is dropped and counted as `nats_slow_consumer`, as
+//! async-nats counts the messages it drops from a full channel. The channel
+//! then only fills while one run of messages is being handled.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_nats::Message;
+use bytes::Bytes;
+use futures_util::{FutureExt, Stream, StreamExt};
+use prometheus::IntCounter;
+
+use crate::rooms::{Handed, QueueLimits};
+
+/// The least the backlogs may hold together.
+const MIN_BUDGET: usize = 64 * 1024 * 1024;
+
+/// The bytes the backlogs of all delivery tasks may hold together: four
+/// send queues, at least 64 MiB (the default). A burst longer than a send
+/// queue still reaches the members that keep up, since they get turns to
+/// take it (see `QueueLimits::turn`), and no flood of 1 MB payloads goes
+/// past it.
+pub fn budget_bytes(queue: QueueLimits) -> usize {
+    queue.bytes.saturating_mul(4).max(MIN_BUDGET)
+}
+
+/// What a waiting message costs besides its subject, headers and payload
+/// (async-nats' `length`): the message's own fields and its queue slot.
+const MESSAGE_OVERHEAD: usize = 128;
+
+/// Payloads from this size on are copied out of async-nats' read buffer
+/// when they are let in; smaller ones are few to a buffer, and copying
+/// them would cost every small message.
+const COPIED_FROM: usize = 16 * 1024;
+
+/// Most messages taken from a channel at one look: more than a full
+/// channel, so one look empties it, but a bound while it refills.
+const MAX_TAKEN: usize = 2 * super::SUBSCRIPTION_CAPACITY;
+
+/// The byte budget the backlogs of all delivery tasks share.
+pub struct Budget {
+    held: AtomicUsize,
+    max: usize,
+    dropped: IntCounter,
+}
+
+impl Budget {
+    /// A budget of `max` bytes; `dropped` counts the messages refused.
+    pub fn new(max: usize, dropped: IntCounter) -> Arc<Self> {
+        Arc::new(Self {
+            held: AtomicUsize::new(0),
+            max,
+            dropped,
+        })
+    }
+
+    /// Takes `bytes` from the budget; false when they do not fit, unless
+    /// `always` (a task with nothing waiting takes any one message, so one
+    /// larger than the budget is delivered rather than always dropped).
+    fn reserve(&self, bytes: usize, always: bool) -> bool {
+        let before = self.held.fetch_add(bytes, Ordering::Relaxed);
+        if !always && before.saturating_add(bytes) > self.max {
+            self.release(bytes);
+            return false;
+        }
+        true
+    }
+
+    fn release(&self, bytes: usize) {
+        self.held.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+/// One delivery task's waiting messages, oldest first.
+pub struct Backlog {
+    queue: VecDeque<(Message, usize)>,
+    budget: Arc<Budget>,
+}
+
+impl Backlog {
+    /// An empty backlog drawing on `budget`.
+    pub fn new(budget: Arc<Budget>) -> Self {
+        Self {
+            queue: VecDeque::new(),
+            budget,
+        }
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Queues `message`, or drops and counts it when the budget is spent.
+    pub fn admit(&mut self, mut message: Message) {
+        let cost = message.length.saturating_add(MESSAGE_OVERHEAD);
+        if !self.budget.reserve(cost, self.queue.is_empty()) {
+            self.budget.dropped.inc();
+            return;
+        }
+        if message.payload.len() >= COPIED_FROM {
+            // A payload is a slice of async-nats' read buffer, which holds
+            // the messages read with it: kept as it is, one message let in
+            // would keep those dropped around it in memory too.
+            message.payload = Bytes::copy_from_slice(&message.payload);
+        }
+        self.queue.push_back((message, cost));
+    }
+
+    /// Admits what has arrived on `messages`, without waiting. Returns
+    /// whether the stream has ended.
+    ///
+    /// Outside tokio's cooperative budget: within one poll of its task the
+    /// channel would otherwise seem empty after 128 messages, and a task
+    /// busy with large messages polls seldom, so the channel would fill.
+    /// The look is bounded by [`MAX_TAKEN`] instead.
+    pub fn take_arrived(&mut self, messages: &mut (impl Stream<Item = Message> + Unpin)) -> bool {
+        for _ in 0..MAX_TAKEN {
+            match tokio::task::unconstrained(messages.next()).now_or_never() {
+                Some(Some(message)) => self.admit(message),
+                Some(None) => return true,
+                None => break,
+            }
+        }
+        false
+    }
+
+    /// Moves the oldest messages into `run` until they reach `limit`, at
+    /// least one if any waits, and returns what they count.
+    pub fn take_run(&mut self, run: &mut Vec<Message>, limit: Handed) -> Handed {
+        let mut taken = Handed::default();
+        while !taken.reached(limit) {
+            let Some((message, cost)) = self.queue.pop_front() else {
+                break;
+            };
+            self.budget.release(cost);
+            taken.add(message.payload.len());
+            run.push(message);
+        }
+        taken
+    }
+}
+
+impl Drop for Backlog {
+    fn drop(&mut self) {
+        let held = self.queue.iter().map(|(_, cost)| cost).sum();
+        self.budget.release(held);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(payload_len: usize) -> Message {
+        Message {
+            subject: "roomgate.all".into(),
+            reply: None,
+            payload: vec![b'x'; payload_len].into(),
+            headers: None,
+            status: None,
+            description: None,
+            length: "roomgate.all".len() + payload_len,
+        }
+    }
+
+    fn budget(max: usize) -> (Arc<Budget>, IntCounter) {
+        let dropped = IntCounter::new("dropped", "messages dropped").expect("counter");
+        (Budget::new(max, dropped.clone()), dropped)
+    }
+
+    #[test]
+    fn backlogs_share_one_budget_and_drop_what_does_not_fit() {
+        let (budget, dropped) = budget(3 * (1000 + 12 + MESSAGE_OVERHEAD));
+        let mut a = Backlog::new(budget.clone());
+        let mut b = Backlog::new(budget.clone());
+        a.admit(message(1000));
+        a.admit(message(1000));
+        b.admit(message(1000));
+        a.admit(message(1000));
+        assert_eq!(dropped.get(), 1, "the fourth went past the shared budget");
+        let mut run = Vec::new();
+        let taken = a.take_run(
+            &mut run,
+            Handed {
+                frames: 1,
+                bytes: usize::MAX,
+            },
+        );
+        assert_eq!((taken.frames, run.len()), (1, 1));
+        a.admit(message(1000));
+        assert_eq!(dropped.get(), 1, "taking one made room for one");
+        drop(a);
+        assert_eq!(
+            budget.held.load(Ordering::Relaxed),
+            1000 + 12 + MESSAGE_OVERHEAD,
+            "a backlog dropped gives back what it held"
+        );
+    }
+
+    #[test]
+    fn an_empty_backlog_takes_a_message_larger_than_the_budget() {
+        let (budget, dropped) = budget(1024);
+        let mut backlog = Backlog::new(budget);
+        backlog.admit(message(64 * 1024));
+        backlog.admit(message(10));
+        assert_eq!(dropped.get(), 1, "the second waits for the first");
+        let mut run = Vec::new();
+        backlog.take_run(
+            &mut run,
+            Handed {
+                frames: 8,
+                bytes: 1,
+            },
+        );
+        assert_eq!(run.len(), 1, "a run takes at least one, up to the bytes");
+        backlog.admit(message(10));
+        assert_eq!(dropped.get(), 1, "the budget came back when it was taken");
+    }
+
+    #[test]
+    fn what_has_arrived_is_taken_without_waiting() {
+        let (budget, dropped) = budget(usize::MAX);
+        let mut backlog = Backlog::new(budget);
+        let mut open = futures_util::stream::iter(vec![message(1), message(2)])
+            .chain(futures_util::stream::pending());
+        assert!(!backlog.take_arrived(&mut open), "still open");
+        let mut ended = futures_util::stream::iter(vec![message(3)]);
+        assert!(backlog.take_arrived(&mut ended), "ended");
+        let mut run = Vec::new();
+        backlog.take_run(
+            &mut run,
+            Handed {
+                frames: 10,
+                bytes: usize::MAX,
+            },
+        );
+        let sizes: Vec<usize> = run.iter().map(|m| m.payload.len()).collect();
+        assert_eq!(sizes, [1, 2, 3], "in order");
+        assert_eq!(dropped.get(), 0);
+    }
+}
