@@ -240,6 +240,36 @@ async fn upgrades_beyond_max_connections_get_503_until_a_client_leaves() {
 
 // ----- the session ------------------------------------------------------
 
+/// The welcome is the first frame even when the client does not wait for
+/// it: a ping sent in the same write as the handshake gets its pong after
+/// the welcome, not before (pongs otherwise go ahead of queued data).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_welcome_comes_before_the_pong_to_a_ping_sent_with_the_handshake() {
+    let gw = TestGateway::start(test_config()).await;
+    for _ in 0..20 {
+        let mut stream = within("connect", TcpStream::connect(gw.addr))
+            .await
+            .expect("connect");
+        let mut bytes = raw_upgrade_request(gw.addr, "/ws", "").into_bytes();
+        bytes.extend(client_frame(0x89, b"hi", true));
+        within("write", stream.write_all(&bytes))
+            .await
+            .expect("write handshake and ping");
+        let (status, head) = read_response_head(&mut stream).await;
+        assert_eq!(status, 101, "{head}");
+        let first = within("the first frame", read_raw_frame(&mut stream))
+            .await
+            .expect("a frame");
+        assert_eq!(first.opcode, 1, "a text frame first, got {first:?}");
+        let welcome: serde_json::Value = serde_json::from_slice(&first.payload).expect("JSON");
+        assert_eq!(welcome["type"], "system");
+        let second = within("the pong", read_raw_frame(&mut stream))
+            .await
+            .expect("a frame");
+        assert_eq!((second.opcode, &second.payload[..]), (10, &b"hi"[..]));
+    }
+}
+
 #[tokio::test]
 async fn welcome_is_the_first_frame_and_carries_a_uuid() {
     let gw = TestGateway::start(test_config()).await;

@@ -235,6 +235,17 @@ impl Hub {
         outcome
     }
 
+    /// Queues `frame` for `conn` ahead of any data: the welcome, which
+    /// SPEC §1 makes the first frame after the upgrade, would otherwise
+    /// follow the pong to a ping the client sent with its handshake.
+    pub fn deliver_first(&self, conn: &Connection, frame: &Frame) {
+        if conn.outbox().push_control(frame.wire()).is_ok() {
+            let mut fanout = Fanout::default();
+            fanout.count(Delivery::Queued, frame.len() as u64);
+            self.count(fanout);
+        }
+    }
+
     /// Queues `frame` for every member of `room` except `exclude`.
     pub fn broadcast(&self, room: &Room, frame: &Frame, exclude: Option<Uuid>) -> Fanout {
         self.fan_out(

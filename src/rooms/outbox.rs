@@ -243,7 +243,8 @@ impl Outbox {
         }
     }
 
-    /// Queues bytes to go out ahead of data: the held 101 response.
+    /// Queues bytes to go out ahead of data: the held 101 response, and
+    /// the welcome frame after it.
     pub fn push_control(&self, bytes: &[u8]) -> Result<(), PushError> {
         self.push_ahead(bytes, false)
     }

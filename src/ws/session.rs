@@ -72,7 +72,7 @@ pub async fn run(
     ctx: Arc<SessionContext>,
 ) {
     let hub = &ctx.hub;
-    hub.deliver(&conn, protocol::welcome(conn.id_str()));
+    hub.deliver_first(&conn, &protocol::welcome(conn.id_str()));
     hub.register(&conn);
     ctx.metrics.connections.inc();
     ctx.metrics.connections_opened.inc();
