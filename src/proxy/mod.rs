@@ -692,6 +692,16 @@ impl Proxy {
             .headers
             .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
         parts.headers.insert(X_FORWARDED_HOST, host);
+        if has_unsized_body(&body) {
+            // hyper's client sends a GET or HEAD whose body it cannot size
+            // without that body, taking it for one that has none; the
+            // chunked coding it received goes on with it, whatever the
+            // method (for the others hyper would set it itself).
+            parts.headers.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
         Ok(Request::from_parts(parts, Body::stream(body)))
     }
 
@@ -709,6 +719,13 @@ impl Proxy {
         parts.headers.insert(header::HOST, host.clone());
         Ok(host)
     }
+}
+
+/// Whether a request body came chunked: there is more to read and no
+/// length to give for it.
+fn has_unsized_body(body: &Incoming) -> bool {
+    use hyper::body::Body as _;
+    !body.is_end_stream() && body.size_hint().exact().is_none()
 }
 
 /// The `Host` for a request whose target is in absolute form
