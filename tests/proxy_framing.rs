@@ -701,6 +701,12 @@ async fn below_a_base_path_dot_segments_get_400_and_options_star_goes_as_it_came
             "/x/..;jsessionid=1/admin",
             "/%252e%252e/admin",
             "/%c0%ae%c0%ae/admin",
+            "/%e0%80%ae%e0%80%ae/admin",
+            "/%u002e%u002e/admin",
+            "/%ef%bc%8e%ef%bc%8e/admin",
+            "/..%3b/admin",
+            "/..%20/admin",
+            "/..%ef%bc%8fadmin",
             "http://app.test/../../admin",
         ],
         400,
@@ -711,7 +717,7 @@ async fn below_a_base_path_dot_segments_get_400_and_options_star_goes_as_it_came
     get_targets(
         &gw,
         "app.test",
-        &["/file.txt", "/a..b/.hidden", "/v1.2/..."],
+        &["/file.txt", "/a..b/.hidden", "/v1.2/...", "/.%20x/%20.."],
         200,
     )
     .await;
@@ -728,6 +734,7 @@ async fn below_a_base_path_dot_segments_get_400_and_options_star_goes_as_it_came
             "GET /api/file.txt HTTP/1.1",
             "GET /api/a..b/.hidden HTTP/1.1",
             "GET /api/v1.2/... HTTP/1.1",
+            "GET /api/.%20x/%20.. HTTP/1.1",
             "OPTIONS * HTTP/1.1",
         ]
     );

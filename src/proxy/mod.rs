@@ -228,28 +228,50 @@ impl Base {
 }
 
 /// Whether `path` has a `.` or `..` segment as some server behind the
-/// gateway may read it: with its dots or slashes percent-encoded (`%2e`,
-/// `%2f`), encoded twice (`%252e`) or as overlong UTF-8 (`%c0%ae`), with
-/// backslashes for slashes, or with path parameters after a `;` (`..;`,
-/// which Java servers read as `..`).
+/// gateway may read it: with its dots, slashes or semicolons
+/// percent-encoded (`%2e`, `%2f`, `%3b`), encoded twice (`%252e`), as
+/// overlong UTF-8 (`%c0%ae`, `%e0%80%ae`), in IIS's `%u` form (`%u002e`),
+/// as fullwidth characters (`%ef%bc%8e`, which Unicode normalisation turns
+/// into a dot), with backslashes for slashes, with path parameters after
+/// a `;` (`..;`, which Java servers read as `..`) or with trailing spaces
+/// (`..%20`, which Windows drops).
 fn has_dot_segment(path: &str) -> bool {
     if !path.contains('.') && !path.contains('%') {
         return false;
     }
-    let decoded = path
-        .to_ascii_lowercase()
-        .replace("%25", "%")
-        .replace("%c0%ae", ".")
-        .replace("%c0%af", "/")
-        .replace("%2e", ".")
-        .replace("%2f", "/")
-        .replace("%5c", "/")
-        .replace('\\', "/");
+    let decoded = ENCODED_PATH_CHARACTERS.iter().fold(
+        path.to_ascii_lowercase().replace("%25", "%"),
+        |path, (encoded, plain)| path.replace(encoded, plain),
+    );
     decoded.split('/').any(|segment| {
         let name = segment.split(';').next().unwrap_or(segment);
+        let name = name.trim_end_matches(' ');
         name == "." || name == ".."
     })
 }
+
+/// The ways of writing a dot, a slash, a semicolon or a space that some
+/// server reads as one, lowercase, longest first where one holds another.
+const ENCODED_PATH_CHARACTERS: [(&str, &str); 18] = [
+    ("%e0%80%ae", "."),
+    ("%ef%bc%8e", "."),
+    ("%e0%80%af", "/"),
+    ("%ef%bc%8f", "/"),
+    ("%ef%bc%bc", "/"),
+    ("%c0%ae", "."),
+    ("%c0%af", "/"),
+    ("%u002e", "."),
+    ("%uff0e", "."),
+    ("%u002f", "/"),
+    ("%u005c", "/"),
+    ("%uff0f", "/"),
+    ("%2e", "."),
+    ("%2f", "/"),
+    ("%5c", "/"),
+    ("%3b", ";"),
+    ("%20", " "),
+    ("\\", "/"),
+];
 
 fn bad_uri(e: impl std::fmt::Display) -> ProxyError {
     ProxyError::Unreachable(format!("cannot build upstream URI: {e}"))
