@@ -104,6 +104,13 @@ async fn bad_handshakes_get_400_with_the_reason_and_never_a_websocket() {
             !response_headers.contains_key("sec-websocket-accept"),
             "{what}: no WebSocket accept"
         );
+        // RFC 6455 §4.4: a refused version is answered with the one spoken.
+        let version = response_headers.get("sec-websocket-version");
+        if what == "version 8" {
+            assert_eq!(version.map(|v| v.as_bytes()), Some(&b"13"[..]), "{what}");
+        } else {
+            assert_eq!(version, None, "{what}");
+        }
     }
     assert_eq!(
         gw.metric("roomgate_upgrades_rejected_total{reason=\"bad_handshake\"}")

@@ -133,7 +133,17 @@ impl Upgrader {
         request::host(request.version(), request.headers())
             .map_err(|e| bad(&format!("bad request: {e}")))?;
         let accept = handshake_accept(request.method(), request.version(), request.headers())
-            .map_err(bad)?;
+            .map_err(|why| {
+                let mut rejection = bad(why);
+                if why == UNSUPPORTED_VERSION {
+                    // RFC 6455 §4.4: the refusal names the version spoken
+                    // here, for a client that can fall back to it.
+                    rejection
+                        .headers
+                        .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+                }
+                rejection
+            })?;
         if self.shutdown.is_stopping() {
             return Err(unavailable(RejectReason::ShuttingDown, "shutting down"));
         }
@@ -222,6 +232,9 @@ async fn take_over(
     Some((ws, write))
 }
 
+/// Why a handshake without version 13 is refused.
+const UNSUPPORTED_VERSION: &str = "bad handshake: Sec-WebSocket-Version must be 13";
+
 /// Checks an upgrade request against RFC 6455 §4.2.1 and returns the
 /// `Sec-WebSocket-Accept` value, or why the handshake is bad.
 fn handshake_accept(
@@ -246,7 +259,7 @@ fn handshake_accept(
     let version = at_most_once(headers, header::SEC_WEBSOCKET_VERSION)
         .ok_or("bad handshake: Sec-WebSocket-Version given more than once")?;
     if version.map(|v| v.as_bytes()) != Some(b"13") {
-        return Err("bad handshake: Sec-WebSocket-Version must be 13");
+        return Err(UNSUPPORTED_VERSION);
     }
     let key = at_most_once(headers, header::SEC_WEBSOCKET_KEY)
         .ok_or("bad handshake: Sec-WebSocket-Key given more than once")?
