@@ -97,11 +97,6 @@ impl Backlog {
         }
     }
 
-    /// Whether nothing waits.
-    pub fn is_empty(&self) -> bool {
-        self.queue.is_empty()
-    }
-
     /// Queues `message`, or drops and counts it when the budget is spent.
     pub fn admit(&mut self, mut message: Message) {
         let cost = message.length.saturating_add(MESSAGE_OVERHEAD);
@@ -118,16 +113,29 @@ impl Backlog {
         self.queue.push_back((message, cost));
     }
 
-    /// Admits what has arrived on `messages`, without waiting. Returns
-    /// whether the stream has ended.
+    /// Takes what has arrived on `messages`, without waiting: into `run`
+    /// while it is under `limit` (counted in `taken`) and nothing waits
+    /// here, so that the order stays the channel's; the rest is admitted
+    /// to the backlog. Returns whether the stream has ended. A run that
+    /// takes all that arrived, as most do, never touches the budget.
     ///
     /// Outside tokio's cooperative budget: within one poll of its task the
     /// channel would otherwise seem empty after 128 messages, and a task
     /// busy with large messages polls seldom, so the channel would fill.
     /// The look is bounded by [`MAX_TAKEN`] instead.
-    pub fn take_arrived(&mut self, messages: &mut (impl Stream<Item = Message> + Unpin)) -> bool {
+    pub fn take_arrived(
+        &mut self,
+        messages: &mut (impl Stream<Item = Message> + Unpin),
+        run: &mut Vec<Message>,
+        taken: &mut Handed,
+        limit: Handed,
+    ) -> bool {
         for _ in 0..MAX_TAKEN {
             match tokio::task::unconstrained(messages.next()).now_or_never() {
+                Some(Some(message)) if self.queue.is_empty() && !taken.reached(limit) => {
+                    taken.add(message.payload.len());
+                    run.push(message);
+                }
                 Some(Some(message)) => self.admit(message),
                 Some(None) => return true,
                 None => break,
@@ -136,8 +144,8 @@ impl Backlog {
         false
     }
 
-    /// Moves the oldest messages into `run` until they reach `limit`, at
-    /// least one if any waits, and returns what they count.
+    /// Starts `run` with the oldest waiting messages, until they reach
+    /// `limit` (at least one if any waits), and returns what they count.
     pub fn take_run(&mut self, run: &mut Vec<Message>, limit: Handed) -> Handed {
         let mut taken = Handed::default();
         while !taken.reached(limit) {
@@ -230,24 +238,39 @@ mod tests {
     }
 
     #[test]
-    fn what_has_arrived_is_taken_without_waiting() {
+    fn what_has_arrived_fills_the_run_then_waits_in_order() {
         let (budget, dropped) = budget(usize::MAX);
         let mut backlog = Backlog::new(budget);
-        let mut open = futures_util::stream::iter(vec![message(1), message(2)])
-            .chain(futures_util::stream::pending());
-        assert!(!backlog.take_arrived(&mut open), "still open");
-        let mut ended = futures_util::stream::iter(vec![message(3)]);
-        assert!(backlog.take_arrived(&mut ended), "ended");
+        let two = Handed {
+            frames: 2,
+            bytes: usize::MAX,
+        };
+        let sizes = |run: &mut Vec<Message>| -> Vec<usize> {
+            run.drain(..).map(|m| m.payload.len()).collect()
+        };
+        let mut open =
+            futures_util::stream::iter((1..=5).map(message)).chain(futures_util::stream::pending());
         let mut run = Vec::new();
-        backlog.take_run(
-            &mut run,
-            Handed {
-                frames: 10,
-                bytes: usize::MAX,
-            },
+        let mut taken = Handed::default();
+        assert!(!backlog.take_arrived(&mut open, &mut run, &mut taken, two));
+        assert_eq!(sizes(&mut run), [1, 2], "the run takes up to its limit");
+        assert_eq!(backlog.queue.len(), 3, "the rest waits");
+
+        // Older messages wait in the backlog: a new arrival goes behind
+        // them, even when the run has room.
+        let mut ended = futures_util::stream::iter(vec![message(6)]);
+        let mut taken = backlog.take_run(&mut run, two);
+        assert_eq!(taken.frames, 2);
+        assert!(
+            backlog.take_arrived(&mut ended, &mut run, &mut taken, two),
+            "ended"
         );
-        let sizes: Vec<usize> = run.iter().map(|m| m.payload.len()).collect();
-        assert_eq!(sizes, [1, 2, 3], "in order");
+        assert_eq!(sizes(&mut run), [3, 4]);
+        let taken = backlog.take_run(&mut run, two);
+        assert_eq!(sizes(&mut run), [5, 6], "in the channel's order");
+        assert_eq!(taken.frames, 2);
+        let nothing = backlog.take_run(&mut run, two);
+        assert_eq!(nothing, Handed::default(), "nothing left");
         assert_eq!(dropped.get(), 0);
     }
 }

@@ -109,8 +109,9 @@ pub enum NatsSetupError {
 
 /// Most payload bytes a delivery task handles before it takes what has
 /// arrived meanwhile into its backlog: a run of small messages is handled
-/// whole, a large message alone.
-const RUN_BYTES: usize = 1024 * 1024;
+/// whole, a large message alone, so that the channel fills for the time
+/// of one such message at most.
+const RUN_BYTES: usize = 256 * 1024;
 
 /// Settings the bridge acts on, besides the connection.
 #[derive(Debug, Clone)]
@@ -636,7 +637,13 @@ impl Bridge {
                 if stop.is_cancelled() || token.is_cancelled() {
                     break;
                 }
-                if backlog.is_empty() {
+                // A run is cut at the limit on its own, and at `RUN_BYTES`
+                // so that the channel is looked at again soon; what runs
+                // add up to decides when the writers get their turn, so
+                // that between two turns less than two runs' worth, a send
+                // queue, is handed over.
+                let mut taken = backlog.take_run(&mut run, run_limit);
+                if run.is_empty() {
                     if !open {
                         break;
                     }
@@ -645,22 +652,20 @@ impl Bridge {
                         _ = stop.cancelled() => break,
                         _ = token.cancelled() => break,
                         message = messages.next() => match message {
-                            Some(message) => backlog.admit(message),
+                            Some(message) => {
+                                taken.add(message.payload.len());
+                                run.push(message);
+                            }
                             None => break,
                         },
                     }
                 }
-                // Everything that has arrived leaves the channel now, so
-                // that the byte budget, not the channel's count, bounds it.
+                // Everything that has arrived leaves the channel now: what
+                // does not fit the run waits in the backlog, whose byte
+                // budget, not the channel's count, bounds it.
                 if open {
-                    open = !backlog.take_arrived(&mut messages);
+                    open = !backlog.take_arrived(&mut messages, &mut run, &mut taken, run_limit);
                 }
-                // A run is cut at the limit on its own, and at `RUN_BYTES`
-                // so that the channel is looked at again soon; what runs
-                // add up to decides when the writers get their turn, so
-                // that between two turns less than two runs' worth, a send
-                // queue, is handed over.
-                let taken = backlog.take_run(&mut run, run_limit);
                 match &room {
                     Some(room) => inbound.handle_room(room, run.drain(..)),
                     None => run.drain(..).for_each(|m| inbound.handle_fixed(m)),

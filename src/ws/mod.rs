@@ -138,9 +138,10 @@ impl Upgrader {
                 if why == UNSUPPORTED_VERSION {
                     // RFC 6455 §4.4: the refusal names the version spoken
                     // here, for a client that can fall back to it.
-                    rejection
-                        .headers
-                        .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+                    rejection.headers.insert(
+                        header::SEC_WEBSOCKET_VERSION,
+                        HeaderValue::from_static("13"),
+                    );
                 }
                 rejection
             })?;
