@@ -866,3 +866,25 @@ async fn an_upload_the_upstream_resets_without_answering_gets_502() {
     let reply = upload_in_one_write(&gw, 5 << 20).await;
     assert!(reply.starts_with("HTTP/1.1 502"), "{reply:?}");
 }
+
+#[tokio::test]
+async fn a_request_length_with_leading_zeros_reaches_the_upstream_as_a_plain_number() {
+    // `010` is ten bytes to the gateway; an upstream that read it as octal
+    // would take the last two for the start of another request.
+    let upstream = RawUpstream::start(OK).await;
+    let gw = upstream.gateway().await;
+    let reply = exchange(
+        &gw,
+        b"POST /upload HTTP/1.1\r\nhost: app.test\r\ncontent-length: 010\r\n\r\n0123456789",
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply:?}");
+    let heads = upstream.heads();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    assert_eq!(
+        field(&heads[0], "content-length"),
+        Some("10"),
+        "{}",
+        heads[0]
+    );
+}

@@ -709,6 +709,9 @@ impl Proxy {
         };
         parts.version = hyper::Version::HTTP_11;
         request_headers(&mut parts.headers, upgrade)?;
+        // hyper read `010` as ten bytes; an upstream that reads it as octal
+        // would take the last two for the start of another request.
+        canonical_length(&mut parts.headers);
         append_forwarded_for(&mut parts.headers, client);
         parts
             .headers
@@ -775,8 +778,9 @@ fn target_host(uri: &Uri, target: &Authority) -> Result<HeaderValue, ProxyError>
 }
 
 /// Replaces a `Content-Length` whose value is not a number written plainly
-/// (`5, 5`, `005`, two field lines) with that number, so that clients that
-/// read only plain numbers can frame the body too.
+/// (`5, 5`, `005`, two field lines) with that number, so that a peer that
+/// reads only plain numbers, or reads a leading zero as octal, frames the
+/// body as the gateway did.
 fn canonical_length(headers: &mut HeaderMap) {
     let plain = |v: &HeaderValue| {
         let b = v.as_bytes();
