@@ -89,19 +89,12 @@ pub const MAX_INTEREST: usize = 64 * 1024;
 /// bytes it carries: its own size, the room name, the connection it holds.
 const EVENT_OVERHEAD: usize = 256;
 
-/// How many bytes of its client's frame a message's `content` may keep
-/// alive besides its own, when it is a slice of the frame rather than a
-/// copy. They count against the byte budget: a frame padded with other
-/// fields would otherwise hold far more than its content says. The room
-/// name (128 bytes at most), an `id` (64) and the field names fit.
-pub const FRAME_SLACK: usize = 512;
-
 impl Event {
     /// The bytes this event holds while queued, as counted against the
     /// queue's byte budget.
     fn weight(&self) -> usize {
         let carried = match self {
-            Event::Message { content, .. } => content.len() + FRAME_SLACK,
+            Event::Message { content, .. } => content.len(),
             Event::Reply { subject, body } => subject.len() + body.len(),
             _ => 0,
         };
@@ -336,11 +329,8 @@ mod tests {
         let from = sender(&shutdown);
         let dropped = IntCounter::new("dropped", "events dropped").expect("counter");
         // Room for the count, but only two 4 KiB messages' worth of bytes.
-        let (events, mut stream) = Events::channel(
-            100,
-            2 * (4096 + FRAME_SLACK + EVENT_OVERHEAD),
-            dropped.clone(),
-        );
+        let (events, mut stream) =
+            Events::channel(100, 2 * (4096 + EVENT_OVERHEAD), dropped.clone());
         for _ in 0..5 {
             events.publish(message(&from, 4096));
         }
