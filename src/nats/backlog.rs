@@ -1,16 +1,16 @@
 //! Messages taken from NATS that wait to be delivered, bounded in bytes.
 //!
 //! async-nats keeps each subscription's messages in a channel bounded in
-//! count only (`SUBSCRIPTION_CAPACITY` messages), and a message
-//! may be as large as the server's `max_payload` (1 MB by default, up to
-//! 64 MB). A backend that publishes large payloads faster than they become
-//! frames (a wrapped payload of control characters grows sixfold when
-//! escaped) would fill that channel with gigabytes. So each delivery task
-//! empties its channel into a [`Backlog`] whenever it looks, and the
-//! backlogs of all tasks share one [`Budget`] ([`budget_bytes`]): a
-//! message that would take them past it is dropped and counted as `nats_slow_consumer`, as
-//! async-nats counts the messages it drops from a full channel. The channel
-//! then only fills while one run of messages is being handled.
+//! count only (`SUBSCRIPTION_CAPACITY` messages), and a message may be as
+//! large as the server's `max_payload` (1 MB by default, up to 64 MB). A
+//! backend that publishes large payloads faster than they become frames
+//! (a wrapped payload of control characters grows sixfold when escaped)
+//! would fill that channel with gigabytes. So each delivery task takes
+//! whatever has arrived on its channel before each run it handles, and
+//! what the run does not take waits in its [`Backlog`]. The backlogs of
+//! all tasks share one [`Budget`] ([`budget_bytes`]): once it is spent, a
+//! message is dropped and counted as `nats_slow_consumer`, as async-nats
+//! counts the messages it drops from a full channel.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -36,13 +36,9 @@ pub fn budget_bytes(queue: QueueLimits) -> usize {
 }
 
 /// What a waiting message costs besides its subject, headers and payload
-/// (async-nats' `length`): the message's own fields and its queue slot.
-const MESSAGE_OVERHEAD: usize = 128;
-
-/// Payloads from this size on are copied out of async-nats' read buffer
-/// when they are let in; smaller ones are few to a buffer, and copying
-/// them would cost every small message.
-const COPIED_FROM: usize = 16 * 1024;
+/// (async-nats' `length`): its queue slot, an `async_nats::Message` (184
+/// bytes in async-nats 0.51) and its cost.
+const MESSAGE_OVERHEAD: usize = 256;
 
 /// Most messages taken from a channel at one look: more than a full
 /// channel, so one look empties it, but a bound while it refills.
@@ -65,16 +61,16 @@ impl Budget {
         })
     }
 
-    /// Takes `bytes` from the budget; false when they do not fit, unless
-    /// `always` (a task with nothing waiting takes any one message, so one
-    /// larger than the budget is delivered rather than always dropped).
-    fn reserve(&self, bytes: usize, always: bool) -> bool {
-        let before = self.held.fetch_add(bytes, Ordering::Relaxed);
-        if !always && before.saturating_add(bytes) > self.max {
-            self.release(bytes);
-            return false;
-        }
-        true
+    /// Takes `bytes` from the budget while any of it is left; false once
+    /// it is spent. A message larger than what is left still goes in, so
+    /// one larger than the whole budget is delivered rather than always
+    /// dropped, and the budget is overdrawn by that one message at most.
+    fn reserve(&self, bytes: usize) -> bool {
+        self.held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                (held < self.max).then(|| held.saturating_add(bytes))
+            })
+            .is_ok()
     }
 
     fn release(&self, bytes: usize) {
@@ -100,16 +96,15 @@ impl Backlog {
     /// Queues `message`, or drops and counts it when the budget is spent.
     pub fn admit(&mut self, mut message: Message) {
         let cost = message.length.saturating_add(MESSAGE_OVERHEAD);
-        if !self.budget.reserve(cost, self.queue.is_empty()) {
+        if !self.budget.reserve(cost) {
             self.budget.dropped.inc();
             return;
         }
-        if message.payload.len() >= COPIED_FROM {
-            // A payload is a slice of async-nats' read buffer, which holds
-            // the messages read with it: kept as it is, one message let in
-            // would keep those dropped around it in memory too.
-            message.payload = Bytes::copy_from_slice(&message.payload);
-        }
+        // A payload is a slice of async-nats' read buffer, which holds the
+        // messages read with it: kept as it is, even a small one would keep
+        // a large one dropped beside it in memory. Copying costs nothing
+        // the common case pays: a run takes what it can without the backlog.
+        message.payload = Bytes::copy_from_slice(&message.payload);
         self.queue.push_back((message, cost));
     }
 
@@ -218,7 +213,58 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_backlog_takes_a_message_larger_than_the_budget() {
+    fn the_budget_is_overdrawn_by_one_message_at_most_however_many_backlogs_share_it() {
+        let (budget, dropped) = budget(1024 * 1024);
+        let mut backlogs: Vec<Backlog> = (0..100).map(|_| Backlog::new(budget.clone())).collect();
+        for backlog in &mut backlogs {
+            backlog.admit(message(1024 * 1024));
+        }
+        assert_eq!(dropped.get(), 99, "one let in, the others dropped");
+        assert!(budget.held.load(Ordering::Relaxed) < 2 * 1024 * 1024 + 1024);
+    }
+
+    #[test]
+    fn what_the_budget_refuses_leaves_a_gap_not_a_reordering() {
+        let cost = "roomgate.all".len() + 1 + MESSAGE_OVERHEAD;
+        let (budget, dropped) = budget(2 * cost);
+        let mut backlog = Backlog::new(budget);
+        let two = Handed {
+            frames: 2,
+            bytes: usize::MAX,
+        };
+        let mut arrived =
+            futures_util::stream::iter((1..=6).map(message)).chain(futures_util::stream::pending());
+        let (mut run, mut taken) = (Vec::new(), Handed::default());
+        backlog.take_arrived(&mut arrived, &mut run, &mut taken, two);
+        let mut order: Vec<usize> = run.drain(..).map(|m| m.payload.len()).collect();
+        backlog.take_run(&mut run, two);
+        order.extend(run.drain(..).map(|m| m.payload.len()));
+        assert_eq!(order, [1, 2, 3, 4], "the run's two, then the two let in");
+        assert_eq!(dropped.get(), 2, "5 and 6 found the budget spent");
+    }
+
+    #[test]
+    fn a_payload_let_in_does_not_keep_the_read_buffer_it_came_from() {
+        let (budget, _) = budget(usize::MAX);
+        let mut backlog = Backlog::new(budget);
+        let buffer = Bytes::from(vec![b'x'; 1024 * 1024]);
+        let mut small = message(0);
+        small.payload = buffer.slice(10..13);
+        backlog.admit(small);
+        let mut run = Vec::new();
+        let mut limit = Handed::default();
+        limit.add(usize::MAX);
+        backlog.take_run(&mut run, limit);
+        let kept = &run[0].payload;
+        assert_eq!(&kept[..], b"xxx");
+        assert!(
+            !buffer.as_ptr_range().contains(&kept.as_ptr()),
+            "a copy, not a slice of the large buffer"
+        );
+    }
+
+    #[test]
+    fn a_message_larger_than_the_budget_is_let_in_when_nothing_is_held() {
         let (budget, dropped) = budget(1024);
         let mut backlog = Backlog::new(budget);
         backlog.admit(message(64 * 1024));

@@ -78,9 +78,9 @@ const STATE_POLL: Duration = Duration::from_millis(100);
 
 /// Messages async-nats buffers per subscription before it drops (its
 /// default, 65,536, would let one flooded room hold that many payloads).
-/// The delivery task empties the channel into its byte-bounded backlog
-/// each time it looks (`backlog`), so the channel fills only while a run
-/// of messages is handled.
+/// The delivery task empties the channel before each run it handles
+/// (`backlog`), so the channel fills only while a run is handled or the
+/// task waits for a thread.
 const SUBSCRIPTION_CAPACITY: usize = 4096;
 
 /// Why the bridge could not be set up; reported at start-up.
