@@ -888,3 +888,25 @@ async fn a_request_length_with_leading_zeros_reaches_the_upstream_as_a_plain_num
         heads[0]
     );
 }
+
+#[tokio::test]
+async fn a_request_with_a_length_and_chunked_coding_goes_on_chunked_without_the_length() {
+    // RFC 9112 §6.3: the chunked coding wins. Passing the length on with it
+    // would let an upstream that reads the length frame the body otherwise.
+    let upstream = RawUpstream::start(OK).await;
+    let gw = upstream.gateway().await;
+    for method in ["POST", "GET"] {
+        let request = format!(
+            "{method} /both HTTP/1.1\r\nhost: app.test\r\ncontent-length: 5\r\n\
+             transfer-encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
+        );
+        let reply = exchange(&gw, request.as_bytes()).await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{method}: {reply:?}");
+    }
+    let heads = upstream.heads();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    for head in &heads {
+        assert_eq!(field(head, "transfer-encoding"), Some("chunked"), "{head}");
+        assert_eq!(field(head, "content-length"), None, "{head}");
+    }
+}

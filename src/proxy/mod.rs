@@ -236,14 +236,22 @@ impl Base {
 /// a `;` (`..;`, which Java servers read as `..`) or with trailing spaces
 /// (`..%20`, which Windows drops).
 fn has_dot_segment(path: &str) -> bool {
-    if !path.contains('.') && !path.contains('%') {
-        return false;
+    if !path.contains('%') && !path.contains('\\') {
+        // Nothing to decode: the path is read as it is, without copies.
+        return path.contains('.') && has_dot_name(path);
     }
+    // `%25` first, so that what was encoded twice is decoded twice.
     let decoded = ENCODED_PATH_CHARACTERS.iter().fold(
         path.to_ascii_lowercase().replace("%25", "%"),
         |path, (encoded, plain)| path.replace(encoded, plain),
     );
-    decoded.split('/').any(|segment| {
+    has_dot_name(&decoded)
+}
+
+/// Whether a segment of `path` names `.` or `..`, once its parameters
+/// (after `;`) and trailing spaces are left out.
+fn has_dot_name(path: &str) -> bool {
+    path.split('/').any(|segment| {
         let name = segment.split(';').next().unwrap_or(segment);
         let name = name.trim_end_matches(' ');
         name == "." || name == ".."
@@ -251,8 +259,9 @@ fn has_dot_segment(path: &str) -> bool {
 }
 
 /// The ways of writing a dot, a slash, a semicolon or a space that some
-/// server reads as one, lowercase, longest first where one holds another.
-const ENCODED_PATH_CHARACTERS: [(&str, &str); 18] = [
+/// server reads as one, lowercase. The longer forms come first: `%2e`
+/// would otherwise turn the end of `%u002e` into a dot and leave `%u00.`.
+const ENCODED_PATH_CHARACTERS: &[(&str, &str)] = &[
     ("%e0%80%ae", "."),
     ("%ef%bc%8e", "."),
     ("%e0%80%af", "/"),
