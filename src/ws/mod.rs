@@ -133,17 +133,18 @@ impl Upgrader {
         request::host(request.version(), request.headers())
             .map_err(|e| bad(&format!("bad request: {e}")))?;
         let accept = handshake_accept(request.method(), request.version(), request.headers())
-            .map_err(|why| {
-                let mut rejection = bad(why);
-                if why == UNSUPPORTED_VERSION {
+            .map_err(|e| match e {
+                BadHandshake::Invalid(why) => bad(why),
+                BadHandshake::Version => {
+                    let mut rejection = bad(e.why());
                     // RFC 6455 §4.4: the refusal names the version spoken
                     // here, for a client that can fall back to it.
                     rejection.headers.insert(
                         header::SEC_WEBSOCKET_VERSION,
                         HeaderValue::from_static("13"),
                     );
+                    rejection
                 }
-                rejection
             })?;
         if self.shutdown.is_stopping() {
             return Err(unavailable(RejectReason::ShuttingDown, "shutting down"));
@@ -233,8 +234,30 @@ async fn take_over(
     Some((ws, write))
 }
 
-/// Why a handshake without version 13 is refused.
-const UNSUPPORTED_VERSION: &str = "bad handshake: Sec-WebSocket-Version must be 13";
+/// Why a handshake is refused.
+#[derive(Debug, PartialEq, Eq)]
+enum BadHandshake {
+    /// Malformed, for the reason given.
+    Invalid(&'static str),
+    /// A version other than 13, which the answer names.
+    Version,
+}
+
+impl BadHandshake {
+    /// The reason, for the answer's body.
+    fn why(&self) -> &'static str {
+        match self {
+            Self::Invalid(why) => why,
+            Self::Version => "bad handshake: Sec-WebSocket-Version must be 13",
+        }
+    }
+}
+
+impl From<&'static str> for BadHandshake {
+    fn from(why: &'static str) -> Self {
+        Self::Invalid(why)
+    }
+}
 
 /// Checks an upgrade request against RFC 6455 §4.2.1 and returns the
 /// `Sec-WebSocket-Accept` value, or why the handshake is bad.
@@ -242,31 +265,31 @@ fn handshake_accept(
     method: &Method,
     version: Version,
     headers: &hyper::HeaderMap,
-) -> Result<String, &'static str> {
+) -> Result<String, BadHandshake> {
     if method != Method::GET {
-        return Err("bad handshake: a WebSocket upgrade must be a GET");
+        return Err("bad handshake: a WebSocket upgrade must be a GET".into());
     }
     // An HTTP/1.0 connection cannot be upgraded: hyper would send the 101
     // and then close it.
     if version != Version::HTTP_11 {
-        return Err("bad handshake: a WebSocket upgrade must be HTTP/1.1");
+        return Err("bad handshake: a WebSocket upgrade must be HTTP/1.1".into());
     }
     if !header_has_token(headers, header::UPGRADE, "websocket") {
-        return Err("bad handshake: expected Upgrade: websocket");
+        return Err("bad handshake: expected Upgrade: websocket".into());
     }
     if !header_has_token(headers, header::CONNECTION, "upgrade") {
-        return Err("bad handshake: expected Connection: Upgrade");
+        return Err("bad handshake: expected Connection: Upgrade".into());
     }
     let version = at_most_once(headers, header::SEC_WEBSOCKET_VERSION)
         .ok_or("bad handshake: Sec-WebSocket-Version given more than once")?;
     if version.map(|v| v.as_bytes()) != Some(b"13") {
-        return Err(UNSUPPORTED_VERSION);
+        return Err(BadHandshake::Version);
     }
     let key = at_most_once(headers, header::SEC_WEBSOCKET_KEY)
         .ok_or("bad handshake: Sec-WebSocket-Key given more than once")?
         .ok_or("bad handshake: missing Sec-WebSocket-Key")?;
     if !is_valid_key(key.as_bytes()) {
-        return Err("bad handshake: Sec-WebSocket-Key must be 16 bytes in base64");
+        return Err("bad handshake: Sec-WebSocket-Key must be 16 bytes in base64".into());
     }
     Ok(derive_accept_key(key.as_bytes()))
 }
@@ -344,6 +367,7 @@ mod tests {
         assert!(
             handshake_accept(&Method::POST, Version::HTTP_11, &headers(&GOOD))
                 .unwrap_err()
+                .why()
                 .contains("GET")
         );
         let mut h = headers(&GOOD);
@@ -351,6 +375,7 @@ mod tests {
         assert!(
             handshake_accept(&Method::GET, Version::HTTP_11, &h)
                 .unwrap_err()
+                .why()
                 .contains("Version")
         );
         let mut h = headers(&GOOD);
@@ -358,11 +383,13 @@ mod tests {
         assert!(
             handshake_accept(&Method::GET, Version::HTTP_11, &h)
                 .unwrap_err()
+                .why()
                 .contains("Key")
         );
         assert!(
             handshake_accept(&Method::GET, Version::HTTP_10, &headers(&GOOD))
                 .unwrap_err()
+                .why()
                 .contains("HTTP/1.1")
         );
         for name in ["sec-websocket-key", "sec-websocket-version"] {
@@ -372,6 +399,7 @@ mod tests {
             assert!(
                 handshake_accept(&Method::GET, Version::HTTP_11, &h)
                     .unwrap_err()
+                    .why()
                     .contains("more than once"),
                 "{name} twice"
             );
@@ -381,6 +409,7 @@ mod tests {
         assert!(
             handshake_accept(&Method::GET, Version::HTTP_11, &h)
                 .unwrap_err()
+                .why()
                 .contains("16 bytes")
         );
     }
