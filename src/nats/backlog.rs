@@ -40,9 +40,14 @@ pub fn budget_bytes(queue: QueueLimits) -> usize {
 /// bytes in async-nats 0.51) and its cost.
 const MESSAGE_OVERHEAD: usize = 256;
 
-/// Most messages taken from a channel at one look: more than a full
-/// channel, so one look empties it, but a bound while it refills.
-const MAX_TAKEN: usize = 2 * super::SUBSCRIPTION_CAPACITY;
+/// Most messages taken from the channels at one look: more than the three
+/// full channels of the fixed subscriptions, so one look empties them,
+/// but a bound while they refill.
+const MAX_TAKEN: usize = 4 * super::SUBSCRIPTION_CAPACITY;
+
+/// Slots an empty backlog keeps rather than give back: what a few runs
+/// need, so that a busy room does not allocate anew for each burst.
+const KEPT_SLOTS: usize = 1024;
 
 /// The byte budget the backlogs of all delivery tasks share.
 pub struct Budget {
@@ -151,6 +156,12 @@ impl Backlog {
             taken.add(message.payload.len());
             run.push(message);
         }
+        if self.queue.is_empty() && self.queue.capacity() > KEPT_SLOTS {
+            // A burst's slots would otherwise stay for the life of the
+            // room's subscription, uncounted: 48 MiB after 250,000
+            // messages of one byte.
+            self.queue = VecDeque::new();
+        }
         taken
     }
 }
@@ -241,6 +252,26 @@ mod tests {
         order.extend(run.drain(..).map(|m| m.payload.len()));
         assert_eq!(order, [1, 2, 3, 4], "the run's two, then the two let in");
         assert_eq!(dropped.get(), 2, "5 and 6 found the budget spent");
+    }
+
+    #[test]
+    fn an_emptied_backlog_gives_back_the_slots_of_a_burst() {
+        let (budget, _) = budget(usize::MAX);
+        let mut backlog = Backlog::new(budget);
+        for _ in 0..10 * KEPT_SLOTS {
+            backlog.admit(message(1));
+        }
+        let mut run = Vec::new();
+        let all = Handed {
+            frames: usize::MAX,
+            bytes: usize::MAX,
+        };
+        backlog.take_run(&mut run, all);
+        assert_eq!(run.len(), 10 * KEPT_SLOTS);
+        assert!(
+            backlog.queue.capacity() <= KEPT_SLOTS,
+            "the slots went back"
+        );
     }
 
     #[test]
