@@ -455,3 +455,23 @@ async fn await_close_reply(stream: &mut WsStream, deadline: tokio::time::Instant
     };
     tokio::time::timeout_at(deadline, drain).await.is_ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_content_is_a_copy_not_a_view_of_the_frame() {
+        let frame = format!(
+            r#"{{"type":"message","room":"r","content":"{}"}}"#,
+            "x".repeat(1000)
+        );
+        let content = &frame[38..frame.len() - 1];
+        let copied = content_bytes(content);
+        assert_eq!(copied, content.as_bytes());
+        assert!(
+            !frame.as_bytes().as_ptr_range().contains(&copied.as_ptr()),
+            "the event must not keep the frame's buffer"
+        );
+    }
+}
