@@ -243,7 +243,13 @@ fn has_dot_segment(path: &str) -> bool {
     // `%25` first, so that what was encoded twice is decoded twice.
     let decoded = ENCODED_PATH_CHARACTERS.iter().fold(
         path.to_ascii_lowercase().replace("%25", "%"),
-        |path, (encoded, plain)| path.replace(encoded, plain),
+        |path, (encoded, plain)| {
+            if path.contains(encoded) {
+                path.replace(encoded, plain)
+            } else {
+                path
+            }
+        },
     );
     has_dot_name(&decoded)
 }
