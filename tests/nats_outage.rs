@@ -558,3 +558,176 @@ async fn messages_queued_for_a_frozen_nats_are_bounded_in_bytes() {
     );
     gw.stop().await;
 }
+
+/// Every subject some `roomgate` instance of `server` is subscribed to.
+async fn roomgate_subjects(server: &NatsServer) -> Vec<String> {
+    let connz = server.monitor("/connz?subs=1&limit=1000").await;
+    connz["connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| {
+            c["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("roomgate "))
+        })
+        .flat_map(|c| {
+            c["subscriptions_list"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|s| s.as_str().map(str::to_string))
+        .collect()
+}
+
+/// More rooms change interest than the bridge lists one by one (65,536)
+/// while a frozen nats-server holds it up: once NATS is back it reconciles
+/// every room. A room joined during the stall gets its subscription, a room
+/// left loses its own, and none of the rooms that came and went has one.
+/// The bridge is held up for as long as the stall lasts, whatever the
+/// machine's speed: a room whose subscribe timed out is retried every
+/// 500 ms, and against a full NATS client queue each retry waits 500 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_interest_bound_a_stalled_bridge_reconciles_every_room() {
+    /// More than twice the rooms the bridge collects one by one
+    /// (`MAX_INTEREST`, 65,536), so the list overflows even should the
+    /// bridge take it once in the middle.
+    const CHURN: usize = 140_000;
+    /// Rooms joined and left per burst.
+    const BURST: usize = 500;
+    let server = NatsServer::start();
+    let url = server.url();
+    let gateway = GatewayProcess::start(
+        &[],
+        &[
+            ("ROOMGATE_NATS_ENABLED", "true"),
+            ("ROOMGATE_NATS_URL", &url),
+            ("ROOMGATE_WEBSOCKET_SEND_QUEUE_CAPACITY", "4096"),
+            // Clients that wait without reading miss no ping, however
+            // long the churn takes.
+            ("ROOMGATE_WEBSOCKET_PING_INTERVAL_SECS", "3600"),
+        ],
+    );
+    let metric = |name: &'static str| async move {
+        let (status, body) = http_get(gateway.admin, "/metrics").await;
+        assert_eq!(status, 200);
+        metric_value(&body, name)
+    };
+    eventually_async("the gateway is connected to NATS", || async {
+        metric("roomgate_nats_connected").await == 1.0
+    })
+    .await;
+    let ws = format!("ws://{}/ws", gateway.addr);
+    let mut leaver = WsClient::connect(&ws).await;
+    leaver.join("before").await;
+    wait_for_subscriber(&server, "roomgate.*.before").await;
+
+    let pid = server.pid().expect("nats-server runs");
+    signal(pid, "STOP");
+    // Fill every buffer on the way to NATS (the socket's, the NATS client's
+    // queue of 2,048 commands, the gateway's event queue) until publishing
+    // fails: from then on a subscribe waits out its timeout.
+    let padding = "x".repeat(4096);
+    within_for(Duration::from_secs(120), "a publish to time out", async {
+        for round in 0..400 {
+            if metric("roomgate_nats_publish_errors_total").await > 0.0 {
+                return;
+            }
+            let frames = (0..100).map(|i| {
+                json!({"type": "message", "room": "before", "content": padding,
+                    "id": format!("{round}.{i}")})
+            });
+            leaver.send_burst(frames).await;
+            for _ in 0..100 {
+                assert_eq!(leaver.recv().await["type"], "ack");
+            }
+        }
+        panic!("40,000 messages and no publish timed out");
+    })
+    .await;
+    // A room whose subscribe times out now, and is retried from then on.
+    let mut late = WsClient::connect(&ws).await;
+    late.join("late").await;
+    eventually("the late room's subscribe to time out", || {
+        gateway
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|line| line.contains("cannot subscribe to a room yet"))
+    })
+    .await;
+    // Changes the bridge cannot follow one by one: noted first, then lost
+    // when the list overflows, so only reconciling every room finds them.
+    let mut early = WsClient::connect(&ws).await;
+    early.join("early").await;
+    leaver.leave("before").await;
+    // The churn: each room gains its first member and loses it.
+    let mut churner = WsClient::connect(&ws).await;
+    within_for(Duration::from_secs(300), "the churn", async {
+        for start in (0..CHURN).step_by(BURST) {
+            let frames = (start..start + BURST).flat_map(|r| {
+                let room = format!("churn.{r}");
+                [
+                    json!({"type": "join", "room": room}),
+                    json!({"type": "leave", "room": room}),
+                ]
+            });
+            churner.send_burst(frames).await;
+            for _ in 0..2 * BURST {
+                let reply = churner.recv().await;
+                assert!(
+                    reply["type"] == "joined" || reply["type"] == "left",
+                    "{reply}"
+                );
+            }
+        }
+    })
+    .await;
+    signal(pid, "CONT");
+
+    // Back: the rooms joined are subscribed, the one left is not, and no
+    // churned room is.
+    let mut last = Vec::new();
+    let settled = async {
+        loop {
+            last = roomgate_subjects(&server).await;
+            let has = |room: &str| last.iter().any(|s| s.ends_with(&format!(".{room}")));
+            if has("late") && has("early") && !has("before") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(60), settled)
+        .await
+        .is_err()
+    {
+        panic!("the subscriptions did not settle: {last:?}");
+    }
+    assert!(
+        !last.iter().any(|s| s.contains(".churn.")),
+        "no churned room is subscribed: {last:?}"
+    );
+    let overflowed = gateway
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|line| line.contains("too many room interest changes"));
+    assert!(
+        overflowed,
+        "the interest set overflowed and every room was reconciled"
+    );
+    let backend = Backend::connect(&server).await;
+    for (room, client) in [("late", &mut late), ("early", &mut early)] {
+        backend
+            .publish(&format!("roomgate.broadcast.{room}"), "after")
+            .await;
+        assert_eq!(
+            client.recv_type("message").await,
+            server_message(Some(room), "after", "server")
+        );
+    }
+}
