@@ -979,20 +979,8 @@ async fn a_flood_of_large_backend_payloads_is_held_within_a_byte_budget() {
     const MESSAGES: usize = 2 * LARGE;
     const PAYLOAD: usize = 1_000_000;
     let server = NatsServer::start();
-    let url = server.url();
-    let gateway = GatewayProcess::start(
-        &[],
-        &[
-            ("ROOMGATE_NATS_ENABLED", "true"),
-            ("ROOMGATE_NATS_URL", &url),
-            ("ROOMGATE_WEBSOCKET_SLOW_CONSUMER", "drop"),
-        ],
-    );
-    let metric = |name: &'static str| async move {
-        let (status, body) = http_get(gateway.admin, "/metrics").await;
-        assert_eq!(status, 200);
-        metric_value(&body, name) as usize
-    };
+    let gateway = nats_gateway_process(&server, &[("ROOMGATE_WEBSOCKET_SLOW_CONSUMER", "drop")]);
+    let metric = |name: &'static str| async { process_metric(&gateway, name).await as usize };
     eventually_async("the gateway is connected to NATS", || async {
         metric("roomgate_nats_connected").await == 1
     })

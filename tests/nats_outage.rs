@@ -559,28 +559,6 @@ async fn messages_queued_for_a_frozen_nats_are_bounded_in_bytes() {
     gw.stop().await;
 }
 
-/// Every subject some `roomgate` instance of `server` is subscribed to.
-async fn roomgate_subjects(server: &NatsServer) -> Vec<String> {
-    let connz = server.monitor("/connz?subs=1&limit=1000").await;
-    connz["connections"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|c| {
-            c["name"]
-                .as_str()
-                .is_some_and(|n| n.starts_with("roomgate "))
-        })
-        .flat_map(|c| {
-            c["subscriptions_list"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-        })
-        .filter_map(|s| s.as_str().map(str::to_string))
-        .collect()
-}
-
 /// More rooms change interest than the bridge lists one by one (65,536)
 /// while a frozen nats-server holds it up: once NATS is back it reconciles
 /// every room. A room joined during the stall gets its subscription, a room
@@ -597,23 +575,16 @@ async fn past_the_interest_bound_a_stalled_bridge_reconciles_every_room() {
     /// Rooms joined and left per burst.
     const BURST: usize = 500;
     let server = NatsServer::start();
-    let url = server.url();
-    let gateway = GatewayProcess::start(
-        &[],
+    let gateway = nats_gateway_process(
+        &server,
         &[
-            ("ROOMGATE_NATS_ENABLED", "true"),
-            ("ROOMGATE_NATS_URL", &url),
             ("ROOMGATE_WEBSOCKET_SEND_QUEUE_CAPACITY", "4096"),
             // Clients that wait without reading miss no ping, however
             // long the churn takes.
             ("ROOMGATE_WEBSOCKET_PING_INTERVAL_SECS", "3600"),
         ],
     );
-    let metric = |name: &'static str| async move {
-        let (status, body) = http_get(gateway.admin, "/metrics").await;
-        assert_eq!(status, 200);
-        metric_value(&body, name)
-    };
+    let metric = |name: &'static str| process_metric(&gateway, name);
     eventually_async("the gateway is connected to NATS", || async {
         metric("roomgate_nats_connected").await == 1.0
     })
@@ -692,7 +663,7 @@ async fn past_the_interest_bound_a_stalled_bridge_reconciles_every_room() {
     let mut last = Vec::new();
     let settled = async {
         loop {
-            last = roomgate_subjects(&server).await;
+            last = subjects_of(&server, |name| name.starts_with("roomgate ")).await;
             let has = |room: &str| last.iter().any(|s| s.ends_with(&format!(".{room}")));
             if has("late") && has("early") && !has("before") {
                 return;

@@ -205,13 +205,19 @@ pub fn header(message: &Message, name: &str) -> Option<String> {
 /// The subjects the gateway `gateway_id` is subscribed to, as `server` sees
 /// them (sorted).
 pub async fn gateway_subjects(server: &NatsServer, gateway_id: &str) -> Vec<String> {
-    let connz = server.monitor("/connz?subs=1&limit=1000").await;
     let name = format!("roomgate {gateway_id}");
+    subjects_of(server, |n| n == name).await
+}
+
+/// The subjects of every client of `server` whose connection name passes
+/// `named` (sorted).
+pub async fn subjects_of(server: &NatsServer, named: impl Fn(&str) -> bool) -> Vec<String> {
+    let connz = server.monitor("/connz?subs=1&limit=1000").await;
     let mut subjects: Vec<String> = connz["connections"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|c| c["name"] == name.as_str())
+        .filter(|c| c["name"].as_str().is_some_and(&named))
         .flat_map(|c| {
             c["subscriptions_list"]
                 .as_array()
@@ -222,6 +228,24 @@ pub async fn gateway_subjects(server: &NatsServer, gateway_id: &str) -> Vec<Stri
         .collect();
     subjects.sort();
     subjects
+}
+
+/// The real binary bridged to `server`, with `env` on top.
+pub fn nats_gateway_process(server: &NatsServer, env: &[(&str, &str)]) -> GatewayProcess {
+    let url = server.url();
+    let mut all = vec![
+        ("ROOMGATE_NATS_ENABLED", "true"),
+        ("ROOMGATE_NATS_URL", &url),
+    ];
+    all.extend_from_slice(env);
+    GatewayProcess::start(&[], &all)
+}
+
+/// A sample of `gateway`'s metrics, read from its admin port.
+pub async fn process_metric(gateway: &GatewayProcess, sample: &str) -> f64 {
+    let (status, body) = http_get(gateway.admin, "/metrics").await;
+    assert_eq!(status, 200);
+    metric_value(&body, sample)
 }
 
 /// Whether `subjects` include a subscription carrying `room`'s broadcasts
