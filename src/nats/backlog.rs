@@ -45,6 +45,10 @@ const MESSAGE_OVERHEAD: usize = 256;
 /// but a bound while they refill.
 const MAX_TAKEN: usize = 4 * super::SUBSCRIPTION_CAPACITY;
 
+/// What a parsed header value costs beside its bytes on the wire: its
+/// share of the map's entry and the allocations of its name and value.
+const HEADER_VALUE_OVERHEAD: usize = 128;
+
 /// Slots an empty backlog keeps rather than give back: what a few runs
 /// need, so that a busy room does not allocate anew for each burst.
 const KEPT_SLOTS: usize = 1024;
@@ -100,7 +104,7 @@ impl Backlog {
 
     /// Queues `message`, or drops and counts it when the budget is spent.
     pub fn admit(&mut self, mut message: Message) {
-        let cost = message.length.saturating_add(MESSAGE_OVERHEAD);
+        let cost = cost_of(&message);
         if !self.budget.reserve(cost) {
             self.budget.dropped.inc();
             return;
@@ -164,6 +168,20 @@ impl Backlog {
         }
         taken
     }
+}
+
+/// What `message` holds while it waits: its length on the wire (subject,
+/// reply subject, headers, payload), the message itself, and for each
+/// header value the map entry and strings it was parsed into, which come
+/// to far more than the few bytes a short field takes on the wire.
+fn cost_of(message: &Message) -> usize {
+    let values: usize = message.headers.as_ref().map_or(0, |headers| {
+        headers.iter().map(|(_, values)| values.len()).sum()
+    });
+    message
+        .length
+        .saturating_add(MESSAGE_OVERHEAD)
+        .saturating_add(values.saturating_mul(HEADER_VALUE_OVERHEAD))
 }
 
 impl Drop for Backlog {
@@ -252,6 +270,21 @@ mod tests {
         order.extend(run.drain(..).map(|m| m.payload.len()));
         assert_eq!(order, [1, 2, 3, 4], "the run's two, then the two let in");
         assert_eq!(dropped.get(), 2, "5 and 6 found the budget spent");
+    }
+
+    #[test]
+    fn each_header_value_counts_what_its_parsed_form_holds() {
+        let plain = message(10);
+        let mut headed = message(10);
+        let mut headers = async_nats::HeaderMap::new();
+        for i in 0..100 {
+            headers.insert(format!("h{i}").as_str(), "v");
+        }
+        headed.headers = Some(headers);
+        assert_eq!(
+            cost_of(&headed) - cost_of(&plain),
+            100 * HEADER_VALUE_OVERHEAD
+        );
     }
 
     #[test]
