@@ -279,19 +279,15 @@ async fn backend_broadcast_reaches_members_wrapped_raw_or_excluding_one() {
     assert_eq!(a.recv().await, wrapped);
     assert_eq!(b.recv().await, wrapped);
 
-    backend
-        .publish_with(subject, &[("Roomgate-From", "bot")], "beep")
-        .await;
-    let from_bot = server_message(Some("game.42.lobby"), "beep", "bot");
-    assert_eq!(a.recv().await, from_bot);
-    assert_eq!(b.recv().await, from_bot);
     // An empty `Roomgate-From` names nobody: the sender is the server.
-    backend
-        .publish_with(subject, &[("Roomgate-From", "")], "boop")
-        .await;
-    let from_nobody = server_message(Some("game.42.lobby"), "boop", "server");
-    assert_eq!(a.recv().await, from_nobody);
-    assert_eq!(b.recv().await, from_nobody);
+    for (header, payload, from) in [("bot", "beep", "bot"), ("", "boop", "server")] {
+        backend
+            .publish_with(subject, &[("Roomgate-From", header)], payload)
+            .await;
+        let expected = server_message(Some("game.42.lobby"), payload, from);
+        assert_eq!(a.recv().await, expected);
+        assert_eq!(b.recv().await, expected);
+    }
 
     let raw = r#"{"type":"scoreboard","scores":[1,2]}"#;
     backend

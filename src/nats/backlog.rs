@@ -40,14 +40,14 @@ pub fn budget_bytes(queue: QueueLimits) -> usize {
 /// bytes in async-nats 0.51) and its cost.
 const MESSAGE_OVERHEAD: usize = 256;
 
+/// What a parsed header value costs beside its bytes on the wire: its
+/// share of the map's entry and the allocations of its name and value.
+const HEADER_VALUE_OVERHEAD: usize = 128;
+
 /// Most messages taken from the channels at one look: more than the three
 /// full channels of the fixed subscriptions, so one look empties them,
 /// but a bound while they refill.
 const MAX_TAKEN: usize = 4 * super::SUBSCRIPTION_CAPACITY;
-
-/// What a parsed header value costs beside its bytes on the wire: its
-/// share of the map's entry and the allocations of its name and value.
-const HEADER_VALUE_OVERHEAD: usize = 128;
 
 /// Slots an empty backlog keeps rather than give back: what a few runs
 /// need, so that a busy room does not allocate anew for each burst.

@@ -83,6 +83,12 @@ const STATE_POLL: Duration = Duration::from_millis(100);
 /// task waits for a thread.
 const SUBSCRIPTION_CAPACITY: usize = 4096;
 
+/// Most payload bytes a delivery task handles before it takes what has
+/// arrived meanwhile into its backlog: a run of small messages is handled
+/// whole, a large message alone, so that the channel fills for the time
+/// of one such message at most.
+const RUN_BYTES: usize = 256 * 1024;
+
 /// Why the bridge could not be set up; reported at start-up.
 #[derive(Debug, thiserror::Error)]
 pub enum NatsSetupError {
@@ -106,12 +112,6 @@ pub enum NatsSetupError {
     #[error("nats: {0}")]
     Connect(String),
 }
-
-/// Most payload bytes a delivery task handles before it takes what has
-/// arrived meanwhile into its backlog: a run of small messages is handled
-/// whole, a large message alone, so that the channel fills for the time
-/// of one such message at most.
-const RUN_BYTES: usize = 256 * 1024;
 
 /// Settings the bridge acts on, besides the connection.
 #[derive(Debug, Clone)]

@@ -133,18 +133,17 @@ impl Upgrader {
         request::host(request.version(), request.headers())
             .map_err(|e| bad(&format!("bad request: {e}")))?;
         let accept = handshake_accept(request.method(), request.version(), request.headers())
-            .map_err(|e| match e {
-                BadHandshake::Invalid(why) => bad(why),
-                BadHandshake::Version => {
-                    let mut rejection = bad(e.why());
+            .map_err(|e| {
+                let mut rejection = bad(e.why());
+                if e == BadHandshake::Version {
                     // RFC 6455 §4.4: the refusal names the version spoken
                     // here, for a client that can fall back to it.
                     rejection.headers.insert(
                         header::SEC_WEBSOCKET_VERSION,
                         HeaderValue::from_static("13"),
                     );
-                    rejection
                 }
+                rejection
             })?;
         if self.shutdown.is_stopping() {
             return Err(unavailable(RejectReason::ShuttingDown, "shutting down"));
