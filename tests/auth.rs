@@ -502,6 +502,34 @@ async fn a_rooms_claim_of_null_allows_no_room() {
 }
 
 #[tokio::test]
+async fn a_blank_subject_is_no_user() {
+    // As a blank `Roomgate-User` is in forward auth: backends and members
+    // see one shape of anonymous, whichever way the gateway authenticates.
+    let gw = jwt_gateway(&[("ROOMGATE_WEBSOCKET_ROOMS_PRESENCE", "true")]);
+    let url = |sub: &str| {
+        let token = hs256(&claims(|c| c["sub"] = json!(sub)));
+        format!("ws://{}/ws?token={token}", gw.addr)
+    };
+    let mut watcher = WsClient::connect(&url("watcher")).await;
+    watcher.join("lobby").await;
+    let mut members = Vec::new();
+    for sub in ["", " \t", "alice"] {
+        let mut member = WsClient::connect(&url(sub)).await;
+        member.join("lobby").await;
+        // Kept connected: a leave would come before the next join.
+        members.push(member);
+        let presence = watcher.recv().await;
+        assert_eq!(presence["event"], "join", "{presence}");
+        let expected = if sub == "alice" {
+            json!("alice")
+        } else {
+            Value::Null
+        };
+        assert_eq!(presence["user"], expected, "sub {sub:?}: {presence}");
+    }
+}
+
+#[tokio::test]
 async fn a_token_with_a_critical_extension_is_refused() {
     // RFC 7515 §4.1.11: an extension marked critical that the recipient
     // does not understand makes the token invalid.
@@ -561,9 +589,10 @@ async fn tokens_and_cookies_never_reach_the_logs() {
 
 /// An upstream whose `/auth/ws` admits the cookie `session=good` as alice
 /// (rooms `chat.*`), `session=norooms` with an empty room list,
-/// `session=utf8` as José and `session=notutf8` as a user that is not
-/// text, refuses `session=banned` with 403 and a body, and serves
-/// everything else with 200.
+/// `session=utf8` as José, `session=notutf8` as a user that is not
+/// text and `session=twousers` as both alice and bob, refuses
+/// `session=banned` with 403 and a body, and serves everything else
+/// with 200.
 async fn auth_upstream() -> Upstream {
     Upstream::start(|request: Request<hyper::body::Incoming>| async move {
         if request.uri().path() != "/auth/ws" {
@@ -605,6 +634,12 @@ async fn auth_upstream() -> Upstream {
                     "roomgate-user",
                     hyper::header::HeaderValue::from_bytes(b"a\xffb").expect("bytes"),
                 )
+                .body(full(""))
+                .expect("response")
+        } else if cookie.contains("session=twousers") {
+            Response::builder()
+                .header("roomgate-user", "alice")
+                .header("roomgate-user", "bob")
                 .body(full(""))
                 .expect("response")
         } else if cookie.contains("session=banned") {
@@ -652,15 +687,17 @@ async fn user_shown(url: &str, cookie: &str) -> Value {
 }
 
 #[tokio::test]
-async fn forward_auth_takes_a_utf8_user_and_refuses_a_user_that_is_not_text() {
+async fn forward_auth_takes_a_utf8_user_and_refuses_a_user_that_is_not_text_or_not_one() {
     let upstream = auth_upstream().await;
     let gw = forward_auth_gateway(&upstream).await;
     let url = gw.ws_url();
     assert_eq!(user_shown(&url, "session=utf8").await, "José");
-    // Not anonymous instead: refused, as for any answer the gateway
-    // cannot use.
-    let (status, _) = upgrade_status(gw.addr, "", &[("cookie", "session=notutf8")]).await;
-    assert_eq!(status, 503);
+    // Not anonymous instead, nor the first user named: refused, as for any
+    // answer the gateway cannot use.
+    for cookie in ["session=notutf8", "session=twousers"] {
+        let (status, _) = upgrade_status(gw.addr, "", &[("cookie", cookie)]).await;
+        assert_eq!(status, 503, "{cookie}");
+    }
     assert_eq!(
         gw.metric("roomgate_connections_opened_total").await,
         2.0,
@@ -810,10 +847,17 @@ async fn disallowed_origin_gets_403_before_any_auth() {
     assert_eq!(upgrade_status(gw.addr, &with_token, &app).await.0, 101);
     // Non-browser clients send no Origin and cannot be hijacked cross-site.
     assert_eq!(upgrade_status(gw.addr, &with_token, &[]).await.0, 101);
+    // A request has one origin: with two, in either order, neither counts.
+    let both = [app[0], evil[0]];
+    assert_eq!(upgrade_status(gw.addr, &with_token, &both).await.0, 403);
+    let both = [evil[0], app[0]];
+    assert_eq!(upgrade_status(gw.addr, &with_token, &both).await.0, 403);
+    let twice = [app[0], app[0]];
+    assert_eq!(upgrade_status(gw.addr, &with_token, &twice).await.0, 403);
     assert_eq!(
         gw.metric(r#"roomgate_upgrades_rejected_total{reason="origin"}"#)
             .await,
-        2.0
+        5.0
     );
 }
 
@@ -1005,4 +1049,40 @@ async fn a_forward_auth_check_on_a_connection_the_service_just_closed_is_sent_ag
         assert_eq!(status, 101);
     }
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_check_sent_again_gets_only_what_is_left_of_the_timeout() {
+    // The service reads each check, holds it for most of the timeout and
+    // then closes the connection without answering. The check goes again
+    // on a new connection, but within the one timeout the client was
+    // promised: 503 at about 3 s, not after two holds (5 s).
+    const HOLD: Duration = Duration::from_millis(2500);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await;
+                tokio::time::sleep(HOLD).await;
+            });
+        }
+    });
+    let gw = TestGateway::with(|c| {
+        c.auth.mode = roomgate::config::AuthMode::Upstream;
+        c.upstream.url = format!("http://{addr}");
+        c.auth.upstream.timeout_secs = 3;
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let (status, _) = upgrade_status(gw.addr, "", &[]).await;
+    let took = started.elapsed();
+    assert_eq!(status, 503);
+    assert!(
+        took < Duration::from_millis(4200),
+        "503 after {took:?}: the second attempt had a timeout of its own"
+    );
 }

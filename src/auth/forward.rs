@@ -52,8 +52,8 @@ impl ForwardAuth {
             })?;
         let status = response.status();
         if status.is_success() {
-            return identity(response.headers()).ok_or_else(|| {
-                tracing::warn!("auth upstream answered with a Roomgate-User that is not UTF-8");
+            return identity(response.headers()).map_err(|why| {
+                tracing::warn!("auth upstream answered with {why}");
                 unavailable()
             });
         }
@@ -136,13 +136,19 @@ impl ForwardAuth {
 /// from a user's rooms never grants every room to a user who has none. The
 /// list may come in several field lines, which count as one list joined by
 /// commas (RFC 9110 §5.3). The user is UTF-8 text, as a JWT's `sub` is;
-/// an answer whose user is not text grants nothing (`None`): admitting the
-/// client anonymously instead would hide who it is from every backend.
-fn identity(headers: &hyper::HeaderMap) -> Option<Identity> {
-    let user = match headers.get("roomgate-user") {
+/// an answer whose user is not text grants nothing (the error says why):
+/// admitting the client anonymously instead would hide who it is from every
+/// backend. Nor does an answer naming two users: which one the service
+/// meant is not for the gateway to guess.
+fn identity(headers: &hyper::HeaderMap) -> Result<Identity, &'static str> {
+    let mut users = headers.get_all("roomgate-user").into_iter();
+    let (user, None) = (users.next(), users.next()) else {
+        return Err("more than one Roomgate-User");
+    };
+    let user = match user {
         // Only HTTP's own whitespace around a field value is not part of it.
         Some(value) => std::str::from_utf8(value.as_bytes())
-            .ok()?
+            .map_err(|_| "a Roomgate-User that is not UTF-8")?
             .trim_matches([' ', '\t']),
         None => "",
     };
@@ -151,7 +157,7 @@ fn identity(headers: &hyper::HeaderMap) -> Option<Identity> {
         let lines = headers.get_all("roomgate-rooms").into_iter();
         RoomPatterns::new(lines.flat_map(|v| text(v).split(',')))
     });
-    Some(Identity {
+    Ok(Identity {
         user,
         rooms,
         expires_at: None,

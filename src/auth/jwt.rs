@@ -163,7 +163,12 @@ impl JwtVerifier {
             unauthorized("invalid token")
         })?;
         Ok(Identity {
-            user: claims.sub.map(Arc::from),
+            // A blank subject is no user, as a blank `Roomgate-User` is in
+            // forward auth: backends see one shape of anonymous.
+            user: claims
+                .sub
+                .filter(|sub| !sub.trim().is_empty())
+                .map(Arc::from),
             rooms: claims.rooms.map(|r| match r {
                 RoomsClaim::List(list) => RoomPatterns::new(list),
                 RoomsClaim::Text(text) => RoomPatterns::new(text.split(',')),

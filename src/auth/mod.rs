@@ -139,13 +139,17 @@ impl Authenticator {
 
     /// Browsers always send `Origin` on a WebSocket upgrade; non-browser
     /// clients usually do not and cannot be hijacked cross-site, so a missing
-    /// header is not refused.
+    /// header is not refused. Two are refused: a request has one origin
+    /// (RFC 6454 §7.3), and checking either alone would let the other pass.
     fn check_origin(&self, parts: &Parts) -> Result<(), Rejection> {
         if self.allowed_origins.is_empty() {
             return Ok(());
         }
-        let Some(origin) = parts.headers.get(header::ORIGIN) else {
-            return Ok(());
+        let mut origins = parts.headers.get_all(header::ORIGIN).into_iter();
+        let origin = match (origins.next(), origins.next()) {
+            (None, _) => return Ok(()),
+            (Some(origin), None) => origin,
+            (Some(_), Some(_)) => return Err(origin_refused()),
         };
         let origin = origin
             .to_str()
@@ -155,11 +159,16 @@ impl Authenticator {
         if self.allowed_origins.contains(&origin) {
             Ok(())
         } else {
-            Err(Rejection::new(
-                StatusCode::FORBIDDEN,
-                RejectReason::Origin,
-                "origin not allowed",
-            ))
+            Err(origin_refused())
         }
     }
+}
+
+/// The 403 of an origin that may not upgrade.
+fn origin_refused() -> Rejection {
+    Rejection::new(
+        StatusCode::FORBIDDEN,
+        RejectReason::Origin,
+        "origin not allowed",
+    )
 }

@@ -381,17 +381,24 @@ impl Upstream {
     /// no body: an upgrade, a forward-auth check): sent again, once, on
     /// another connection when a kept-alive connection it went out on was
     /// closed before the answer, the race with an upstream's keep-alive
-    /// timeout that plain proxied requests are also covered against.
+    /// timeout that plain proxied requests are also covered against. Both
+    /// attempts share one `timeout`: an upstream that holds each connection
+    /// and then drops it must not make the client wait twice as long.
     pub async fn send_idempotent(
         &self,
         request: Request<Body>,
         again: impl FnOnce() -> Result<Request<Body>, ProxyError>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, ProxyError> {
+        let started = Instant::now();
         match self.send_once(request, timeout).await {
             Err((e, true)) => {
                 debug!(error = %e, "upstream closed the connection before answering; sending again");
-                self.send(again()?, timeout).await
+                let left = timeout.saturating_sub(started.elapsed());
+                if left.is_zero() {
+                    return Err(ProxyError::Timeout);
+                }
+                self.send(again()?, left).await
             }
             result => result.map_err(|(e, _)| e),
         }
