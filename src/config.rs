@@ -784,8 +784,10 @@ fn schema_message(message: &str) -> String {
 /// The process's environment as text, for [`Config::load`]. Variables
 /// that are not UTF-8 are left out, unless they override a key: those stop
 /// start-up, naming the variable but not its value, which may be a secret.
-/// (The HS256 secret's variable, which may be named `ROOMGATE_...` too, is
-/// read as bytes elsewhere: any bytes make a secret.)
+/// Other `ROOMGATE_` ones are kept without their value, for the warning
+/// that every variable matching no key gets. (The HS256 secret's variable,
+/// which may be named `ROOMGATE_...` too, is read as bytes elsewhere: any
+/// bytes make a secret.)
 pub fn process_env() -> Result<Vec<(String, String)>, ConfigError> {
     let mut env = Vec::new();
     for (var, value) in std::env::vars_os() {
@@ -807,6 +809,7 @@ pub fn process_env() -> Result<Vec<(String, String)>, ConfigError> {
             Err(_) if leaf_keys().keys().any(|key| env_name(key) == var) => {
                 return Err(ConfigError::NotUtf8 { var });
             }
+            Err(_) if var.starts_with(ENV_PREFIX) => env.push((var, String::new())),
             Err(_) => {}
         }
     }

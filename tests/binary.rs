@@ -684,6 +684,19 @@ fn environment_values_that_are_not_utf8_are_skipped_or_refused_never_shown() {
         stderr.contains("ignoring ROOMGATE_CAF\u{fffd}: it matches no configuration key"),
         "{stderr}"
     );
+    // So does a misspelt name whose value is not UTF-8, unshown.
+    let mut env = safe.to_vec();
+    env.push((
+        OsStr::new("ROOMGATE_UPSTREAM_ULR"),
+        OsStr::from_bytes(b"caf\xe9"),
+    ));
+    let (code, _, stderr) = run_binary_os(&["check-config"], &env);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("ignoring ROOMGATE_UPSTREAM_ULR: it matches no configuration key"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("caf"), "the value is not shown: {stderr}");
     // A roomgate variable is refused by name, its value unshown.
     let mut env = safe.to_vec();
     env.push((
