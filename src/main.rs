@@ -93,7 +93,8 @@ fn run(loaded: roomgate::config::Loaded) -> ExitCode {
                 // would be woken across threads for every connection and
                 // would hand each new connection task over through the
                 // runtime's shared queue instead of the worker's own.
-                match tokio::spawn(gateway.run(signals.recv())).await {
+                let (stop, hurry) = signals.split();
+                match tokio::spawn(gateway.run(stop, hurry)).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         tracing::error!("gateway task failed: {e}");

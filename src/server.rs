@@ -233,8 +233,9 @@ impl Gateway {
 
     /// Serves until `signal` resolves, then shuts down as SPEC §8 says:
     /// stop accepting, report not ready, close WebSockets with 1001, let
-    /// proxied requests finish within `shutdown_grace_secs`, flush NATS.
-    pub async fn run(mut self, signal: impl Future<Output = ()>) {
+    /// proxied requests finish within `shutdown_grace_secs` (or until
+    /// `hurry` resolves, for an operator who will not wait), flush NATS.
+    pub async fn run(mut self, signal: impl Future<Output = ()>, hurry: impl Future<Output = ()>) {
         info!(
             addr = %self.local_addr(),
             admin = %self.admin_addr(),
@@ -265,7 +266,7 @@ impl Gateway {
         self.health.set_draining();
         self.shutdown.begin();
         let grace = crate::config::secs(self.config.server.shutdown_grace_secs);
-        if !self.shutdown.drain(grace).await {
+        if !self.shutdown.drain(grace, hurry).await {
             warn!("shutdown grace period over; remaining connections were cut");
         }
         bridge_stop.cancel();

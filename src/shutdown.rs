@@ -100,11 +100,15 @@ impl Shutdown {
         self.stop.raise();
     }
 
-    /// Waits up to `grace` for every tracked task, then forces the rest and
-    /// waits for them to notice. Returns `false` if anything had to be forced.
-    pub async fn drain(&self, grace: Duration) -> bool {
+    /// Waits up to `grace` for every tracked task, or until `hurry`
+    /// resolves, then forces the rest and waits for them to notice. Returns
+    /// `false` if anything had to be forced.
+    pub async fn drain(&self, grace: Duration, hurry: impl Future<Output = ()>) -> bool {
         self.tasks.close();
-        let clean = tokio::time::timeout(grace, self.tasks.wait()).await.is_ok();
+        let clean = tokio::select! {
+            waited = tokio::time::timeout(grace, self.tasks.wait()) => waited.is_ok(),
+            () = hurry => false,
+        };
         if !clean {
             self.force.cancel();
             // Forced tasks drop their sockets at once; this cannot take long,
@@ -234,15 +238,23 @@ impl<F: Fn() -> bool> Future for Cancelled<'_, F> {
 /// not when it is first awaited, so a signal that arrives while the gateway
 /// is still starting is not lost to the default action (an abrupt exit).
 pub struct Signals {
+    /// Waits for the first signal.
+    first: Pair,
+    /// Registered at the same time, so it sees the first signal too and
+    /// waits for one more.
+    again: Pair,
+}
+
+/// One registration for each of the two signals.
+struct Pair {
     #[cfg(unix)]
     term: tokio::signal::unix::Signal,
     #[cfg(unix)]
     int: tokio::signal::unix::Signal,
 }
 
-impl Signals {
-    /// Installs the handlers; needs a running tokio runtime.
-    pub fn install() -> std::io::Result<Self> {
+impl Pair {
+    fn install() -> std::io::Result<Self> {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};
@@ -257,17 +269,49 @@ impl Signals {
         }
     }
 
-    /// Resolves on SIGTERM or SIGINT (Ctrl-C), whichever comes first.
-    pub async fn recv(mut self) {
+    /// The name of the next signal of either kind.
+    async fn recv(&mut self) -> &'static str {
         #[cfg(unix)]
         tokio::select! {
-            _ = self.term.recv() => tracing::info!("SIGTERM received, shutting down"),
-            _ = self.int.recv() => tracing::info!("SIGINT received, shutting down"),
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
         }
         #[cfg(not(unix))]
         {
             let _ = tokio::signal::ctrl_c().await;
+            "Ctrl-C"
         }
+    }
+}
+
+impl Signals {
+    /// Installs the handlers; needs a running tokio runtime.
+    pub fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            first: Pair::install()?,
+            again: Pair::install()?,
+        })
+    }
+
+    /// Two futures for [`crate::Gateway::run`]: the first SIGTERM or SIGINT
+    /// begins the drain, and a second one, of either kind, cuts it short,
+    /// as an operator pressing Ctrl-C twice expects. Two signals that
+    /// arrive before the second future is first polled count as one.
+    pub fn split(self) -> (impl Future<Output = ()>, impl Future<Output = ()>) {
+        let Self {
+            mut first,
+            mut again,
+        } = self;
+        let stop = async move {
+            let name = first.recv().await;
+            tracing::info!("{name} received, shutting down");
+        };
+        let hurry = async move {
+            again.recv().await;
+            let name = again.recv().await;
+            tracing::warn!("{name} received again: cutting the remaining connections now");
+        };
+        (stop, hurry)
     }
 }
 

@@ -178,6 +178,53 @@ async fn a_request_that_outlives_the_grace_period_is_cut_and_the_exit_is_still_z
 }
 
 #[tokio::test]
+async fn a_second_signal_cuts_the_drain_short() {
+    // A grace period far longer than any wait of this test: the gateway
+    // exits within it only because it was asked twice.
+    let (upstream, mut arrived) = slow_upstream().await;
+    let url = upstream.url();
+    let mut gateway = GatewayProcess::start(
+        &[],
+        &[
+            ("ROOMGATE_UPSTREAM_URL", url.as_str()),
+            ("ROOMGATE_SERVER_SHUTDOWN_GRACE_SECS", "600"),
+        ],
+    );
+    // Read raw, to the end: a cut is what this test expects.
+    let addr = gateway.addr;
+    let request = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let head = "GET /slow HTTP/1.1\r\nhost: app.example.test\r\n\r\n";
+        stream.write_all(head.as_bytes()).await.expect("write");
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer).await;
+        String::from_utf8_lossy(&answer).into_owned()
+    });
+    let _never_released = within("the slow request to reach the upstream", arrived.recv())
+        .await
+        .expect("upstream saw the request");
+
+    gateway.signal("TERM");
+    let admin = gateway.admin;
+    eventually_async("/readyz to turn 503", || async move {
+        http_get(admin, "/readyz").await.0 == 503
+    })
+    .await;
+    assert!(
+        gateway.child.try_wait().expect("try_wait").is_none(),
+        "the first signal waits for the in-flight request"
+    );
+    // Either kind counts as the second.
+    gateway.signal("INT");
+    assert_eq!(gateway.wait_exit(), 0);
+    let answer = within("the cut request to end", request)
+        .await
+        .expect("request task");
+    assert!(!answer.contains("done"), "cut, not answered: {answer}");
+}
+
+#[tokio::test]
 async fn sigint_exits_zero() {
     let mut gateway = GatewayProcess::start(&[], &[]);
     let mut client = WsClient::connect(&format!("ws://{}/ws", gateway.addr)).await;

@@ -168,9 +168,10 @@ impl TestGateway {
             gateway.id().to_string(),
         );
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(gateway.run(async move {
+        let stopped = async move {
             let _ = stopped.await;
-        }));
+        };
+        let task = tokio::spawn(gateway.run(stopped, std::future::pending()));
         Self {
             addr,
             admin,
