@@ -506,6 +506,38 @@ async fn control_subjects_change_membership_and_close_connections() {
     gw.stop().await;
 }
 
+#[tokio::test]
+async fn what_a_backend_sends_before_a_disconnect_arrives_before_the_close() {
+    // Last words, then the disconnect, back to back with no flush between:
+    // the close must follow what was queued, not throw it away. Each round
+    // was a coin toss when the close dropped the queue.
+    let server = NatsServer::start();
+    let backend = Backend::connect(&server).await;
+    let gw = nats_gateway(&server, |_| {}).await;
+    for round in 0..20 {
+        let mut client = gw.client().await;
+        let words = format!("bye {round}");
+        let disconnect = json!({"connection_id": client.id, "code": 4000}).to_string();
+        within("backend publishes", async {
+            let nats = &backend.client;
+            let to = format!("roomgate.send.{}", client.id);
+            nats.publish(to, words.clone().into())
+                .await
+                .expect("publish");
+            let control = "roomgate.control.disconnect".to_string();
+            nats.publish(control, disconnect.into())
+                .await
+                .expect("publish");
+            nats.flush().await.expect("flush");
+        })
+        .await;
+        let frame = client.recv().await;
+        assert_eq!(frame["content"], words.as_str(), "round {round}: {frame}");
+        assert_eq!(client.recv_close().await, Some(4000), "round {round}");
+    }
+    gw.stop().await;
+}
+
 /// Client messages of other instances arrive on `message.<room>`; an
 /// instance recognises its own publications by `Roomgate-Gateway` and
 /// does not deliver them twice.
@@ -1160,27 +1192,65 @@ async fn a_burst_of_broadcasts_reaches_each_member_complete_and_in_order() {
 }
 
 #[tokio::test]
-async fn a_write_cut_short_by_a_kick_ends_on_a_whole_frame_before_the_close() {
-    // A burst reaches a member as one buffer of frames back to back. The
-    // client reads nothing, so the write stops somewhere inside it; when
-    // the member is then kicked, the frame in progress is finished, the
-    // frames after it are dropped, and the close frame follows: the client
-    // sees whole frames only.
-    const MESSAGES: usize = 100;
+async fn a_kick_during_a_write_delivers_the_queued_frames_whole_then_closes() {
+    // The member reads nothing, so the write stops somewhere inside the
+    // burst; the member is then kicked. The frame in progress is finished,
+    // the frames queued after it go out too (the client did nothing
+    // wrong), and the close frame follows.
+    let (data, close) = torn_burst(|c| c.websocket.ping_interval_secs = 3600, true).await;
+    assert_eq!(close, Some(4000), "then the kick's close frame");
+    assert_eq!(
+        data, TORN_MESSAGES,
+        "every queued frame, whole and in order"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_consumer_close_during_a_write_ends_on_a_whole_frame() {
+    // The same burst overflows a queue of 8 frames: the member is closed
+    // as a slow consumer while its write is cut short. The frame in
+    // progress is finished, the queued ones are dropped, and the 1013
+    // close frame follows: the client sees whole frames only.
+    let (data, close) = torn_burst(
+        |c| {
+            c.websocket.ping_interval_secs = 3600;
+            c.websocket.send_queue_capacity = 8;
+        },
+        false,
+    )
+    .await;
+    assert_eq!(close, Some(1013), "then the slow consumer's close frame");
+    assert!(
+        (1..TORN_MESSAGES).contains(&data),
+        "the write was cut short: {data} of {TORN_MESSAGES} frames"
+    );
+}
+
+/// Frames of [`torn_burst`].
+const TORN_MESSAGES: usize = 100;
+
+/// Sends a member that reads nothing a 7 MB burst (more than the socket
+/// buffers between them hold), as one buffer of frames back to back, so
+/// that the gateway's write stops inside it; with `kick`, a backend then
+/// disconnects the member, and otherwise the test waits for the gateway
+/// to close it as a slow consumer. Only then does the member read: it
+/// returns how many data frames came, each checked whole and in order,
+/// and the close code that followed them.
+async fn torn_burst(edit: impl FnOnce(&mut roomgate::Config), kick: bool) -> (usize, Option<u16>) {
     const SIZE: usize = 70_000;
     let server = NatsServer::start();
     let backend = Backend::connect(&server).await;
     let mut presence = backend.subscribe("roomgate.presence.>").await;
-    let gw = nats_gateway(&server, |c| c.websocket.ping_interval_secs = 3600).await;
+    let gw = nats_gateway(&server, edit).await;
     let (mut stream, id) = stuck_member(&gw, &mut presence, "torn").await;
+    let mut watcher = gw.client().await;
+    join_synced(&mut watcher, &mut presence, "torn").await;
 
-    // 7 MB: more than the socket buffers between the gateway and a client
-    // that does not read can hold.
     let payload = |i: usize| format!("{i:05}{}", "x".repeat(SIZE - 5));
     backend
         .publish_burst(
             "roomgate.broadcast.torn",
-            (0..MESSAGES).map(|i| (raw(), payload(i))),
+            (0..TORN_MESSAGES).map(|i| (raw(), payload(i))),
         )
         .await;
     // Once the first bytes arrive the writer is inside the burst, and it
@@ -1190,12 +1260,34 @@ async fn a_write_cut_short_by_a_kick_ends_on_a_whole_frame_before_the_close() {
         stream.peek(&mut probe).await.expect("peek")
     })
     .await;
-    backend
-        .publish(
-            "roomgate.control.disconnect",
-            &json!({"connection_id": id, "code": 4000}).to_string(),
-        )
+    if kick {
+        backend
+            .publish(
+                "roomgate.control.disconnect",
+                &json!({"connection_id": id, "code": 4000}).to_string(),
+            )
+            .await;
+    } else {
+        // The room's messages are handed out in order: once a member that
+        // reads has the one after the burst, every frame of the burst was
+        // offered to the stuck member, whose queue overflowed on the way.
+        backend
+            .publish_with(
+                "roomgate.broadcast.torn",
+                &[("Roomgate-Raw", "true")],
+                "end",
+            )
+            .await;
+        within("the watcher to read the burst", async {
+            while let Some(frame) = futures_util::StreamExt::next(&mut watcher.ws).await {
+                if frame.expect("frame").into_text().expect("text").as_str() == "end" {
+                    return;
+                }
+            }
+            panic!("the watcher's connection ended");
+        })
         .await;
+    }
 
     let mut data = 0;
     let close = within("every frame up to the close", async {
@@ -1214,13 +1306,9 @@ async fn a_write_cut_short_by_a_kick_ends_on_a_whole_frame_before_the_close() {
         }
     })
     .await;
-    assert_eq!(close.close_code(), Some(4000), "then the close frame");
-    assert!(
-        (1..MESSAGES).contains(&data),
-        "the write was cut short: {data} of {MESSAGES} frames"
-    );
     drop(stream);
     gw.stop().await;
+    (data, close.close_code())
 }
 
 /// Checks that no member was closed or lost frames as a slow consumer.

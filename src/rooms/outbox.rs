@@ -367,13 +367,23 @@ impl Outbox {
     /// Returns the control frames still queued (a reply to the client's
     /// close frame must still go out).
     pub fn close(&self) -> Option<Bytes> {
+        let (control, _) = self.close_keeping(false);
+        control
+    }
+
+    /// Like [`Outbox::close`]; with `data`, the queued data frames are
+    /// returned too, to go out before a close the gateway chose for a
+    /// client that is reading (a backend's disconnect after its last
+    /// words, shutdown).
+    pub fn close_keeping(&self, data: bool) -> (Option<Bytes>, Batch) {
         let mut queue = self.lock();
         queue.closed = true;
-        queue.frames = VecDeque::new();
+        let frames = std::mem::take(&mut queue.frames);
         queue.queued = 0;
         queue.bytes = 0;
         let control = std::mem::take(&mut queue.control);
-        (!control.is_empty()).then(|| Bytes::from(control))
+        let control = (!control.is_empty()).then(|| Bytes::from(control));
+        (control, if data { frames } else { Batch::new() })
     }
 
     /// Whether a close frame went into the control frames (the reply to the

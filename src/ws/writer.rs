@@ -262,20 +262,29 @@ impl Writer {
 
     /// Ends the WebSocket: sends our close frame (or the reply to the
     /// client's), bounded by `pong_timeout` so a client that stopped reading
-    /// cannot hold the task. Queued data frames are dropped: nothing may
-    /// follow a close frame. Returns the same deadline when our close frame
-    /// was sent (other than at shutdown), for the session to wait for the
-    /// client's reply until then.
+    /// cannot hold the task. Queued data frames go first when the gateway
+    /// closes a client that did nothing wrong ([`delivers_queued`]), and
+    /// are dropped otherwise: nothing may follow a close frame. Returns the
+    /// same deadline when our close frame was sent (other than at
+    /// shutdown), for the session to wait for the client's reply until then.
     async fn finish(mut self) -> (OwnedWriteHalf, Option<Instant>) {
         // Stopped without a close request: only shutdown does that.
         self.conn.close_for_shutdown();
-        let control = self.conn.outbox().close();
-        let Some(request) = self.conn.close_request().cloned() else {
+        let request = self.conn.close_request().cloned();
+        let wanted = request.as_ref().is_some_and(|r| delivers_queued(r.reason));
+        let (control, data) = self.conn.outbox().close_keeping(wanted);
+        let Some(request) = request else {
             return (self.io, None);
         };
+        // Nothing after the reply to a client's close, which a kick may
+        // have raced (the reply is then queued or in the batch).
+        let keep = wanted && !self.conn.outbox().close_frame_queued();
         let deadline = Instant::now() + self.pong_timeout;
-        let mut out = self.owed();
+        let mut out = if keep { self.rest() } else { self.owed() };
         out.extend(control);
+        if keep {
+            out.extend(data);
+        }
         // One close frame per connection (RFC 6455 §5.5.1): none of ours
         // once the reply to the client's own close was queued, even when a
         // kick or a slow-consumer close got its reason in first.
@@ -303,6 +312,15 @@ impl Writer {
 }
 
 impl Writer {
+    /// All of the batch in progress, less what was written of it.
+    fn rest(&mut self) -> Batch {
+        let mut rest = std::mem::take(&mut self.batch);
+        if let Some(front) = rest.front_mut() {
+            *front = front.slice(self.front_written.min(front.len())..);
+        }
+        rest
+    }
+
     /// What of an abandoned batch must still go out before a close frame:
     /// its control frames not yet written (before the first write, the 101
     /// among them: without it the client would read WebSocket bytes where
@@ -329,6 +347,18 @@ impl Writer {
         let end = protocol::frame_end(front, start);
         Batch::from([front.slice(start..end)])
     }
+}
+
+/// Whether a close for `reason` first delivers the frames queued before
+/// it: a backend's disconnect (a "goodbye" published just before it must
+/// not be lost), token expiry and shutdown close a client that is reading
+/// and did nothing wrong. A close for a fault (a slow consumer, a protocol
+/// error, a lost pong) drops them, as does the client's own close.
+fn delivers_queued(reason: CloseReason) -> bool {
+    matches!(
+        reason,
+        CloseReason::Kicked | CloseReason::TokenExpired | CloseReason::Shutdown
+    )
 }
 
 /// Why a write failed, for the metrics: a client that reset or closed its
@@ -516,7 +546,9 @@ mod tests {
     /// frame but before it closed the connection as the client's: the kick
     /// names the reason, and the reply to the client's close is queued
     /// after. Only the reply goes out, whether it is still queued or was
-    /// already written: one close frame per connection (RFC 6455 §5.5.1).
+    /// already written: one close frame per connection (RFC 6455 §5.5.1),
+    /// and no data after it, though a kick otherwise delivers what was
+    /// queued.
     #[tokio::test]
     async fn a_kick_racing_the_clients_close_sends_one_close_frame() {
         let close_reply = [0x88, 0x02, 0x03, 0xe8];
@@ -535,6 +567,7 @@ mod tests {
                 conn.close(1008, "kicked", CloseReason::Kicked);
                 conn.outbox().push_codec(&close_reply).expect("open");
             }
+            conn.deliver(Frame::from_text("{\"type\":\"late\"}".into()));
             conn.close(1000, "", CloseReason::Client);
             let (io, awaits_reply) = writer.finish().await;
             assert_eq!(awaits_reply, None, "the client closed first");
