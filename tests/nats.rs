@@ -538,6 +538,47 @@ async fn what_a_backend_sends_before_a_disconnect_arrives_before_the_close() {
     gw.stop().await;
 }
 
+#[tokio::test]
+async fn once_a_member_has_its_joined_the_room_reaches_it_from_everywhere() {
+    // b is the first member of each room on its instance, so the instance
+    // has to subscribe the room. As soon as b reads `joined`, a member on
+    // the other instance and a backend send to the room: b gets both. The
+    // `joined` used to go out before the subscription, and a few rounds
+    // in a hundred lost one or the other.
+    let server = NatsServer::start();
+    let backend = Backend::connect(&server).await;
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    let (one, two) = (
+        nats_gateway(&server, |_| {}).await,
+        nats_gateway(&server, |_| {}).await,
+    );
+    let mut a = one.client().await;
+    let mut b = two.client().await;
+    for round in 0..40 {
+        let room = format!("race{round}");
+        join_synced(&mut a, &mut presence, &room).await;
+        b.join(&room).await;
+        a.say(&room, json!("from a"), "m").await;
+        backend
+            .publish(&format!("roomgate.broadcast.{room}"), "from the backend")
+            .await;
+        assert_eq!(a.recv().await["content"], "from the backend");
+        let mut heard = vec![b.recv().await, b.recv().await];
+        heard.sort_by_key(|frame| frame["content"].to_string());
+        assert_eq!(heard[0]["content"], "from a", "round {round}: {heard:?}");
+        assert_eq!(
+            heard[1]["content"], "from the backend",
+            "round {round}: {heard:?}"
+        );
+        for member in [&mut a, &mut b] {
+            member.send(json!({"type": "leave", "room": room})).await;
+            assert_eq!(member.recv().await["type"], "left");
+        }
+    }
+    one.stop().await;
+    two.stop().await;
+}
+
 /// Client messages of other instances arrive on `message.<room>`; an
 /// instance recognises its own publications by `Roomgate-Gateway` and
 /// does not deliver them twice.

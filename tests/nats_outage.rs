@@ -631,6 +631,8 @@ async fn past_the_interest_bound_a_stalled_bridge_reconciles_every_room() {
     .await;
     // Changes the bridge cannot follow one by one: noted first, then lost
     // when the list overflows, so only reconciling every room finds them.
+    // Its `joined` waits for the room's subscription, which the stalled
+    // bridge cannot make, but not for long: the stall must not hold joins.
     let mut early = WsClient::connect(&ws).await;
     early.join("early").await;
     leaver.leave("before").await;

@@ -28,10 +28,12 @@ mod outbound;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::connection::State;
-use async_nats::{Client, ConnectOptions, ServerAddr, Subscriber};
+use async_nats::{Client, ConnectOptions, RequestErrorKind, ServerAddr, Subscriber};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use prometheus::IntCounter;
 use tokio::sync::watch;
@@ -75,6 +77,11 @@ const RETRY_INTERVAL: Duration = Duration::from_millis(500);
 
 /// How often the connection state is copied into `roomgate_nats_connected`.
 const STATE_POLL: Duration = Duration::from_millis(100);
+
+/// How long a join waits at most for its room's subscription before it is
+/// answered anyway (with up to `STATE_POLL` more): normally the wait is one
+/// round trip to the server; a stalled server must not hold joins.
+const JOIN_WAIT: Duration = Duration::from_secs(1);
 
 /// Messages async-nats buffers per subscription before it drops (its
 /// default, 65,536, would let one flooded room hold that many payloads).
@@ -302,6 +309,7 @@ fn is_connected(client: &Client) -> bool {
 /// miss a transition the way a dropped event could.
 async fn watch_connection(
     client: Client,
+    hub: Arc<Hub>,
     metrics: Metrics,
     connected: watch::Sender<bool>,
     stop: CancellationToken,
@@ -314,10 +322,14 @@ async fn watch_connection(
             _ = tick.tick() => {
                 let now = is_connected(&client);
                 metrics.nats_connected.set(i64::from(now));
-                connected.send_if_modified(|was| std::mem::replace(was, now) != now);
+                if connected.send_if_modified(|was| std::mem::replace(was, now) != now) {
+                    hub.set_joins_wait(now);
+                }
+                hub.release_overdue(JOIN_WAIT);
             }
         }
     }
+    hub.set_joins_wait(false);
     metrics.nats_connected.set(0);
 }
 
@@ -354,6 +366,13 @@ pub struct Bridge {
     retry: HashSet<RoomName>,
     /// Whether the fixed subscriptions (`send.*`, `all`, `control.*`) exist.
     fixed: bool,
+    /// Rooms subscribed since the last [`Bridge::confirm`], whose members
+    /// waiting for their `joined` get it once the server has the
+    /// subscriptions.
+    unconfirmed: Vec<RoomName>,
+    /// The connection count at which a confirmation went unanswered: no
+    /// round trip is tried again until the client has reconnected.
+    no_round_trip: Option<u64>,
     /// The bytes that messages waiting in the delivery tasks may hold.
     budget: Arc<Budget>,
     stop: CancellationToken,
@@ -384,6 +403,8 @@ impl Bridge {
             rooms: HashMap::new(),
             retry: HashSet::new(),
             fixed: false,
+            unconfirmed: Vec::new(),
+            no_round_trip: None,
             budget,
             stop,
             tasks: TaskTracker::new(),
@@ -399,6 +420,7 @@ impl Bridge {
         let (connected_tx, mut connected) = watch::channel(false);
         self.tasks.spawn(watch_connection(
             self.client.clone(),
+            self.hub.clone(),
             self.metrics.clone(),
             connected_tx,
             self.stop.clone(),
@@ -431,6 +453,7 @@ impl Bridge {
                         for room in rooms {
                             self.reconcile(room).await;
                         }
+                        self.confirm().await;
                         if let Some(event) = event {
                             outbound.publish(event).await;
                         }
@@ -493,13 +516,22 @@ impl Bridge {
     }
 
     /// Brings one room's subscriptions in line with whether it has local
-    /// members now, however often that changed since the last call.
+    /// members now, however often that changed since the last call. A
+    /// member whose join waits for the room's subscription gets its
+    /// `joined` from [`Bridge::confirm`], or here when the subscription
+    /// cannot be made now.
     async fn reconcile(&mut self, room: RoomName) {
-        let wanted = self.hub.has_members(room.as_str());
-        if !wanted {
-            self.retry.remove(&room);
-            if let Some(subscription) = self.rooms.remove(&room) {
+        let mut dropped = None;
+        let rooms = &mut self.rooms;
+        let emptied = self.hub.unsubscribe_if_empty(room.as_str(), || {
+            dropped = rooms.remove(&room);
+            if let Some(subscription) = &dropped {
                 subscription.token.cancel();
+            }
+        });
+        if emptied {
+            self.retry.remove(&room);
+            if let Some(subscription) = dropped {
                 // Wait for the task to drop its subscribers, so the UNSUB is
                 // queued before whatever this instance publishes next.
                 let _ = tokio::time::timeout(SUBSCRIBE_TIMEOUT, subscription.task).await;
@@ -508,6 +540,9 @@ impl Bridge {
             return;
         }
         if self.rooms.contains_key(&room) {
+            // Still subscribed: a room freed and made again since waits
+            // for nothing.
+            self.hub.release(room.as_str());
             return;
         }
         if !is_connected(&self.client) {
@@ -516,15 +551,18 @@ impl Bridge {
             // waits SUBSCRIBE_TIMEOUT, holding up this loop and the events
             // behind it until NATS is back, when they would be published
             // late. The room is subscribed by the retry on reconnecting.
+            self.hub.release_unsubscribed(room.as_str());
             self.retry.insert(room);
             return;
         }
         match self.subscribe_room(&room).await {
             Ok(subscription) => {
                 self.retry.remove(&room);
+                self.unconfirmed.push(room.clone());
                 self.rooms.insert(room, subscription);
             }
             Err(e) => {
+                self.hub.release_unsubscribed(room.as_str());
                 // Warn once per room, not on every retry.
                 let room_name = room.as_str().to_string();
                 if self.retry.insert(room) {
@@ -547,6 +585,47 @@ impl Bridge {
         let rooms: Vec<RoomName> = self.retry.iter().cloned().collect();
         for room in rooms {
             self.reconcile(room).await;
+        }
+        self.confirm().await;
+    }
+
+    /// Waits until the server has the subscriptions made since the last
+    /// call, then lets the members who waited for them have their
+    /// `joined`: what a client publishes, or has a backend publish, once it
+    /// read `joined` reaches it. Sending the subscriptions is not enough:
+    /// the server may take another connection's publication first.
+    ///
+    /// One round trip confirms them all: a request to an inbox nobody
+    /// listens on, which the server answers "no responders" after it has
+    /// taken everything sent before it. A user that may not publish to
+    /// `_INBOX.>` gets no answer; then, until the client reconnects, the
+    /// subscriptions are only flushed to the socket, which leaves a short
+    /// race. Bounded either way: a stalled server delays the answers by
+    /// `SUBSCRIBE_TIMEOUT` at most.
+    async fn confirm(&mut self) {
+        if self.unconfirmed.is_empty() {
+            return;
+        }
+        let connects = self.client.statistics().connects.load(Ordering::Relaxed);
+        if self.no_round_trip == Some(connects) {
+            let _ = tokio::time::timeout(SUBSCRIBE_TIMEOUT, self.client.flush()).await;
+        } else {
+            let probe = self.client.request(self.client.new_inbox(), Bytes::new());
+            match tokio::time::timeout(SUBSCRIBE_TIMEOUT, probe).await {
+                Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => {}
+                answer => {
+                    warn!(
+                        answer = ?answer.map(|a| a.map(|_| ())),
+                        "NATS did not confirm new room subscriptions (is publishing to \
+                         _INBOX.> allowed?); until it reconnects, joins are answered \
+                         once the subscriptions are sent"
+                    );
+                    self.no_round_trip = Some(connects);
+                }
+            }
+        }
+        for room in self.unconfirmed.drain(..) {
+            self.hub.release(room.as_str());
         }
     }
 

@@ -31,8 +31,9 @@ mod idle;
 mod name;
 mod outbox;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -79,6 +80,14 @@ struct RoomState {
     /// The room's place in the queue of empty rooms while it waits there,
     /// so a join can take it out and a sweep can tell a stale entry.
     waiting: Option<Ticket>,
+    /// Whether the NATS bridge has subscribed this room: until then, a
+    /// join waits for it (see [`Hub::release`]).
+    subscribed: bool,
+    /// Members whose `joined` is held back until the room's subscription
+    /// is made, with that frame. Broadcasts skip them meanwhile: a member
+    /// hears the room from its `joined` on, and from then on also what
+    /// other instances and backends send it.
+    withheld: Vec<(Uuid, Frame)>,
 }
 
 impl Room {
@@ -110,15 +119,21 @@ impl RoomState {
         self.members.push(conn.clone());
     }
 
-    fn remove(&mut self, id: Uuid) -> bool {
-        let Some(pos) = self.index.remove(&id) else {
-            return false;
-        };
+    /// Removes member `id`; `None` if it was none, and otherwise its
+    /// `joined` if that was still held back.
+    fn remove(&mut self, id: Uuid) -> Option<Option<Frame>> {
+        let pos = self.index.remove(&id)?;
         self.members.swap_remove(pos);
         if let Some(moved) = self.members.get(pos) {
             self.index.insert(moved.id(), pos);
         }
-        true
+        let held = self.withheld.iter().position(|(held, _)| *held == id);
+        Some(held.map(|at| self.withheld.swap_remove(at).1))
+    }
+
+    /// Whether broadcasts skip member `id`, whose `joined` is held back.
+    fn is_withheld(&self, id: Uuid) -> bool {
+        self.withheld.iter().any(|(held, _)| *held == id)
     }
 }
 
@@ -153,6 +168,14 @@ pub struct Hub {
     idle: std::sync::Mutex<IdleQueue>,
     /// Wakes the sweeper when the queue gets its first room.
     idle_added: Notify,
+    /// Whether a join to a room not yet subscribed waits for its
+    /// subscription: while the NATS bridge is connected. Without NATS, or
+    /// while it is down, nothing could come from other instances anyway.
+    joins_wait: AtomicBool,
+    /// Rooms in which a member waits for its `joined`, oldest first, for
+    /// [`Hub::release_overdue`]: a NATS server that stalls without
+    /// dropping the connection must not hold joins for long.
+    withheld_since: std::sync::Mutex<VecDeque<(Instant, Arc<Room>)>>,
 }
 
 impl Hub {
@@ -179,6 +202,8 @@ impl Hub {
             conns: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             idle: std::sync::Mutex::new(IdleQueue::new(limit)),
             idle_added: Notify::new(),
+            joins_wait: AtomicBool::new(false),
+            withheld_since: std::sync::Mutex::new(VecDeque::new()),
         })
     }
 
@@ -259,8 +284,11 @@ impl Hub {
     /// walk behind broadcasts and presence frames.
     fn fan_out(&self, state: &RoomState, run: &Run, exclude: Option<Uuid>) -> Fanout {
         let mut fanout = Fanout::default();
+        // Members wait for their `joined` only while a room's first
+        // subscription is made: the common walk does not look for them.
+        let waiting = !state.withheld.is_empty();
         for member in &state.members {
-            if Some(member.id()) != exclude {
+            if Some(member.id()) != exclude && !(waiting && state.is_withheld(member.id())) {
                 let (queued, rest) = member.deliver_run(run);
                 fanout.count_run(run, queued, rest);
             }
@@ -424,7 +452,12 @@ impl Hub {
                 lock(&self.idle).cancel(ticket);
             }
             state.insert(conn);
-            self.deliver(conn, reply);
+            if state.subscribed || !self.joins_wait.load(Ordering::Relaxed) {
+                self.deliver(conn, reply);
+            } else {
+                state.withheld.push((conn.id(), reply));
+                lock(&self.withheld_since).push_back((Instant::now(), room.clone()));
+            }
             if self.config.presence {
                 let frame = protocol::presence(
                     name.as_str(),
@@ -487,10 +520,15 @@ impl Hub {
     fn remove_member(&self, conn: &Arc<Connection>, room: &Arc<Room>, reply: Option<Frame>) {
         let (emptied, to_free) = {
             let mut state = room.write();
-            if !state.remove(conn.id()) {
+            let Some(withheld) = state.remove(conn.id()) else {
                 return;
-            }
+            };
             if let Some(reply) = reply {
+                // A client that left before its join was answered gets
+                // both answers, in order.
+                if let Some(joined) = withheld {
+                    self.deliver(conn, joined);
+                }
                 self.deliver(conn, reply);
             }
             if self.config.presence {
@@ -621,6 +659,96 @@ impl Hub {
                 Err(next) => return next,
             }
         }
+    }
+
+    // ----- the NATS bridge's subscriptions -----------------------------
+
+    /// Whether joins wait for their room's subscription from now on; when
+    /// NATS goes down, the members waiting get their `joined` at once.
+    pub fn set_joins_wait(&self, wait: bool) {
+        self.joins_wait.store(wait, Ordering::Relaxed);
+        if !wait {
+            for room in self.all_rooms() {
+                self.answer_withheld(&room, None);
+            }
+        }
+    }
+
+    /// The bridge subscribed `room`: its members waiting for that get
+    /// their `joined`, and later joins are answered at once.
+    pub fn release(&self, room: &str) {
+        if let Some(room) = self.room(room) {
+            self.answer_withheld(&room, Some(true));
+        }
+    }
+
+    /// The bridge could not subscribe `room` for now: its members waiting
+    /// get their `joined` all the same rather than waiting on NATS.
+    pub fn release_unsubscribed(&self, room: &str) {
+        if let Some(room) = self.room(room) {
+            self.answer_withheld(&room, None);
+        }
+    }
+
+    /// Answers the joins that have waited `limit` or longer for their
+    /// room's subscription, subscribed or not: the bridge, held up by a
+    /// stalled server, may not get to them for a while.
+    pub fn release_overdue(&self, limit: Duration) {
+        loop {
+            let room = {
+                let mut queue = lock(&self.withheld_since);
+                match queue.front() {
+                    Some((since, _)) if since.elapsed() >= limit => queue.pop_front(),
+                    _ => return,
+                }
+            };
+            if let Some((_, room)) = room {
+                self.answer_withheld(&room, None);
+            }
+        }
+    }
+
+    /// Marks `room` unsubscribed if it has no local members, and then runs
+    /// `drop` (which ends the subscription) under the room's lock: a join
+    /// either comes first and keeps the subscription, or comes after and
+    /// waits for a new one. Returns whether the room was empty.
+    pub fn unsubscribe_if_empty(&self, room: &str, drop: impl FnOnce()) -> bool {
+        let Some(room) = self.room(room) else {
+            drop();
+            return true;
+        };
+        let mut state = room.write();
+        if !state.members.is_empty() {
+            return false;
+        }
+        state.subscribed = false;
+        drop();
+        true
+    }
+
+    /// Answers the members of `room` waiting for their `joined`, and sets
+    /// whether it is subscribed when `subscribed` says.
+    fn answer_withheld(&self, room: &Room, subscribed: Option<bool>) {
+        let mut state = room.write();
+        if let Some(subscribed) = subscribed {
+            state.subscribed = subscribed;
+        }
+        for (id, joined) in std::mem::take(&mut state.withheld) {
+            if let Some(&at) = state.index.get(&id) {
+                self.deliver(&state.members[at], joined);
+            }
+        }
+    }
+
+    fn room(&self, name: &str) -> Option<Arc<Room>> {
+        read(self.room_shard(name)).get(name).cloned()
+    }
+
+    fn all_rooms(&self) -> Vec<Arc<Room>> {
+        self.rooms
+            .iter()
+            .flat_map(|s| read(s).values().cloned().collect::<Vec<_>>())
+            .collect()
     }
 
     // ----- introspection -----------------------------------------------
@@ -888,6 +1016,118 @@ mod tests {
             leave(&hub, &conn, "loop");
         }
         assert_eq!(held(&hub), ["a", "b", "loop"]);
+    }
+
+    /// The frames queued for `conn` since the last look, as text.
+    fn queued(conn: &Connection) -> String {
+        let mut batch = Batch::new();
+        conn.outbox().take(&mut batch);
+        batch
+            .iter()
+            .map(|frame| String::from_utf8_lossy(frame).into_owned())
+            .collect()
+    }
+
+    fn broadcast(hub: &Hub, room: &str, text: &str) {
+        let frame = Frame::from_text(format!("{{\"type\":\"{text}\"}}"));
+        hub.broadcast_room(room, &[frame], None);
+    }
+
+    #[test]
+    fn while_nats_is_up_a_join_is_answered_once_its_room_is_subscribed() {
+        let hub = hub();
+        let shutdown = Shutdown::new();
+        let (first, second, later) = (client(&shutdown), client(&shutdown), client(&shutdown));
+        hub.set_joins_wait(true);
+        join(&hub, &first, "lobby");
+        join(&hub, &second, "lobby");
+        assert!(hub.has_members("lobby"), "members all the same");
+        assert_eq!(queued(&first), "", "no joined before the subscription");
+        // What comes before the `joined` is not for them.
+        broadcast(&hub, "lobby", "early");
+        assert_eq!(queued(&second), "");
+
+        hub.release("lobby");
+        for member in [&first, &second] {
+            let frames = queued(member);
+            assert!(frames.contains("joined"), "{frames}");
+            assert!(!frames.contains("early"), "{frames}");
+        }
+        // Subscribed: a later join is answered at once, and all hear the room.
+        join(&hub, &later, "lobby");
+        assert!(queued(&later).contains("joined"));
+        broadcast(&hub, "lobby", "after");
+        for member in [&first, &second, &later] {
+            assert!(queued(member).contains("after"));
+        }
+    }
+
+    #[test]
+    fn a_member_leaving_before_its_join_was_answered_gets_both_answers() {
+        let hub = hub();
+        let shutdown = Shutdown::new();
+        let conn = client(&shutdown);
+        hub.set_joins_wait(true);
+        join(&hub, &conn, "lobby");
+        leave(&hub, &conn, "lobby");
+        let frames = queued(&conn);
+        let (joined, left) = (frames.find("joined"), frames.find("left"));
+        assert!(joined.is_some() && joined < left, "{frames}");
+        // Nothing is left to answer when the subscription comes.
+        hub.release("lobby");
+        assert_eq!(queued(&conn), "");
+    }
+
+    #[test]
+    fn joins_waiting_when_nats_goes_down_are_answered_and_later_ones_do_not_wait() {
+        let hub = hub();
+        let shutdown = Shutdown::new();
+        let (first, second) = (client(&shutdown), client(&shutdown));
+        hub.set_joins_wait(true);
+        join(&hub, &first, "lobby");
+        hub.set_joins_wait(false);
+        assert!(queued(&first).contains("joined"));
+        join(&hub, &second, "other");
+        assert!(queued(&second).contains("joined"));
+    }
+
+    #[test]
+    fn a_join_waits_for_its_subscription_no_longer_than_the_limit() {
+        let hub = hub();
+        let shutdown = Shutdown::new();
+        let conn = client(&shutdown);
+        hub.set_joins_wait(true);
+        join(&hub, &conn, "lobby");
+        hub.release_overdue(Duration::from_secs(3600));
+        assert_eq!(queued(&conn), "", "not overdue yet");
+        hub.release_overdue(Duration::ZERO);
+        assert!(queued(&conn).contains("joined"));
+        // The room is not taken for subscribed: the next join waits too.
+        let other = client(&shutdown);
+        join(&hub, &other, "lobby");
+        assert_eq!(queued(&other), "");
+    }
+
+    #[test]
+    fn a_room_whose_subscription_was_dropped_waits_for_a_new_one() {
+        let hub = hub();
+        let shutdown = Shutdown::new();
+        let conn = client(&shutdown);
+        hub.set_joins_wait(true);
+        join(&hub, &conn, "lobby");
+        hub.release("lobby");
+        // Not while it has a member: the subscription stays.
+        let mut dropped = false;
+        assert!(!hub.unsubscribe_if_empty("lobby", || dropped = true));
+        assert!(!dropped);
+        leave(&hub, &conn, "lobby");
+        assert!(hub.unsubscribe_if_empty("lobby", || dropped = true));
+        assert!(dropped);
+        queued(&conn);
+        join(&hub, &conn, "lobby");
+        assert_eq!(queued(&conn), "", "waits for the new subscription");
+        hub.release_unsubscribed("lobby");
+        assert!(queued(&conn).contains("joined"), "or for the attempt");
     }
 
     /// A hub whose events go to a queue the test reads.

@@ -210,7 +210,8 @@ pub async fn gateway_subjects(server: &NatsServer, gateway_id: &str) -> Vec<Stri
 }
 
 /// The subjects of every client of `server` whose connection name passes
-/// `named` (sorted).
+/// `named` (sorted), less the reply inbox (`_INBOX.<id>.*`) a gateway
+/// makes for the round trip that confirms its room subscriptions.
 pub async fn subjects_of(server: &NatsServer, named: impl Fn(&str) -> bool) -> Vec<String> {
     let connz = server.monitor("/connz?subs=1&limit=1000").await;
     let mut subjects: Vec<String> = connz["connections"]
@@ -225,6 +226,7 @@ pub async fn subjects_of(server: &NatsServer, named: impl Fn(&str) -> bool) -> V
                 .unwrap_or_default()
         })
         .filter_map(|s| s.as_str().map(str::to_string))
+        .filter(|s| !s.starts_with("_INBOX."))
         .collect();
     subjects.sort();
     subjects
