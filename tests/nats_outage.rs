@@ -704,3 +704,75 @@ async fn past_the_interest_bound_a_stalled_bridge_reconciles_every_room() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_message_larger_than_the_servers_max_payload_is_reported_once() {
+    // The server takes 2 KB, clients may send 64 KB: a 4 KB message is
+    // delivered on its instance, fails to publish, and the operator is
+    // told once which settings disagree.
+    let dir = std::env::temp_dir().join(format!("roomgate-payload-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let conf = dir.join("nats.conf");
+    std::fs::write(&conf, "max_payload: 2048\n").expect("write the server's configuration");
+    let server = NatsServer::start_with_args(&["-c", conf.to_str().expect("UTF-8 path")]);
+    let backend = Backend::connect(&server).await;
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    let mut messages = backend.subscribe("roomgate.message.>").await;
+    let gateway = nats_gateway_process(&server, &[]);
+    let metric = |name: &'static str| process_metric(&gateway, name);
+    eventually_async("the gateway is connected to NATS", || async {
+        metric("roomgate_nats_connected").await == 1.0
+    })
+    .await;
+    let ws = format!("ws://{}/ws", gateway.addr);
+    let (mut a, mut b) = (WsClient::connect(&ws).await, WsClient::connect(&ws).await);
+    join_synced(&mut a, &mut presence, "big").await;
+    join_synced(&mut b, &mut presence, "big").await;
+
+    let big = "x".repeat(4000);
+    for id in ["1", "2"] {
+        a.say("big", json!(big), id).await;
+        assert_eq!(b.recv().await["content"], big.as_str(), "delivered here");
+    }
+    a.say("big", json!("small"), "3").await;
+    let (_, payload) = messages.next_json().await;
+    assert_eq!(
+        payload["content"], "small",
+        "only the small one was published"
+    );
+    assert_eq!(metric("roomgate_nats_publish_errors_total").await, 2.0);
+    let reports = gateway
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|line| line.contains("max_payload"))
+        .count();
+    assert_eq!(reports, 1, "said once");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn nats_unreachable_from_the_start_is_logged() {
+    // Nothing listens there: async-nats says nothing until a first
+    // connection, so the gateway says it itself, once, and serves rooms.
+    let url = format!("nats://127.0.0.1:{}", free_port());
+    let gateway = GatewayProcess::start(
+        &[],
+        &[
+            ("ROOMGATE_NATS_ENABLED", "true"),
+            ("ROOMGATE_NATS_URL", &url),
+        ],
+    );
+    eventually("the unreachable server to be logged", || {
+        gateway
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|line| line.contains("NATS not reachable"))
+    })
+    .await;
+    let mut client = WsClient::connect(&format!("ws://{}/ws", gateway.addr)).await;
+    client.join("lobby").await;
+}

@@ -78,6 +78,10 @@ const RETRY_INTERVAL: Duration = Duration::from_millis(500);
 /// How often the connection state is copied into `roomgate_nats_connected`.
 const STATE_POLL: Duration = Duration::from_millis(100);
 
+/// How long the first connection may take before its absence is logged:
+/// the connect timeout, and then some.
+const FIRST_CONNECT: Duration = Duration::from_secs(3);
+
 /// How long a join waits at most for its room's subscription before it is
 /// answered anyway (with up to `STATE_POLL` more): normally the wait is one
 /// round trip to the server; a stalled server must not hold joins.
@@ -316,11 +320,20 @@ async fn watch_connection(
 ) {
     let mut tick = tokio::time::interval(STATE_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Until the first connection, async-nats reports nothing: say once that
+    // NATS cannot be reached, as a disconnection later is said.
+    let mut unreachable_since = Some(tokio::time::Instant::now());
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tick.tick() => {
                 let now = is_connected(&client);
+                if now {
+                    unreachable_since = None;
+                } else if unreachable_since.is_some_and(|since| since.elapsed() >= FIRST_CONNECT) {
+                    unreachable_since = None;
+                    warn!("NATS not reachable; rooms keep working on this instance, events are dropped until it is, and connecting goes on in the background");
+                }
                 metrics.nats_connected.set(i64::from(now));
                 if connected.send_if_modified(|was| std::mem::replace(was, now) != now) {
                     hub.set_joins_wait(now);

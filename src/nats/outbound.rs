@@ -1,9 +1,11 @@
 //! Turning events into NATS publications: subjects, JSON payloads and the
 //! `Roomgate-*` headers of SPEC §2.
 
-use async_nats::{Client, HeaderMap, HeaderName, HeaderValue};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_nats::{Client, HeaderMap, HeaderName, HeaderValue, PublishErrorKind};
 use bytes::Bytes;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{BridgeSettings, HEADER_CONNECTION, HEADER_GATEWAY, HEADER_USER, PUBLISH_TIMEOUT};
 use crate::events::Event;
@@ -24,6 +26,9 @@ pub struct Publisher {
     settings: BridgeSettings,
     /// `Roomgate-Gateway`'s value, checked once; each event gets a copy.
     gateway: HeaderValue,
+    /// Whether a payload over the server's `max_payload` was reported: a
+    /// setting to fix, said once rather than for every such message.
+    oversize_reported: AtomicBool,
 }
 
 impl Publisher {
@@ -34,6 +39,7 @@ impl Publisher {
             metrics,
             gateway: HeaderValue::from(&*settings.gateway_id),
             settings,
+            oversize_reported: AtomicBool::new(false),
         }
     }
 
@@ -45,6 +51,7 @@ impl Publisher {
             return;
         }
         let (subject, conn, payload) = self.encode(&event);
+        let size = payload.len();
         let sent = match conn {
             Some(conn) => {
                 let headers = self.headers(conn);
@@ -60,8 +67,29 @@ impl Publisher {
         };
         match sent {
             Ok(Ok(())) => self.metrics.nats_published.inc(),
+            Ok(Err(e)) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                self.metrics.nats_publish_errors.inc();
+                self.report_oversize(size);
+            }
             _ => self.metrics.nats_publish_errors.inc(),
         }
+    }
+
+    /// A client's message larger than the server takes reached this
+    /// instance's members only: the settings disagree, which an operator
+    /// must hear about (once; `roomgate_nats_publish_errors_total` counts
+    /// every such message).
+    fn report_oversize(&self, size: usize) {
+        if self.oversize_reported.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        warn!(
+            size,
+            max_payload = self.client.server_info().max_payload,
+            "an event is larger than the NATS server's max_payload and was not published \
+             (client messages this large reach this instance's members only); raise the \
+             server's max_payload above websocket.max_message_size_bytes, or lower that"
+        );
     }
 
     /// Waits (briefly) until what was published has reached the server.
