@@ -27,7 +27,16 @@ use tokio::time::{Instant, Sleep};
 /// (the connection's): the timer wakes whichever waker polled it last.
 #[derive(Clone, Default)]
 pub struct Deadlines {
-    timer: Arc<Mutex<Option<Timer>>>,
+    timer: Arc<Mutex<Shared>>,
+}
+
+/// What the deadlines of one connection share.
+#[derive(Default)]
+struct Shared {
+    timer: Option<Timer>,
+    /// Set at shutdown: hyper's deadline for reading a request head has
+    /// passed, whatever its time (see [`Deadlines::end_head_reads`]).
+    heads_ended: bool,
 }
 
 impl Deadlines {
@@ -40,8 +49,18 @@ impl Deadlines {
     pub fn at(&self, at: Instant) -> Deadline {
         Deadline {
             at,
+            head: false,
             timer: self.timer.clone(),
         }
+    }
+
+    /// Ends hyper's wait for a request head now, at shutdown: a client
+    /// that has sent part of a head has no request in flight, and would
+    /// otherwise hold the shutdown for the whole grace period (hyper's
+    /// graceful shutdown closes only connections that sent nothing). The
+    /// connection's next poll sees the deadline passed and closes it.
+    pub fn end_head_reads(&self) {
+        crate::sync::lock(&self.timer).heads_ended = true;
     }
 
     /// Resolves `after` from now.
@@ -120,7 +139,9 @@ impl Timer {
 /// One deadline on a connection's timer; see [`Deadlines`].
 pub struct Deadline {
     at: Instant,
-    timer: Arc<Mutex<Option<Timer>>>,
+    /// hyper's deadline for a request head, which shutdown ends early.
+    head: bool,
+    timer: Arc<Mutex<Shared>>,
 }
 
 impl Future for Deadline {
@@ -129,8 +150,11 @@ impl Future for Deadline {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let at = self.at;
         // Only ever taken by the connection's own task: never contended.
-        let mut timer = crate::sync::lock(&self.timer);
-        let timer = timer.get_or_insert_with(|| Timer::new(at));
+        let mut shared = crate::sync::lock(&self.timer);
+        if self.head && shared.heads_ended {
+            return Poll::Ready(());
+        }
+        let timer = shared.timer.get_or_insert_with(|| Timer::new(at));
         if timer.sleep.deadline() > at {
             timer.reset(at);
         }
@@ -152,11 +176,17 @@ impl Future for Deadline {
 /// hyper's timer for a connection it serves: its header-read timeout.
 impl hyper::rt::Timer for Deadlines {
     fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        Box::pin(self.after(duration))
+        Box::pin(Deadline {
+            head: true,
+            ..self.after(duration)
+        })
     }
 
     fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        Box::pin(self.at(Instant::from_std(deadline)))
+        Box::pin(Deadline {
+            head: true,
+            ..self.at(Instant::from_std(deadline))
+        })
     }
 }
 

@@ -398,7 +398,7 @@ async fn serve_connection(
         async move { Ok::<_, Infallible>(client.router.route(request, &client).await) }
     });
     let conn = http1::Builder::new()
-        .timer(deadlines)
+        .timer(deadlines.clone())
         .header_read_timeout(Duration::from_secs(30))
         .max_header_size(MAX_REQUEST_HEAD)
         .serve_connection(io, service)
@@ -408,6 +408,7 @@ async fn serve_connection(
         result = conn.as_mut() => result,
         _ = shutdown.stopped() => {
             conn.as_mut().graceful_shutdown();
+            deadlines.end_head_reads();
             tokio::select! {
                 result = conn.as_mut() => result,
                 _ = shutdown.forced().cancelled() => Ok(()),

@@ -225,6 +225,29 @@ async fn a_second_signal_cuts_the_drain_short() {
 }
 
 #[tokio::test]
+async fn a_client_halfway_through_a_request_head_does_not_hold_the_shutdown() {
+    // It has no request in flight: nothing for a grace period of ten
+    // minutes to wait for. The same holds for half an upgrade request.
+    let gateway_env = [("ROOMGATE_SERVER_SHUTDOWN_GRACE_SECS", "600")];
+    let mut gateway = GatewayProcess::start(&[], &gateway_env);
+    let mut halves = Vec::new();
+    for head in [
+        "GET / HTTP/1.1\r\nhost: x\r\n",
+        "GET /ws HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\n",
+    ] {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = TcpStream::connect(gateway.addr).await.expect("connect");
+        stream.write_all(head.as_bytes()).await.expect("write");
+        halves.push(stream);
+    }
+    // Time for the gateway to read both halves: a whole request on a
+    // third connection is answered first.
+    assert_eq!(http_get(gateway.addr, "/").await.0, 404);
+    gateway.signal("TERM");
+    assert_eq!(gateway.wait_exit(), 0);
+}
+
+#[tokio::test]
 async fn sigint_exits_zero() {
     let mut gateway = GatewayProcess::start(&[], &[]);
     let mut client = WsClient::connect(&format!("ws://{}/ws", gateway.addr)).await;
