@@ -119,16 +119,25 @@ impl RoomState {
         self.members.push(conn.clone());
     }
 
-    /// Removes member `id`; `None` if it was none, and otherwise its
-    /// `joined` if that was still held back.
-    fn remove(&mut self, id: Uuid) -> Option<Option<Frame>> {
+    /// Removes member `id`; `None` if it was none, and otherwise the
+    /// answers to its joins still held back, in order.
+    fn remove(&mut self, id: Uuid) -> Option<Vec<Frame>> {
         let pos = self.index.remove(&id)?;
         self.members.swap_remove(pos);
         if let Some(moved) = self.members.get(pos) {
             self.index.insert(moved.id(), pos);
         }
-        let held = self.withheld.iter().position(|(held, _)| *held == id);
-        Some(held.map(|at| self.withheld.swap_remove(at).1))
+        let mut held = Vec::new();
+        if self.is_withheld(id) {
+            self.withheld.retain(|(member, frame)| {
+                let theirs = *member == id;
+                if theirs {
+                    held.push(frame.clone());
+                }
+                !theirs
+            });
+        }
+        Some(held)
     }
 
     /// Whether broadcasts skip member `id`, whose `joined` is held back.
@@ -398,9 +407,15 @@ impl Hub {
             return Err(Refusal::new(ErrorCode::NotMember, "connection is closing"));
         }
         // A member is answered `joined` again, also in a room a backend put
-        // it in that its own grants would not open.
-        if mine.iter().any(|r| r.name == *name) {
-            self.deliver(conn, reply);
+        // it in that its own grants would not open; after its first
+        // `joined` if that still waits for the room's subscription.
+        if let Some(room) = mine.iter().find(|r| r.name == *name) {
+            let mut state = room.write();
+            if state.is_withheld(conn.id()) {
+                state.withheld.push((conn.id(), reply));
+            } else {
+                self.deliver(conn, reply);
+            }
             return Ok(());
         }
         if check_grants
@@ -526,7 +541,7 @@ impl Hub {
             if let Some(reply) = reply {
                 // A client that left before its join was answered gets
                 // both answers, in order.
-                if let Some(joined) = withheld {
+                for joined in withheld {
                     self.deliver(conn, joined);
                 }
                 self.deliver(conn, reply);
@@ -1089,6 +1104,24 @@ mod tests {
         assert!(queued(&first).contains("joined"));
         join(&hub, &second, "other");
         assert!(queued(&second).contains("joined"));
+    }
+
+    #[test]
+    fn a_join_repeated_while_the_first_waits_is_answered_after_it() {
+        let hub = hub();
+        let shutdown = Shutdown::new();
+        let conn = client(&shutdown);
+        let name = RoomName::parse("lobby").expect("valid name");
+        hub.set_joins_wait(true);
+        for id in ["first", "second"] {
+            let reply = protocol::joined("lobby", Some(id));
+            hub.join(&conn, &name, reply).expect("join");
+        }
+        assert_eq!(queued(&conn), "", "neither before the subscription");
+        hub.release("lobby");
+        let frames = queued(&conn);
+        let (first, second) = (frames.find("first"), frames.find("second"));
+        assert!(first.is_some() && first < second, "in order: {frames}");
     }
 
     #[test]
