@@ -82,9 +82,15 @@ const STATE_POLL: Duration = Duration::from_millis(100);
 /// the connect timeout, and then some.
 const FIRST_CONNECT: Duration = Duration::from_secs(3);
 
-/// How long a join waits at most for its room's subscription before it is
-/// answered anyway (with up to `STATE_POLL` more): normally the wait is one
-/// round trip to the server; a stalled server must not hold joins.
+/// Confirmations of new subscriptions that may go unanswered in a row
+/// before the bridge stops asking until the next reconnect: one lost to a
+/// slow moment is no sign that the server will not answer.
+const UNANSWERED_LIMIT: u32 = 3;
+
+/// How long a join waits for its room's subscription before it is
+/// answered anyway (at most about twice this, see `Hub::release_overdue`):
+/// normally the wait is one round trip to the server; a stalled server
+/// must not hold joins.
 const JOIN_WAIT: Duration = Duration::from_secs(1);
 
 /// Messages async-nats buffers per subscription before it drops (its
@@ -383,8 +389,11 @@ pub struct Bridge {
     /// waiting for their `joined` get it once the server has the
     /// subscriptions.
     unconfirmed: Vec<RoomName>,
-    /// The connection count at which a confirmation went unanswered: no
-    /// round trip is tried again until the client has reconnected.
+    /// Confirmations unanswered in a row.
+    unanswered: u32,
+    /// The connection count at which too many confirmations went
+    /// unanswered: no round trip is tried again until the client has
+    /// reconnected.
     no_round_trip: Option<u64>,
     /// The bytes that messages waiting in the delivery tasks may hold.
     budget: Arc<Budget>,
@@ -417,6 +426,7 @@ impl Bridge {
             retry: HashSet::new(),
             fixed: false,
             unconfirmed: Vec::new(),
+            unanswered: 0,
             no_round_trip: None,
             budget,
             stop,
@@ -609,12 +619,13 @@ impl Bridge {
     /// the server may take another connection's publication first.
     ///
     /// One round trip confirms them all: a request to an inbox nobody
-    /// listens on, which the server answers "no responders" after it has
-    /// taken everything sent before it. A user that may not publish to
-    /// `_INBOX.>` gets no answer; then, until the client reconnects, the
-    /// subscriptions are only flushed to the socket, which leaves a short
-    /// race. Bounded either way: a stalled server delays the answers by
-    /// `SUBSCRIBE_TIMEOUT` at most.
+    /// listens on, which the server answers ("no responders", or whoever
+    /// listens on `_INBOX.>` does) after it has taken everything sent
+    /// before it. A user that may not publish to `_INBOX.>` gets no
+    /// answer: after `UNANSWERED_LIMIT` such rounds in a row, and until
+    /// the client reconnects, the subscriptions are only flushed to the
+    /// socket, which leaves a short race. Bounded either way: a stalled
+    /// server delays the answers by `SUBSCRIBE_TIMEOUT` at most.
     async fn confirm(&mut self) {
         if self.unconfirmed.is_empty() {
             return;
@@ -625,15 +636,20 @@ impl Bridge {
         } else {
             let probe = self.client.request(self.client.new_inbox(), Bytes::new());
             match tokio::time::timeout(SUBSCRIBE_TIMEOUT, probe).await {
-                Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => {}
+                Ok(Ok(_)) => self.unanswered = 0,
+                Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => self.unanswered = 0,
                 answer => {
-                    warn!(
-                        answer = ?answer.map(|a| a.map(|_| ())),
-                        "NATS did not confirm new room subscriptions (is publishing to \
-                         _INBOX.> allowed?); until it reconnects, joins are answered \
-                         once the subscriptions are sent"
-                    );
-                    self.no_round_trip = Some(connects);
+                    self.unanswered += 1;
+                    debug!(answer = ?answer.map(|a| a.map(|_| ())), "subscriptions not confirmed");
+                    if self.unanswered >= UNANSWERED_LIMIT {
+                        warn!(
+                            "NATS did not confirm new room subscriptions {UNANSWERED_LIMIT} \
+                             times in a row (may this user publish to _INBOX.>?); until it \
+                             reconnects, joins are answered once the subscriptions are sent"
+                        );
+                        self.no_round_trip = Some(connects);
+                        self.unanswered = 0;
+                    }
                 }
             }
         }

@@ -17,8 +17,12 @@
 //!   at most [`MAX_EMPTY_ROOMS`] of them. Emptying a room, refilling an
 //!   empty one and the sweeper take its lock; broadcasts never do.
 //!
+//! - While NATS is connected, a join to a room not yet subscribed is
+//!   answered once the bridge has the subscription confirmed
+//!   ([`withheld`]); broadcasts skip the member until then.
+//!
 //! Lock order: a connection's room list, then a room shard, then a room,
-//! then the queue of empty rooms. A join or a leave holds the connection's
+//! then the queue of empty rooms or that of rooms with joins held back. A join or a leave holds the connection's
 //! list from its check to its presence event, and a client's message holds
 //! it while it is broadcast and published: what one member does reaches
 //! the room and backends in the order it happened. A disconnect empties
@@ -30,8 +34,9 @@ mod connection;
 mod idle;
 mod name;
 mod outbox;
+mod withheld;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -50,6 +55,7 @@ pub use outbox::{
 };
 
 use idle::{IdleQueue, Ticket};
+use withheld::{Overdue, Withheld};
 
 use crate::config::RoomsConfig;
 use crate::events::{Event, Events, now_ms, unix_ms};
@@ -87,7 +93,7 @@ struct RoomState {
     /// is made, with that frame. Broadcasts skip them meanwhile: a member
     /// hears the room from its `joined` on, and from then on also what
     /// other instances and backends send it.
-    withheld: Vec<(Uuid, Frame)>,
+    withheld: Withheld,
 }
 
 impl Room {
@@ -127,22 +133,7 @@ impl RoomState {
         if let Some(moved) = self.members.get(pos) {
             self.index.insert(moved.id(), pos);
         }
-        let mut held = Vec::new();
-        if self.is_withheld(id) {
-            self.withheld.retain(|(member, frame)| {
-                let theirs = *member == id;
-                if theirs {
-                    held.push(frame.clone());
-                }
-                !theirs
-            });
-        }
-        Some(held)
-    }
-
-    /// Whether broadcasts skip member `id`, whose `joined` is held back.
-    fn is_withheld(&self, id: Uuid) -> bool {
-        self.withheld.iter().any(|(held, _)| *held == id)
+        Some(self.withheld.take_member(id))
     }
 }
 
@@ -181,10 +172,10 @@ pub struct Hub {
     /// subscription: while the NATS bridge is connected. Without NATS, or
     /// while it is down, nothing could come from other instances anyway.
     joins_wait: AtomicBool,
-    /// Rooms in which a member waits for its `joined`, oldest first, for
+    /// Rooms in which a member waits for its `joined`, for
     /// [`Hub::release_overdue`]: a NATS server that stalls without
     /// dropping the connection must not hold joins for long.
-    withheld_since: std::sync::Mutex<VecDeque<(Instant, Arc<Room>)>>,
+    overdue: std::sync::Mutex<Overdue>,
 }
 
 impl Hub {
@@ -212,7 +203,7 @@ impl Hub {
             idle: std::sync::Mutex::new(IdleQueue::new(limit)),
             idle_added: Notify::new(),
             joins_wait: AtomicBool::new(false),
-            withheld_since: std::sync::Mutex::new(VecDeque::new()),
+            overdue: std::sync::Mutex::new(Overdue::default()),
         })
     }
 
@@ -295,9 +286,8 @@ impl Hub {
         let mut fanout = Fanout::default();
         // Members wait for their `joined` only while a room's first
         // subscription is made: the common walk does not look for them.
-        let waiting = !state.withheld.is_empty();
         for member in &state.members {
-            if Some(member.id()) != exclude && !(waiting && state.is_withheld(member.id())) {
+            if Some(member.id()) != exclude && !state.withheld.contains(member.id()) {
                 let (queued, rest) = member.deliver_run(run);
                 fanout.count_run(run, queued, rest);
             }
@@ -411,8 +401,8 @@ impl Hub {
         // `joined` if that still waits for the room's subscription.
         if let Some(room) = mine.iter().find(|r| r.name == *name) {
             let mut state = room.write();
-            if state.is_withheld(conn.id()) {
-                state.withheld.push((conn.id(), reply));
+            if state.withheld.contains(conn.id()) {
+                self.withhold(&mut state, room, conn, reply);
             } else {
                 self.deliver(conn, reply);
             }
@@ -470,8 +460,7 @@ impl Hub {
             if state.subscribed || !self.joins_wait.load(Ordering::Relaxed) {
                 self.deliver(conn, reply);
             } else {
-                state.withheld.push((conn.id(), reply));
-                lock(&self.withheld_since).push_back((Instant::now(), room.clone()));
+                self.withhold(&mut state, &room, conn, reply);
             }
             if self.config.presence {
                 let frame = protocol::presence(
@@ -707,18 +696,42 @@ impl Hub {
 
     /// Answers the joins that have waited `limit` or longer for their
     /// room's subscription, subscribed or not: the bridge, held up by a
-    /// stalled server, may not get to them for a while.
+    /// stalled server, may not get to them for a while. A join waits at
+    /// most about twice `limit` between two calls.
     pub fn release_overdue(&self, limit: Duration) {
         loop {
-            let room = {
-                let mut queue = lock(&self.withheld_since);
-                match queue.front() {
-                    Some((since, _)) if since.elapsed() >= limit => queue.pop_front(),
-                    _ => return,
-                }
+            // The queue's lock is let go before the room's is taken: the
+            // room's come first in the lock order.
+            let Some((room, number)) = lock(&self.overdue).pop_due(limit) else {
+                return;
             };
-            if let Some((_, room)) = room {
-                self.answer_withheld(&room, None);
+            let mut state = room.write();
+            let (answers, again) = state.withheld.take_overdue(number, limit);
+            self.answer(&state, answers);
+            if let Some(again) = again {
+                lock(&self.overdue).push(room.clone(), again);
+            }
+        }
+    }
+
+    /// Holds back `reply` for `conn`, a member of `room` (`state`).
+    fn withhold(
+        &self,
+        state: &mut RoomState,
+        room: &Arc<Room>,
+        conn: &Arc<Connection>,
+        reply: Frame,
+    ) {
+        if let Some(number) = state.withheld.push(conn.id(), reply) {
+            lock(&self.overdue).push(room.clone(), number);
+        }
+    }
+
+    /// Delivers held-back answers to those still members.
+    fn answer(&self, state: &RoomState, answers: Vec<(Uuid, Frame)>) {
+        for (id, joined) in answers {
+            if let Some(&at) = state.index.get(&id) {
+                self.deliver(&state.members[at], joined);
             }
         }
     }
@@ -748,11 +761,8 @@ impl Hub {
         if let Some(subscribed) = subscribed {
             state.subscribed = subscribed;
         }
-        for (id, joined) in std::mem::take(&mut state.withheld) {
-            if let Some(&at) = state.index.get(&id) {
-                self.deliver(&state.members[at], joined);
-            }
-        }
+        let answers = state.withheld.take_all();
+        self.answer(&state, answers);
     }
 
     fn room(&self, name: &str) -> Option<Arc<Room>> {
