@@ -286,8 +286,9 @@ impl Hub {
         let mut fanout = Fanout::default();
         // Members wait for their `joined` only while a room's first
         // subscription is made: the common walk does not look for them.
+        let waiting = !state.withheld.is_empty();
         for member in &state.members {
-            if Some(member.id()) != exclude && !state.withheld.contains(member.id()) {
+            if Some(member.id()) != exclude && !(waiting && state.withheld.contains(member.id())) {
                 let (queued, rest) = member.deliver_run(run);
                 fanout.count_run(run, queued, rest);
             }

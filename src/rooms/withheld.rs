@@ -35,8 +35,7 @@ pub(super) struct Withheld {
 
 impl Withheld {
     /// Whether no answer waits.
-    #[cfg(test)]
-    fn is_empty(&self) -> bool {
+    pub(super) fn is_empty(&self) -> bool {
         self.answers.is_empty()
     }
 
