@@ -1238,7 +1238,7 @@ async fn a_kick_during_a_write_delivers_the_queued_frames_whole_then_closes() {
     // burst; the member is then kicked. The frame in progress is finished,
     // the frames queued after it go out too (the client did nothing
     // wrong), and the close frame follows.
-    let (data, close) = torn_burst(|c| c.websocket.ping_interval_secs = 3600, true).await;
+    let (data, close) = torn_burst(|c| c.websocket.ping_interval_secs = 3600, Ending::Kick).await;
     assert_eq!(close, Some(4000), "then the kick's close frame");
     assert_eq!(
         data, TORN_MESSAGES,
@@ -1257,7 +1257,7 @@ async fn a_slow_consumer_close_during_a_write_ends_on_a_whole_frame() {
             c.websocket.ping_interval_secs = 3600;
             c.websocket.send_queue_capacity = 8;
         },
-        false,
+        Ending::SlowConsumer,
     )
     .await;
     assert_eq!(close, Some(1013), "then the slow consumer's close frame");
@@ -1267,22 +1267,47 @@ async fn a_slow_consumer_close_during_a_write_ends_on_a_whole_frame() {
     );
 }
 
+#[tokio::test]
+async fn shutdown_during_a_write_delivers_the_queued_frames_whole_then_1001() {
+    // As for a kick: the client did nothing wrong, and what was queued for
+    // it goes out before the 1001, within the pong timeout.
+    let (data, close) =
+        torn_burst(|c| c.websocket.ping_interval_secs = 3600, Ending::Shutdown).await;
+    assert_eq!(close, Some(1001), "then the shutdown's close frame");
+    assert_eq!(
+        data, TORN_MESSAGES,
+        "every queued frame, whole and in order"
+    );
+}
+
 /// Frames of [`torn_burst`].
 const TORN_MESSAGES: usize = 100;
 
+/// How [`torn_burst`] ends the member's connection.
+enum Ending {
+    /// A backend's `control.disconnect`, code 4000.
+    Kick,
+    /// The member's queue overflows.
+    SlowConsumer,
+    /// The gateway stops.
+    Shutdown,
+}
+
 /// Sends a member that reads nothing a 7 MB burst (more than the socket
 /// buffers between them hold), as one buffer of frames back to back, so
-/// that the gateway's write stops inside it; with `kick`, a backend then
-/// disconnects the member, and otherwise the test waits for the gateway
-/// to close it as a slow consumer. Only then does the member read: it
-/// returns how many data frames came, each checked whole and in order,
-/// and the close code that followed them.
-async fn torn_burst(edit: impl FnOnce(&mut roomgate::Config), kick: bool) -> (usize, Option<u16>) {
+/// that the gateway's write stops inside it; then the connection is ended
+/// as `ending` says. Only then does the member read: it returns how many
+/// data frames came, each checked whole and in order, and the close code
+/// that followed them.
+async fn torn_burst(
+    edit: impl FnOnce(&mut roomgate::Config),
+    ending: Ending,
+) -> (usize, Option<u16>) {
     const SIZE: usize = 70_000;
     let server = NatsServer::start();
     let backend = Backend::connect(&server).await;
     let mut presence = backend.subscribe("roomgate.presence.>").await;
-    let gw = nats_gateway(&server, edit).await;
+    let mut gw = nats_gateway(&server, edit).await;
     let (mut stream, id) = stuck_member(&gw, &mut presence, "torn").await;
     let mut watcher = gw.client().await;
     join_synced(&mut watcher, &mut presence, "torn").await;
@@ -1301,7 +1326,7 @@ async fn torn_burst(edit: impl FnOnce(&mut roomgate::Config), kick: bool) -> (us
         stream.peek(&mut probe).await.expect("peek")
     })
     .await;
-    if kick {
+    if let Ending::Kick = ending {
         backend
             .publish(
                 "roomgate.control.disconnect",
@@ -1311,7 +1336,7 @@ async fn torn_burst(edit: impl FnOnce(&mut roomgate::Config), kick: bool) -> (us
     } else {
         // The room's messages are handed out in order: once a member that
         // reads has the one after the burst, every frame of the burst was
-        // offered to the stuck member, whose queue overflowed on the way.
+        // offered to the stuck member (a small queue overflowed on the way).
         backend
             .publish_with(
                 "roomgate.broadcast.torn",
@@ -1328,6 +1353,9 @@ async fn torn_burst(edit: impl FnOnce(&mut roomgate::Config), kick: bool) -> (us
             panic!("the watcher's connection ended");
         })
         .await;
+        if let Ending::Shutdown = ending {
+            gw.begin_stop();
+        }
     }
 
     let mut data = 0;
@@ -1336,6 +1364,10 @@ async fn torn_burst(edit: impl FnOnce(&mut roomgate::Config), kick: bool) -> (us
             let frame = read_raw_frame(&mut stream).await.expect("a whole frame");
             if frame.opcode != 1 {
                 return frame;
+            }
+            if frame.payload == b"end" {
+                // The marker after the burst, when it was queued too.
+                continue;
             }
             assert_eq!(frame.payload.len(), SIZE, "data frame {data} is whole");
             assert_eq!(
