@@ -19,7 +19,7 @@
 //!
 //! - While NATS is connected, a join to a room not yet subscribed is
 //!   answered once the bridge has the subscription confirmed
-//!   ([`withheld`]); broadcasts skip the member until then.
+//!   (`withheld`); broadcasts skip the member until then.
 //!
 //! Lock order: a connection's room list, then a room shard, then a room,
 //! then the queue of empty rooms or that of rooms with joins held back. A join or a leave holds the connection's
