@@ -621,12 +621,7 @@ async fn past_the_interest_bound_a_stalled_bridge_reconciles_every_room() {
     let mut late = WsClient::connect(&ws).await;
     late.join("late").await;
     eventually("the late room's subscribe to time out", || {
-        gateway
-            .log
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|line| line.contains("cannot subscribe to a room yet"))
+        gateway.logged("cannot subscribe to a room yet") > 0
     })
     .await;
     // Changes the bridge cannot follow one by one: noted first, then lost
@@ -683,12 +678,7 @@ async fn past_the_interest_bound_a_stalled_bridge_reconciles_every_room() {
         !last.iter().any(|s| s.contains(".churn.")),
         "no churned room is subscribed: {last:?}"
     );
-    let overflowed = gateway
-        .log
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|line| line.contains("too many room interest changes"));
+    let overflowed = gateway.logged("too many room interest changes") > 0;
     assert!(
         overflowed,
         "the interest set overflowed and every room was reconciled"
@@ -741,13 +731,7 @@ async fn a_message_larger_than_the_servers_max_payload_is_reported_once() {
         "only the small one was published"
     );
     assert_eq!(metric("roomgate_nats_publish_errors_total").await, 2.0);
-    let reports = gateway
-        .log
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|line| line.contains("max_payload"))
-        .count();
+    let reports = gateway.logged("max_payload");
     assert_eq!(reports, 1, "said once");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -765,12 +749,7 @@ async fn nats_unreachable_from_the_start_is_logged() {
         ],
     );
     eventually("the unreachable server to be logged", || {
-        gateway
-            .log
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|line| line.contains("NATS not reachable"))
+        gateway.logged("NATS not reachable") > 0
     })
     .await;
     let mut client = WsClient::connect(&format!("ws://{}/ws", gateway.addr)).await;

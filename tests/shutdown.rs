@@ -31,6 +31,18 @@ async fn slow_upstream() -> (Upstream, mpsc::Receiver<oneshot::Sender<()>>) {
     (upstream, arrived_rx)
 }
 
+/// The real binary in front of `url`, with a grace period of `grace`
+/// seconds.
+fn in_front_of(url: &str, grace: &str) -> GatewayProcess {
+    GatewayProcess::start(
+        &[],
+        &[
+            ("ROOMGATE_UPSTREAM_URL", url),
+            ("ROOMGATE_SERVER_SHUTDOWN_GRACE_SECS", grace),
+        ],
+    )
+}
+
 /// Starts a slow proxied request; returns its (status, body) task.
 fn slow_request(gateway: &GatewayProcess) -> tokio::task::JoinHandle<(u16, String)> {
     let addr = gateway.addr;
@@ -58,13 +70,7 @@ fn slow_request(gateway: &GatewayProcess) -> tokio::task::JoinHandle<(u16, Strin
 async fn sigterm_drains_then_exits_zero() {
     let (upstream, mut arrived) = slow_upstream().await;
     let url = upstream.url();
-    let mut gateway = GatewayProcess::start(
-        &[],
-        &[
-            ("ROOMGATE_UPSTREAM_URL", url.as_str()),
-            ("ROOMGATE_SERVER_SHUTDOWN_GRACE_SECS", "15"),
-        ],
-    );
+    let mut gateway = in_front_of(&url, "15");
     assert_eq!(http_get(gateway.admin, "/readyz").await.0, 200);
 
     let mut client = WsClient::connect(&format!("ws://{}/ws", gateway.addr)).await;
@@ -110,13 +116,7 @@ async fn a_request_that_outlives_the_grace_period_is_cut_and_the_exit_is_still_z
     let (upstream, mut arrived) = slow_upstream().await;
     let url = upstream.url();
     let grace = GRACE.as_secs().to_string();
-    let mut gateway = GatewayProcess::start(
-        &[],
-        &[
-            ("ROOMGATE_UPSTREAM_URL", url.as_str()),
-            ("ROOMGATE_SERVER_SHUTDOWN_GRACE_SECS", grace.as_str()),
-        ],
-    );
+    let mut gateway = in_front_of(&url, &grace);
     // The request's outcome and the moment it ended, without panicking on
     // a cut connection: a cut is what this test expects.
     let addr = gateway.addr;
@@ -183,13 +183,7 @@ async fn a_second_signal_cuts_the_drain_short() {
     // exits within it only because it was asked twice.
     let (upstream, mut arrived) = slow_upstream().await;
     let url = upstream.url();
-    let mut gateway = GatewayProcess::start(
-        &[],
-        &[
-            ("ROOMGATE_UPSTREAM_URL", url.as_str()),
-            ("ROOMGATE_SERVER_SHUTDOWN_GRACE_SECS", "600"),
-        ],
-    );
+    let mut gateway = in_front_of(&url, "600");
     // Read raw, to the end: a cut is what this test expects.
     let addr = gateway.addr;
     let request = tokio::spawn(async move {

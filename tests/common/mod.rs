@@ -1424,6 +1424,12 @@ impl GatewayProcess {
         assert!(status.success());
     }
 
+    /// How many lines logged so far contain `text`.
+    pub fn logged(&self, text: &str) -> usize {
+        let log = self.log.lock().expect("log");
+        log.iter().filter(|line| line.contains(text)).count()
+    }
+
     /// Waits (bounded) for the process to exit and returns its code.
     pub fn wait_exit(&mut self) -> i32 {
         let deadline = std::time::Instant::now() + WAIT;
