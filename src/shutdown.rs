@@ -307,6 +307,9 @@ impl Signals {
             tracing::info!("{name} received, shutting down");
         };
         let hurry = async move {
+            // Registered with `first`, it saw the first signal too. (Where
+            // Ctrl-C is only watched from the first poll on, it did not.)
+            #[cfg(unix)]
             again.recv().await;
             let name = again.recv().await;
             tracing::warn!("{name} received again: cutting the remaining connections now");
