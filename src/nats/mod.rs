@@ -338,7 +338,10 @@ async fn watch_connection(
                     unreachable_since = None;
                 } else if unreachable_since.is_some_and(|since| since.elapsed() >= FIRST_CONNECT) {
                     unreachable_since = None;
-                    warn!("NATS not reachable; rooms keep working on this instance, events are dropped until it is, and connecting goes on in the background");
+                    warn!(
+                        "NATS not reachable; rooms keep working on this instance, events are \
+                         dropped until it is, and connecting goes on in the background"
+                    );
                 }
                 metrics.nats_connected.set(i64::from(now));
                 if connected.send_if_modified(|was| std::mem::replace(was, now) != now) {

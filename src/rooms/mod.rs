@@ -22,13 +22,14 @@
 //!   (`withheld`); broadcasts skip the member until then.
 //!
 //! Lock order: a connection's room list, then a room shard, then a room,
-//! then the queue of empty rooms or that of rooms with joins held back. A join or a leave holds the connection's
-//! list from its check to its presence event, and a client's message holds
-//! it while it is broadcast and published: what one member does reaches
-//! the room and backends in the order it happened. A disconnect empties
-//! the list first and leaves the rooms after; a join cannot come in
-//! between, as it checks under the list's lock that the connection is not
-//! closing, which the disconnect marks before.
+//! then the queue of empty rooms or that of rooms with joins held back. A
+//! join or a leave holds the connection's list from its check to its
+//! presence event, and a client's message holds it while it is broadcast
+//! and published: what one member does reaches the room and backends in
+//! the order it happened. A disconnect empties the list first and leaves
+//! the rooms after; a join cannot come in between, as it checks under the
+//! list's lock that the connection is not closing, which the disconnect
+//! marks before.
 
 mod connection;
 mod idle;
