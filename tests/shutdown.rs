@@ -43,6 +43,16 @@ fn in_front_of(url: &str, grace: &str) -> GatewayProcess {
     )
 }
 
+/// Sends SIGTERM and waits until `/readyz` says the drain has begun.
+async fn begin_drain(gateway: &GatewayProcess) {
+    gateway.signal("TERM");
+    let admin = gateway.admin;
+    eventually_async("/readyz to turn 503", || async move {
+        http_get(admin, "/readyz").await.0 == 503
+    })
+    .await;
+}
+
 /// Starts a slow proxied request; returns its (status, body) task.
 fn slow_request(gateway: &GatewayProcess) -> tokio::task::JoinHandle<(u16, String)> {
     let addr = gateway.addr;
@@ -80,14 +90,8 @@ async fn sigterm_drains_then_exits_zero() {
         .await
         .expect("upstream saw the request");
 
-    gateway.signal("TERM");
-
     // Draining: not ready, WebSockets told to go away with 1001.
-    let admin = gateway.admin;
-    eventually_async("/readyz to turn 503", || async move {
-        http_get(admin, "/readyz").await.0 == 503
-    })
-    .await;
+    begin_drain(&gateway).await;
     assert_eq!(client.recv_close().await, Some(1001));
     // The public port no longer takes connections.
     let addr = gateway.addr;
@@ -199,12 +203,7 @@ async fn a_second_signal_cuts_the_drain_short() {
         .await
         .expect("upstream saw the request");
 
-    gateway.signal("TERM");
-    let admin = gateway.admin;
-    eventually_async("/readyz to turn 503", || async move {
-        http_get(admin, "/readyz").await.0 == 503
-    })
-    .await;
+    begin_drain(&gateway).await;
     assert!(
         gateway.child.try_wait().expect("try_wait").is_none(),
         "the first signal waits for the in-flight request"
