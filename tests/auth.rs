@@ -1056,8 +1056,9 @@ async fn a_check_sent_again_gets_only_what_is_left_of_the_timeout() {
     // The service reads each check, holds it for most of the timeout and
     // then closes the connection without answering. The check goes again
     // on a new connection, but within the one timeout the client was
-    // promised: 503 at about 3 s, not after two holds (5 s).
-    const HOLD: Duration = Duration::from_millis(2500);
+    // promised: 503 at about 3 s, not after two holds (5.6 s). The bound
+    // leaves the gateway almost two seconds of slack.
+    const HOLD: Duration = Duration::from_millis(2800);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -1082,7 +1083,7 @@ async fn a_check_sent_again_gets_only_what_is_left_of_the_timeout() {
     let took = started.elapsed();
     assert_eq!(status, 503);
     assert!(
-        took < Duration::from_millis(4200),
+        took < Duration::from_millis(4900),
         "503 after {took:?}: the second attempt had a timeout of its own"
     );
 }
