@@ -302,8 +302,7 @@ impl Hub {
     /// room `room` except `exclude`; a room without local members is a
     /// no-op.
     pub fn broadcast_room(&self, room: &str, frames: &[Frame], exclude: Option<Uuid>) -> Fanout {
-        let room = read(self.room_shard(room)).get(room).cloned();
-        match room {
+        match self.room(room) {
             Some(room) => self.fan_out(&room.read(), &Run::new(frames), exclude),
             None => Fanout::default(),
         }
@@ -675,7 +674,7 @@ impl Hub {
         self.joins_wait.store(wait, Ordering::Relaxed);
         if !wait {
             for room in self.all_rooms() {
-                self.answer_withheld(&room, None);
+                self.answer_withheld(&room, false);
             }
         }
     }
@@ -684,7 +683,7 @@ impl Hub {
     /// their `joined`, and later joins are answered at once.
     pub fn release(&self, room: &str) {
         if let Some(room) = self.room(room) {
-            self.answer_withheld(&room, Some(true));
+            self.answer_withheld(&room, true);
         }
     }
 
@@ -692,7 +691,7 @@ impl Hub {
     /// get their `joined` all the same rather than waiting on NATS.
     pub fn release_unsubscribed(&self, room: &str) {
         if let Some(room) = self.room(room) {
-            self.answer_withheld(&room, None);
+            self.answer_withheld(&room, false);
         }
     }
 
@@ -756,17 +755,16 @@ impl Hub {
         true
     }
 
-    /// Answers the members of `room` waiting for their `joined`, and sets
-    /// whether it is subscribed when `subscribed` says.
-    fn answer_withheld(&self, room: &Room, subscribed: Option<bool>) {
+    /// Answers the members of `room` waiting for their `joined`, and marks
+    /// it subscribed when it now is.
+    fn answer_withheld(&self, room: &Room, subscribed: bool) {
         let mut state = room.write();
-        if let Some(subscribed) = subscribed {
-            state.subscribed = subscribed;
-        }
+        state.subscribed |= subscribed;
         let answers = state.withheld.take_all();
         self.answer(&state, answers);
     }
 
+    /// The live room of that name.
     fn room(&self, name: &str) -> Option<Arc<Room>> {
         read(self.room_shard(name)).get(name).cloned()
     }
@@ -780,11 +778,12 @@ impl Hub {
 
     // ----- introspection -----------------------------------------------
 
-    /// Whether `room` has members on this instance (the NATS bridge keeps a
-    /// subscription exactly for those rooms).
-    pub fn has_members(&self, room: &str) -> bool {
-        read(self.room_shard(room))
-            .get(room)
+    /// Whether `room` has members on this instance, for the tests (the
+    /// bridge asks [`Hub::unsubscribe_if_empty`], which decides under the
+    /// room's lock).
+    #[cfg(test)]
+    fn has_members(&self, room: &str) -> bool {
+        self.room(room)
             .is_some_and(|r| !r.read().members.is_empty())
     }
 
@@ -826,7 +825,7 @@ impl Hub {
 
     /// One room with its members, for `GET /rooms/<room>`.
     pub fn room_detail(&self, name: &str) -> Option<RoomDetail> {
-        let room = read(self.room_shard(name)).get(name).cloned()?;
+        let room = self.room(name)?;
         let state = room.read();
         Some(RoomDetail {
             room: room.name.to_string(),
