@@ -458,21 +458,45 @@ async fn control_subjects_change_membership_and_close_connections() {
         )
         .await;
     assert_eq!(reply, json!({"ok": false, "error": "invalid_room"}));
-    // Malformed payloads are ignored. A valid request behind them, on the
-    // same subscription (`control.*`), is the next thing a gets.
-    backend.publish("roomgate.control.join", "not json").await;
-    backend
-        .publish(
-            "roomgate.control.leave",
-            r#"{"connection_id":"nope","room":"x"}"#,
-        )
-        .await;
-    backend
-        .publish(
-            "roomgate.control.join",
+    // A malformed request for a connection changes nothing, and the
+    // instance holding the connection says so.
+    for (subject, payload) in [
+        ("join", json!({"connection_id": a.id, "room": 5})),
+        ("leave", json!({"connection_id": a.id})),
+        ("disconnect", json!({"connection_id": a.id, "reason": 7})),
+    ] {
+        let reply = backend
+            .request(&format!("roomgate.control.{subject}"), payload)
+            .await;
+        assert_eq!(reply, json!({"ok": false, "error": "invalid_json"}));
+    }
+    // One that names no connection gets no answer: every instance hears
+    // it. The answer to a valid request behind them, on the same
+    // subscription (`control.*`) and the same inbox, is the first on it,
+    // and it is the next thing a gets.
+    let inbox = backend.client.new_inbox();
+    let mut answers = backend.subscribe(&inbox).await;
+    for (subject, payload) in [
+        ("join", "not json"),
+        ("leave", r#"{"connection_id":"nope","room":"x"}"#),
+        ("join", r#"{"room":"x"}"#),
+        (
+            "join",
             &json!({"connection_id": a.id, "room": "fence"}).to_string(),
+        ),
+    ] {
+        let subject = format!("roomgate.control.{subject}");
+        let payload = payload.to_string().into();
+        within(
+            "publish",
+            backend
+                .client
+                .publish_with_reply(subject, inbox.clone(), payload),
         )
-        .await;
+        .await
+        .expect("publish");
+    }
+    assert_eq!(answers.next_json().await.1, json!({"ok": true}));
     assert_eq!(a.recv().await, json!({"type": "joined", "room": "fence"}));
 
     let reply = backend

@@ -61,6 +61,13 @@ struct Membership {
     room: String,
 }
 
+/// What a `control.*` payload that does not parse as its action's must
+/// still carry for the instance holding the connection to answer it.
+#[derive(Deserialize)]
+struct Addressed {
+    connection_id: Uuid,
+}
+
 /// `control.disconnect` payload.
 #[derive(Deserialize)]
 struct Disconnect {
@@ -228,8 +235,7 @@ impl Inbound {
         let outcome = match action {
             "join" | "leave" => {
                 let Ok(m) = serde_json::from_slice::<Membership>(&message.payload) else {
-                    debug!(action, "ignoring malformed control payload");
-                    return;
+                    return self.malformed(action, message);
                 };
                 let Some(conn) = self.hub.connection(m.connection_id) else {
                     return;
@@ -257,8 +263,7 @@ impl Inbound {
             }
             "disconnect" => {
                 let Ok(d) = serde_json::from_slice::<Disconnect>(&message.payload) else {
-                    debug!("ignoring malformed control.disconnect payload");
-                    return;
+                    return self.malformed(action, message);
                 };
                 let Some(conn) = self.hub.connection(d.connection_id) else {
                     return;
@@ -276,6 +281,21 @@ impl Inbound {
             _ => return,
         };
         self.reply(message, outcome);
+    }
+
+    /// A `control.*` payload that is not its action's JSON changes nothing.
+    /// The instance holding the connection it names, if it names one, says
+    /// so to a request; one that names none can be answered by no instance
+    /// in particular, and every instance hears it, so it gets no answer.
+    fn malformed(&self, action: &str, message: &Message) {
+        debug!(action, "ignoring malformed control payload");
+        let Ok(addressed) = serde_json::from_slice::<Addressed>(&message.payload) else {
+            return;
+        };
+        if self.hub.connection(addressed.connection_id).is_some() {
+            let refusal = Refusal::new(protocol::ErrorCode::InvalidJson, "malformed payload");
+            self.reply(message, Err(refusal));
+        }
     }
 
     /// Queues the answer to a control request, if it was one. It leaves
