@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use common::*;
+use futures_util::StreamExt;
 use nats_support::*;
 use serde_json::json;
 
@@ -334,4 +335,61 @@ async fn delivery_crosses_a_three_node_cluster() {
     .await;
     gw1.stop().await;
     gw2.stop().await;
+}
+
+/// A backend that answers a member's `presence` join by broadcasting to the
+/// room reaches that member, from another node of the cluster too: the
+/// gateway subscribes the room before it publishes the event, and the
+/// route between the nodes carries the subscription ahead of the event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_answering_a_join_event_from_another_node_reaches_the_new_member() {
+    let cluster = NatsServer::cluster(3);
+    eventually_async("the cluster routes to be up", || async {
+        let mut up = true;
+        for node in &cluster {
+            up &= node.monitor("/routez").await["num_routes"].as_u64() == Some(2);
+        }
+        up
+    })
+    .await;
+    let gw = nats_gateway(&cluster[0], |_| {}).await;
+    let backend = Backend::connect(&cluster[2]).await;
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    let mut client = gw.client().await;
+    // The backend's own subscription crosses the routes as well: joins
+    // until one's event arrives.
+    within(
+        "the backend's interest to reach the gateway's node",
+        async {
+            for attempt in 0.. {
+                let room = format!("warm{attempt}");
+                client.join(&room).await;
+                client.leave(&room).await;
+                let event =
+                    tokio::time::timeout(Duration::from_millis(200), presence.0.next()).await;
+                if event.is_ok() {
+                    return;
+                }
+            }
+        },
+    )
+    .await;
+    for round in 0..30 {
+        let room = format!("welcome{round}");
+        client.send(json!({"type": "join", "room": room})).await;
+        presence
+            .next_matching(|_, v| v["event"] == "join" && v["room"] == room.as_str())
+            .await;
+        backend
+            .publish(&format!("roomgate.broadcast.{room}"), "welcome")
+            .await;
+        assert_eq!(client.recv().await, json!({"type": "joined", "room": room}));
+        assert_eq!(
+            client.recv().await,
+            server_message(Some(&room), "welcome", "server"),
+            "round {round}"
+        );
+        client.leave(&room).await;
+    }
+    gw.stop().await;
 }
