@@ -30,7 +30,7 @@ use crate::config::Config;
 use crate::deadline::Deadlines;
 use crate::events::{EventStream, Events};
 use crate::metrics::Metrics;
-use crate::nats::{Bridge, BridgeSettings, NatsSetupError};
+use crate::nats::{Bridge, BridgeSettings, Connector, NatsSetupError};
 use crate::proxy::{Peer, Proxy, Upstream};
 use crate::response::Body;
 use crate::rooms::{Hub, QueueLimits};
@@ -98,6 +98,10 @@ pub fn preflight(config: &Config) -> Result<(), StartError> {
     Ok(())
 }
 
+/// The NATS client made at start-up, what makes another should it stop,
+/// and the events the bridge is to publish.
+type NatsParts = (async_nats::Client, Connector, EventStream);
+
 /// A bound, not yet running gateway.
 pub struct Gateway {
     config: Config,
@@ -110,7 +114,7 @@ pub struct Gateway {
     shutdown: Shutdown,
     background: Background,
     router: Arc<Router>,
-    nats: Option<(async_nats::Client, EventStream)>,
+    nats: Option<NatsParts>,
 }
 
 /// Sends each request to the upgrader or the proxy.
@@ -161,13 +165,14 @@ impl Gateway {
         let upstream = Upstream::new(&config.upstream, &background);
         let auth = Authenticator::new(&config.auth, &upstream, secret_from_env)?;
         let (events, nats) = if config.nats.enabled {
-            let client = crate::nats::connect(&config.nats, &id, &metrics).await?;
+            let connector = Connector::new(&config.nats, id.clone(), &metrics);
+            let client = connector.connect().await?;
             let (events, stream) = Events::channel(
                 EVENT_QUEUE,
                 EVENT_QUEUE_BYTES,
                 metrics.nats_publish_errors.clone(),
             );
-            (events, Some((client, stream)))
+            (events, Some((client, connector, stream)))
         } else {
             (Events::disabled(), None)
         };
@@ -281,7 +286,7 @@ impl Gateway {
     /// what is left.
     fn spawn_bridge(
         &self,
-        (client, stream): (async_nats::Client, EventStream),
+        (client, connector, stream): NatsParts,
         stop: &CancellationToken,
     ) -> JoinHandle<()> {
         let settings = BridgeSettings {
@@ -293,6 +298,7 @@ impl Gateway {
         };
         let bridge = Bridge::new(
             client,
+            connector,
             self.hub.clone(),
             self.metrics.clone(),
             settings,

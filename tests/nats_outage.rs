@@ -446,6 +446,28 @@ async fn rooms_joined_during_an_outage_do_not_hold_up_or_replay_events() {
 /// nats-server relays it as it is; the NATS client library cannot read it
 /// and takes its connection for broken.
 async fn publish_unreadable(server: &NatsServer) {
+    let mut command = b"PUB roomgate.send.".to_vec();
+    command.extend_from_slice(b"\xff\xfe 2\r\nhi\r\n");
+    publish_raw(server, &command).await;
+}
+
+/// Publishes, over a raw connection to `server`, a message on
+/// `roomgate.all` with a header value holding a bare CR. nats-server
+/// relays it as it is; the NATS client library's connection task panics
+/// on it, and the client never connects again.
+async fn publish_poison(server: &NatsServer) {
+    let headers = "NATS/1.0\r\nX-A: a\rb\r\n\r\n";
+    let total = headers.len() + 2;
+    let command = format!(
+        "HPUB roomgate.all {} {total}\r\n{headers}hi\r\n",
+        headers.len()
+    );
+    publish_raw(server, command.as_bytes()).await;
+}
+
+/// Sends `publication` to `server` over a raw connection, and waits until
+/// the server has taken it.
+async fn publish_raw(server: &NatsServer, publication: &[u8]) {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let stream = within(
         "a raw NATS connection",
@@ -459,8 +481,9 @@ async fn publish_unreadable(server: &NatsServer) {
         .await
         .expect("INFO");
     assert!(line.starts_with("INFO"), "{line}");
-    let mut command = b"CONNECT {\"verbose\":false}\r\nPUB roomgate.send.".to_vec();
-    command.extend_from_slice(b"\xff\xfe 2\r\nhi\r\nPING\r\n");
+    let mut command = b"CONNECT {\"verbose\":false,\"headers\":true}\r\n".to_vec();
+    command.extend_from_slice(publication);
+    command.extend_from_slice(b"PING\r\n");
     within("the publication", stream.get_mut().write_all(&command))
         .await
         .expect("write");
@@ -507,6 +530,57 @@ async fn a_message_the_nats_client_cannot_read_costs_a_reconnect_not_the_bridge(
     let (_, message) = messages.next_json().await;
     assert_eq!(message["content"], "back");
     drop(client);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_message_that_stops_the_nats_client_costs_a_new_client_not_the_bridge() {
+    let server = NatsServer::start();
+    let gw = TestGateway::start(nats_config(&server.url())).await;
+    wait_nats_connected(&gw, true).await;
+    let backend = Backend::connect(&server).await;
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    let mut client = gw.client().await;
+    join_synced(&mut client, &mut presence, "r").await;
+    let connects = server.monitor("/varz").await["total_connections"].clone();
+
+    publish_poison(&server).await;
+
+    // The old client is gone for good, so only a new one brings
+    // broadcasts back. Bounded: 100 tries, 200 ms each.
+    let mut arrived = None;
+    for attempt in 0..100 {
+        backend
+            .publish("roomgate.broadcast.r", &format!("after {attempt}"))
+            .await;
+        if let Ok(frame) = tokio::time::timeout(Duration::from_millis(200), client.recv()).await {
+            arrived = Some(frame);
+            break;
+        }
+    }
+    let frame = arrived.expect("no broadcast arrived after the poison");
+    assert_eq!(frame["room"], "r", "{frame}");
+    assert_ne!(
+        server.monitor("/varz").await["total_connections"],
+        connects,
+        "a new connection"
+    );
+    // Rooms joined from now on are subscribed on the new client.
+    let mut other = gw.client().await;
+    join_synced(&mut other, &mut presence, "later").await;
+    backend.publish("roomgate.broadcast.later", "hello").await;
+    assert_eq!(
+        other.recv().await,
+        server_message(Some("later"), "hello", "server")
+    );
+    // And the other way: client messages reach NATS again.
+    let mut messages = backend.subscribe("roomgate.message.later").await;
+    other
+        .send(json!({"type": "message", "room": "later", "content": "back"}))
+        .await;
+    let (_, message) = messages.next_json().await;
+    assert_eq!(message["content"], "back");
+    drop((client, other));
     gw.stop().await;
 }
 

@@ -40,7 +40,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{NatsConfig, mask_login};
 use crate::events::{EventStream, Work};
@@ -253,10 +253,34 @@ fn without_login(addr: ServerAddr) -> Result<ServerAddr, NatsSetupError> {
     ServerAddr::from_url(url).map_err(|e| NatsSetupError::Url(e.to_string()))
 }
 
-/// Creates the NATS client. It returns at once: the connection is made in
-/// the background and retried forever; [`Bridge::run`] keeps
-/// `roomgate_nats_connected` in line with its state.
-pub async fn connect(
+/// What makes the gateway's NATS clients: the first at start-up, and a new
+/// one should a client stop for good (see [`Bridge::run`]).
+#[derive(Clone)]
+pub struct Connector {
+    config: NatsConfig,
+    gateway_id: Arc<str>,
+    metrics: Metrics,
+}
+
+impl Connector {
+    /// A connector for `config`, naming its clients after `gateway_id`.
+    pub fn new(config: &NatsConfig, gateway_id: Arc<str>, metrics: &Metrics) -> Self {
+        Self {
+            config: config.clone(),
+            gateway_id,
+            metrics: metrics.clone(),
+        }
+    }
+
+    /// Creates a NATS client. It returns at once: the connection is made
+    /// in the background and retried forever; [`Bridge::run`] keeps
+    /// `roomgate_nats_connected` in line with its state.
+    pub async fn connect(&self) -> Result<Client, NatsSetupError> {
+        connect(&self.config, &self.gateway_id, &self.metrics).await
+    }
+}
+
+async fn connect(
     config: &NatsConfig,
     gateway_id: &str,
     metrics: &Metrics,
@@ -377,6 +401,14 @@ struct RoomSubscription {
 /// backends, and backends' publications in to rooms and connections.
 pub struct Bridge {
     client: Client,
+    /// Makes a new client should this one stop for good.
+    connector: Connector,
+    /// Cancelled by a delivery task whose subscription ended though
+    /// nothing dropped it: the sign that the client has stopped.
+    lost: CancellationToken,
+    /// The task keeping `roomgate_nats_connected` in line with the client,
+    /// and the token that stops it.
+    watching: Option<(CancellationToken, JoinHandle<()>)>,
     hub: Arc<Hub>,
     metrics: Metrics,
     settings: BridgeSettings,
@@ -409,6 +441,7 @@ impl Bridge {
     /// after publishing what is still queued.
     pub fn new(
         client: Client,
+        connector: Connector,
         hub: Arc<Hub>,
         metrics: Metrics,
         settings: BridgeSettings,
@@ -421,6 +454,9 @@ impl Bridge {
         );
         Self {
             client,
+            connector,
+            lost: CancellationToken::new(),
+            watching: None,
             hub,
             metrics,
             settings,
@@ -444,25 +480,19 @@ impl Bridge {
     /// publish error rather than holding up the shutdown.
     pub async fn run(mut self, mut events: EventStream, flush_budget: Duration) {
         let (connected_tx, mut connected) = watch::channel(false);
-        self.tasks.spawn(watch_connection(
-            self.client.clone(),
-            self.hub.clone(),
-            self.metrics.clone(),
-            connected_tx,
-            self.stop.clone(),
-        ));
+        self.watch(connected_tx.clone());
         self.subscribe_fixed().await;
-        let outbound = outbound::Publisher::new(
-            self.client.clone(),
-            self.metrics.clone(),
-            self.settings.clone(),
-        );
+        let mut outbound = self.publisher();
         let mut retry = tokio::time::interval(RETRY_INTERVAL);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => break,
+                _ = self.lost.cancelled() => {
+                    self.renew_client(&connected_tx).await;
+                    outbound = self.publisher();
+                }
                 // Back from an outage: subscribe the rooms joined during it
                 // now rather than at the next tick. Watched only while
                 // something waits for it: polling the watch costs every
@@ -489,6 +519,60 @@ impl Bridge {
             }
         }
         self.finish(events, &outbound, flush_budget).await;
+    }
+
+    /// Starts keeping `roomgate_nats_connected` and `connected` in line
+    /// with the current client.
+    fn watch(&mut self, connected: watch::Sender<bool>) {
+        let token = self.stop.child_token();
+        let task = self.tasks.spawn(watch_connection(
+            self.client.clone(),
+            self.hub.clone(),
+            self.metrics.clone(),
+            connected,
+            token.clone(),
+        ));
+        self.watching = Some((token, task));
+    }
+
+    fn publisher(&self) -> outbound::Publisher {
+        outbound::Publisher::new(
+            self.client.clone(),
+            self.metrics.clone(),
+            self.settings.clone(),
+        )
+    }
+
+    /// Starts over on a new client. async-nats runs a client's connection
+    /// in a task of its own, and should that task die (async-nats panics
+    /// there on a message whose header value holds a bare CR, which
+    /// nats-server passes on), the client never connects again and still
+    /// reports itself connected. Its subscriptions end with it, which is
+    /// how the bridge notices: every room is subscribed again on the new
+    /// client, as after an outage.
+    async fn renew_client(&mut self, connected: &watch::Sender<bool>) {
+        error!("the NATS client stopped (on a message it could not read?); starting a new one");
+        if let Some((token, task)) = self.watching.take() {
+            token.cancel();
+            let _ = task.await;
+        }
+        for (room, subscription) in self.rooms.drain() {
+            subscription.token.cancel();
+            self.hub.lost_subscription(room.as_str());
+            self.retry.insert(room);
+        }
+        for room in self.unconfirmed.drain(..) {
+            self.hub.release_unsubscribed(room.as_str());
+        }
+        self.fixed = false;
+        self.unanswered = 0;
+        self.no_round_trip = None;
+        self.lost = CancellationToken::new();
+        match self.connector.connect().await {
+            Ok(client) => self.client = client,
+            Err(e) => error!(error = %e, "cannot make a new NATS client"),
+        }
+        self.watch(connected.clone());
     }
 
     /// After `stop`: publishes what is still queued and flushes, within
@@ -739,6 +823,7 @@ impl Bridge {
             bytes: limit.bytes.min(RUN_BYTES),
         };
         let mut backlog = Backlog::new(self.budget.clone());
+        let lost = self.lost.clone();
         self.tasks.spawn(async move {
             // Grown only by bursts: most rooms never see one.
             let mut run = Vec::new();
@@ -791,6 +876,11 @@ impl Bridge {
                     handed = Handed::default();
                     tokio::task::yield_now().await;
                 }
+            }
+            // Nothing dropped the subscriptions, yet they ended: the client
+            // has stopped.
+            if !stop.is_cancelled() && !token.is_cancelled() {
+                lost.cancel();
             }
         })
     }

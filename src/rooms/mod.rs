@@ -695,6 +695,14 @@ impl Hub {
         }
     }
 
+    /// The bridge lost `room`'s subscription with the client that held it:
+    /// joins wait for the next one again.
+    pub fn lost_subscription(&self, room: &str) {
+        if let Some(room) = self.room(room) {
+            room.write().subscribed = false;
+        }
+    }
+
     /// Answers the joins that have waited `limit` or longer for their
     /// room's subscription, subscribed or not: the bridge, held up by a
     /// stalled server, may not get to them for a while. A join waits at
