@@ -565,14 +565,24 @@ async fn a_message_that_stops_the_nats_client_costs_a_new_client_not_the_bridge(
         connects,
         "a new connection"
     );
-    // Rooms joined from now on are subscribed on the new client.
+    // Rooms joined from now on are subscribed on the new client, and a
+    // join waits for its room's subscription again: a broadcast sent the
+    // moment `joined` is read reaches the new member.
     let mut other = gw.client().await;
-    join_synced(&mut other, &mut presence, "later").await;
-    backend.publish("roomgate.broadcast.later", "hello").await;
-    assert_eq!(
-        other.recv().await,
-        server_message(Some("later"), "hello", "server")
-    );
+    for round in 0..20 {
+        let room = format!("later{round}");
+        other.join(&room).await;
+        backend
+            .publish(&format!("roomgate.broadcast.{room}"), "hello")
+            .await;
+        assert_eq!(
+            other.recv().await,
+            server_message(Some(&room), "hello", "server"),
+            "round {round}"
+        );
+        other.leave(&room).await;
+    }
+    other.join("later").await;
     // And the other way: client messages reach NATS again.
     let mut messages = backend.subscribe("roomgate.message.later").await;
     other

@@ -556,6 +556,9 @@ impl Bridge {
             token.cancel();
             let _ = task.await;
         }
+        // So that the new client's first connection counts as a change:
+        // joins wait again, and the rooms are subscribed at once.
+        connected.send_replace(false);
         for (room, subscription) in self.rooms.drain() {
             subscription.token.cancel();
             self.hub.lost_subscription(room.as_str());
