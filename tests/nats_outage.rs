@@ -494,41 +494,62 @@ async fn publish_raw(server: &NatsServer, publication: &[u8]) {
     assert_eq!(line, "PONG\r\n", "nats-server took the publication");
 }
 
+/// A gateway on `server`, a backend, and a client that has joined `room`.
+async fn gateway_with_a_member(
+    server: &NatsServer,
+    room: &str,
+) -> (TestGateway, Backend, WsClient) {
+    let gw = TestGateway::start(nats_config(&server.url())).await;
+    wait_nats_connected(&gw, true).await;
+    let backend = Backend::connect(server).await;
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    let mut client = gw.client().await;
+    join_synced(&mut client, &mut presence, room).await;
+    (gw, backend, client)
+}
+
+/// Has `client` say something in `room` and checks that `backend` hears it.
+async fn client_messages_reach_nats(backend: &Backend, client: &mut WsClient, room: &str) {
+    let mut messages = backend.subscribe(&format!("roomgate.message.{room}")).await;
+    client
+        .send(json!({"type": "message", "room": room, "content": "back"}))
+        .await;
+    let (_, message) = messages.next_json().await;
+    assert_eq!(message["content"], "back");
+}
+
+/// Broadcasts to `room` until `client`, a member, gets one: for a gateway
+/// that is subscribing again. Bounded: 100 tries, 200 ms each.
+async fn broadcast_until_received(backend: &Backend, client: &mut WsClient, room: &str) {
+    for attempt in 0..100 {
+        backend
+            .publish(
+                &format!("roomgate.broadcast.{room}"),
+                &format!("after {attempt}"),
+            )
+            .await;
+        if let Ok(frame) = tokio::time::timeout(Duration::from_millis(200), client.recv()).await {
+            assert_eq!(frame["room"], room, "{frame}");
+            return;
+        }
+    }
+    panic!("no broadcast to {room} arrived");
+}
+
 #[tokio::test]
 async fn a_message_the_nats_client_cannot_read_costs_a_reconnect_not_the_bridge() {
     let server = NatsServer::start();
-    let gw = TestGateway::start(nats_config(&server.url())).await;
-    wait_nats_connected(&gw, true).await;
-    let backend = Backend::connect(&server).await;
-    let mut presence = backend.subscribe("roomgate.presence.>").await;
-    let mut client = gw.client().await;
-    join_synced(&mut client, &mut presence, "r").await;
+    let (gw, backend, mut client) = gateway_with_a_member(&server, "r").await;
 
     publish_unreadable(&server).await;
 
     // Messages published while the gateway reconnects are lost (core NATS
     // keeps nothing for it); once it is back and subscribed again, they
-    // arrive. Bounded: 100 tries, 200 ms each.
-    let mut arrived = None;
-    for attempt in 0..100 {
-        backend
-            .publish("roomgate.broadcast.r", &format!("after {attempt}"))
-            .await;
-        if let Ok(frame) = tokio::time::timeout(Duration::from_millis(200), client.recv()).await {
-            arrived = Some(frame);
-            break;
-        }
-    }
-    let frame = arrived.expect("no broadcast arrived after the unreadable message");
-    assert_eq!(frame["room"], "r", "{frame}");
+    // arrive.
+    broadcast_until_received(&backend, &mut client, "r").await;
     wait_nats_connected(&gw, true).await;
     // And the other way: the client's messages reach NATS again.
-    let mut messages = backend.subscribe("roomgate.message.r").await;
-    client
-        .send(json!({"type": "message", "room": "r", "content": "back"}))
-        .await;
-    let (_, message) = messages.next_json().await;
-    assert_eq!(message["content"], "back");
+    client_messages_reach_nats(&backend, &mut client, "r").await;
     drop(client);
     gw.stop().await;
 }
@@ -536,30 +557,14 @@ async fn a_message_the_nats_client_cannot_read_costs_a_reconnect_not_the_bridge(
 #[tokio::test]
 async fn a_message_that_stops_the_nats_client_costs_a_new_client_not_the_bridge() {
     let server = NatsServer::start();
-    let gw = TestGateway::start(nats_config(&server.url())).await;
-    wait_nats_connected(&gw, true).await;
-    let backend = Backend::connect(&server).await;
-    let mut presence = backend.subscribe("roomgate.presence.>").await;
-    let mut client = gw.client().await;
-    join_synced(&mut client, &mut presence, "r").await;
+    let (gw, backend, mut client) = gateway_with_a_member(&server, "r").await;
     let connects = server.monitor("/varz").await["total_connections"].clone();
 
     publish_poison(&server).await;
 
     // The old client is gone for good, so only a new one brings
-    // broadcasts back. Bounded: 100 tries, 200 ms each.
-    let mut arrived = None;
-    for attempt in 0..100 {
-        backend
-            .publish("roomgate.broadcast.r", &format!("after {attempt}"))
-            .await;
-        if let Ok(frame) = tokio::time::timeout(Duration::from_millis(200), client.recv()).await {
-            arrived = Some(frame);
-            break;
-        }
-    }
-    let frame = arrived.expect("no broadcast arrived after the poison");
-    assert_eq!(frame["room"], "r", "{frame}");
+    // broadcasts back.
+    broadcast_until_received(&backend, &mut client, "r").await;
     assert_ne!(
         server.monitor("/varz").await["total_connections"],
         connects,
@@ -584,12 +589,7 @@ async fn a_message_that_stops_the_nats_client_costs_a_new_client_not_the_bridge(
     }
     other.join("later").await;
     // And the other way: client messages reach NATS again.
-    let mut messages = backend.subscribe("roomgate.message.later").await;
-    other
-        .send(json!({"type": "message", "room": "later", "content": "back"}))
-        .await;
-    let (_, message) = messages.next_json().await;
-    assert_eq!(message["content"], "back");
+    client_messages_reach_nats(&backend, &mut other, "later").await;
     drop((client, other));
     gw.stop().await;
 }
