@@ -5,6 +5,8 @@
 mod common;
 mod nats_support;
 
+use std::time::Duration;
+
 use async_nats::ConnectOptions;
 use common::*;
 use nats_support::*;
@@ -128,5 +130,92 @@ async fn a_gateway_allowed_only_its_own_subjects_still_answers_joins() {
     .await;
     let url = format!("nats://gateway:gw@127.0.0.1:{}", server.port);
     bridges_both_ways(&url, backend).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The server's configuration: a gateway user allowed to subscribe to
+/// `subscribe` (a TOML-ish list, empty for anything), and a backend.
+fn permissions(subscribe: &str) -> String {
+    let limit = if subscribe.is_empty() {
+        String::new()
+    } else {
+        format!(", permissions: {{ subscribe: {{ allow: [{subscribe}] }} }}")
+    };
+    format!(
+        "authorization {{\n  users = [\n    {{ user: gateway, password: gw{limit} }}\n    \
+         {{ user: backend, password: be }}\n  ]\n}}\n"
+    )
+}
+
+/// Whether the gateway's connection holds a subscription to `subject`.
+async fn gateway_subscribes(server: &NatsServer, subject: &str) -> bool {
+    let connz = server.monitor("/connz?subs=1&auth=1").await;
+    let connections = connz["connections"].as_array().cloned().unwrap_or_default();
+    connections
+        .iter()
+        .filter(|c| c["authorized_user"] == "gateway")
+        .any(|c| {
+            c["subscriptions_list"]
+                .as_array()
+                .is_some_and(|subs| subs.iter().any(|s| s == subject))
+        })
+}
+
+#[tokio::test]
+async fn a_room_whose_subscription_the_server_refused_comes_back_when_it_is_allowed() {
+    // A reload takes the right to subscribe to rooms away: nats-server
+    // drops the room's subscription and says so. The gateway retries it,
+    // so that when the right comes back, so does the room.
+    let dir = std::env::temp_dir().join(format!("roomgate-perms-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let conf = dir.join("nats.conf");
+    std::fs::write(&conf, permissions("")).expect("write the configuration");
+    let server = NatsServer::start_with_args(&["-c", conf.to_str().expect("UTF-8 path")]);
+    let reload = |config: String| {
+        std::fs::write(&conf, config).expect("write the configuration");
+        let pid = server.pid().expect("running").to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "reload signal");
+    };
+    let backend = backend(
+        &server,
+        ConnectOptions::with_user_and_password("backend".into(), "be".into()),
+    )
+    .await;
+    let url = format!("nats://gateway:gw@127.0.0.1:{}", server.port);
+    let gw = TestGateway::start(nats_config(&url)).await;
+    wait_nats_connected(&gw, true).await;
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    let mut member = gw.client().await;
+    join_synced(&mut member, &mut presence, "r1").await;
+
+    assert!(gateway_subscribes(&server, "roomgate.*.r1").await);
+
+    reload(permissions(
+        r#""roomgate.send.*", "roomgate.all", "roomgate.control.*", "_INBOX.>""#,
+    ));
+    eventually_async("the server to drop the room's subscription", || async {
+        !gateway_subscribes(&server, "roomgate.*.r1").await
+    })
+    .await;
+    reload(permissions(""));
+    // Broadcasts reach the member again once the room is subscribed again.
+    within("a broadcast after the right came back", async {
+        loop {
+            backend.publish("roomgate.broadcast.r1", "back").await;
+            let next = member.next_json();
+            if let Ok(Some(frame)) = tokio::time::timeout(Duration::from_millis(200), next).await {
+                assert_eq!(frame, server_message(Some("r1"), "back", "server"));
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(gateway_subscribes(&server, "roomgate.*.r1").await);
+    drop(member);
+    gw.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -830,6 +830,42 @@ async fn a_message_larger_than_the_servers_max_payload_is_reported_once() {
 }
 
 #[tokio::test]
+async fn subscriptions_past_the_servers_limit_are_logged_once_for_a_burst() {
+    // nats-server refuses subscriptions past its `max_subscriptions` with
+    // an error that keeps the connection open: the gateway says so, once
+    // for a burst of them rather than once each.
+    let dir = std::env::temp_dir().join(format!("roomgate-maxsubs-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let conf = dir.join("nats.conf");
+    std::fs::write(&conf, "max_subscriptions: 4\n").expect("write the server's configuration");
+    let server = NatsServer::start_with_args(&["-c", conf.to_str().expect("UTF-8 path")]);
+    let gateway = nats_gateway_process(&server, &[]);
+    eventually_async("the gateway is connected to NATS", || async {
+        process_metric(&gateway, "roomgate_nats_connected").await == 1.0
+    })
+    .await;
+    let mut client = WsClient::connect(&format!("ws://{}/ws", gateway.addr)).await;
+    // Three fixed subjects and the first room reach the limit; the round
+    // trip's inbox and the other rooms are refused.
+    for room in ["r0", "r1", "r2", "r3"] {
+        client.join(room).await;
+    }
+    let mut gateway = gateway;
+    gateway.signal("TERM");
+    assert_eq!(gateway.wait_exit(), 0);
+    eventually("the stop to be logged", || {
+        gateway.logged("roomgate stopped") > 0
+    })
+    .await;
+    assert_eq!(
+        gateway.logged("maximum subscriptions exceeded"),
+        1,
+        "said once"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
 async fn nats_unreachable_from_the_start_is_logged() {
     // Nothing listens there: async-nats says nothing until a first
     // connection, so the gateway says it itself, once, and serves rooms.

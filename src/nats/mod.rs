@@ -27,8 +27,8 @@ mod inbound;
 mod outbound;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::connection::State;
@@ -36,7 +36,7 @@ use async_nats::{Client, ConnectOptions, RequestErrorKind, ServerAddr, Subscribe
 use bytes::Bytes;
 use futures_util::StreamExt;
 use prometheus::IntCounter;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -260,6 +260,7 @@ pub struct Connector {
     config: NatsConfig,
     gateway_id: Arc<str>,
     metrics: Metrics,
+    reports: Arc<ServerReports>,
 }
 
 impl Connector {
@@ -269,6 +270,7 @@ impl Connector {
             config: config.clone(),
             gateway_id,
             metrics: metrics.clone(),
+            reports: Arc::default(),
         }
     }
 
@@ -276,14 +278,87 @@ impl Connector {
     /// in the background and retried forever; [`Bridge::run`] keeps
     /// `roomgate_nats_connected` in line with its state.
     pub async fn connect(&self) -> Result<Client, NatsSetupError> {
-        connect(&self.config, &self.gateway_id, &self.metrics).await
+        connect(
+            &self.config,
+            &self.gateway_id,
+            &self.metrics,
+            self.reports.clone(),
+        )
+        .await
     }
+}
+
+/// What the server reported about its clients' requests: errors are logged
+/// at most once per [`REPORT_EVERY`], and the subjects whose subscription
+/// it refused are kept for the bridge, which subscribes them again later.
+#[derive(Default)]
+struct ServerReports {
+    state: Mutex<Reported>,
+    refused_added: Notify,
+}
+
+#[derive(Default)]
+struct Reported {
+    last_logged: Option<tokio::time::Instant>,
+    unlogged: u64,
+    refused: Vec<String>,
+}
+
+/// How often, at most, a server's error is logged: a refusal repeats with
+/// every retry, and a limit hit by every room repeats once per room.
+const REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// Refused subscriptions kept for the bridge, at most; beyond, the
+/// bridge's retries of what it does keep bring the same errors back.
+const MAX_REFUSED: usize = 4096;
+
+impl ServerReports {
+    /// Logs `error` unless one was logged within [`REPORT_EVERY`], and
+    /// keeps the subject of a refused subscription.
+    fn report(&self, error: &async_nats::ServerError) {
+        let text = error.to_string();
+        let mut state = crate::sync::lock(&self.state);
+        let now = tokio::time::Instant::now();
+        if state
+            .last_logged
+            .is_none_or(|at| now.duration_since(at) >= REPORT_EVERY)
+        {
+            warn!(
+                error = text,
+                more = state.unlogged,
+                "NATS server refused a request (more: such errors since the last one logged)"
+            );
+            state.last_logged = Some(now);
+            state.unlogged = 0;
+        } else {
+            state.unlogged += 1;
+        }
+        if let Some(subject) = refused_subscription(&text)
+            && state.refused.len() < MAX_REFUSED
+        {
+            state.refused.push(subject.to_string());
+            drop(state);
+            self.refused_added.notify_one();
+        }
+    }
+
+    fn take_refused(&self) -> Vec<String> {
+        std::mem::take(&mut crate::sync::lock(&self.state).refused)
+    }
+}
+
+/// The subject in nats-server's `Permissions Violation for Subscription to
+/// "<subject>"` (optionally followed by `using queue "<queue>"`).
+fn refused_subscription(error: &str) -> Option<&str> {
+    let (_, rest) = error.split_once("Permissions Violation for Subscription to \"")?;
+    rest.split_once('"').map(|(subject, _)| subject)
 }
 
 async fn connect(
     config: &NatsConfig,
     gateway_id: &str,
     metrics: &Metrics,
+    reports: Arc<ServerReports>,
 ) -> Result<Client, NatsSetupError> {
     let Servers { addrs, options } = Servers::new(config)?;
     let slow_consumer = metrics.dropped_nats_slow_consumer.clone();
@@ -304,16 +379,24 @@ async fn connect(
         // Events are for logs and the slow-consumer count only: async-nats
         // drops events when its event queue is full, so the connected gauge
         // is taken from the client's state instead (see `watch_connection`).
-        .event_callback(move |event| on_event(event, slow_consumer.clone()))
+        .event_callback(move |event| on_event(event, slow_consumer.clone(), reports.clone()))
         .connect(addrs)
         .await
         .map_err(|e| NatsSetupError::Connect(e.to_string()))
 }
 
-/// Logs a client event, and counts the messages async-nats dropped because
-/// a subscription's buffer was full.
-async fn on_event(event: async_nats::Event, slow_consumer: IntCounter) {
+/// Logs a client event, counts the messages async-nats dropped because a
+/// subscription's buffer was full, and passes on the server's errors.
+async fn on_event(
+    event: async_nats::Event,
+    slow_consumer: IntCounter,
+    reports: Arc<ServerReports>,
+) {
     match event {
+        async_nats::Event::ServerError(error) => reports.report(&error),
+        async_nats::Event::LameDuckMode => {
+            info!("NATS server entering lame duck mode; the client will reconnect")
+        }
         async_nats::Event::Connected => info!("NATS connected"),
         async_nats::Event::Disconnected => {
             warn!("NATS disconnected; rooms keep working, events are dropped until it is back")
@@ -483,12 +566,16 @@ impl Bridge {
         self.watch(connected_tx.clone());
         self.subscribe_fixed().await;
         let mut outbound = self.publisher();
+        let reports = self.connector.reports.clone();
         let mut retry = tokio::time::interval(RETRY_INTERVAL);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => break,
+                _ = reports.refused_added.notified() => {
+                    self.drop_refused(reports.take_refused()).await;
+                }
                 _ = self.lost.cancelled() => {
                     self.renew_client(&connected_tx).await;
                     outbound = self.publisher();
@@ -541,6 +628,38 @@ impl Bridge {
             self.metrics.clone(),
             self.settings.clone(),
         )
+    }
+
+    /// Takes the rooms whose subscription the server refused (a permission
+    /// it does not grant, or no longer does after a reload) for
+    /// unsubscribed: they are retried with the others, and come back once
+    /// the server grants it. The server has dropped the subscription, so
+    /// keeping it would leave the room deaf to NATS for good. A refused
+    /// fixed subject is only logged.
+    async fn drop_refused(&mut self, subjects: Vec<String>) {
+        for subject in subjects {
+            let Some(room) = self.room_of(&subject) else {
+                continue;
+            };
+            if let Some(subscription) = self.rooms.remove(&room) {
+                subscription.token.cancel();
+                let _ = tokio::time::timeout(SUBSCRIBE_TIMEOUT, subscription.task).await;
+                self.hub.lost_subscription(room.as_str());
+                self.retry.insert(room);
+            }
+        }
+    }
+
+    /// The room a subject of [`Bridge::room_subjects`] is for.
+    fn room_of(&self, subject: &str) -> Option<RoomName> {
+        let rest = subject
+            .strip_prefix(self.settings.prefix.as_str())?
+            .strip_prefix('.')?;
+        let (kind, room) = rest.split_once('.')?;
+        if !matches!(kind, "*" | "broadcast" | "presence") {
+            return None;
+        }
+        RoomName::parse(room)
     }
 
     /// Starts over on a new client. async-nats runs a client's connection
@@ -892,6 +1011,30 @@ impl Bridge {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_subscription_names_its_subject() {
+        assert_eq!(
+            refused_subscription(
+                r#"nats: Permissions Violation for Subscription to "roomgate.*.r1""#
+            ),
+            Some("roomgate.*.r1")
+        );
+        assert_eq!(
+            refused_subscription(
+                r#"Permissions Violation for Subscription to "a.b" using queue "q""#
+            ),
+            Some("a.b")
+        );
+        assert_eq!(
+            refused_subscription(r#"Permissions Violation for Publish to "a.b""#),
+            None
+        );
+        assert_eq!(
+            refused_subscription("nats: maximum subscriptions exceeded"),
+            None
+        );
+    }
 
     #[test]
     fn reconnect_backoff_is_capped() {
