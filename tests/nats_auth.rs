@@ -105,11 +105,7 @@ async fn a_gateway_allowed_only_its_own_subjects_still_answers_joins() {
     // It may not use `_INBOX.>`, so the round trip that confirms a room's
     // subscription goes unanswered: joins are answered all the same (after
     // the subscription was sent), and the bridge works both ways.
-    let dir = std::env::temp_dir().join(format!("roomgate-perms-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let conf = dir.join("nats.conf");
-    std::fs::write(
-        &conf,
+    let server = NatsServer::start_with_config(
         r#"authorization {
   users = [
     { user: gateway, password: gw, permissions: {
@@ -120,9 +116,7 @@ async fn a_gateway_allowed_only_its_own_subjects_still_answers_joins() {
   ]
 }
 "#,
-    )
-    .expect("write the server's configuration");
-    let server = NatsServer::start_with_args(&["-c", conf.to_str().expect("UTF-8 path")]);
+    );
     let backend = backend(
         &server,
         ConnectOptions::with_user_and_password("backend".into(), "be".into()),
@@ -130,7 +124,6 @@ async fn a_gateway_allowed_only_its_own_subjects_still_answers_joins() {
     .await;
     let url = format!("nats://gateway:gw@127.0.0.1:{}", server.port);
     bridges_both_ways(&url, backend).await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The server's configuration: a gateway user allowed to subscribe to

@@ -780,16 +780,25 @@ async fn past_the_interest_bound_a_stalled_bridge_reconciles_every_room() {
     }
 }
 
+/// Stops `gateway` with SIGTERM, checks that it exits 0, and waits until
+/// its log, read in the background, has been read to the end: once the
+/// line of its stop has been read, every line before it has been too.
+async fn stop_and_read_log(mut gateway: GatewayProcess) -> GatewayProcess {
+    gateway.signal("TERM");
+    assert_eq!(gateway.wait_exit(), 0);
+    eventually("the stop to be logged", || {
+        gateway.logged("roomgate stopped") > 0
+    })
+    .await;
+    gateway
+}
+
 #[tokio::test]
 async fn a_message_larger_than_the_servers_max_payload_is_reported_once() {
     // The server takes 2 KB, clients may send 64 KB: a 4 KB message is
     // delivered on its instance, fails to publish, and the operator is
     // told once which settings disagree.
-    let dir = std::env::temp_dir().join(format!("roomgate-payload-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let conf = dir.join("nats.conf");
-    std::fs::write(&conf, "max_payload: 2048\n").expect("write the server's configuration");
-    let server = NatsServer::start_with_args(&["-c", conf.to_str().expect("UTF-8 path")]);
+    let server = NatsServer::start_with_config("max_payload: 2048\n");
     let backend = Backend::connect(&server).await;
     let mut presence = backend.subscribe("roomgate.presence.>").await;
     let mut messages = backend.subscribe("roomgate.message.>").await;
@@ -816,17 +825,8 @@ async fn a_message_larger_than_the_servers_max_payload_is_reported_once() {
         "only the small one was published"
     );
     assert_eq!(metric("roomgate_nats_publish_errors_total").await, 2.0);
-    // Its log is read in the background: once the line of its stop has
-    // been read, every line before it has been too.
-    let mut gateway = gateway;
-    gateway.signal("TERM");
-    assert_eq!(gateway.wait_exit(), 0);
-    eventually("the stop to be logged", || {
-        gateway.logged("roomgate stopped") > 0
-    })
-    .await;
+    let gateway = stop_and_read_log(gateway).await;
     assert_eq!(gateway.logged("max_payload"), 1, "said once");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
@@ -834,11 +834,7 @@ async fn subscriptions_past_the_servers_limit_are_logged_once_for_a_burst() {
     // nats-server refuses subscriptions past its `max_subscriptions` with
     // an error that keeps the connection open: the gateway says so, once
     // for a burst of them rather than once each.
-    let dir = std::env::temp_dir().join(format!("roomgate-maxsubs-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let conf = dir.join("nats.conf");
-    std::fs::write(&conf, "max_subscriptions: 4\n").expect("write the server's configuration");
-    let server = NatsServer::start_with_args(&["-c", conf.to_str().expect("UTF-8 path")]);
+    let server = NatsServer::start_with_config("max_subscriptions: 4\n");
     let gateway = nats_gateway_process(&server, &[]);
     eventually_async("the gateway is connected to NATS", || async {
         process_metric(&gateway, "roomgate_nats_connected").await == 1.0
@@ -850,19 +846,12 @@ async fn subscriptions_past_the_servers_limit_are_logged_once_for_a_burst() {
     for room in ["r0", "r1", "r2", "r3"] {
         client.join(room).await;
     }
-    let mut gateway = gateway;
-    gateway.signal("TERM");
-    assert_eq!(gateway.wait_exit(), 0);
-    eventually("the stop to be logged", || {
-        gateway.logged("roomgate stopped") > 0
-    })
-    .await;
+    let gateway = stop_and_read_log(gateway).await;
     assert_eq!(
         gateway.logged("maximum subscriptions exceeded"),
         1,
         "said once"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]

@@ -912,6 +912,18 @@ impl NatsServer {
         Self::start_with(Vec::new(), None)
     }
 
+    /// Starts a server with `config` as its configuration file's text.
+    pub fn start_with_config(config: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("roomgate-conf-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let conf = dir.join("nats.conf");
+        std::fs::write(&conf, config).expect("write the server's configuration");
+        let server = Self::start_with_args(&["-c", conf.to_str().expect("UTF-8 path")]);
+        // Read at start; no test here reloads it.
+        let _ = std::fs::remove_dir_all(&dir);
+        server
+    }
+
     /// Starts a standalone server with extra arguments, such as
     /// `--user alice --pass hunter2` or `--auth TOKEN` for a server that
     /// requires a login.
