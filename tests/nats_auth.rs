@@ -166,12 +166,7 @@ async fn a_room_whose_subscription_the_server_refused_comes_back_when_it_is_allo
     let server = NatsServer::start_with_args(&["-c", conf.to_str().expect("UTF-8 path")]);
     let reload = |config: String| {
         std::fs::write(&conf, config).expect("write the configuration");
-        let pid = server.pid().expect("running").to_string();
-        let status = std::process::Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .expect("kill");
-        assert!(status.success(), "reload signal");
+        signal(server.pid().expect("nats-server runs"), "HUP");
     };
     let backend = backend(
         &server,

@@ -281,6 +281,18 @@ async fn without_client_broadcast_messages_go_to_backends_only() {
     gw2.stop().await;
 }
 
+/// Waits until every node of a three-node `cluster` has its two routes.
+async fn routes_up(cluster: &[NatsServer]) {
+    eventually_async("the cluster routes to be up", || async {
+        let mut up = true;
+        for node in cluster {
+            up &= node.monitor("/routez").await["num_routes"].as_u64() == Some(2);
+        }
+        up
+    })
+    .await;
+}
+
 /// Two gateways on different nodes of a three-node cluster. Interest
 /// crosses the routes asynchronously, so the first messages are retried
 /// (boundedly) until the route knows the remote subscription.
@@ -288,14 +300,7 @@ async fn without_client_broadcast_messages_go_to_backends_only() {
 async fn delivery_crosses_a_three_node_cluster() {
     let cluster = NatsServer::cluster(3);
     let (first, last) = (&cluster[0], &cluster[2]);
-    eventually_async("the cluster routes to be up", || async {
-        let mut up = true;
-        for node in &cluster {
-            up &= node.monitor("/routez").await["num_routes"].as_u64() == Some(2);
-        }
-        up
-    })
-    .await;
+    routes_up(&cluster).await;
     let gw1 = nats_gateway(first, |_| {}).await;
     let gw2 = nats_gateway(last, |_| {}).await;
     let mut on1 = gw1.client().await;
@@ -344,14 +349,7 @@ async fn delivery_crosses_a_three_node_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_answering_a_join_event_from_another_node_reaches_the_new_member() {
     let cluster = NatsServer::cluster(3);
-    eventually_async("the cluster routes to be up", || async {
-        let mut up = true;
-        for node in &cluster {
-            up &= node.monitor("/routez").await["num_routes"].as_u64() == Some(2);
-        }
-        up
-    })
-    .await;
+    routes_up(&cluster).await;
     let gw = nats_gateway(&cluster[0], |_| {}).await;
     let backend = Backend::connect(&cluster[2]).await;
     let mut presence = backend.subscribe("roomgate.presence.>").await;

@@ -149,15 +149,6 @@ async fn nats_dying_mid_traffic_does_not_stop_local_rooms() {
     gw.stop().await;
 }
 
-/// Sends a signal (e.g. "STOP", "CONT") to a process this test started.
-fn signal(pid: u32, name: &str) {
-    let status = std::process::Command::new("kill")
-        .args([format!("-{name}"), pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success(), "kill -{name} {pid}");
-}
-
 /// A nats-server that stops answering (frozen with SIGSTOP: its TCP
 /// connections stay open, nothing is read) does not slow clients down:
 /// messages are acknowledged and delivered locally, and shutdown finishes.

@@ -678,13 +678,11 @@ impl Bridge {
         // So that the new client's first connection counts as a change:
         // joins wait again, and the rooms are subscribed at once.
         connected.send_replace(false);
+        // The old watcher, ending, answered every join still waiting.
         for (room, subscription) in self.rooms.drain() {
             subscription.token.cancel();
             self.hub.lost_subscription(room.as_str());
             self.retry.insert(room);
-        }
-        for room in self.unconfirmed.drain(..) {
-            self.hub.release_unsubscribed(room.as_str());
         }
         self.fixed = false;
         self.unanswered = 0;

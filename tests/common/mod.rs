@@ -887,6 +887,16 @@ pub struct NatsServer {
     dir: PathBuf,
 }
 
+/// Sends a signal (e.g. "STOP", "CONT", "HUP") to a process this test
+/// started.
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{name}"), pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
 /// The `nats-server` binary, or a panic explaining how to get it.
 pub fn nats_server_binary() -> PathBuf {
     for candidate in [
