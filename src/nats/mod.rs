@@ -642,12 +642,20 @@ impl Bridge {
                 continue;
             };
             if let Some(subscription) = self.rooms.remove(&room) {
-                subscription.token.cancel();
-                let _ = tokio::time::timeout(SUBSCRIBE_TIMEOUT, subscription.task).await;
-                self.hub.lost_subscription(room.as_str());
-                self.retry.insert(room);
+                self.subscribe_again(room, subscription).await;
             }
         }
+    }
+
+    /// Ends `room`'s subscription, which the server no longer holds, and
+    /// has the room subscribed again by the retries; its joins wait for
+    /// that. The wait for the task lets its UNSUB go out before the new
+    /// SUB.
+    async fn subscribe_again(&mut self, room: RoomName, subscription: RoomSubscription) {
+        subscription.token.cancel();
+        let _ = tokio::time::timeout(SUBSCRIBE_TIMEOUT, subscription.task).await;
+        self.hub.lost_subscription(room.as_str());
+        self.retry.insert(room);
     }
 
     /// The room a subject of [`Bridge::room_subjects`] is for.
@@ -679,10 +687,8 @@ impl Bridge {
         // joins wait again, and the rooms are subscribed at once.
         connected.send_replace(false);
         // The old watcher, ending, answered every join still waiting.
-        for (room, subscription) in self.rooms.drain() {
-            subscription.token.cancel();
-            self.hub.lost_subscription(room.as_str());
-            self.retry.insert(room);
+        for (room, subscription) in std::mem::take(&mut self.rooms) {
+            self.subscribe_again(room, subscription).await;
         }
         self.fixed = false;
         self.unanswered = 0;
