@@ -207,3 +207,122 @@ async fn a_room_whose_subscription_the_server_refused_comes_back_when_it_is_allo
     gw.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_room_the_server_keeps_refusing_is_tried_less_and_less_often() {
+    // Every try costs a subscribe and a refusal: while the refusals go
+    // on, the tries grow apart (500 ms, then 1 s, then 2 s …).
+    let dir = std::env::temp_dir().join(format!("roomgate-refused-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let conf = dir.join("nats.conf");
+    let log = dir.join("nats.log");
+    std::fs::write(
+        &conf,
+        permissions(r#""roomgate.send.*", "roomgate.all", "roomgate.control.*", "_INBOX.>""#),
+    )
+    .expect("write the configuration");
+    let server = NatsServer::start_with_args(&[
+        "-c",
+        conf.to_str().expect("UTF-8 path"),
+        "-l",
+        log.to_str().expect("UTF-8 path"),
+    ]);
+    let url = format!("nats://gateway:gw@127.0.0.1:{}", server.port);
+    let gw = TestGateway::start(nats_config(&url)).await;
+    wait_nats_connected(&gw, true).await;
+    let mut member = gw.client().await;
+    member.join("r1").await;
+
+    let refusals = within("four refusals of the room", async {
+        loop {
+            let times = refusal_times(&log, "roomgate.*.r1");
+            if times.len() >= 4 {
+                return times;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    // Each gap is at least the wait the refusal before it earned (a slow
+    // machine only makes them longer).
+    let gaps: Vec<f64> = refusals.windows(2).map(|w| w[1] - w[0]).collect();
+    for (gap, wait) in gaps.iter().zip([0.5, 1.0, 2.0]) {
+        assert!(
+            *gap >= wait - 0.01,
+            "gaps between refusals {gaps:?}: one is shorter than {wait} s"
+        );
+    }
+    drop(member);
+    gw.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// When nats-server logged a refused subscription to `subject`, in seconds
+/// since midnight.
+fn refusal_times(log: &std::path::Path, subject: &str) -> Vec<f64> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let wanted = format!("Subscription Violation - User \"gateway\", Subject \"{subject}\"");
+    let mut times: Vec<f64> = text
+        .lines()
+        .filter(|line| line.contains(&wanted))
+        .filter_map(|line| {
+            // `[pid] 2026/11/27 19:30:24.843810 [ERR] …`
+            let clock = line.split_whitespace().nth(2)?;
+            let mut parts = clock.split(':');
+            let hours: f64 = parts.next()?.parse().ok()?;
+            let minutes: f64 = parts.next()?.parse().ok()?;
+            let seconds: f64 = parts.next()?.parse().ok()?;
+            Some(hours * 3600.0 + minutes * 60.0 + seconds)
+        })
+        .collect();
+    // Across midnight the clock starts over.
+    for i in 1..times.len() {
+        if times[i] < times[i - 1] {
+            times[i] += 86_400.0;
+        }
+    }
+    times
+}
+
+#[tokio::test]
+async fn a_publication_the_server_refuses_counts_as_a_publish_error() {
+    // Core NATS has no receipt: the server's `-ERR` is the only sign that
+    // a client's message never reached a backend.
+    let server = NatsServer::start_with_config(
+        r#"authorization {
+  users = [
+    { user: gateway, password: gw, permissions: { publish: { deny: ["roomgate.message.>"] } } }
+    { user: backend, password: be }
+  ]
+}
+"#,
+    );
+    let backend = backend(
+        &server,
+        ConnectOptions::with_user_and_password("backend".into(), "be".into()),
+    )
+    .await;
+    let url = format!("nats://gateway:gw@127.0.0.1:{}", server.port);
+    let gw = TestGateway::start(nats_config(&url)).await;
+    wait_nats_connected(&gw, true).await;
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    let mut member = gw.client().await;
+    join_synced(&mut member, &mut presence, "general").await;
+    // What the server allowed (the open and join events) counts nothing.
+    assert_eq!(gw.metric("roomgate_nats_publish_errors_total").await, 0.0);
+
+    for (sent, id) in [(1.0, "1"), (2.0, "2")] {
+        member.say("general", json!("hello"), id).await;
+        eventually_async("the refused publication to be counted", || async {
+            gw.metric("roomgate_nats_publish_errors_total").await == sent
+        })
+        .await;
+    }
+    // The bridge goes on: a broadcast still reaches the member.
+    backend.publish("roomgate.broadcast.general", "hi").await;
+    assert_eq!(
+        member.recv().await,
+        server_message(Some("general"), "hi", "server")
+    );
+    gw.stop().await;
+}

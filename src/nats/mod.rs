@@ -25,10 +25,11 @@
 mod backlog;
 mod inbound;
 mod outbound;
+mod refused;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::connection::State;
@@ -36,7 +37,7 @@ use async_nats::{Client, ConnectOptions, RequestErrorKind, ServerAddr, Subscribe
 use bytes::Bytes;
 use futures_util::StreamExt;
 use prometheus::IntCounter;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -49,6 +50,7 @@ use crate::rooms::{Handed, Hub, QueueLimits, RoomName};
 
 use backlog::{Backlog, Budget};
 pub use inbound::Inbound;
+use refused::{RefusedRooms, ServerReports};
 
 /// Header naming the sender connection of a published event.
 pub const HEADER_CONNECTION: &str = "Roomgate-Connection";
@@ -270,7 +272,7 @@ impl Connector {
             config: config.clone(),
             gateway_id,
             metrics: metrics.clone(),
-            reports: Arc::default(),
+            reports: Arc::new(ServerReports::new(metrics.nats_publish_errors.clone())),
         }
     }
 
@@ -286,72 +288,6 @@ impl Connector {
         )
         .await
     }
-}
-
-/// What the server reported about its clients' requests: errors are logged
-/// at most once per [`REPORT_EVERY`], and the subjects whose subscription
-/// it refused are kept for the bridge, which subscribes them again later.
-#[derive(Default)]
-struct ServerReports {
-    state: Mutex<Reported>,
-    refused_added: Notify,
-}
-
-#[derive(Default)]
-struct Reported {
-    last_logged: Option<tokio::time::Instant>,
-    unlogged: u64,
-    refused: Vec<String>,
-}
-
-/// How often, at most, a server's error is logged: a refusal repeats with
-/// every retry, and a limit hit by every room repeats once per room.
-const REPORT_EVERY: Duration = Duration::from_secs(10);
-
-/// Refused subscriptions kept for the bridge, at most; beyond, the
-/// bridge's retries of what it does keep bring the same errors back.
-const MAX_REFUSED: usize = 4096;
-
-impl ServerReports {
-    /// Logs `error` unless one was logged within [`REPORT_EVERY`], and
-    /// keeps the subject of a refused subscription.
-    fn report(&self, error: &async_nats::ServerError) {
-        let text = error.to_string();
-        let mut state = crate::sync::lock(&self.state);
-        let now = tokio::time::Instant::now();
-        if state
-            .last_logged
-            .is_none_or(|at| now.duration_since(at) >= REPORT_EVERY)
-        {
-            warn!(
-                error = text,
-                more = state.unlogged,
-                "NATS server refused a request (more: such errors since the last one logged)"
-            );
-            state.last_logged = Some(now);
-            state.unlogged = 0;
-        } else {
-            state.unlogged += 1;
-        }
-        if let Some(subject) = refused_subscription(&text)
-            && state.refused.len() < MAX_REFUSED
-        {
-            state.refused.push(subject.to_string());
-            drop(state);
-            self.refused_added.notify_one();
-        }
-    }
-
-    fn take_refused(&self) -> Vec<String> {
-        std::mem::take(&mut crate::sync::lock(&self.state).refused)
-    }
-}
-
-/// The subject in nats-server's `Permissions Violation for Subscription to
-/// "<subject>"` (optionally followed by `using queue "<queue>"`).
-fn refused_subscription(error: &str) -> Option<&str> {
-    let (_, rest) = error.split_once("Permissions Violation for Subscription to \"")?;
-    rest.split_once('"').map(|(subject, _)| subject)
 }
 
 async fn connect(
@@ -501,6 +437,8 @@ pub struct Bridge {
     /// Rooms with local members and no subscription yet: they got their
     /// first member while NATS was down, or their subscribe failed.
     retry: HashSet<RoomName>,
+    /// When the rooms the server refused may be tried again.
+    refused: RefusedRooms,
     /// Whether the fixed subscriptions (`send.*`, `all`, `control.*`) exist.
     fixed: bool,
     /// Rooms subscribed since the last [`Bridge::confirm`], whose members
@@ -546,6 +484,7 @@ impl Bridge {
             inbound,
             rooms: HashMap::new(),
             retry: HashSet::new(),
+            refused: RefusedRooms::default(),
             fixed: false,
             unconfirmed: Vec::new(),
             unanswered: 0,
@@ -632,16 +571,18 @@ impl Bridge {
 
     /// Takes the rooms whose subscription the server refused (a permission
     /// it does not grant, or no longer does after a reload) for
-    /// unsubscribed: they are retried with the others, and come back once
-    /// the server grants it. The server has dropped the subscription, so
-    /// keeping it would leave the room deaf to NATS for good. A refused
-    /// fixed subject is only logged.
+    /// unsubscribed: they are retried, ever less often while the refusals
+    /// go on, and come back once the server grants it. The server has
+    /// dropped the subscription, so keeping it would leave the room deaf to
+    /// NATS for good. A refused fixed subject is only logged.
     async fn drop_refused(&mut self, subjects: Vec<String>) {
+        let now = tokio::time::Instant::now();
         for subject in subjects {
             let Some(room) = self.room_of(&subject) else {
                 continue;
             };
             if let Some(subscription) = self.rooms.remove(&room) {
+                self.refused.refused(&room, now);
                 self.subscribe_again(room, subscription).await;
             }
         }
@@ -690,6 +631,7 @@ impl Bridge {
         for (room, subscription) in std::mem::take(&mut self.rooms) {
             self.subscribe_again(room, subscription).await;
         }
+        self.refused.clear();
         self.fixed = false;
         self.unanswered = 0;
         self.no_round_trip = None;
@@ -767,6 +709,7 @@ impl Bridge {
         });
         if emptied {
             self.retry.remove(&room);
+            self.refused.forget(&room);
             if let Some(subscription) = dropped {
                 // Wait for the task to drop its subscribers, so the UNSUB is
                 // queued before whatever this instance publishes next.
@@ -779,6 +722,12 @@ impl Bridge {
             // Still subscribed: a room freed and made again since waits
             // for nothing.
             self.hub.release(room.as_str());
+            return;
+        }
+        if !self.refused.may_retry(&room, tokio::time::Instant::now()) {
+            // Refused a moment ago: a join does not hurry the next try.
+            self.hub.release_unsubscribed(room.as_str());
+            self.retry.insert(room);
             return;
         }
         if !is_connected(&self.client) {
@@ -810,7 +759,8 @@ impl Bridge {
         }
     }
 
-    /// Retries what could not be subscribed, once NATS is connected.
+    /// Retries what could not be subscribed, once NATS is connected; a
+    /// room the server refused waits its turn.
     async fn retry_failed(&mut self) {
         if !is_connected(&self.client) {
             return;
@@ -818,7 +768,11 @@ impl Bridge {
         if !self.fixed {
             self.subscribe_fixed().await;
         }
-        let rooms: Vec<RoomName> = self.retry.iter().cloned().collect();
+        let now = tokio::time::Instant::now();
+        let rooms: Vec<RoomName> = (self.retry.iter())
+            .filter(|room| self.refused.may_retry(room, now))
+            .cloned()
+            .collect();
         for room in rooms {
             self.reconcile(room).await;
         }
@@ -1015,30 +969,6 @@ impl Bridge {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_refused_subscription_names_its_subject() {
-        assert_eq!(
-            refused_subscription(
-                r#"nats: Permissions Violation for Subscription to "roomgate.*.r1""#
-            ),
-            Some("roomgate.*.r1")
-        );
-        assert_eq!(
-            refused_subscription(
-                r#"Permissions Violation for Subscription to "a.b" using queue "q""#
-            ),
-            Some("a.b")
-        );
-        assert_eq!(
-            refused_subscription(r#"Permissions Violation for Publish to "a.b""#),
-            None
-        );
-        assert_eq!(
-            refused_subscription("nats: maximum subscriptions exceeded"),
-            None
-        );
-    }
 
     #[test]
     fn reconnect_backoff_is_capped() {
