@@ -801,7 +801,8 @@ impl Bridge {
         if self.no_round_trip == Some(connects) {
             let _ = tokio::time::timeout(SUBSCRIBE_TIMEOUT, self.client.flush()).await;
         } else {
-            let probe = self.client.request(self.client.new_inbox(), Bytes::new());
+            let subject = format!("{}.{}", self.client.new_inbox(), refused::PROBE);
+            let probe = self.client.request(subject, Bytes::new());
             match tokio::time::timeout(SUBSCRIBE_TIMEOUT, probe).await {
                 Ok(Ok(_)) => self.unanswered = 0,
                 Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => self.unanswered = 0,

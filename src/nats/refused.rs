@@ -111,11 +111,21 @@ fn refused_subscription(error: &str) -> Option<&str> {
     rest.split_once('"').map(|(subject, _)| subject)
 }
 
-/// Whether `error` is nats-server's refusal of a publication
-/// (`Permissions Violation for Publish to "<subject>"`, or `… with Reply
-/// of "<subject>"`): core NATS gives no other receipt.
+/// The last token of the subject of the bridge's confirmation round trip
+/// (`Bridge::confirm`): a request nobody answers, not a publication
+/// anyone misses, so its refusal counts as no publish error.
+pub(super) const PROBE: &str = "roomgate-probe";
+
+/// Whether `error` is nats-server's refusal of a publication of the
+/// gateway's (`Permissions Violation for Publish to "<subject>"`): core
+/// NATS gives no other receipt. `… Publish with Reply of …` is left out:
+/// only the confirmation round trip publishes with a reply subject.
 fn refused_publication(error: &str) -> bool {
-    error.contains("Permissions Violation for Publish")
+    let Some((_, rest)) = error.split_once("Permissions Violation for Publish to \"") else {
+        return false;
+    };
+    rest.split_once('"')
+        .is_some_and(|(subject, _)| !subject.ends_with(&format!(".{PROBE}")))
 }
 
 /// When each room the server refused may be subscribed again. A room it
@@ -202,10 +212,17 @@ mod tests {
     #[test]
     fn a_refused_publication_is_recognised() {
         assert!(refused_publication(
-            r#"nats: Permissions Violation for Publish to "roomgate.events.r1""#
+            r#"nats: Permissions Violation for Publish to "roomgate.message.r1""#
         ));
         assert!(refused_publication(
-            r#"Permissions Violation for Publish with Reply of "_INBOX.x""#
+            r#"Permissions Violation for Publish to "_INBOX.abc""#
+        ));
+        // The confirmation round trip's are not publications anyone misses.
+        assert!(!refused_publication(
+            r#"Permissions Violation for Publish to "_INBOX.abc.roomgate-probe""#
+        ));
+        assert!(!refused_publication(
+            r#"Permissions Violation for Publish with Reply of "_INBOX.x.y""#
         ));
         assert!(!refused_publication(
             r#"Permissions Violation for Subscription to "a.b""#
