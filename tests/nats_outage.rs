@@ -846,10 +846,14 @@ async fn subscriptions_past_the_servers_limit_are_logged_once_for_a_burst() {
 }
 
 #[tokio::test]
-async fn nats_unreachable_from_the_start_is_logged() {
-    // Nothing listens there: async-nats says nothing until a first
-    // connection, so the gateway says it itself, once, and serves rooms.
-    let url = format!("nats://127.0.0.1:{}", free_port());
+async fn nats_unreachable_from_the_start_is_logged_with_what_is_there() {
+    // async-nats says nothing until a first connection, so the gateway
+    // says it itself, once, with what it found at each server: nothing
+    // listening at the first, and at the second a listener that never
+    // greets (a port that is not NATS). Rooms are served all the same.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a listener");
+    let silent = silent.local_addr().expect("its address");
+    let url = format!("nats://127.0.0.1:{}, nats://{silent}", free_port());
     let gateway = GatewayProcess::start(
         &[],
         &[
@@ -857,10 +861,19 @@ async fn nats_unreachable_from_the_start_is_logged() {
             ("ROOMGATE_NATS_URL", &url),
         ],
     );
-    eventually("the unreachable server to be logged", || {
+    eventually("the unreachable servers to be logged", || {
         gateway.logged("NATS not reachable") > 0
     })
     .await;
+    assert_eq!(gateway.logged("cannot connect (Connection refused"), 1);
+    assert_eq!(
+        gateway.logged(&format!(
+            "{silent}: accepts connections but sends no greeting"
+        )),
+        1
+    );
     let mut client = WsClient::connect(&format!("ws://{}/ws", gateway.addr)).await;
     client.join("lobby").await;
+    let gateway = stop_and_read_log(gateway).await;
+    assert_eq!(gateway.logged("NATS not reachable"), 1, "said once");
 }

@@ -23,6 +23,7 @@
 //!   it) but as soon as the connection is back.
 
 mod backlog;
+mod diagnose;
 mod inbound;
 mod outbound;
 mod refused;
@@ -276,6 +277,14 @@ impl Connector {
         }
     }
 
+    /// The servers the clients are told of, for a look at why none can be
+    /// reached.
+    fn targets(&self) -> Vec<diagnose::Target> {
+        Servers::new(&self.config)
+            .map(|servers| servers.addrs.iter().map(diagnose::Target::of).collect())
+            .unwrap_or_default()
+    }
+
     /// Creates a NATS client. It returns at once: the connection is made
     /// in the background and retried forever; [`Bridge::run`] keeps
     /// `roomgate_nats_connected` in line with its state.
@@ -362,6 +371,7 @@ fn is_connected(client: &Client) -> bool {
 /// miss a transition the way a dropped event could.
 async fn watch_connection(
     client: Client,
+    targets: Vec<diagnose::Target>,
     hub: Arc<Hub>,
     metrics: Metrics,
     connected: watch::Sender<bool>,
@@ -370,21 +380,34 @@ async fn watch_connection(
     let mut tick = tokio::time::interval(STATE_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Until the first connection, async-nats reports nothing: say once that
-    // NATS cannot be reached, as a disconnection later is said.
+    // NATS cannot be reached, and why, as a disconnection later is said.
     let mut unreachable_since = Some(tokio::time::Instant::now());
+    let mut diagnosis = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
+            Some(reason) = async {
+                match diagnosis.as_mut() {
+                    Some(looking) => Some(looking.await),
+                    None => None,
+                }
+            }, if diagnosis.is_some() => {
+                diagnosis = None;
+                if !is_connected(&client) {
+                    warn!(
+                        reason,
+                        "NATS not reachable; rooms keep working on this instance, events are \
+                         dropped until it is, and connecting goes on in the background"
+                    );
+                }
+            }
             _ = tick.tick() => {
                 let now = is_connected(&client);
                 if now {
                     unreachable_since = None;
                 } else if unreachable_since.is_some_and(|since| since.elapsed() >= FIRST_CONNECT) {
                     unreachable_since = None;
-                    warn!(
-                        "NATS not reachable; rooms keep working on this instance, events are \
-                         dropped until it is, and connecting goes on in the background"
-                    );
+                    diagnosis = Some(Box::pin(diagnose::why_unreachable(targets.clone())));
                 }
                 metrics.nats_connected.set(i64::from(now));
                 if connected.send_if_modified(|was| std::mem::replace(was, now) != now) {
@@ -553,6 +576,7 @@ impl Bridge {
         let token = self.stop.child_token();
         let task = self.tasks.spawn(watch_connection(
             self.client.clone(),
+            self.connector.targets(),
             self.hub.clone(),
             self.metrics.clone(),
             connected,
