@@ -25,6 +25,7 @@
 //! | [`alloc`] | the memory allocator the binary installs |
 //! | [`metrics`] | every Prometheus family, in one place |
 //! | [`shutdown`] | signals, cancellation and task tracking |
+//! | [`logging`] | the process's log, with the NATS client's repeats held back |
 //! | [`request`], [`response`] | small HTTP helpers shared by the above |
 //! | [`sync`] | lock helpers that survive a poisoned lock |
 //! | [`net`] | what a socket error says about the other end |
@@ -47,6 +48,7 @@ pub mod auth;
 pub mod config;
 pub mod deadline;
 pub mod events;
+pub mod logging;
 pub mod metrics;
 pub mod nats;
 pub mod net;

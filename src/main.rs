@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use roomgate::config::{Config, LogConfig, LogFormat};
+use roomgate::config::Config;
 
 /// A sidecar gateway: WebSocket rooms in front of an HTTP service, bridged to NATS.
 #[derive(Parser)]
@@ -64,7 +64,7 @@ fn check_config(loaded: &roomgate::config::Loaded) -> ExitCode {
 }
 
 fn run(loaded: roomgate::config::Loaded) -> ExitCode {
-    init_logging(&loaded.config.log);
+    roomgate::logging::init(&loaded.config.log);
     for warning in &loaded.warnings {
         tracing::warn!("{warning}");
     }
@@ -109,29 +109,4 @@ fn run(loaded: roomgate::config::Loaded) -> ExitCode {
             }
         }
     })
-}
-
-fn init_logging(config: &LogConfig) {
-    // async-nats logs every reconnect attempt at info; the bridge reports
-    // the connection state itself, so quiet it unless asked for.
-    let level = if config.level.contains("async_nats") {
-        config.level.clone()
-    } else {
-        format!("{},async_nats=warn", config.level)
-    };
-    let filter = tracing_subscriber::EnvFilter::try_new(&level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stdout);
-    match config.format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .init(),
-        LogFormat::Text => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-            .init(),
-    }
 }

@@ -846,6 +846,30 @@ async fn subscriptions_past_the_servers_limit_are_logged_once_for_a_burst() {
 }
 
 #[tokio::test]
+async fn a_refused_login_is_explained_once_and_the_clients_errors_are_not_repeated() {
+    // async-nats logs the refused login as an error on every attempt,
+    // several times a second at first; the gateway lets the first through,
+    // and says itself what is wrong.
+    let server = NatsServer::start_with_args(&["--user", "alice", "--pass", "hunter2"]);
+    let url = format!("nats://alice:wrong@127.0.0.1:{}", server.port);
+    let gateway = GatewayProcess::start(
+        &[],
+        &[
+            ("ROOMGATE_NATS_ENABLED", "true"),
+            ("ROOMGATE_NATS_URL", &url),
+        ],
+    );
+    eventually("the unreachable server to be logged", || {
+        gateway.logged("NATS not reachable") > 0
+    })
+    .await;
+    // By now (3 s) the client has tried at least three times.
+    let gateway = stop_and_read_log(gateway).await;
+    assert_eq!(gateway.logged("a NATS server that requires a login"), 1);
+    assert_eq!(gateway.logged("authorization violation"), 1);
+}
+
+#[tokio::test]
 async fn nats_unreachable_from_the_start_is_logged_with_what_is_there() {
     // async-nats says nothing until a first connection, so the gateway
     // says it itself, once, with what it found at each server: nothing
