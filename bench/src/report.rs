@@ -626,9 +626,168 @@ pub struct Context<'a> {
 /// repository root, where `bench/run.sh` runs the tool).
 const ANALYSIS: &str = "bench/ANALYSIS.md";
 
+/// The columns compared with nats-server's WebSocket in the fan-out and
+/// many-rooms sections.
+const DELIVERY_RATIOS: &[(&str, &str)] = &[
+    ("deliveries_per_sec", "deliveries/s"),
+    ("server_cpu_us_per_delivery", "server CPU per delivery"),
+    ("server_hwm_kib", "peak RSS"),
+];
+
+/// One scenario's section of the report: what it measures, and which of
+/// its columns are compared with which peer (none for the floors and the
+/// roomgate-only runs).
+struct Section {
+    scenario: &'static str,
+    title: &'static str,
+    text: &'static str,
+    peer: &'static str,
+    ratios: &'static [(&'static str, &'static str)],
+}
+
+/// The scenario sections, in the report's order.
+const SECTIONS: [Section; 8] = [
+    Section {
+        scenario: "fanout",
+        title: "Fan-out: one room",
+        text: "One room of N members; a backend publishes M messages to it through NATS as fast as \
+             accepted, keeping at most the window (see Settings) of messages in flight beyond \
+             the slowest member, so neither server is pushed into its slow-consumer policy. \
+             roomgate: `roomgate.broadcast.<room>` with `Roomgate-Raw: true`, so both servers \
+             deliver byte-identical frames. nats-ws: every member is a NATS subscriber on \
+             nats-server's WebSocket listener. Server CPU is the CPU of the server under test \
+             during the measured phase divided by deliveries; for roomgate, nats-server's own CPU \
+             (relaying M messages to one subscriber) is the broker column. Latency and peak \
+             RSS in these runs include what the window lets queue up (up to window × N frames); \
+             the fixed-rate runs below measure latency.",
+        peer: "nats-ws",
+        ratios: DELIVERY_RATIOS,
+    },
+    Section {
+        scenario: "delivery-floor",
+        title: "Delivery floor",
+        text: "What a delivery costs this machine at the least, for reading the fan-out runs' \
+             server CPU per delivery: one thread of the generator writes the same number of \
+             frames of the same size to each of N loopback sockets, a batch of frames per \
+             `writev` (one buffer with the frames back to back, as roomgate queues a burst), \
+             and does nothing else: `writev-window` writes a window's worth per call \
+             (the most a server can batch when at most a window of messages is in flight), \
+             `writev-as-roomgate` as many as roomgate's writes carried on average in the runs \
+             above (its deliveries per write call); another thread reads every socket with a task per \
+             socket, as the generator does. Writer CPU is user plus kernel time of that one \
+             thread (`getrusage(RUSAGE_THREAD)`, the same accounting as the servers' `/proc` \
+             figures), divided by deliveries. On loopback the kernel runs the receiving \
+             side's TCP processing and wakes the reader inside the writer's `writev`, so this \
+             is what the kernel charges any sender per delivery at that batch size: a server \
+             that also queues, schedules and talks to NATS cannot spend less. Deliveries per \
+             write call in the fan-out tables are the server's deliveries divided by its write \
+             system calls in the measured phase (`syscw` in `/proc/<pid>/io`).",
+        peer: "",
+        ratios: &[],
+    },
+    Section {
+        scenario: "fanout-rate",
+        title: "Fan-out at a fixed rate",
+        text: "The same rooms at a fixed publish rate (see Settings: by default half of the lower \
+             of the two measured maxima, mean of the repetitions), without a window. Latency is \
+             from the publisher's timestamp to the subscriber's read, on one monotonic clock. \
+             \"Publisher behind\" is how late the publisher got against its schedule at worst: \
+             when it is more than a few milliseconds, the machine was short of CPU. At a fixed \
+             rate each message reaches each member alone, without the batching of the maximum \
+             runs, so a delivery costs the server and the generator more than it does there.",
+        peer: "nats-ws",
+        ratios: &[
+            ("latency_p50_us", "p50"),
+            ("latency_p99_us", "p99"),
+            ("latency_p999_us", "p99.9"),
+        ],
+    },
+    Section {
+        scenario: "rooms",
+        title: "Many rooms",
+        text: "Many rooms of a few members; each message goes to a random room (the same sequence \
+             of rooms in every run), within the per-room window.",
+        peer: "nats-ws",
+        ratios: DELIVERY_RATIOS,
+    },
+    Section {
+        scenario: "client",
+        title: "Client-originated (roomgate only)",
+        text: "The first member of each room sends `message` frames over its WebSocket as fast as \
+             TCP accepts them, within the per-room window; the other members receive them. \
+             nats-server has no equivalent (its clients publish NATS, not room frames).",
+        peer: "",
+        ratios: &[],
+    },
+    Section {
+        scenario: "idle",
+        title: "Idle connections",
+        text: "N connections, each joined to a room of 10 (nats-ws: subscribed to the room's \
+             subject). Connections per second covers TCP connect, the WebSocket upgrade and the \
+             join (nats-ws: INFO, CONNECT/PING/PONG, SUB/PING/PONG), with a bounded number of \
+             handshakes in flight (see Settings). Connect p50/p99/max are per connection: a \
+             connection whose SYN was dropped because the server's accept queue was full is \
+             retried by the kernel after a second, which shows as a maximum near 1,000 ms and \
+             in the listen overflows column (read machine-wide from /proc/net/netstat, so other \
+             processes count there too). RSS per connection is the server's RSS after minus \
+             before, divided by N.",
+        peer: "nats-ws",
+        ratios: &[
+            ("connections_per_sec", "connections/s"),
+            ("rss_per_connection_kib", "RSS per connection"),
+        ],
+    },
+    Section {
+        scenario: "connect-floor",
+        title: "Connection set-up floor",
+        text: "What a new connection costs this machine at the least, for reading the \
+             connections/s above: nginx (one worker) answers every request itself, and `wrk` \
+             (2 threads, 256 connections) sends each request on a new TCP connection \
+             (`Connection: close`). One connection here is connect, one small request and \
+             answer, and close, which is less work on both sides than the idle runs' connect, \
+             upgrade and join, and wrk is a leaner client than the generator. The rate is \
+             therefore an upper bound for any server in the idle runs on these cores.",
+        peer: "",
+        ratios: &[],
+    },
+    Section {
+        scenario: "http",
+        title: "HTTP proxy",
+        text: "`wrk --latency` against the upstream directly, through roomgate's reverse proxy, \
+             and through nginx configured as the same reverse proxy (one worker, keep-alive \
+             upstream pool, X-Forwarded-* headers, no buffering). roomgate runs as configured \
+             by default (a runtime thread per core); nginx with one worker process. One warm-up \
+             second precedes each measurement. The upstream is this tool's `upstream` \
+             subcommand (hyper, one thread, a 64-byte body).",
+        peer: "nginx",
+        ratios: &[
+            ("requests_per_sec", "requests/s"),
+            ("latency_p99_us", "p99"),
+        ],
+    },
+];
+
 /// `BENCHMARKS.md`.
 pub fn markdown(records: &[Record], ctx: &Context<'_>) -> String {
     let mut s = String::new();
+    intro(&mut s, ctx);
+    machine_and_settings(&mut s, ctx);
+    targets(&mut s, records, ctx);
+    for section in &SECTIONS {
+        scenario_section(&mut s, records, section, ctx.reps);
+    }
+    // The reading of the numbers (profiles, why a target is missed) is
+    // written by hand next to the tool and carried into every report.
+    if let Ok(analysis) = std::fs::read_to_string(ANALYSIS) {
+        s.push_str(analysis.trim_end());
+        s.push_str("\n\n");
+    }
+    exact_commands(&mut s, ctx);
+    s
+}
+
+/// The title and how the report was made.
+fn intro(s: &mut String, ctx: &Context<'_>) {
     s.push_str("# roomgate benchmarks\n\n");
     let _ = writeln!(
         s,
@@ -644,6 +803,10 @@ pub fn markdown(records: &[Record], ctx: &Context<'_>) -> String {
         },
         ctx.reps
     );
+}
+
+/// The machine, what shares it, and the run's settings.
+fn machine_and_settings(s: &mut String, ctx: &Context<'_>) {
     s.push_str("## Machine\n\n| | |\n|---|---|\n");
     for (k, v) in &ctx.machine.lines {
         let _ = writeln!(s, "| {k} | {v} |");
@@ -672,7 +835,10 @@ pub fn markdown(records: &[Record], ctx: &Context<'_>) -> String {
         let _ = writeln!(s, "| {k} | {v} |");
     }
     s.push('\n');
+}
 
+/// Every target with each repetition's value and the verdict.
+fn targets(s: &mut String, records: &[Record], ctx: &Context<'_>) {
     s.push_str(
         "## Targets\n\nTargets the design is held to. They are not tests: a miss is a \
                 finding, with its gap.",
@@ -714,167 +880,40 @@ pub fn markdown(records: &[Record], ctx: &Context<'_>) -> String {
         let _ = writeln!(s, "{} |", g.verdict());
     }
     s.push('\n');
+}
 
-    let sections: [(&str, &str, &str); 8] = [
-        (
-            "fanout",
-            "Fan-out: one room",
-            "One room of N members; a backend publishes M messages to it through NATS as fast as \
-             accepted, keeping at most the window (see Settings) of messages in flight beyond \
-             the slowest member, so neither server is pushed into its slow-consumer policy. \
-             roomgate: `roomgate.broadcast.<room>` with `Roomgate-Raw: true`, so both servers \
-             deliver byte-identical frames. nats-ws: every member is a NATS subscriber on \
-             nats-server's WebSocket listener. Server CPU is the CPU of the server under test \
-             during the measured phase divided by deliveries; for roomgate, nats-server's own CPU \
-             (relaying M messages to one subscriber) is the broker column. Latency and peak \
-             RSS in these runs include what the window lets queue up (up to window × N frames); \
-             the fixed-rate runs below measure latency.",
-        ),
-        (
-            "delivery-floor",
-            "Delivery floor",
-            "What a delivery costs this machine at the least, for reading the fan-out runs' \
-             server CPU per delivery: one thread of the generator writes the same number of \
-             frames of the same size to each of N loopback sockets, a batch of frames per \
-             `writev` (one buffer with the frames back to back, as roomgate queues a burst), \
-             and does nothing else: `writev-window` writes a window's worth per call \
-             (the most a server can batch when at most a window of messages is in flight), \
-             `writev-as-roomgate` as many as roomgate's writes carried on average in the runs \
-             above (its deliveries per write call); another thread reads every socket with a task per \
-             socket, as the generator does. Writer CPU is user plus kernel time of that one \
-             thread (`getrusage(RUSAGE_THREAD)`, the same accounting as the servers' `/proc` \
-             figures), divided by deliveries. On loopback the kernel runs the receiving \
-             side's TCP processing and wakes the reader inside the writer's `writev`, so this \
-             is what the kernel charges any sender per delivery at that batch size: a server \
-             that also queues, schedules and talks to NATS cannot spend less. Deliveries per \
-             write call in the fan-out tables are the server's deliveries divided by its write \
-             system calls in the measured phase (`syscw` in `/proc/<pid>/io`).",
-        ),
-        (
-            "fanout-rate",
-            "Fan-out at a fixed rate",
-            "The same rooms at a fixed publish rate (see Settings: by default half of the lower \
-             of the two measured maxima, mean of the repetitions), without a window. Latency is \
-             from the publisher's timestamp to the subscriber's read, on one monotonic clock. \
-             \"Publisher behind\" is how late the publisher got against its schedule at worst: \
-             when it is more than a few milliseconds, the machine was short of CPU. At a fixed \
-             rate each message reaches each member alone, without the batching of the maximum \
-             runs, so a delivery costs the server and the generator more than it does there.",
-        ),
-        (
-            "rooms",
-            "Many rooms",
-            "Many rooms of a few members; each message goes to a random room (the same sequence \
-             of rooms in every run), within the per-room window.",
-        ),
-        (
-            "client",
-            "Client-originated (roomgate only)",
-            "The first member of each room sends `message` frames over its WebSocket as fast as \
-             TCP accepts them, within the per-room window; the other members receive them. \
-             nats-server has no equivalent (its clients publish NATS, not room frames).",
-        ),
-        (
-            "idle",
-            "Idle connections",
-            "N connections, each joined to a room of 10 (nats-ws: subscribed to the room's \
-             subject). Connections per second covers TCP connect, the WebSocket upgrade and the \
-             join (nats-ws: INFO, CONNECT/PING/PONG, SUB/PING/PONG), with a bounded number of \
-             handshakes in flight (see Settings). Connect p50/p99/max are per connection: a \
-             connection whose SYN was dropped because the server's accept queue was full is \
-             retried by the kernel after a second, which shows as a maximum near 1,000 ms and \
-             in the listen overflows column (read machine-wide from /proc/net/netstat, so other \
-             processes count there too). RSS per connection is the server's RSS after minus \
-             before, divided by N.",
-        ),
-        (
-            "connect-floor",
-            "Connection set-up floor",
-            "What a new connection costs this machine at the least, for reading the \
-             connections/s above: nginx (one worker) answers every request itself, and `wrk` \
-             (2 threads, 256 connections) sends each request on a new TCP connection \
-             (`Connection: close`). One connection here is connect, one small request and \
-             answer, and close, which is less work on both sides than the idle runs' connect, \
-             upgrade and join, and wrk is a leaner client than the generator. The rate is \
-             therefore an upper bound for any server in the idle runs on these cores.",
-        ),
-        (
-            "http",
-            "HTTP proxy",
-            "`wrk --latency` against the upstream directly, through roomgate's reverse proxy, \
-             and through nginx configured as the same reverse proxy (one worker, keep-alive \
-             upstream pool, X-Forwarded-* headers, no buffering). roomgate runs as configured \
-             by default (a runtime thread per core); nginx with one worker process. One warm-up \
-             second precedes each measurement. The upstream is this tool's `upstream` \
-             subcommand (hyper, one thread, a 64-byte body).",
-        ),
-    ];
-    for (scen, title, text) in sections {
-        let rows: Vec<&Record> = records.iter().filter(|r| r.scenario == scen).collect();
-        if rows.is_empty() {
-            continue;
-        }
-        let _ = writeln!(s, "## {title}\n\n{text}\n");
-        s.push_str(&table(&rows));
+/// A scenario's prose, its table, and its ratios to the peer; nothing when
+/// the scenario did not run.
+fn scenario_section(s: &mut String, records: &[Record], section: &Section, reps: u32) {
+    let rows: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.scenario == section.scenario)
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(s, "## {}\n\n{}\n", section.title, section.text);
+    s.push_str(&table(&rows));
+    s.push('\n');
+    if section.ratios.is_empty() {
+        return;
+    }
+    let r = ratios(
+        records,
+        section.scenario,
+        section.peer,
+        section.ratios,
+        reps,
+    );
+    if !r.is_empty() {
+        s.push_str(&r);
         s.push('\n');
-        let r = match scen {
-            "fanout" | "rooms" => ratios(
-                records,
-                scen,
-                "nats-ws",
-                &[
-                    ("deliveries_per_sec", "deliveries/s"),
-                    ("server_cpu_us_per_delivery", "server CPU per delivery"),
-                    ("server_hwm_kib", "peak RSS"),
-                ],
-                ctx.reps,
-            ),
-            "fanout-rate" => ratios(
-                records,
-                scen,
-                "nats-ws",
-                &[
-                    ("latency_p50_us", "p50"),
-                    ("latency_p99_us", "p99"),
-                    ("latency_p999_us", "p99.9"),
-                ],
-                ctx.reps,
-            ),
-            "idle" => ratios(
-                records,
-                scen,
-                "nats-ws",
-                &[
-                    ("connections_per_sec", "connections/s"),
-                    ("rss_per_connection_kib", "RSS per connection"),
-                ],
-                ctx.reps,
-            ),
-            "http" => ratios(
-                records,
-                scen,
-                "nginx",
-                &[
-                    ("requests_per_sec", "requests/s"),
-                    ("latency_p99_us", "p99"),
-                ],
-                ctx.reps,
-            ),
-            _ => String::new(),
-        };
-        if !r.is_empty() {
-            s.push_str(&r);
-            s.push('\n');
-        }
     }
+}
 
-    // The reading of the numbers (profiles, why a target is missed) is
-    // written by hand next to the tool and carried into every report.
-    if let Ok(analysis) = std::fs::read_to_string(ANALYSIS) {
-        s.push_str(analysis.trim_end());
-        s.push_str("\n\n");
-    }
-
+/// How the report can be made again: the generator's arguments and each
+/// server's command and configuration.
+fn exact_commands(s: &mut String, ctx: &Context<'_>) {
     s.push_str("## Exact commands\n\n");
     let _ = writeln!(
         s,
@@ -900,7 +939,6 @@ pub fn markdown(records: &[Record], ctx: &Context<'_>) -> String {
         }
     }
     let _ = writeln!(s, "Every run's JSON line is in `{}`.", ctx.jsonl.display());
-    s
 }
 
 /// Numbers for tables: thousands grouped, small values with up to three
