@@ -207,93 +207,11 @@ fn pair(s: &str) -> Result<(u32, u32), String> {
 }
 
 fn run_matrix(a: MatrixArgs) -> Result<(), String> {
-    for o in &a.only {
-        if !SCENARIOS.contains(&o.as_str()) {
-            return Err(format!(
-                "unknown scenario {o}; choose from {}",
-                SCENARIOS.join(", ")
-            ));
-        }
-    }
+    check_scenarios(&a.only)?;
     let q = a.quick;
-    let client = a
-        .client
-        .clone()
-        .unwrap_or_else(|| {
-            let v: [&str; 2] = choose(q, ["1x1000", "1000x10"], ["1x100", "100x10"]);
-            v.iter().map(|s| s.to_string()).collect()
-        })
-        .iter()
-        .map(|s| pair(s))
-        .collect::<Result<Vec<_>, _>>()?;
-    let matrix = Matrix {
-        only: a.only.clone(),
-        reps: a.reps.max(1),
-        fanout: a
-            .fanout
-            .clone()
-            .unwrap_or_else(|| choose(q, vec![1000, 10_000], vec![100, 500])),
-        fanout_deliveries: a.fanout_deliveries.unwrap_or(choose(q, 4_000_000, 500_000)),
-        rooms: pair(a.rooms.as_deref().unwrap_or(choose(q, "1000x10", "100x10")))?,
-        rooms_deliveries: a.rooms_deliveries.unwrap_or(choose(q, 2_000_000, 200_000)),
-        client,
-        client_deliveries: a.client_deliveries.unwrap_or(choose(q, 2_000_000, 200_000)),
-        idle: a
-            .idle
-            .clone()
-            .unwrap_or_else(|| choose(q, vec![10_000, 19_000], vec![500, 1000])),
-        rate_secs: a.rate_secs.unwrap_or(choose(q, 5.0, 1.0)),
-        rate: a.rate,
-        rate_fraction: a.rate_fraction.clamp(0.01, 1.0),
-        wrk: WrkSpec {
-            threads: a.wrk_threads.max(1),
-            connections: a.wrk_connections.max(1),
-            secs: a.http_secs.unwrap_or(choose(q, 10, 2)).max(1),
-        },
-    };
-    let knobs = Knobs {
-        threads: a.threads.max(1),
-        source_ips: a.source_ips.max(1),
-        window: a.window.max(1),
-        payload: a.payload.max(64),
-        read_buf: a.read_buf,
-        connect_concurrency: a.connect_concurrency.max(1),
-        deadline: Duration::from_secs(a.deadline.unwrap_or(choose(q, 120, 30))),
-        wrapped: a.wrapped,
-        send_queue: 256,
-    };
-    let roomgate = match a.roomgate.clone() {
-        Some(p) => p,
-        None => std::env::current_exe()
-            .map_err(|e| format!("own path: {e}"))?
-            .with_file_name("roomgate"),
-    };
-    if !roomgate.is_file() {
-        return Err(format!(
-            "no roomgate binary at {} (build it: cargo build --release, or give --roomgate)",
-            roomgate.display()
-        ));
-    }
-    let nats = match a.nats_server.clone() {
-        Some(p) => p,
-        None => procs::find_binary(&[
-            "nats-server",
-            "/usr/sbin/nats-server",
-            "/usr/bin/nats-server",
-        ])
-        .ok_or("nats-server is not installed (Debian: apt-get install -y nats-server)")?,
-    };
-    // The servers run in their own temporary directories: absolute paths.
-    let absolute = |p: PathBuf| std::fs::canonicalize(&p).unwrap_or(p);
-    let bins = Bins {
-        roomgate: absolute(roomgate),
-        nats: absolute(nats),
-        nginx: a
-            .nginx
-            .clone()
-            .or_else(|| procs::find_binary(&["nginx", "/usr/sbin/nginx"])),
-        wrk: a.wrk.clone().or_else(|| procs::find_binary(&["wrk"])),
-    };
+    let matrix = matrix_of(&a)?;
+    let knobs = knobs_of(&a);
+    let bins = binaries(&a)?;
     let jsonl = a.jsonl.clone().unwrap_or_else(|| {
         PathBuf::from(choose(
             q,
@@ -318,13 +236,41 @@ fn run_matrix(a: MatrixArgs) -> Result<(), String> {
         .unwrap_or_default();
     let mut sink = Sink::create(jsonl)?;
 
+    run_to_the_end(&matrix, &bins, &knobs, &mut sink)?;
+
+    let invocation = std::iter::once("target/release/roomgate-bench".to_string())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let settings = settings(&matrix, &knobs);
+    let ctx = report::Context {
+        machine: &machine,
+        invocation,
+        quick: q,
+        reps: matrix.reps,
+        load: (load_start, report::loadavg()),
+        jsonl: &sink.path,
+        settings,
+        date,
+    };
+    matrix::finish(&sink, &report_path, &ctx)
+}
+
+/// Runs the matrix to its end, or until SIGINT or SIGTERM; every server
+/// it started is stopped either way.
+fn run_to_the_end(
+    matrix: &Matrix,
+    bins: &Bins,
+    knobs: &Knobs,
+    sink: &mut Sink,
+) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("runtime: {e}"))?;
     let interrupted = runtime.block_on(async {
         tokio::select! {
-            () = matrix.run(&bins, &knobs, &mut sink) => false,
+            () = matrix.run(bins, knobs, sink) => false,
             () = interrupt() => true,
         }
     });
@@ -334,12 +280,119 @@ fn run_matrix(a: MatrixArgs) -> Result<(), String> {
     if interrupted {
         return Err("interrupted; servers stopped, no report written".into());
     }
+    Ok(())
+}
 
-    let invocation = std::iter::once("target/release/roomgate-bench".to_string())
-        .chain(std::env::args().skip(1))
-        .collect::<Vec<_>>()
-        .join(" ");
-    let settings = vec![
+/// Refuses a scenario name the matrix does not know.
+fn check_scenarios(only: &[String]) -> Result<(), String> {
+    for o in only {
+        if !SCENARIOS.contains(&o.as_str()) {
+            return Err(format!(
+                "unknown scenario {o}; choose from {}",
+                SCENARIOS.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The runs asked for: the sizes given, the others the full matrix's or,
+/// with `--quick`, the smoke test's.
+fn matrix_of(a: &MatrixArgs) -> Result<Matrix, String> {
+    let q = a.quick;
+    let client = a
+        .client
+        .clone()
+        .unwrap_or_else(|| {
+            let v: [&str; 2] = choose(q, ["1x1000", "1000x10"], ["1x100", "100x10"]);
+            v.iter().map(|s| s.to_string()).collect()
+        })
+        .iter()
+        .map(|s| pair(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Matrix {
+        only: a.only.clone(),
+        reps: a.reps.max(1),
+        fanout: a
+            .fanout
+            .clone()
+            .unwrap_or_else(|| choose(q, vec![1000, 10_000], vec![100, 500])),
+        fanout_deliveries: a.fanout_deliveries.unwrap_or(choose(q, 4_000_000, 500_000)),
+        rooms: pair(a.rooms.as_deref().unwrap_or(choose(q, "1000x10", "100x10")))?,
+        rooms_deliveries: a.rooms_deliveries.unwrap_or(choose(q, 2_000_000, 200_000)),
+        client,
+        client_deliveries: a.client_deliveries.unwrap_or(choose(q, 2_000_000, 200_000)),
+        idle: a
+            .idle
+            .clone()
+            .unwrap_or_else(|| choose(q, vec![10_000, 19_000], vec![500, 1000])),
+        rate_secs: a.rate_secs.unwrap_or(choose(q, 5.0, 1.0)),
+        rate: a.rate,
+        rate_fraction: a.rate_fraction.clamp(0.01, 1.0),
+        wrk: WrkSpec {
+            threads: a.wrk_threads.max(1),
+            connections: a.wrk_connections.max(1),
+            secs: a.http_secs.unwrap_or(choose(q, 10, 2)).max(1),
+        },
+    })
+}
+
+/// How the generator loads the servers.
+fn knobs_of(a: &MatrixArgs) -> Knobs {
+    let q = a.quick;
+    Knobs {
+        threads: a.threads.max(1),
+        source_ips: a.source_ips.max(1),
+        window: a.window.max(1),
+        payload: a.payload.max(64),
+        read_buf: a.read_buf,
+        connect_concurrency: a.connect_concurrency.max(1),
+        deadline: Duration::from_secs(a.deadline.unwrap_or(choose(q, 120, 30))),
+        wrapped: a.wrapped,
+        send_queue: 256,
+    }
+}
+
+/// The binaries to run: roomgate and nats-server must be there, nginx and
+/// wrk are optional (their scenarios are skipped without them).
+fn binaries(a: &MatrixArgs) -> Result<Bins, String> {
+    let roomgate = match a.roomgate.clone() {
+        Some(p) => p,
+        None => std::env::current_exe()
+            .map_err(|e| format!("own path: {e}"))?
+            .with_file_name("roomgate"),
+    };
+    if !roomgate.is_file() {
+        return Err(format!(
+            "no roomgate binary at {} (build it: cargo build --release, or give --roomgate)",
+            roomgate.display()
+        ));
+    }
+    let nats = match a.nats_server.clone() {
+        Some(p) => p,
+        None => procs::find_binary(&[
+            "nats-server",
+            "/usr/sbin/nats-server",
+            "/usr/bin/nats-server",
+        ])
+        .ok_or("nats-server is not installed (Debian: apt-get install -y nats-server)")?,
+    };
+    // The servers run in their own temporary directories: absolute paths.
+    let absolute = |p: PathBuf| std::fs::canonicalize(&p).unwrap_or(p);
+    Ok(Bins {
+        roomgate: absolute(roomgate),
+        nats: absolute(nats),
+        nginx: a
+            .nginx
+            .clone()
+            .or_else(|| procs::find_binary(&["nginx", "/usr/sbin/nginx"])),
+        wrk: a.wrk.clone().or_else(|| procs::find_binary(&["wrk"])),
+    })
+}
+
+/// The run's settings, stated in the report.
+fn settings(matrix: &Matrix, knobs: &Knobs) -> Vec<(String, String)> {
+    vec![
         ("generator threads".into(), knobs.threads.to_string()),
         (
             "source addresses".into(),
@@ -384,18 +437,7 @@ fn run_matrix(a: MatrixArgs) -> Result<(), String> {
             },
         ),
         ("repetitions".into(), matrix.reps.to_string()),
-    ];
-    let ctx = report::Context {
-        machine: &machine,
-        invocation,
-        quick: q,
-        reps: matrix.reps,
-        load: (load_start, report::loadavg()),
-        jsonl: &sink.path,
-        settings,
-        date,
-    };
-    matrix::finish(&sink, &report_path, &ctx)
+    ]
 }
 
 /// Resolves on SIGINT or SIGTERM.
