@@ -466,17 +466,49 @@ pub async fn broadcast(
     let mut publisher = Publisher::connect(&stack.nats.url(), target, spec.rooms, k).await?;
     publisher.probe(&board, spec.rooms, spec.members).await?;
 
-    let expected = spec.expected();
-    let sut0 = stack.sut().cpu();
-    let writes0 = stack.sut().write_calls();
-    let broker0 = stack.broker().map(Proc::cpu);
-    let gen0 = sys::cpu_self();
+    let before = Usage::read(&stack);
     let t0 = now_ns();
+    let (behind, end) = measured_phase(&shards, &mut publisher, &board, spec, k).await;
+    let used = Usage::read(&stack).since(&before);
+    let memory = stack.sut().memory();
+    let gateway_counts = stack.gateway.as_ref().map(|g| gateway_counters(g.admin));
+    let merged = Merged::of(shards.reports().await?, t0);
+    let totals = shards.totals();
+    shards.stop();
+    drop(publisher);
+    drop(stack);
+    let outcome = Outcome {
+        connections: n,
+        expected: spec.expected(),
+        received: totals.received,
+        closed: totals.closed,
+        end,
+        behind: behind?,
+        used,
+        memory,
+        connect_secs,
+        gateway_counts,
+    };
+    Ok(outcome.values(spec, merged))
+}
+
+/// Publishes (or has the members send) while watching the deliveries,
+/// until every one arrived, they stopped coming, or the deadline passed.
+/// Returns how far the publisher fell behind its schedule, and why the
+/// phase ended.
+async fn measured_phase(
+    shards: &Shards,
+    publisher: &mut Publisher,
+    board: &Board,
+    spec: &BroadcastSpec,
+    k: &Knobs,
+) -> (Result<f64, String>, End) {
+    let expected = spec.expected();
     let stop = Cell::new(false);
     let published = Cell::new(false);
     let publishing = async {
         let result = match spec.origin {
-            Origin::Backend => publisher.publish(&board, spec, k.window, &stop).await,
+            Origin::Backend => publisher.publish(board, spec, k.window, &stop).await,
             Origin::Client => {
                 shards.start_sending();
                 while shards.totals().senders_done < u64::from(spec.rooms) && !stop.get() {
@@ -513,68 +545,186 @@ pub async fn broadcast(
         stop.set(true);
         end
     };
-    let (behind, end) = tokio::join!(publishing, watching);
-    let sut_cpu = stack.sut().cpu() - sut0;
-    let sut_writes = stack.sut().write_calls().saturating_sub(writes0);
-    let broker_cpu = stack
-        .broker()
-        .map(Proc::cpu)
-        .zip(broker0)
-        .map(|(a, b)| a - b);
-    let gen_cpu = (sys::cpu_self() - gen0).own;
-    let (rss, hwm) = stack.sut().memory();
-    let gateway_counts = stack.gateway.as_ref().map(|g| gateway_counters(g.admin));
-    let reports = shards.reports().await?;
-    let totals = shards.totals();
-    shards.stop();
-    drop(publisher);
-    drop(stack);
-    let behind = behind?;
+    tokio::join!(publishing, watching)
+}
 
-    let mut hist = conn::new_histogram();
-    let mut out_of_order = 0;
-    let mut errors = 0;
-    let mut last_recv = t0;
-    let mut first_error = None;
-    for r in reports {
-        let _ = hist.add(&r.hist);
-        out_of_order += r.out_of_order;
-        errors += r.errors;
-        last_recv = last_recv.max(r.last_recv);
-        if first_error.is_none() {
-            first_error = r.first_error;
+/// CPU seconds and write calls of the processes of a run: the server
+/// under test, the NATS server behind roomgate, and this generator.
+struct Usage {
+    sut_cpu: f64,
+    sut_writes: u64,
+    broker_cpu: Option<f64>,
+    gen_cpu: f64,
+}
+
+impl Usage {
+    fn read(stack: &Stack) -> Self {
+        Self {
+            sut_cpu: stack.sut().cpu(),
+            sut_writes: stack.sut().write_calls(),
+            broker_cpu: stack.broker().map(Proc::cpu),
+            gen_cpu: sys::cpu_self().own,
         }
     }
-    let received = totals.received;
-    let secs = (last_recv.saturating_sub(t0)) as f64 / 1e9;
-    let per_sec = if secs > 0.0 {
-        received as f64 / secs
-    } else {
-        0.0
-    };
-    let mut v = Values::new();
-    v.insert("connections".into(), json!(n));
-    v.insert("messages".into(), json!(spec.messages));
-    v.insert("expected".into(), json!(expected));
-    v.insert("delivered".into(), json!(received));
-    v.insert("lost".into(), json!(expected.saturating_sub(received)));
-    v.insert("out_of_order".into(), json!(out_of_order));
-    v.insert("closed_connections".into(), json!(totals.closed));
-    v.insert("error_frames".into(), json!(errors));
-    v.insert(
-        "end".into(),
-        json!(match end {
-            End::Complete => "complete",
-            End::Stalled => "stalled",
-            End::Deadline => "deadline",
-        }),
-    );
-    v.insert("seconds".into(), json!(round(secs, 3)));
-    v.insert("deliveries_per_sec".into(), json!(per_sec.round()));
-    if let Pace::Rate(rate) = spec.pace {
-        v.insert("rate_msgs_per_sec".into(), json!(round(rate, 1)));
-        v.insert("behind_schedule_ms".into(), json!(round(behind * 1e3, 2)));
+
+    /// What was used between `before` and this reading.
+    fn since(&self, before: &Self) -> Self {
+        Self {
+            sut_cpu: self.sut_cpu - before.sut_cpu,
+            sut_writes: self.sut_writes.saturating_sub(before.sut_writes),
+            broker_cpu: self.broker_cpu.zip(before.broker_cpu).map(|(a, b)| a - b),
+            gen_cpu: self.gen_cpu - before.gen_cpu,
+        }
     }
+}
+
+/// The shards' reports taken together.
+struct Merged {
+    hist: hdrhistogram::Histogram<u64>,
+    out_of_order: u64,
+    errors: u64,
+    /// Seconds from the start of the measured phase to the last delivery.
+    secs: f64,
+    first_error: Option<String>,
+}
+
+impl Merged {
+    fn of(reports: Vec<crate::shard::ShardReport>, t0: u64) -> Self {
+        let mut hist = conn::new_histogram();
+        let mut out_of_order = 0;
+        let mut errors = 0;
+        let mut last_recv = t0;
+        let mut first_error = None;
+        for r in reports {
+            let _ = hist.add(&r.hist);
+            out_of_order += r.out_of_order;
+            errors += r.errors;
+            last_recv = last_recv.max(r.last_recv);
+            if first_error.is_none() {
+                first_error = r.first_error;
+            }
+        }
+        Self {
+            hist,
+            out_of_order,
+            errors,
+            secs: (last_recv.saturating_sub(t0)) as f64 / 1e9,
+            first_error,
+        }
+    }
+}
+
+/// What a broadcast run measured, besides the shards' reports.
+struct Outcome {
+    connections: u32,
+    expected: u64,
+    received: u64,
+    closed: u64,
+    end: End,
+    behind: f64,
+    used: Usage,
+    memory: (u64, u64),
+    connect_secs: f64,
+    gateway_counts: Option<(u64, u64)>,
+}
+
+impl Outcome {
+    /// The run's JSON values.
+    fn values(&self, spec: &BroadcastSpec, merged: Merged) -> Values {
+        let received = self.received;
+        let mut v = Values::new();
+        v.insert("connections".into(), json!(self.connections));
+        v.insert("messages".into(), json!(spec.messages));
+        v.insert("expected".into(), json!(self.expected));
+        v.insert("delivered".into(), json!(received));
+        v.insert("lost".into(), json!(self.expected.saturating_sub(received)));
+        v.insert("out_of_order".into(), json!(merged.out_of_order));
+        v.insert("closed_connections".into(), json!(self.closed));
+        v.insert("error_frames".into(), json!(merged.errors));
+        v.insert(
+            "end".into(),
+            json!(match self.end {
+                End::Complete => "complete",
+                End::Stalled => "stalled",
+                End::Deadline => "deadline",
+            }),
+        );
+        let per_sec = if merged.secs > 0.0 {
+            received as f64 / merged.secs
+        } else {
+            0.0
+        };
+        v.insert("seconds".into(), json!(round(merged.secs, 3)));
+        v.insert("deliveries_per_sec".into(), json!(per_sec.round()));
+        if let Pace::Rate(rate) = spec.pace {
+            v.insert("rate_msgs_per_sec".into(), json!(round(rate, 1)));
+            v.insert(
+                "behind_schedule_ms".into(),
+                json!(round(self.behind * 1e3, 2)),
+            );
+        }
+        latencies(&mut v, &merged.hist);
+        self.cpu_values(&mut v);
+        let (rss, hwm) = self.memory;
+        v.insert("server_rss_kib".into(), json!(rss));
+        v.insert("server_hwm_kib".into(), json!(hwm));
+        v.insert("connect_seconds".into(), json!(round(self.connect_secs, 3)));
+        if let Some((dropped, slow_closed)) = self.gateway_counts {
+            v.insert("roomgate_dropped_frames".into(), json!(dropped));
+            v.insert("roomgate_slow_consumer_closes".into(), json!(slow_closed));
+        }
+        if let Some(e) = merged.first_error
+            && received < self.expected
+        {
+            v.insert("first_error".into(), json!(e));
+        }
+        v
+    }
+
+    /// CPU in seconds and per delivery, and the server's batching.
+    fn cpu_values(&self, v: &mut Values) {
+        let received = self.received;
+        let Usage {
+            sut_cpu,
+            sut_writes,
+            broker_cpu,
+            gen_cpu,
+        } = self.used;
+        v.insert("server_cpu_s".into(), json!(round(sut_cpu, 3)));
+        if sut_writes > 0 {
+            // How many deliveries each write call carried: the batching.
+            v.insert(
+                "server_deliveries_per_write".into(),
+                json!(round(received as f64 / sut_writes as f64, 1)),
+            );
+        }
+        if received > 0 {
+            v.insert(
+                "server_cpu_us_per_delivery".into(),
+                json!(round(sut_cpu * 1e6 / received as f64, 4)),
+            );
+        }
+        if let Some(b) = broker_cpu {
+            v.insert("broker_cpu_s".into(), json!(round(b, 3)));
+            if received > 0 {
+                v.insert(
+                    "server_and_broker_cpu_us_per_delivery".into(),
+                    json!(round((sut_cpu + b) * 1e6 / received as f64, 4)),
+                );
+            }
+        }
+        v.insert("generator_cpu_s".into(), json!(round(gen_cpu, 3)));
+        if received > 0 {
+            v.insert(
+                "generator_cpu_us_per_delivery".into(),
+                json!(round(gen_cpu * 1e6 / received as f64, 4)),
+            );
+        }
+    }
+}
+
+/// Latency quantiles of `hist` (nanoseconds), in microseconds.
+fn latencies(v: &mut Values, hist: &hdrhistogram::Histogram<u64>) {
     v.insert(
         "latency_p50_us".into(),
         json!(us(hist.value_at_quantile(0.50))),
@@ -588,49 +738,6 @@ pub async fn broadcast(
         json!(us(hist.value_at_quantile(0.999))),
     );
     v.insert("latency_max_us".into(), json!(us(hist.max())));
-    v.insert("server_cpu_s".into(), json!(round(sut_cpu, 3)));
-    if sut_writes > 0 {
-        // How many deliveries each write call carried: the batching.
-        v.insert(
-            "server_deliveries_per_write".into(),
-            json!(round(received as f64 / sut_writes as f64, 1)),
-        );
-    }
-    if received > 0 {
-        v.insert(
-            "server_cpu_us_per_delivery".into(),
-            json!(round(sut_cpu * 1e6 / received as f64, 4)),
-        );
-    }
-    if let Some(b) = broker_cpu {
-        v.insert("broker_cpu_s".into(), json!(round(b, 3)));
-        if received > 0 {
-            v.insert(
-                "server_and_broker_cpu_us_per_delivery".into(),
-                json!(round((sut_cpu + b) * 1e6 / received as f64, 4)),
-            );
-        }
-    }
-    v.insert("generator_cpu_s".into(), json!(round(gen_cpu, 3)));
-    if received > 0 {
-        v.insert(
-            "generator_cpu_us_per_delivery".into(),
-            json!(round(gen_cpu * 1e6 / received as f64, 4)),
-        );
-    }
-    v.insert("server_rss_kib".into(), json!(rss));
-    v.insert("server_hwm_kib".into(), json!(hwm));
-    v.insert("connect_seconds".into(), json!(round(connect_secs, 3)));
-    if let Some((dropped, slow_closed)) = gateway_counts {
-        v.insert("roomgate_dropped_frames".into(), json!(dropped));
-        v.insert("roomgate_slow_consumer_closes".into(), json!(slow_closed));
-    }
-    if let Some(e) = first_error
-        && received < expected
-    {
-        v.insert("first_error".into(), json!(e));
-    }
-    Ok(v)
 }
 
 /// roomgate's own count of frames it dropped and of connections it closed
