@@ -145,7 +145,8 @@ pub struct Metrics {
     pub nats_connected: IntGauge,
     /// Messages published to NATS.
     pub nats_published: IntCounter,
-    /// Publications dropped because NATS was down or too slow.
+    /// Publications lost: dropped because NATS was down or too slow, or
+    /// refused by the server after they were sent (and counted as published).
     pub nats_publish_errors: IntCounter,
     /// Messages taken in from NATS subscriptions.
     pub nats_received: IntCounter,
@@ -220,7 +221,7 @@ impl Metrics {
             ),
             nats_publish_errors: counter(
                 "roomgate_nats_publish_errors_total",
-                "Publications dropped because NATS was down or too slow.",
+                "Publications lost: dropped while NATS was down or too slow, or refused by the server (those also count as published).",
             ),
             nats_received: counter(
                 "roomgate_nats_received_total",

@@ -231,7 +231,9 @@ async fn a_room_the_server_keeps_refusing_is_tried_less_and_less_often() {
         log.to_str().expect("UTF-8 path"),
     ]);
     let url = format!("nats://gateway:gw@127.0.0.1:{}", server.port);
-    let gw = TestGateway::start(nats_config(&url)).await;
+    let mut config = nats_config(&url);
+    config.websocket.rooms.presence = true;
+    let gw = TestGateway::start(config).await;
     wait_nats_connected(&gw, true).await;
     let mut member = gw.client().await;
     member.join("r1").await;
@@ -255,6 +257,23 @@ async fn a_room_the_server_keeps_refusing_is_tried_less_and_less_often() {
             "gaps between refusals {gaps:?}: one is shorter than {wait} s"
         );
     }
+
+    // Joins to the room do not wait for its next try (seconds away now):
+    // a second member is in the room, for its messages too, from the
+    // moment the first sees it arrive.
+    let mut second = gw.client().await;
+    second.send(json!({"type": "join", "room": "r1"})).await;
+    let arrived = member.recv().await;
+    assert_eq!(
+        (arrived["type"].as_str(), arrived["event"].as_str()),
+        (Some("presence"), Some("join")),
+        "{arrived}"
+    );
+    member.say("r1", json!("hello"), "1").await;
+    assert_eq!(second.recv().await, json!({"type": "joined", "room": "r1"}));
+    let message = second.recv().await;
+    assert_eq!(message["content"], "hello", "{message}");
+    drop(second);
     drop(member);
     gw.stop().await;
     let _ = std::fs::remove_dir_all(&dir);

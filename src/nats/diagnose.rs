@@ -1,9 +1,10 @@
 //! Why NATS cannot be reached. async-nats retries its first connection
-//! in the background and keeps the reason to itself ("IO error" at most),
-//! so when the gateway says NATS is not reachable it looks for itself:
-//! one TCP connection to each configured server, and a look at the first
-//! line the server sends. A NATS server greets every client with an
-//! `INFO` line, which also says whether it requires TLS or a login.
+//! in the background and says why it fails only at debug level (an "IO
+//! error" for a refused connection or a failed TLS handshake), so when the
+//! gateway says NATS is not reachable it looks for itself: one TCP
+//! connection to each configured server, and a look at the first line the
+//! server sends. A NATS server greets every client with an `INFO` line,
+//! which also says whether it requires TLS or a login.
 
 use std::time::Duration;
 
@@ -98,22 +99,24 @@ fn classify(greeting: &[u8], url_asks_tls: bool) -> String {
         );
     };
     let flag = |name: &str| info[name].as_bool().unwrap_or(false);
-    if flag("tls_required") || (url_asks_tls && flag("tls_available")) {
-        return "a NATS server with TLS; the client could not complete the handshake (does \
-                this system trust the server's certificate?)"
-            .into();
+    let tls = flag("tls_required") || (url_asks_tls && flag("tls_available"));
+    let login = flag("auth_required");
+    match (tls, login) {
+        (true, true) => "a NATS server that requires TLS and a login: the TLS handshake failed \
+                         (does this system trust the server's certificate?) or the login was \
+                         refused (check the credentials in nats.url or nats.creds_file)"
+            .into(),
+        (true, false) => "a NATS server with TLS; the client could not complete the handshake \
+                          (does this system trust the server's certificate?)"
+            .into(),
+        _ if url_asks_tls => "a NATS server without TLS, but the URL asks for it (tls://)".into(),
+        (false, true) => "a NATS server that requires a login: check the credentials in \
+                          nats.url or nats.creds_file (the server's log names what it refused)"
+            .into(),
+        (false, false) => "a NATS server answers; it may have refused the client (at its \
+                           connection limit?), see its log"
+            .into(),
     }
-    if url_asks_tls {
-        return "a NATS server without TLS, but the URL asks for it (tls://)".into();
-    }
-    if flag("auth_required") {
-        return "a NATS server that requires a login: check the credentials in nats.url or \
-                nats.creds_file (the server's log names what it refused)"
-            .into();
-    }
-    "a NATS server answers; it may have refused the client (at its connection limit?), \
-     see its log"
-        .into()
 }
 
 /// `bytes` up to the end of its first line.
@@ -149,6 +152,11 @@ mod tests {
             "tls:// to a server without TLS"
         );
         assert!(classify(&info(r#"{"auth_required":true}"#), false).contains("requires a login"));
+        let both = classify(
+            &info(r#"{"tls_required":true,"auth_required":true}"#),
+            false,
+        );
+        assert!(both.contains("TLS handshake failed") && both.contains("login was refused"));
         assert!(classify(&info(r#"{"port":4222}"#), false).contains("a NATS server answers"));
     }
 

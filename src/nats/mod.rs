@@ -280,9 +280,11 @@ impl Connector {
     /// The servers the clients are told of, for a look at why none can be
     /// reached.
     fn targets(&self) -> Vec<diagnose::Target> {
-        Servers::new(&self.config)
-            .map(|servers| servers.addrs.iter().map(diagnose::Target::of).collect())
-            .unwrap_or_default()
+        // Start-up has checked every URL (`Servers::new`).
+        (self.config.urls().iter())
+            .filter_map(|url| url.parse::<ServerAddr>().ok())
+            .map(|addr| diagnose::Target::of(&addr))
+            .collect()
     }
 
     /// Creates a NATS client. It returns at once: the connection is made
@@ -598,7 +600,9 @@ impl Bridge {
     /// unsubscribed: they are retried, ever less often while the refusals
     /// go on, and come back once the server grants it. The server has
     /// dropped the subscription, so keeping it would leave the room deaf to
-    /// NATS for good. A refused fixed subject is only logged.
+    /// NATS for good. Joins to such a room do not wait for the retry: it
+    /// may be seconds away, and it may be refused again. A refused fixed
+    /// subject is only logged.
     async fn drop_refused(&mut self, subjects: Vec<String>) {
         let now = tokio::time::Instant::now();
         for subject in subjects {
@@ -613,13 +617,11 @@ impl Bridge {
     }
 
     /// Ends `room`'s subscription, which the server no longer holds, and
-    /// has the room subscribed again by the retries; its joins wait for
-    /// that. The wait for the task lets its UNSUB go out before the new
-    /// SUB.
+    /// has the room subscribed again by the retries. The wait for the task
+    /// lets its UNSUB go out before the new SUB.
     async fn subscribe_again(&mut self, room: RoomName, subscription: RoomSubscription) {
         subscription.token.cancel();
         let _ = tokio::time::timeout(SUBSCRIBE_TIMEOUT, subscription.task).await;
-        self.hub.lost_subscription(room.as_str());
         self.retry.insert(room);
     }
 
@@ -651,11 +653,16 @@ impl Bridge {
         // So that the new client's first connection counts as a change:
         // joins wait again, and the rooms are subscribed at once.
         connected.send_replace(false);
-        // The old watcher, ending, answered every join still waiting.
+        // The old watcher, ending, answered every join still waiting; the
+        // next ones wait for the new client's subscription.
         for (room, subscription) in std::mem::take(&mut self.rooms) {
+            self.hub.lost_subscription(room.as_str());
             self.subscribe_again(room, subscription).await;
         }
+        // What the old client's server refused says nothing about the new
+        // client's subscriptions.
         self.refused.clear();
+        drop(self.connector.reports.take_refused());
         self.fixed = false;
         self.unanswered = 0;
         self.no_round_trip = None;

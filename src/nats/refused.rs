@@ -125,7 +125,17 @@ fn refused_publication(error: &str) -> bool {
         return false;
     };
     rest.split_once('"')
-        .is_some_and(|(subject, _)| !subject.ends_with(&format!(".{PROBE}")))
+        .is_some_and(|(subject, _)| !is_probe(subject))
+}
+
+/// Whether `subject` is the confirmation round trip's,
+/// `_INBOX.<id>.roomgate-probe`.
+fn is_probe(subject: &str) -> bool {
+    subject
+        .strip_prefix("_INBOX.")
+        .and_then(|rest| rest.strip_suffix(PROBE))
+        .and_then(|id| id.strip_suffix('.'))
+        .is_some_and(|id| !id.is_empty() && !id.contains('.'))
 }
 
 /// When each room the server refused may be subscribed again. A room it
@@ -220,6 +230,13 @@ mod tests {
         // The confirmation round trip's are not publications anyone misses.
         assert!(!refused_publication(
             r#"Permissions Violation for Publish to "_INBOX.abc.roomgate-probe""#
+        ));
+        // A room whose name ends the same is a room.
+        assert!(refused_publication(
+            r#"Permissions Violation for Publish to "roomgate.message.x.roomgate-probe""#
+        ));
+        assert!(refused_publication(
+            r#"Permissions Violation for Publish to "_INBOX.a.b.roomgate-probe""#
         ));
         assert!(!refused_publication(
             r#"Permissions Violation for Publish with Reply of "_INBOX.x.y""#
