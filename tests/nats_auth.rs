@@ -120,13 +120,23 @@ async fn a_gateway_allowed_only_its_own_subjects_still_answers_joins() {
 }
 "#,
     );
-    let backend = backend(
-        &server,
+    let backend = backend_user(&server).await;
+    let url = gateway_url(&server);
+    bridges_both_ways(&url, backend).await;
+}
+
+/// The backend user of the configurations below (`backend`), logged in.
+async fn backend_user(server: &NatsServer) -> Backend {
+    backend(
+        server,
         ConnectOptions::with_user_and_password("backend".into(), "be".into()),
     )
-    .await;
-    let url = format!("nats://gateway:gw@127.0.0.1:{}", server.port);
-    bridges_both_ways(&url, backend).await;
+    .await
+}
+
+/// The URL of `server` with the login of the configurations' gateway user.
+fn gateway_url(server: &NatsServer) -> String {
+    format!("nats://gateway:gw@127.0.0.1:{}", server.port)
 }
 
 /// The server's configuration: a gateway user allowed to subscribe to
@@ -171,12 +181,8 @@ async fn a_room_whose_subscription_the_server_refused_comes_back_when_it_is_allo
         std::fs::write(&conf, config).expect("write the configuration");
         signal(server.pid().expect("nats-server runs"), "HUP");
     };
-    let backend = backend(
-        &server,
-        ConnectOptions::with_user_and_password("backend".into(), "be".into()),
-    )
-    .await;
-    let url = format!("nats://gateway:gw@127.0.0.1:{}", server.port);
+    let backend = backend_user(&server).await;
+    let url = gateway_url(&server);
     let gw = TestGateway::start(nats_config(&url)).await;
     wait_nats_connected(&gw, true).await;
     let mut presence = backend.subscribe("roomgate.presence.>").await;
@@ -230,7 +236,7 @@ async fn a_room_the_server_keeps_refusing_is_tried_less_and_less_often() {
         "-l",
         log.to_str().expect("UTF-8 path"),
     ]);
-    let url = format!("nats://gateway:gw@127.0.0.1:{}", server.port);
+    let url = gateway_url(&server);
     let mut config = nats_config(&url);
     config.websocket.rooms.presence = true;
     let gw = TestGateway::start(config).await;
@@ -319,12 +325,8 @@ async fn a_publication_the_server_refuses_counts_as_a_publish_error() {
 }
 "#,
     );
-    let backend = backend(
-        &server,
-        ConnectOptions::with_user_and_password("backend".into(), "be".into()),
-    )
-    .await;
-    let url = format!("nats://gateway:gw@127.0.0.1:{}", server.port);
+    let backend = backend_user(&server).await;
+    let url = gateway_url(&server);
     let gw = TestGateway::start(nats_config(&url)).await;
     wait_nats_connected(&gw, true).await;
     let mut presence = backend.subscribe("roomgate.presence.>").await;
