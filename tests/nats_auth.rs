@@ -181,13 +181,8 @@ async fn a_room_whose_subscription_the_server_refused_comes_back_when_it_is_allo
         std::fs::write(&conf, config).expect("write the configuration");
         signal(server.pid().expect("nats-server runs"), "HUP");
     };
-    let backend = backend_user(&server).await;
-    let url = gateway_url(&server);
-    let gw = TestGateway::start(nats_config(&url)).await;
-    wait_nats_connected(&gw, true).await;
-    let mut presence = backend.subscribe("roomgate.presence.>").await;
-    let mut member = gw.client().await;
-    join_synced(&mut member, &mut presence, "r1").await;
+    let (gw, backend, mut member) =
+        gateway_with_a_member(&gateway_url(&server), backend_user(&server).await, "r1").await;
 
     assert!(gateway_subscribes(&server, "roomgate.*.r1").await);
 
@@ -325,13 +320,12 @@ async fn a_publication_the_server_refuses_counts_as_a_publish_error() {
 }
 "#,
     );
-    let backend = backend_user(&server).await;
-    let url = gateway_url(&server);
-    let gw = TestGateway::start(nats_config(&url)).await;
-    wait_nats_connected(&gw, true).await;
-    let mut presence = backend.subscribe("roomgate.presence.>").await;
-    let mut member = gw.client().await;
-    join_synced(&mut member, &mut presence, "general").await;
+    let (gw, backend, mut member) = gateway_with_a_member(
+        &gateway_url(&server),
+        backend_user(&server).await,
+        "general",
+    )
+    .await;
     // What the server allowed (the open and join events) counts nothing.
     assert_eq!(gw.metric("roomgate_nats_publish_errors_total").await, 0.0);
 

@@ -485,20 +485,6 @@ async fn publish_raw(server: &NatsServer, publication: &[u8]) {
     assert_eq!(line, "PONG\r\n", "nats-server took the publication");
 }
 
-/// A gateway on `server`, a backend, and a client that has joined `room`.
-async fn gateway_with_a_member(
-    server: &NatsServer,
-    room: &str,
-) -> (TestGateway, Backend, WsClient) {
-    let gw = TestGateway::start(nats_config(&server.url())).await;
-    wait_nats_connected(&gw, true).await;
-    let backend = Backend::connect(server).await;
-    let mut presence = backend.subscribe("roomgate.presence.>").await;
-    let mut client = gw.client().await;
-    join_synced(&mut client, &mut presence, room).await;
-    (gw, backend, client)
-}
-
 /// Has `client` say something in `room` and checks that `backend` hears it.
 async fn client_messages_reach_nats(backend: &Backend, client: &mut WsClient, room: &str) {
     let mut messages = backend.subscribe(&format!("roomgate.message.{room}")).await;
@@ -530,7 +516,8 @@ async fn broadcast_until_received(backend: &Backend, client: &mut WsClient, room
 #[tokio::test]
 async fn a_message_the_nats_client_cannot_read_costs_a_reconnect_not_the_bridge() {
     let server = NatsServer::start();
-    let (gw, backend, mut client) = gateway_with_a_member(&server, "r").await;
+    let (gw, backend, mut client) =
+        gateway_with_a_member(&server.url(), Backend::connect(&server).await, "r").await;
 
     publish_unreadable(&server).await;
 
@@ -548,7 +535,8 @@ async fn a_message_the_nats_client_cannot_read_costs_a_reconnect_not_the_bridge(
 #[tokio::test]
 async fn a_message_that_stops_the_nats_client_costs_a_new_client_not_the_bridge() {
     let server = NatsServer::start();
-    let (gw, backend, mut client) = gateway_with_a_member(&server, "r").await;
+    let (gw, backend, mut client) =
+        gateway_with_a_member(&server.url(), Backend::connect(&server).await, "r").await;
     let connects = server.monitor("/varz").await["total_connections"].clone();
 
     publish_poison(&server).await;

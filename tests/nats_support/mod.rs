@@ -323,6 +323,21 @@ pub async fn stuck_member(
     (stream, id)
 }
 
+/// A gateway on the NATS at `url`, and a client that has joined `room`
+/// once `backend` has seen it join (so its room is subscribed).
+pub async fn gateway_with_a_member(
+    url: &str,
+    backend: Backend,
+    room: &str,
+) -> (TestGateway, Backend, WsClient) {
+    let gw = TestGateway::start(nats_config(url)).await;
+    wait_nats_connected(&gw, true).await;
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    let mut client = gw.client().await;
+    join_synced(&mut client, &mut presence, room).await;
+    (gw, backend, client)
+}
+
 /// Joins `room` and waits for the gateway's presence event for it on
 /// `presence` (a backend subscription to `<prefix>.presence.>`). The
 /// gateway publishes it after subscribing to the room, so from then on a
