@@ -39,12 +39,23 @@ impl Target {
     }
 }
 
+impl std::fmt::Display for Target {
+    /// `host:port`, an IPv6 address in brackets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
 /// One line naming, for each target, what was found there. The targets
 /// are looked at together, so the answer takes two steps at most.
 pub(super) async fn why_unreachable(targets: Vec<Target>) -> String {
     let looks = targets.iter().map(|target| async move {
         let found = look(target).await;
-        format!("{}:{}: {found}", target.host, target.port)
+        format!("{target}: {found}")
     });
     futures_util::future::join_all(looks).await.join("; ")
 }
@@ -158,6 +169,14 @@ mod tests {
         );
         assert!(both.contains("TLS handshake failed") && both.contains("login was refused"));
         assert!(classify(&info(r#"{"port":4222}"#), false).contains("a NATS server answers"));
+    }
+
+    #[test]
+    fn a_target_is_named_as_in_a_url() {
+        let named = |url: &str| Target::of(&url.parse().expect("a server URL")).to_string();
+        assert_eq!(named("nats://127.0.0.1:4222"), "127.0.0.1:4222");
+        assert_eq!(named("nats://[::1]:4223"), "[::1]:4223");
+        assert_eq!(named("tls://nats.example"), "nats.example:4222");
     }
 
     #[test]
