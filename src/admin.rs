@@ -16,12 +16,13 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::metrics::Metrics;
-use crate::request::percent_decode;
+use crate::request::{self, percent_decode};
 use crate::response::{self, Body};
 use crate::rooms::Hub;
 use crate::ws::{ClientStream, HoldSwitch};
@@ -69,6 +70,13 @@ const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// scrapes send a few hundred bytes.
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
 
+/// The most admin connections served at once. Probes and scrapers use a
+/// handful; the bound keeps clients of the admin port (idle ones, or ones
+/// that leave large `/rooms` answers unread) from taking the memory and the
+/// file descriptors the public port needs. Further connections wait in the
+/// kernel's accept queue until one closes.
+pub const MAX_CONNECTIONS: usize = 64;
+
 /// The admin service's shared state.
 pub struct Admin {
     /// Rendered at `/metrics`.
@@ -83,7 +91,15 @@ impl Admin {
     /// Serves the admin endpoints on `listener` until `stop`.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
         let tasks = TaskTracker::new();
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         loop {
+            let slot = tokio::select! {
+                _ = stop.cancelled() => break,
+                slot = slots.clone().acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => break,
+                },
+            };
             let (stream, _) = tokio::select! {
                 _ = stop.cancelled() => break,
                 accepted = listener.accept() => match accepted {
@@ -98,6 +114,7 @@ impl Admin {
             let admin = self.clone();
             let stop = stop.clone();
             tasks.spawn(async move {
+                let _slot = slot;
                 let service = service_fn(move |request| {
                     let admin = admin.clone();
                     async move { Ok::<_, Infallible>(admin.route(request)) }
@@ -132,6 +149,9 @@ impl Admin {
     }
 
     fn route(&self, request: Request<Incoming>) -> Response<Body> {
+        if let Err(e) = request::host(request.version(), request.headers()) {
+            return response::text(StatusCode::BAD_REQUEST, e.to_string());
+        }
         if request.method() != Method::GET && request.method() != Method::HEAD {
             let mut refused = response::text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD");
             refused.headers_mut().insert(

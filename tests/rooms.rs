@@ -603,6 +603,84 @@ async fn the_admin_port_refuses_a_request_head_beyond_16_kib() {
     assert_eq!(status, 431);
 }
 
+/// Sends `head` (without its final blank line) on a new connection to
+/// `addr` and returns the status line of the answer.
+async fn admin_status_line(addr: std::net::SocketAddr, head: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!("{head}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    within("the answer", stream.read_to_end(&mut answer))
+        .await
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    answer.lines().next().unwrap_or_default().to_string()
+}
+
+#[tokio::test]
+async fn the_admin_port_checks_host_as_the_public_one_does() {
+    let gw = TestGateway::with(|_| {}).await;
+    for (head, status) in [
+        ("GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n", "400"),
+        ("GET /healthz HTTP/1.1\r\n", "400"),
+        ("GET /healthz HTTP/1.1\r\nHost: a b\r\n", "400"),
+        ("GET /healthz HTTP/1.1\r\nHost: localhost:9090\r\n", "200"),
+        // HTTP/1.0 may go without.
+        ("GET /healthz HTTP/1.0\r\n", "200"),
+    ] {
+        let line = admin_status_line(gw.admin, head).await;
+        assert!(line.contains(&format!(" {status} ")), "{head:?}: {line}");
+    }
+}
+
+#[tokio::test]
+async fn the_admin_port_serves_a_bounded_number_of_connections_at_once() {
+    // Clients of the admin port cannot take the file descriptors and the
+    // memory the public port needs: past the bound, a connection waits in
+    // the accept queue until one closes.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = TestGateway::with(|_| {}).await;
+    let mut idle = Vec::new();
+    for _ in 0..roomgate::admin::MAX_CONNECTIONS {
+        idle.push(
+            tokio::net::TcpStream::connect(gw.admin)
+                .await
+                .expect("connect"),
+        );
+    }
+    // Accepted after every idle one (the accept queue is first in, first
+    // out), so it waits for a slot.
+    let mut waiting = tokio::net::TcpStream::connect(gw.admin)
+        .await
+        .expect("connect");
+    let head = format!(
+        "GET /healthz HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        gw.admin
+    );
+    waiting.write_all(head.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    let early = tokio::time::timeout(QUIET, waiting.read_to_end(&mut answer)).await;
+    assert!(
+        early.is_err(),
+        "answered past the bound: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    // The public port serves meanwhile.
+    let mut client = gw.client().await;
+    client.join("lobby").await;
+    // One slot comes free, and the waiting request is answered.
+    drop(idle.pop());
+    within(
+        "the answer once a slot is free",
+        waiting.read_to_end(&mut answer),
+    )
+    .await
+    .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
 #[tokio::test]
 async fn a_fresh_gateway_exports_the_upstream_failure_codes_at_zero() {
     // A rate() in an alert sees the first 502 only if the series was there
