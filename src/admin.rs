@@ -182,7 +182,8 @@ impl Admin {
                 },
             ),
             _ => match path.strip_prefix("/rooms/") {
-                Some(name) => self.room(&percent_decode(name)),
+                // A trailing slash is no part of a name, as with `/rooms/`.
+                Some(name) => self.room(&percent_decode(name.strip_suffix('/').unwrap_or(name))),
                 None => response::text(StatusCode::NOT_FOUND, "not found"),
             },
         }

@@ -468,6 +468,12 @@ async fn the_admin_port_lists_rooms_with_members_and_creation_time() {
     ];
     expected.sort_by_key(|c| c["connection_id"].as_str().map(str::to_string));
     assert_eq!(connections, expected, "no authentication, no users");
+    // A trailing slash names the same room, as `/rooms/` is `/rooms`.
+    let (status, slashed) = gw.admin_json("/rooms/alpha/").await;
+    assert_eq!(
+        (status, &slashed["room"], &slashed["members"]),
+        (200, &alpha["room"], &alpha["members"])
+    );
     // Names with reserved URL characters, as typed or percent-encoded.
     for path in ["/rooms/user:42@eu=1", "/rooms/user%3A42%40eu%3D1"] {
         let (status, detail) = gw.admin_json(path).await;
