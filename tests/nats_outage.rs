@@ -648,10 +648,7 @@ async fn past_the_interest_bound_a_stalled_bridge_reconciles_every_room() {
         ],
     );
     let metric = |name: &'static str| process_metric(&gateway, name);
-    eventually_async("the gateway is connected to NATS", || async {
-        metric("roomgate_nats_connected").await == 1.0
-    })
-    .await;
+    wait_connected(&gateway).await;
     let ws = format!("ws://{}/ws", gateway.addr);
     let mut leaver = WsClient::connect(&ws).await;
     leaver.join("before").await;
@@ -783,10 +780,7 @@ async fn a_message_larger_than_the_servers_max_payload_is_reported_once() {
     let mut messages = backend.subscribe("roomgate.message.>").await;
     let gateway = nats_gateway_process(&server, &[]);
     let metric = |name: &'static str| process_metric(&gateway, name);
-    eventually_async("the gateway is connected to NATS", || async {
-        metric("roomgate_nats_connected").await == 1.0
-    })
-    .await;
+    wait_connected(&gateway).await;
     let ws = format!("ws://{}/ws", gateway.addr);
     let (mut a, mut b) = (WsClient::connect(&ws).await, WsClient::connect(&ws).await);
     join_synced(&mut a, &mut presence, "big").await;
@@ -815,10 +809,7 @@ async fn subscriptions_past_the_servers_limit_are_logged_once_for_a_burst() {
     // for a burst of them rather than once each.
     let server = NatsServer::start_with_config("max_subscriptions: 4\n");
     let gateway = nats_gateway_process(&server, &[]);
-    eventually_async("the gateway is connected to NATS", || async {
-        process_metric(&gateway, "roomgate_nats_connected").await == 1.0
-    })
-    .await;
+    wait_connected(&gateway).await;
     let mut client = WsClient::connect(&format!("ws://{}/ws", gateway.addr)).await;
     // Three fixed subjects and the first room reach the limit; the round
     // trip's inbox and the other rooms are refused.
@@ -831,6 +822,35 @@ async fn subscriptions_past_the_servers_limit_are_logged_once_for_a_burst() {
         1,
         "said once"
     );
+}
+
+/// Waits (bounded) until `gateway` reports itself connected to NATS.
+async fn wait_connected(gateway: &GatewayProcess) {
+    eventually_async("the gateway is connected to NATS", || async {
+        process_metric(gateway, "roomgate_nats_connected").await == 1.0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn nats_lost_for_a_while_is_explained_once_per_outage() {
+    // async-nats says nothing of why it cannot reconnect: after 3 s the
+    // gateway says that NATS is not reachable, and what it found there,
+    // once for each outage.
+    let mut server = NatsServer::start();
+    let gateway = nats_gateway_process(&server, &[]);
+    wait_connected(&gateway).await;
+    for outage in 1..=2 {
+        server.stop();
+        eventually("the outage to be explained", || {
+            gateway.logged("cannot connect (Connection refused") == outage
+        })
+        .await;
+        server.restart();
+        wait_connected(&gateway).await;
+    }
+    let gateway = stop_and_read_log(gateway).await;
+    assert_eq!(gateway.logged("NATS not reachable"), 2, "once per outage");
 }
 
 #[tokio::test]

@@ -81,9 +81,10 @@ const RETRY_INTERVAL: Duration = Duration::from_millis(500);
 /// How often the connection state is copied into `roomgate_nats_connected`.
 const STATE_POLL: Duration = Duration::from_millis(100);
 
-/// How long the first connection may take before its absence is logged:
-/// the connect timeout, and then some.
-const FIRST_CONNECT: Duration = Duration::from_secs(3);
+/// How long NATS may stay out of reach (the first connection, or a
+/// reconnection) before the gateway says so, and why: the connect
+/// timeout, and then some.
+const UNREACHABLE_AFTER: Duration = Duration::from_secs(3);
 
 /// Confirmations of new subscriptions that may go unanswered in a row
 /// before the bridge stops asking until the next reconnect: one lost to a
@@ -381,8 +382,9 @@ async fn watch_connection(
 ) {
     let mut tick = tokio::time::interval(STATE_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Until the first connection, async-nats reports nothing: say once that
-    // NATS cannot be reached, and why, as a disconnection later is said.
+    // async-nats says nothing before its first connection, and nothing of
+    // why a reconnection fails: once per outage that lasts, say that NATS
+    // cannot be reached, and why.
     let mut unreachable_since = Some(tokio::time::Instant::now());
     let mut diagnosis = None;
     loop {
@@ -407,7 +409,9 @@ async fn watch_connection(
                 let now = is_connected(&client);
                 if now {
                     unreachable_since = None;
-                } else if unreachable_since.is_some_and(|since| since.elapsed() >= FIRST_CONNECT) {
+                } else if *connected.borrow() {
+                    unreachable_since = Some(tokio::time::Instant::now());
+                } else if unreachable_since.is_some_and(|since| since.elapsed() >= UNREACHABLE_AFTER) {
                     unreachable_since = None;
                     diagnosis = Some(Box::pin(diagnose::why_unreachable(targets.clone())));
                 }
