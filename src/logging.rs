@@ -5,7 +5,7 @@
 //! server at its connection limit, a port that is not NATS) as an error,
 //! every 2 s for as long as it lasts. The gateway says once, itself, that
 //! NATS is not reachable and why, so the client's warnings and errors are
-//! let through at most once per [`REPEAT_EVERY`] for each place in its
+//! let through at most once every 30 s for each place in its
 //! code that logs them.
 
 use std::collections::HashMap;
@@ -21,7 +21,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use crate::config::{LogConfig, LogFormat};
 
 /// How often, at most, one of the NATS client's warnings is repeated.
-pub const REPEAT_EVERY: Duration = Duration::from_secs(30);
+const REPEAT_EVERY: Duration = Duration::from_secs(30);
 
 /// The target prefix of the NATS client's log events.
 const NATS_CLIENT: &str = "async_nats";

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use async_nats::ServerAddr;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::TcpStream;
 
 /// How long each step of a look (connecting, the greeting) may take.
@@ -17,7 +17,7 @@ const STEP: Duration = Duration::from_secs(2);
 
 /// The most of a greeting that is read: a NATS `INFO` line is a few
 /// hundred bytes, longer with a cluster's URLs.
-const GREETING_MAX: usize = 8 * 1024;
+const GREETING_MAX: u64 = 8 * 1024;
 
 /// Where a server is, as the client was told.
 #[derive(Clone)]
@@ -63,13 +63,15 @@ pub(super) async fn why_unreachable(targets: Vec<Target>) -> String {
 /// What is at `target`, said for an operator.
 async fn look(target: &Target) -> String {
     let connect = TcpStream::connect((target.host.as_str(), target.port));
-    let mut stream = match tokio::time::timeout(STEP, connect).await {
+    let stream = match tokio::time::timeout(STEP, connect).await {
         Err(_) => return format!("no answer to connect within {STEP:?}"),
         Ok(Err(e)) => return format!("cannot connect ({e})"),
         Ok(Ok(stream)) => stream,
     };
+    // The first line, or GREETING_MAX bytes, or what came before the end.
+    let mut first_line = BufReader::new(stream.take(GREETING_MAX));
     let mut greeting = Vec::with_capacity(1024);
-    let read = tokio::time::timeout(STEP, read_line(&mut stream, &mut greeting)).await;
+    let read = tokio::time::timeout(STEP, first_line.read_until(b'\n', &mut greeting)).await;
     match read {
         Err(_) if greeting.is_empty() => format!(
             "accepts connections but sends no greeting within {STEP:?}: not a NATS server, \
@@ -78,20 +80,6 @@ async fn look(target: &Target) -> String {
         Ok(Err(e)) if greeting.is_empty() => format!("the connection failed ({e})"),
         _ => classify(&greeting, target.tls),
     }
-}
-
-/// Reads up to the end of the first line (or [`GREETING_MAX`] bytes, or
-/// the end of the stream) into `out`.
-async fn read_line(stream: &mut TcpStream, out: &mut Vec<u8>) -> std::io::Result<()> {
-    let mut chunk = [0u8; 1024];
-    while !out.contains(&b'\n') && out.len() < GREETING_MAX {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        out.extend_from_slice(&chunk[..n]);
-    }
-    Ok(())
 }
 
 /// What a server's first bytes say about why the client is not connected.

@@ -46,6 +46,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, warn};
@@ -177,7 +178,7 @@ async fn watch_connection(
     // async-nats says nothing before its first connection, and nothing of
     // why a reconnection fails: once per outage that lasts, say that NATS
     // cannot be reached, and why.
-    let mut unreachable_since = Some(tokio::time::Instant::now());
+    let mut unreachable_since = Some(Instant::now());
     let mut diagnosis = None;
     loop {
         tokio::select! {
@@ -202,7 +203,7 @@ async fn watch_connection(
                 if now {
                     unreachable_since = None;
                 } else if *connected.borrow() {
-                    unreachable_since = Some(tokio::time::Instant::now());
+                    unreachable_since = Some(Instant::now());
                 } else if unreachable_since.is_some_and(|since| since.elapsed() >= UNREACHABLE_AFTER) {
                     unreachable_since = None;
                     diagnosis = Some(Box::pin(diagnose::why_unreachable(targets.clone())));
@@ -400,7 +401,7 @@ impl Bridge {
     /// may be seconds away, and it may be refused again. A refused fixed
     /// subject is only logged.
     async fn drop_refused(&mut self, subjects: Vec<String>) {
-        let now = tokio::time::Instant::now();
+        let now = Instant::now();
         for subject in subjects {
             let Some(room) = self.room_of(&subject) else {
                 continue;
@@ -479,7 +480,7 @@ impl Bridge {
         outbound: &outbound::Publisher,
         flush_budget: Duration,
     ) {
-        let deadline = tokio::time::Instant::now() + flush_budget;
+        let deadline = Instant::now() + flush_budget;
         let drained = tokio::time::timeout_at(deadline, async {
             while let Some(event) = events.try_next_event() {
                 outbound.publish(event).await;
@@ -551,18 +552,14 @@ impl Bridge {
             self.hub.release(room.as_str());
             return;
         }
-        if !self.refused.may_retry(&room, tokio::time::Instant::now()) {
-            // Refused a moment ago: a join does not hurry the next try.
-            self.hub.release_unsubscribed(room.as_str());
-            self.retry.insert(room);
-            return;
-        }
-        if !is_connected(&self.client) {
-            // A subscribe now would only queue a command for the reconnect,
-            // and once async-nats' command queue (2,048) is full each one
-            // waits SUBSCRIBE_TIMEOUT, holding up this loop and the events
-            // behind it until NATS is back, when they would be published
-            // late. The room is subscribed by the retry on reconnecting.
+        // Not now, and its joins do not wait: while disconnected, a
+        // subscribe would only queue a command for the reconnect, and once
+        // async-nats' command queue (2,048) is full each one waits
+        // SUBSCRIBE_TIMEOUT, holding up this loop and the events behind it
+        // until NATS is back, when they would be published late; a room the
+        // server refused a moment ago waits its turn, which a join does not
+        // hurry. The retries subscribe it.
+        if !is_connected(&self.client) || !self.refused.may_retry(&room, Instant::now()) {
             self.hub.release_unsubscribed(room.as_str());
             self.retry.insert(room);
             return;
@@ -587,7 +584,7 @@ impl Bridge {
     }
 
     /// Retries what could not be subscribed, once NATS is connected; a
-    /// room the server refused waits its turn.
+    /// room the server refused waits its turn (see [`Bridge::reconcile`]).
     async fn retry_failed(&mut self) {
         if !is_connected(&self.client) {
             return;
@@ -595,11 +592,7 @@ impl Bridge {
         if !self.fixed {
             self.subscribe_fixed().await;
         }
-        let now = tokio::time::Instant::now();
-        let rooms: Vec<RoomName> = (self.retry.iter())
-            .filter(|room| self.refused.may_retry(room, now))
-            .cloned()
-            .collect();
+        let rooms: Vec<RoomName> = self.retry.iter().cloned().collect();
         for room in rooms {
             self.reconcile(room).await;
         }

@@ -107,8 +107,14 @@ impl ServerReports {
 /// The subject in nats-server's `Permissions Violation for Subscription to
 /// "<subject>"` (optionally followed by `using queue "<queue>"`).
 fn refused_subscription(error: &str) -> Option<&str> {
-    let (_, rest) = error.split_once("Permissions Violation for Subscription to \"")?;
-    rest.split_once('"').map(|(subject, _)| subject)
+    quoted_after(error, "Permissions Violation for Subscription to ")
+}
+
+/// The double-quoted text that follows `prefix` in `error`.
+fn quoted_after<'a>(error: &'a str, prefix: &str) -> Option<&'a str> {
+    let (_, rest) = error.split_once(prefix)?;
+    let (quoted, _) = rest.strip_prefix('"')?.split_once('"')?;
+    Some(quoted)
 }
 
 /// The last token of the subject of the bridge's confirmation round trip
@@ -121,11 +127,7 @@ pub(super) const PROBE: &str = "roomgate-probe";
 /// NATS gives no other receipt. `… Publish with Reply of …` is left out:
 /// only the confirmation round trip publishes with a reply subject.
 fn refused_publication(error: &str) -> bool {
-    let Some((_, rest)) = error.split_once("Permissions Violation for Publish to \"") else {
-        return false;
-    };
-    rest.split_once('"')
-        .is_some_and(|(subject, _)| !is_probe(subject))
+    quoted_after(error, "Permissions Violation for Publish to ").is_some_and(|s| !is_probe(s))
 }
 
 /// Whether `subject` is the confirmation round trip's,
@@ -149,8 +151,8 @@ pub(super) struct RefusedRooms {
 struct Refusals {
     /// Refusals in a row.
     count: u32,
+    /// The last of them.
     last: Instant,
-    next_try: Instant,
 }
 
 impl RefusedRooms {
@@ -159,19 +161,19 @@ impl RefusedRooms {
         let entry = self.rooms.entry(room.clone()).or_insert(Refusals {
             count: 0,
             last: now,
-            next_try: now,
         });
         if now.duration_since(entry.last) >= FORGET_AFTER {
             entry.count = 0;
         }
         entry.count = entry.count.saturating_add(1);
         entry.last = now;
-        entry.next_try = now + retry_wait(entry.count);
     }
 
     /// Whether `room` may be subscribed again at `now`.
     pub(super) fn may_retry(&self, room: &RoomName, now: Instant) -> bool {
-        self.rooms.get(room).is_none_or(|r| r.next_try <= now)
+        self.rooms
+            .get(room)
+            .is_none_or(|r| r.last + retry_wait(r.count) <= now)
     }
 
     /// Forgets `room`: it has no local members any more.
