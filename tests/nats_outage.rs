@@ -860,13 +860,7 @@ async fn a_refused_login_is_explained_once_and_the_clients_errors_are_not_repeat
     // and says itself what is wrong.
     let server = NatsServer::start_with_args(&["--user", "alice", "--pass", "hunter2"]);
     let url = format!("nats://alice:wrong@127.0.0.1:{}", server.port);
-    let gateway = GatewayProcess::start(
-        &[],
-        &[
-            ("ROOMGATE_NATS_ENABLED", "true"),
-            ("ROOMGATE_NATS_URL", &url),
-        ],
-    );
+    let gateway = gateway_process_on(&url, &[]);
     eventually("the unreachable server to be logged", || {
         gateway.logged("NATS not reachable") > 0
     })
@@ -886,13 +880,7 @@ async fn nats_unreachable_from_the_start_is_logged_with_what_is_there() {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a listener");
     let silent = silent.local_addr().expect("its address");
     let url = format!("nats://127.0.0.1:{}, nats://{silent}", free_port());
-    let gateway = GatewayProcess::start(
-        &[],
-        &[
-            ("ROOMGATE_NATS_ENABLED", "true"),
-            ("ROOMGATE_NATS_URL", &url),
-        ],
-    );
+    let gateway = gateway_process_on(&url, &[]);
     eventually("the unreachable servers to be logged", || {
         gateway.logged("NATS not reachable") > 0
     })

@@ -234,10 +234,15 @@ pub async fn subjects_of(server: &NatsServer, named: impl Fn(&str) -> bool) -> V
 
 /// The real binary bridged to `server`, with `env` on top.
 pub fn nats_gateway_process(server: &NatsServer, env: &[(&str, &str)]) -> GatewayProcess {
-    let url = server.url();
+    gateway_process_on(&server.url(), env)
+}
+
+/// The real binary with NATS on at `url` (which may be anything: a server
+/// list, a port that is not NATS), with `env` on top.
+pub fn gateway_process_on(url: &str, env: &[(&str, &str)]) -> GatewayProcess {
     let mut all = vec![
         ("ROOMGATE_NATS_ENABLED", "true"),
-        ("ROOMGATE_NATS_URL", &url),
+        ("ROOMGATE_NATS_URL", url),
     ];
     all.extend_from_slice(env);
     GatewayProcess::start(&[], &all)
