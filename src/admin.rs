@@ -3,10 +3,12 @@
 //! to WebSocket clients, and it keeps answering while the public listener
 //! drains, so orchestrators see `/readyz` turn 503.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
@@ -16,7 +18,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -64,7 +67,12 @@ impl Health {
 /// How long an admin connection may take to finish the answer it is
 /// writing once the admin port stops: a scraper that reads is done in
 /// milliseconds, and one that does not is not waited for.
-const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// How long a connection closed to make room for a new one may take to
+/// finish the answer it is writing: the new one waits that long at most.
+/// An idle one closes at once.
+const EVICT_GRACE: Duration = Duration::from_millis(500);
 
 /// The largest request head the admin port reads (431 beyond): probes and
 /// scrapes send a few hundred bytes.
@@ -73,8 +81,9 @@ const MAX_REQUEST_HEAD: usize = 16 * 1024;
 /// The most admin connections served at once. Probes and scrapers use a
 /// handful; the bound keeps clients of the admin port (idle ones, or ones
 /// that leave large `/rooms` answers unread) from taking the memory and the
-/// file descriptors the public port needs. Further connections wait in the
-/// kernel's accept queue until one closes.
+/// file descriptors the public port needs. A connection past the bound
+/// closes the oldest one, so clients that hold connections open cannot
+/// keep a probe out.
 pub const MAX_CONNECTIONS: usize = 64;
 
 /// The admin service's shared state.
@@ -92,60 +101,75 @@ impl Admin {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
         let tasks = TaskTracker::new();
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let open = Arc::new(Open::default());
         loop {
-            let slot = tokio::select! {
-                _ = stop.cancelled() => break,
-                slot = slots.clone().acquire_owned() => match slot {
-                    Ok(slot) => slot,
-                    Err(_) => break,
-                },
-            };
-            let (stream, _) = tokio::select! {
+            let stream = tokio::select! {
                 _ = stop.cancelled() => break,
                 accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
+                    Ok((stream, _)) => stream,
                     Err(e) => {
                         warn!(error = %e, "admin accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                 },
             };
+            let slot = tokio::select! {
+                _ = stop.cancelled() => break,
+                slot = take_slot(&slots, &open) => match slot {
+                    Some(slot) => slot,
+                    None => break,
+                },
+            };
+            let close = stop.child_token();
+            let entry = open.add(close.clone());
             let admin = self.clone();
             let stop = stop.clone();
             tasks.spawn(async move {
-                let _slot = slot;
-                let service = service_fn(move |request| {
-                    let admin = admin.clone();
-                    async move { Ok::<_, Infallible>(admin.route(request)) }
-                });
-                // The public port's client stream, for its bound on stalled
-                // writes: a scraper that stops reading does not hold its
-                // connection and megabytes of `/rooms` for ever.
-                let stream = ClientStream::new(stream, HoldSwitch::default());
-                let conn = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .max_header_size(MAX_REQUEST_HEAD)
-                    .serve_connection(TokioIo::new(stream), service);
-                let mut conn = pin!(conn);
-                let result = tokio::select! {
-                    result = conn.as_mut() => result,
-                    _ = stop.cancelled() => {
-                        // A scrape in progress gets its whole answer (an
-                        // idle connection closes at once), within a bound.
-                        conn.as_mut().graceful_shutdown();
-                        tokio::time::timeout(STOP_GRACE, conn.as_mut())
-                            .await
-                            .unwrap_or(Ok(()))
-                    }
-                };
-                if let Err(e) = result {
-                    debug!(error = %e, "admin connection error");
-                }
+                let _held = (slot, entry);
+                admin.serve_connection(stream, close, &stop).await;
             });
         }
         tasks.close();
         tasks.wait().await;
+    }
+
+    /// Serves one connection until it ends or `close` (the port stops, or a
+    /// newer connection needs its slot).
+    async fn serve_connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        close: CancellationToken,
+        stop: &CancellationToken,
+    ) {
+        let service = service_fn(move |request| {
+            let admin = self.clone();
+            async move { Ok::<_, Infallible>(admin.route(request)) }
+        });
+        // The public port's client stream, for its bound on stalled
+        // writes: a scraper that stops reading does not hold its
+        // connection and megabytes of `/rooms` for ever.
+        let stream = ClientStream::new(stream, HoldSwitch::default());
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .max_header_size(MAX_REQUEST_HEAD)
+            .serve_connection(TokioIo::new(stream), service);
+        let mut conn = pin!(conn);
+        let result = tokio::select! {
+            result = conn.as_mut() => result,
+            _ = close.cancelled() => {
+                // An answer in progress is finished (an idle connection
+                // closes at once), within a bound.
+                conn.as_mut().graceful_shutdown();
+                let grace = if stop.is_cancelled() { STOP_GRACE } else { EVICT_GRACE };
+                tokio::time::timeout(grace, conn.as_mut())
+                    .await
+                    .unwrap_or(Ok(()))
+            }
+        };
+        if let Err(e) = result {
+            debug!(error = %e, "admin connection error");
+        }
     }
 
     fn route(&self, request: Request<Incoming>) -> Response<Body> {
@@ -198,6 +222,69 @@ impl Admin {
                     error: "no such room on this instance",
                 },
             ),
+        }
+    }
+}
+
+/// A slot for a new connection; when all are held, the oldest connection
+/// is closed for it. `None` once the slots are gone.
+async fn take_slot(slots: &Arc<Semaphore>, open: &Arc<Open>) -> Option<OwnedSemaphorePermit> {
+    match slots.clone().try_acquire_owned() {
+        Ok(slot) => return Some(slot),
+        Err(TryAcquireError::Closed) => return None,
+        Err(TryAcquireError::NoPermits) => {}
+    }
+    debug!("admin port full; closing its oldest connection");
+    open.close_oldest();
+    slots.clone().acquire_owned().await.ok()
+}
+
+/// The admin connections open now, oldest first, each with the token
+/// that closes it.
+#[derive(Default)]
+struct Open {
+    state: Mutex<OpenState>,
+}
+
+#[derive(Default)]
+struct OpenState {
+    next_id: u64,
+    connections: VecDeque<(u64, CancellationToken)>,
+}
+
+impl Open {
+    /// Registers a new connection until the returned entry is dropped.
+    fn add(self: &Arc<Self>, close: CancellationToken) -> OpenEntry {
+        let mut state = crate::sync::lock(&self.state);
+        let id = state.next_id;
+        state.next_id += 1;
+        state.connections.push_back((id, close));
+        OpenEntry {
+            open: self.clone(),
+            id,
+        }
+    }
+
+    /// Closes the oldest connection not already being closed.
+    fn close_oldest(&self) {
+        if let Some((_, close)) = crate::sync::lock(&self.state).connections.pop_front() {
+            close.cancel();
+        }
+    }
+}
+
+/// A connection's place in [`Open`], given up when it ends.
+struct OpenEntry {
+    open: Arc<Open>,
+    id: u64,
+}
+
+impl Drop for OpenEntry {
+    fn drop(&mut self) {
+        let mut state = crate::sync::lock(&self.open.state);
+        // One closed for a newer connection is no longer listed.
+        if let Some(at) = state.connections.iter().position(|(id, _)| *id == self.id) {
+            state.connections.remove(at);
         }
     }
 }

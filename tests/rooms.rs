@@ -641,50 +641,59 @@ async fn the_admin_port_checks_host_as_the_public_one_does() {
 }
 
 #[tokio::test]
-async fn the_admin_port_serves_a_bounded_number_of_connections_at_once() {
-    // Clients of the admin port cannot take the file descriptors and the
-    // memory the public port needs: past the bound, a connection waits in
-    // the accept queue until one closes.
+async fn a_full_admin_port_closes_its_oldest_connection_for_a_new_one() {
+    // The admin port holds a bounded number of connections, and clients
+    // that hold them open cannot keep a probe out: a connection past the
+    // bound closes the oldest, idle or halfway through a request head.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let gw = TestGateway::with(|_| {}).await;
-    let mut idle = Vec::new();
+    let mut held = Vec::new();
     for _ in 0..roomgate::admin::MAX_CONNECTIONS {
-        idle.push(
+        held.push(
             tokio::net::TcpStream::connect(gw.admin)
                 .await
                 .expect("connect"),
         );
     }
-    // Accepted after every idle one (the accept queue is first in, first
-    // out), so it waits for a slot.
-    let mut waiting = tokio::net::TcpStream::connect(gw.admin)
+    held[0]
+        .write_all(b"GET /healthz HTTP/1.1\r\n")
         .await
-        .expect("connect");
-    let head = format!(
+        .expect("write");
+    let probe = format!(
         "GET /healthz HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
         gw.admin
     );
-    waiting.write_all(head.as_bytes()).await.expect("write");
-    let mut answer = Vec::new();
-    let early = tokio::time::timeout(QUIET, waiting.read_to_end(&mut answer)).await;
-    assert!(
-        early.is_err(),
-        "answered past the bound: {:?}",
-        String::from_utf8_lossy(&answer)
-    );
-    // The public port serves meanwhile.
-    let mut client = gw.client().await;
-    client.join("lobby").await;
-    // One slot comes free, and the waiting request is answered.
-    drop(idle.pop());
-    within(
-        "the answer once a slot is free",
-        waiting.read_to_end(&mut answer),
-    )
-    .await
-    .expect("read");
-    let answer = String::from_utf8_lossy(&answer);
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Accepted after every held one (the accept queue is first in, first
+    // out): each probe takes the place of the oldest.
+    for oldest in 0..2 {
+        let mut waiting = tokio::net::TcpStream::connect(gw.admin)
+            .await
+            .expect("connect");
+        waiting.write_all(probe.as_bytes()).await.expect("write");
+        let mut answer = Vec::new();
+        within("the probe's answer", waiting.read_to_end(&mut answer))
+            .await
+            .expect("read");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let mut rest = Vec::new();
+        within(
+            &format!("the oldest connection ({oldest}) closed"),
+            held[oldest].read_to_end(&mut rest),
+        )
+        .await
+        .expect("read");
+        // The probe has closed: fill its slot, so the port is full again.
+        held.push(
+            tokio::net::TcpStream::connect(gw.admin)
+                .await
+                .expect("connect"),
+        );
+    }
+    // The next oldest is left alone.
+    let mut byte = [0u8; 1];
+    let next = tokio::time::timeout(QUIET, held[2].read(&mut byte)).await;
+    assert!(next.is_err(), "closed too: {next:?}");
 }
 
 #[tokio::test]
