@@ -135,7 +135,8 @@ async fn strips_hop_by_hop_headers_both_ways_and_sets_forwarded_headers() {
         .header("connection", "keep-alive, X-Client-Private")
         .header("x-client-private", "hop")
         .header("keep-alive", "timeout=5")
-        .header("te", "trailers")
+        // Only `trailers` goes on: the gateway passes trailers on.
+        .header("te", "gzip, trailers")
         .header("trailer", "x-checksum")
         .header("proxy-authorization", "Basic Zm9vOmJhcg==")
         .header("upgrade", "h2c")
@@ -154,8 +155,6 @@ async fn strips_hop_by_hop_headers_both_ways_and_sets_forwarded_headers() {
     for name in [
         "x-client-private",
         "keep-alive",
-        "te",
-        "trailer",
         "proxy-authorization",
         "upgrade",
     ] {
@@ -172,6 +171,8 @@ async fn strips_hop_by_hop_headers_both_ways_and_sets_forwarded_headers() {
         );
     }
     assert_eq!(header(h, "x-end-to-end"), Some("kept"));
+    assert_eq!(header(h, "te"), Some("trailers"));
+    assert_eq!(header(h, "trailer"), Some("x-checksum"));
     assert_eq!(header(h, "host"), Some("app.example.test"));
     assert_eq!(
         header(h, "x-forwarded-for"),
@@ -2045,4 +2046,70 @@ async fn a_chunked_body_on_any_method_reaches_the_upstream() {
         .collect();
     expected.push(("GET", None, b""));
     assert_eq!(seen, expected);
+}
+
+#[tokio::test]
+async fn trailers_pass_on_both_ways_to_a_client_that_takes_them() {
+    // Fields after a chunked body (a checksum, a status known only at its
+    // end) reach the other side: the upstream gets the client's, and a
+    // client that says `TE: trailers` gets the upstream's.
+    use hyper::body::Frame;
+    use tokio::io::AsyncReadExt;
+    let upstream = Upstream::start(|request: Request<Incoming>| async move {
+        let te = request
+            .headers()
+            .get("te")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let sum = match request.into_body().collect().await {
+            Ok(body) => body
+                .trailers()
+                .and_then(|t| t.get("x-sum"))
+                .map_or("none".into(), |v| {
+                    String::from_utf8_lossy(v.as_bytes()).into_owned()
+                }),
+            Err(_) => "broken".into(),
+        };
+        let mut trailers = hyper::HeaderMap::new();
+        trailers.insert(
+            "x-reply",
+            hyper::header::HeaderValue::from_str(&sum).expect("a value"),
+        );
+        let frames: Vec<Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>> = vec![
+            Ok(Frame::data(Bytes::from(format!("te={te:?}")))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        Response::builder()
+            .header("trailer", "x-reply")
+            .body(BodyExt::boxed(body))
+            .expect("a response")
+    })
+    .await;
+    let gw = gateway_for(&upstream).await;
+    for (te, takes_trailers) in [("TE: trailers\r\nConnection: TE\r\n", true), ("", false)] {
+        let mut stream = tokio::net::TcpStream::connect(gw.addr)
+            .await
+            .expect("connect");
+        let request = format!(
+            "POST /sum HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\n\
+             {te}Connection: close\r\n\r\n2\r\nhi\r\n0\r\nx-sum: 7\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut reply = Vec::new();
+        within("the whole answer", stream.read_to_end(&mut reply))
+            .await
+            .expect("read");
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(reply.contains("\r\ntrailer: x-reply\r\n"), "{reply}");
+        if takes_trailers {
+            assert!(reply.contains("te=Some(\"trailers\")"), "{reply}");
+            assert!(reply.ends_with("\r\n0\r\nx-reply: 7\r\n\r\n"), "{reply}");
+        } else {
+            // The upstream was not told the client takes trailers, and the
+            // body still arrives whole.
+            assert!(reply.contains("te=None"), "{reply}");
+            assert!(reply.ends_with("\r\n0\r\n\r\n"), "{reply}");
+        }
+    }
 }

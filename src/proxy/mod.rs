@@ -879,15 +879,17 @@ async fn splice(
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1,
 /// plus the proxy headers of RFC 2616 that intermediaries still strip).
-/// Constants, so removing them hashes no parsed strings.
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// Constants, so removing them hashes no parsed strings. `Trailer` is not
+/// among them: it names the fields that follow the body, which pass on
+/// with it (hyper writes them only where the chunked coding can carry
+/// them, and to a client that said `TE: trailers`).
+const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
@@ -948,7 +950,9 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// has already answered 400 to codings that do not end in chunked, and it
 /// reads the others as chunked and nothing more, so `gzip, chunked` would
 /// reach the upstream as plain chunked with the gzip bytes as the content.
-/// nginx answers 501 too.
+/// nginx answers 501 too. A client's `TE: trailers` is passed on (and the
+/// rest of its `TE` is not): the gateway passes trailers on to it, so the
+/// upstream may send them.
 fn request_headers(headers: &mut HeaderMap, keep_upgrade: bool) -> Result<(), ProxyError> {
     if !has_hop_by_hop(headers) {
         return Ok(());
@@ -956,8 +960,25 @@ fn request_headers(headers: &mut HeaderMap, keep_upgrade: bool) -> Result<(), Pr
     if headers.contains_key(header::TRANSFER_ENCODING) && !is_plain_chunked(headers) {
         return Err(ProxyError::UnsupportedCoding);
     }
+    let trailers = accepts_trailers(headers);
     remove_hop_by_hop(headers, keep_upgrade);
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     Ok(())
+}
+
+/// Whether the client's `TE` lists `trailers` (RFC 9110 §10.1.4).
+fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|member| {
+            let coding = member.split(';').next().unwrap_or_default();
+            coding.trim().eq_ignore_ascii_case("trailers")
+        })
 }
 
 /// Readies an upstream response for the client: its status checked, its
@@ -1137,6 +1158,26 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, vec!["x-kept"]);
+    }
+
+    #[test]
+    fn passes_on_a_clients_te_trailers_and_nothing_else_of_te() {
+        let readied = |te: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("connection", HeaderValue::from_static("TE"));
+            h.insert("te", HeaderValue::from_static(te));
+            h.insert("trailer", HeaderValue::from_static("x-sum"));
+            request_headers(&mut h, false).expect("readied");
+            (h.get("te").cloned(), h.get("trailer").cloned())
+        };
+        let trailers = Some(HeaderValue::from_static("trailers"));
+        let declared = Some(HeaderValue::from_static("x-sum"));
+        assert_eq!(readied("trailers"), (trailers.clone(), declared.clone()));
+        assert_eq!(
+            readied("gzip;q=0.5, Trailers"),
+            (trailers, declared.clone())
+        );
+        assert_eq!(readied("gzip, deflate"), (None, declared));
     }
 
     #[test]
