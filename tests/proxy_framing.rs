@@ -910,3 +910,40 @@ async fn a_request_with_a_length_and_chunked_coding_goes_on_chunked_without_the_
         assert_eq!(field(head, "content-length"), None, "{head}");
     }
 }
+
+#[tokio::test]
+async fn an_absolute_form_target_without_a_path_reaches_the_upstream_as_slash() {
+    // RFC 9112 §3.2.1: an empty path goes on as `/`, never as an empty
+    // target. (§3.2.4 would have OPTIONS with no path and no query go on
+    // as `*`, but the parsed URI no longer tells `http://h` from
+    // `http://h/`; nginx sends `/` too.)
+    let upstream = RawUpstream::start(OK).await;
+    let gw = upstream.gateway().await;
+    for (method, target) in [
+        ("GET", "http://app.test?x=1"),
+        ("GET", "http://app.test#f"),
+        ("GET", "http://app.test:80?x#f"),
+        ("GET", "http://app.test"),
+        ("OPTIONS", "http://app.test"),
+        ("OPTIONS", "http://app.test#f"),
+        ("OPTIONS", "http://app.test?x"),
+    ] {
+        let request = format!("{method} {target} HTTP/1.1\r\nhost: app.test\r\n\r\n");
+        let reply = exchange(&gw, request.as_bytes()).await;
+        assert!(reply.starts_with("HTTP/1.1 200 "), "{target}: {reply:?}");
+    }
+    let heads = upstream.heads();
+    let lines: Vec<&str> = heads.iter().filter_map(|h| h.lines().next()).collect();
+    assert_eq!(
+        lines,
+        [
+            "GET /?x=1 HTTP/1.1",
+            "GET / HTTP/1.1",
+            "GET /?x HTTP/1.1",
+            "GET / HTTP/1.1",
+            "OPTIONS / HTTP/1.1",
+            "OPTIONS / HTTP/1.1",
+            "OPTIONS /?x HTTP/1.1",
+        ]
+    );
+}

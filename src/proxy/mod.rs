@@ -201,19 +201,33 @@ impl Base {
     /// Below a base path, a path with dot segments is refused rather than
     /// passed on: an upstream that resolves `/api/../admin` would serve
     /// what lies outside the base path. `OPTIONS *` asks about the server
-    /// as a whole, so it goes on as it came.
+    /// as a whole, so it goes on as it came. An absolute-form target is
+    /// rebuilt from its path and query, so that one with no path
+    /// (`http://h?q`, `http://h#f`) goes on as `/` (RFC 9112 §3.2.1): the
+    /// parsed URI keeps such a path empty, and an empty target is one
+    /// upstreams read in different ways.
     fn below(&self, original: &Uri) -> Result<PathAndQuery, ProxyError> {
-        match original.path_and_query() {
-            Some(path) if self.prefix.is_empty() || path.as_str() == "*" => Ok(path.clone()),
-            Some(_) if has_dot_segment(original.path()) => Err(ProxyError::BadTarget(
+        let Some(path) = original.path_and_query() else {
+            return self.join("/");
+        };
+        if path.as_str() == "*" {
+            return Ok(path.clone());
+        }
+        if !self.prefix.is_empty() && has_dot_segment(original.path()) {
+            return Err(ProxyError::BadTarget(
                 "a path with dot segments below the upstream's base path",
-            )),
-            // An absolute-form target with no path (`http://h?q`) means `/`.
-            Some(path) if path.as_str().starts_with('?') => {
-                self.join(&format!("/{}", path.as_str()))
-            }
-            Some(path) => self.join(path.as_str()),
-            None => self.join("/"),
+            ));
+        }
+        if original.authority().is_some() {
+            return match original.query() {
+                Some(query) => self.join(&format!("{}?{query}", original.path())),
+                None => self.join(original.path()),
+            };
+        }
+        if self.prefix.is_empty() {
+            Ok(path.clone())
+        } else {
+            self.join(path.as_str())
         }
     }
 
