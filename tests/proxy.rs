@@ -1104,10 +1104,25 @@ fn start_upload(
     mpsc::Sender<Bytes>,
     tokio::task::JoinHandle<hyper::Response<Incoming>>,
 ) {
+    start_upload_with(addr, length, &[])
+}
+
+/// [`start_upload`] with more headers.
+fn start_upload_with(
+    addr: SocketAddr,
+    length: Option<usize>,
+    headers: &[(&str, &str)],
+) -> (
+    mpsc::Sender<Bytes>,
+    tokio::task::JoinHandle<hyper::Response<Incoming>>,
+) {
     let (tx, body) = body_channel();
     let mut request = Request::post("/upload").header("host", "app.example.test");
     if let Some(length) = length {
         request = request.header("content-length", length);
+    }
+    for (name, value) in headers {
+        request = request.header(*name, *value);
     }
     let request = request.body(body).expect("request");
     (tx, tokio::spawn(send_request(addr, request)))
@@ -1186,6 +1201,20 @@ async fn an_upload_cut_by_a_forced_shutdown_does_not_reach_the_upstream_as_compl
 async fn an_upload_that_stalls_after_an_early_answer_is_given_up_after_the_timeout() {
     // Once the response is over, the upload still holds an upstream
     // connection; standing still for `timeout_secs`, it lets it go.
+    stalled_upload_after_an_early_answer(&[]).await;
+}
+
+#[tokio::test]
+async fn an_upgrade_request_with_a_body_goes_as_a_plain_request_with_its_bounds() {
+    // Not a tunnel: its upload gets the bound of any other, rather than
+    // hold a client and an upstream connection for as long as it stalls.
+    stalled_upload_after_an_early_answer(&[("connection", "upgrade"), ("upgrade", "foo")]).await;
+}
+
+/// Sends an upload with `headers` that stalls after the upstream's early
+/// answer, and checks that the upstream connection is given up after the
+/// timeout.
+async fn stalled_upload_after_an_early_answer(headers: &[(&str, &str)]) {
     let (upstream, mut end_rx) = early_answering_upstream().await;
     let url = upstream.url();
     let gw = TestGateway::with(|c| {
@@ -1196,7 +1225,7 @@ async fn an_upload_that_stalls_after_an_early_answer_is_given_up_after_the_timeo
     // Before anything is sent: the upload's last move, which the timeout
     // runs from, comes after this.
     let started = std::time::Instant::now();
-    let (tx, response) = start_upload(gw.addr, Some(1000));
+    let (tx, response) = start_upload_with(gw.addr, Some(1000), headers);
     within("a chunk to be taken", tx.send(Bytes::from(vec![b's'; 100])))
         .await
         .expect("chunk");

@@ -676,8 +676,15 @@ impl Proxy {
             return Err(ProxyError::Connect);
         }
         // An HTTP/1.0 request's `Upgrade` is ignored (RFC 9110 §7.8): it
-        // goes as a plain request, without it, as a hop-by-hop header.
-        if request.version() == hyper::Version::HTTP_11 && is_upgrade(request.headers()) {
+        // goes as a plain request, without it, as a hop-by-hop header. So
+        // does one with a body (a server may ignore any `Upgrade`): the
+        // tunnel's client would hold that body, and with it both
+        // connections, for as long as it stalls, where a plain request's
+        // upload has the upstream timeout for a bound.
+        if request.version() == hyper::Version::HTTP_11
+            && is_upgrade(request.headers())
+            && hyper::body::Body::is_end_stream(request.body())
+        {
             // Rare and large: boxed, so it does not size every request's
             // future.
             return Box::pin(self.tunnel(request, client)).await;
