@@ -1710,3 +1710,55 @@ async fn sessions_cut_with_no_grace_period_report_a_shutdown_close() {
     closes.expect_silence().await;
     drop(clients);
 }
+
+#[tokio::test]
+async fn a_client_tapping_every_subject_holds_off_join_confirmations_only_while_it_listens() {
+    // A client subscribed to `>` (a debugging tap) is handed the request
+    // that confirms room subscriptions, and does not answer it. After three
+    // unanswered rounds joins stop waiting for it, and the log names the
+    // tap among the causes; once the tap has gone, a request sent in the
+    // background is answered, and joins wait for round trips again.
+    let server = NatsServer::start();
+    let tap = Backend::connect(&server).await;
+    let mut everything = tap.subscribe(">").await;
+    let gateway = nats_gateway_process(&server, &[]);
+    eventually_async("the gateway is connected to NATS", || async {
+        process_metric(&gateway, "roomgate_nats_connected").await == 1.0
+    })
+    .await;
+    let mut member = WsClient::connect(&format!("ws://{}/ws", gateway.addr)).await;
+    for room in ["r0", "r1", "r2"] {
+        member.join(room).await;
+    }
+    eventually("the warning", || {
+        gateway.logged("did not confirm new room subscriptions") == 1
+    })
+    .await;
+    assert!(
+        gateway.logged("subscribe to > or _INBOX.>") == 1,
+        "the warning names the tap"
+    );
+    // The tap was handed the confirmations.
+    within("a confirmation at the tap", async {
+        while !everything.next().await.subject.ends_with(".roomgate-probe") {}
+    })
+    .await;
+    within("the tap to leave", everything.0.unsubscribe())
+        .await
+        .expect("unsubscribe");
+    tap.sync().await;
+    // Each join's confirmation sends a request in the background; the
+    // first answered one brings the round trips back at the next.
+    for n in 3..23 {
+        if gateway.logged("confirms new room subscriptions again") == 1 {
+            break;
+        }
+        let room = format!("r{n}");
+        member.join(&room).await;
+        member.leave(&room).await;
+    }
+    eventually("the round trips to come back", || {
+        gateway.logged("confirms new room subscriptions again") == 1
+    })
+    .await;
+}

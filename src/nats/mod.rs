@@ -34,15 +34,14 @@ mod diagnose;
 mod inbound;
 mod outbound;
 mod refused;
+mod round_trip;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::connection::State;
-use async_nats::{Client, RequestErrorKind, Subscriber};
-use bytes::Bytes;
+use async_nats::{Client, Subscriber};
 use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -59,6 +58,7 @@ use backlog::{Backlog, Budget};
 pub use client::{Connector, Servers};
 pub use inbound::Inbound;
 use refused::RefusedRooms;
+use round_trip::RoundTrips;
 
 /// Header naming the sender connection of a published event.
 pub const HEADER_CONNECTION: &str = "Roomgate-Connection";
@@ -92,11 +92,6 @@ const STATE_POLL: Duration = Duration::from_millis(100);
 /// reconnection) before the gateway says so, and why: the connect
 /// timeout, and then some.
 const UNREACHABLE_AFTER: Duration = Duration::from_secs(3);
-
-/// Confirmations of new subscriptions that may go unanswered in a row
-/// before the bridge stops asking until the next reconnect: one lost to a
-/// slow moment is no sign that the server will not answer.
-const UNANSWERED_LIMIT: u32 = 3;
 
 /// How long a join waits for its room's subscription before it is
 /// answered anyway (at most about twice this, see `Hub::release_overdue`):
@@ -267,12 +262,9 @@ pub struct Bridge {
     /// waiting for their `joined` get it once the server has the
     /// subscriptions.
     unconfirmed: Vec<RoomName>,
-    /// Confirmations unanswered in a row.
-    unanswered: u32,
-    /// The connection count at which too many confirmations went
-    /// unanswered: no round trip is tried again until the client has
-    /// reconnected.
-    no_round_trip: Option<u64>,
+    /// Whether joins wait for the round trip that confirms their room's
+    /// subscription.
+    round_trips: RoundTrips,
     /// The bytes that messages waiting in the delivery tasks may hold.
     budget: Arc<Budget>,
     stop: CancellationToken,
@@ -309,8 +301,7 @@ impl Bridge {
             refused: RefusedRooms::default(),
             fixed: false,
             unconfirmed: Vec::new(),
-            unanswered: 0,
-            no_round_trip: None,
+            round_trips: RoundTrips::default(),
             budget,
             stop,
             tasks: TaskTracker::new(),
@@ -461,8 +452,7 @@ impl Bridge {
         self.refused.clear();
         drop(self.connector.reports.take_refused());
         self.fixed = false;
-        self.unanswered = 0;
-        self.no_round_trip = None;
+        self.round_trips.reset();
         self.lost = CancellationToken::new();
         match self.connector.connect().await {
             Ok(client) => self.client = client,
@@ -603,44 +593,16 @@ impl Bridge {
     /// call, then lets the members who waited for them have their
     /// `joined`: what a client publishes, or has a backend publish, once it
     /// read `joined` reaches it. Sending the subscriptions is not enough:
-    /// the server may take another connection's publication first.
-    ///
-    /// One round trip confirms them all: a request to an inbox nobody
-    /// listens on, which the server answers ("no responders", or whoever
-    /// listens on `_INBOX.>` does) after it has taken everything sent
-    /// before it. A user that may not publish to `_INBOX.>` gets no
-    /// answer: after `UNANSWERED_LIMIT` such rounds in a row, and until
-    /// the client reconnects, the subscriptions are only flushed to the
-    /// socket, which leaves a short race. Bounded either way: a stalled
-    /// server delays the answers by `SUBSCRIBE_TIMEOUT` at most.
+    /// the server may take another connection's publication first. One
+    /// round trip confirms them all (see [`round_trip`]); a stalled server
+    /// delays the answers by `round_trip::ANSWER_WAIT` at most.
     async fn confirm(&mut self) {
         if self.unconfirmed.is_empty() {
             return;
         }
-        let connects = self.client.statistics().connects.load(Ordering::Relaxed);
-        if self.no_round_trip == Some(connects) {
-            let _ = tokio::time::timeout(SUBSCRIBE_TIMEOUT, self.client.flush()).await;
-        } else {
-            let subject = format!("{}.{}", self.client.new_inbox(), refused::PROBE);
-            let probe = self.client.request(subject, Bytes::new());
-            match tokio::time::timeout(SUBSCRIBE_TIMEOUT, probe).await {
-                Ok(Ok(_)) => self.unanswered = 0,
-                Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => self.unanswered = 0,
-                answer => {
-                    self.unanswered += 1;
-                    debug!(answer = ?answer.map(|a| a.map(|_| ())), "subscriptions not confirmed");
-                    if self.unanswered >= UNANSWERED_LIMIT {
-                        warn!(
-                            "NATS did not confirm new room subscriptions {UNANSWERED_LIMIT} \
-                             times in a row (may this user publish to _INBOX.>?); until it \
-                             reconnects, joins are answered once the subscriptions are sent"
-                        );
-                        self.no_round_trip = Some(connects);
-                        self.unanswered = 0;
-                    }
-                }
-            }
-        }
+        self.round_trips
+            .confirm(&self.client, &self.tasks, &self.stop)
+            .await;
         for room in self.unconfirmed.drain(..) {
             self.hub.release(room.as_str());
         }

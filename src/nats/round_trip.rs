@@ -1,0 +1,140 @@
+//! The round trip that tells the bridge the server has taken the
+//! subscriptions it sent, so that joins are answered only then.
+//!
+//! The round trip is a request to an inbox nobody should listen on, which
+//! the server answers ("no responders") once it has taken everything sent
+//! before it. It can go unanswered for good: the user may not publish to
+//! `_INBOX.>`, or another client subscribes to `>` or `_INBOX.>` (a
+//! debugging tap) and takes the request without answering it. After a few
+//! such rounds in a row joins stop waiting for it, and are answered once
+//! their subscriptions are sent; a request still goes out in the
+//! background with each confirmation, and the first one answered brings
+//! the round trips back, as does a reconnection.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use async_nats::{Client, RequestErrorKind};
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use super::refused;
+
+/// How long a confirmation waits for its answer; a stalled server
+/// delays joins by this much at most.
+pub(super) const ANSWER_WAIT: Duration = Duration::from_millis(500);
+
+/// How long a request sent in the background waits for its answer.
+const BACKGROUND_WAIT: Duration = Duration::from_secs(5);
+
+/// Confirmations that may go unanswered in a row before joins stop waiting
+/// for them: one lost to a slow moment is no sign that none will be
+/// answered.
+const UNANSWERED_LIMIT: u32 = 3;
+
+/// What a request sent in the background has found so far.
+const IDLE: u8 = 0;
+const PENDING: u8 = 1;
+const ANSWERED: u8 = 2;
+
+/// Whether confirmations are waited for, and since when not.
+#[derive(Default)]
+pub(super) struct RoundTrips {
+    /// Confirmations unanswered in a row.
+    unanswered: u32,
+    /// Set while joins do not wait: the client's connection count when
+    /// they stopped, and what the request sent in the background found.
+    off: Option<(u64, Arc<AtomicU8>)>,
+}
+
+impl RoundTrips {
+    /// Confirms what `client` has sent so far: by a round trip while they
+    /// are answered, else by a flush of the client's buffer and a request
+    /// in the background (run on `tasks` until answered, given up, or
+    /// `stop`), whose answer brings the round trips back.
+    pub(super) async fn confirm(
+        &mut self,
+        client: &Client,
+        tasks: &TaskTracker,
+        stop: &CancellationToken,
+    ) {
+        let connects = client.statistics().connects.load(Ordering::Relaxed);
+        if let Some(background) = self.still_off(connects) {
+            let _ = tokio::time::timeout(ANSWER_WAIT, client.flush()).await;
+            if background.load(Ordering::Relaxed) == IDLE {
+                background.store(PENDING, Ordering::Relaxed);
+                let request = request_in_background(client.clone(), background);
+                let stop = stop.clone();
+                tasks.spawn(async move {
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = request => {}
+                    }
+                });
+            }
+            return;
+        }
+        let answer = tokio::time::timeout(ANSWER_WAIT, probe(client)).await;
+        if answer.is_ok_and(|answer| answer) {
+            self.unanswered = 0;
+            return;
+        }
+        self.unanswered += 1;
+        debug!(unanswered = self.unanswered, "subscriptions not confirmed");
+        if self.unanswered >= UNANSWERED_LIMIT {
+            warn!(
+                "NATS did not confirm new room subscriptions {UNANSWERED_LIMIT} times in a row \
+                 (may this user publish to _INBOX.>? does another client subscribe to > or \
+                 _INBOX.> without answering?); joins are answered once their subscriptions \
+                 are sent, until a confirmation is answered again"
+            );
+            self.off = Some((connects, Arc::new(AtomicU8::new(IDLE))));
+            self.unanswered = 0;
+        }
+    }
+
+    /// Starts over, for a new client.
+    pub(super) fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    /// What the request in the background found, while joins do not wait;
+    /// `None` once they do again: the client has reconnected since, or a
+    /// request was answered.
+    fn still_off(&mut self, connects: u64) -> Option<Arc<AtomicU8>> {
+        let (since, background) = self.off.as_ref()?;
+        if *since != connects {
+            self.off = None;
+            return None;
+        }
+        if background.load(Ordering::Relaxed) == ANSWERED {
+            info!("NATS confirms new room subscriptions again; joins wait for them again");
+            self.off = None;
+            return None;
+        }
+        Some(background.clone())
+    }
+}
+
+/// One round trip: whether the server (or anyone) answered it. A refusal
+/// of the request's subject is reported by the server's error, which
+/// `refused` recognises by the subject's last token.
+async fn probe(client: &Client) -> bool {
+    let subject = format!("{}.{}", client.new_inbox(), refused::PROBE);
+    match client.request(subject, Bytes::new()).await {
+        Ok(_) => true,
+        Err(e) => e.kind() == RequestErrorKind::NoResponders,
+    }
+}
+
+/// A round trip that marks `background` answered, or idle again when it
+/// goes unanswered.
+async fn request_in_background(client: Client, background: Arc<AtomicU8>) {
+    let answered = tokio::time::timeout(BACKGROUND_WAIT, probe(&client))
+        .await
+        .unwrap_or(false);
+    background.store(if answered { ANSWERED } else { IDLE }, Ordering::Relaxed);
+}
