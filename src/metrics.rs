@@ -225,7 +225,7 @@ impl Metrics {
             ),
             nats_received: counter(
                 "roomgate_nats_received_total",
-                "Messages received from NATS.",
+                "Messages received from NATS and handled (delivered, or for no one here); those dropped count in roomgate_messages_dropped_total{reason=\"nats_slow_consumer\"} instead.",
             ),
             proxy_by_code: (100..600).map(|_| OnceLock::new()).collect(),
             proxy_requests: counter_vec(

@@ -1762,3 +1762,49 @@ async fn a_client_tapping_every_subject_holds_off_join_confirmations_only_while_
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_still_waiting_when_a_room_empties_count_as_received() {
+    // A backend floods a room whose only member reads nothing, then
+    // disconnects that member. Whatever of the flood the room's delivery
+    // task had not handled when the room emptied is delivered to no one,
+    // and still counts as taken from NATS: every message does.
+    const MESSAGES: usize = 3000;
+    let server = NatsServer::start();
+    let backend = Backend::connect(&server).await;
+    let mut presence = backend.subscribe("roomgate.presence.>").await;
+    let gw = nats_gateway(&server, |c| {
+        c.websocket.slow_consumer = roomgate::config::SlowConsumerPolicy::Drop;
+    })
+    .await;
+    wait_nats_connected(&gw, true).await;
+    let (_stream, id) = stuck_member(&gw, &mut presence, "flood").await;
+    let before = gw.metric("roomgate_nats_received_total").await as usize;
+    let payload = "x".repeat(3000);
+    backend
+        .publish_burst(
+            "roomgate.broadcast.flood",
+            (0..MESSAGES).map(|_| (async_nats::HeaderMap::new(), payload.clone())),
+        )
+        .await;
+    // After the flood on the same connection: the gateway has all of it
+    // when this arrives.
+    backend
+        .publish(
+            "roomgate.control.disconnect",
+            &json!({"connection_id": id}).to_string(),
+        )
+        .await;
+    eventually_async("the room to be dropped", || async {
+        !covers_room(&gateway_subjects(&server, &gw.id).await, "flood")
+    })
+    .await;
+    eventually_async("every message counted", || async {
+        gw.metric("roomgate_nats_received_total").await as usize - before == MESSAGES + 1
+    })
+    .await;
+    let dropped = gw
+        .metric("roomgate_messages_dropped_total{reason=\"nats_slow_consumer\"}")
+        .await;
+    assert_eq!(dropped, 0.0, "none of it was dropped for the budget");
+}

@@ -168,6 +168,14 @@ impl Backlog {
         }
         taken
     }
+
+    /// Drops every waiting message and says how many there were.
+    pub fn discard(&mut self) -> usize {
+        let left = self.queue.len();
+        let held = self.queue.drain(..).map(|(_, cost)| cost).sum();
+        self.budget.release(held);
+        left
+    }
 }
 
 /// What `message` holds while it waits: its length on the wire (subject,

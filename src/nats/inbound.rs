@@ -116,6 +116,14 @@ impl Inbound {
         }
     }
 
+    /// Counts messages that arrived for a subscription dropped before they
+    /// were handled (the room has no local members left, or the gateway
+    /// stops): taken from NATS, as any handled for a room without members,
+    /// and delivered to no one.
+    pub fn left_undelivered(&self, messages: usize) {
+        self.metrics.nats_received.inc_by(messages as u64);
+    }
+
     /// Handles messages of `room`'s subscription, in order. Consecutive
     /// frames for the room's members that skip the same connection go out
     /// as one run (up to 256 KiB), so each member's queue is locked once
