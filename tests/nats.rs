@@ -387,6 +387,38 @@ async fn send_reaches_one_connection_and_all_reaches_everyone() {
 }
 
 #[tokio::test]
+async fn control_requests_it_cannot_serve_are_answered_rather_than_left_to_time_out() {
+    // An unknown action, or a payload with more after its JSON, that names
+    // a connection: the instance holding it says what is wrong. A close
+    // code written as a float with nothing after the point is a code.
+    let server = NatsServer::start();
+    let backend = Backend::connect(&server).await;
+    let gw = nats_gateway(&server, |_| {}).await;
+    let mut a = gw.client().await;
+    let reply = backend
+        .request("roomgate.control.kick", json!({"connection_id": a.id}))
+        .await;
+    assert_eq!(reply, json!({"ok": false, "error": "unknown_type"}));
+    let payload = format!(r#"{{"connection_id":"{}","room":"r"}}xx"#, a.id);
+    let reply = within(
+        "an answer to a payload with junk after it",
+        backend
+            .client
+            .request("roomgate.control.join", payload.into()),
+    )
+    .await
+    .expect("answered");
+    let reply: Value = serde_json::from_slice(&reply.payload).expect("JSON reply");
+    assert_eq!(reply, json!({"ok": false, "error": "invalid_json"}));
+    // Python's `json.dumps(1000.0)`.
+    let payload = format!(r#"{{"connection_id":"{}","code":4001.0}}"#, a.id);
+    backend
+        .publish("roomgate.control.disconnect", &payload)
+        .await;
+    assert_eq!(a.recv_close().await, Some(4001));
+}
+
+#[tokio::test]
 async fn control_subjects_change_membership_and_close_connections() {
     let server = NatsServer::start();
     let backend = Backend::connect(&server).await;

@@ -79,6 +79,25 @@ struct Disconnect {
     reason: Option<String>,
 }
 
+/// The connection a `control.*` payload names, if it names one: read from
+/// its first JSON value, whatever follows it or is wrong elsewhere in it.
+fn addressed(message: &Message) -> Option<Uuid> {
+    let mut values =
+        serde_json::Deserializer::from_slice(&message.payload).into_iter::<Addressed>();
+    Some(values.next()?.ok()?.connection_id)
+}
+
+/// A `control.disconnect` code as a number: an integer, or a float with
+/// nothing after the point (`1000.0`, as Python's `json` writes a float).
+fn close_code(code: &serde_json::Value) -> Option<u16> {
+    let number = code.as_u64().or_else(|| {
+        code.as_f64()
+            .filter(|f| f.fract() == 0.0 && (0.0..=f64::from(u16::MAX)).contains(f))
+            .map(|f| f as u64)
+    })?;
+    u16::try_from(number).ok()
+}
+
 impl Inbound {
     /// A handler delivering into `hub`. Control requests are answered
     /// through the hub's event queue.
@@ -278,17 +297,29 @@ impl Inbound {
                 };
                 let code = d
                     .code
-                    .and_then(|c| c.as_u64())
-                    .and_then(|c| u16::try_from(c).ok())
+                    .as_ref()
+                    .and_then(close_code)
                     .filter(|c| sendable_close_code(*c))
                     .unwrap_or(DEFAULT_KICK_CODE);
                 let reason = d.reason.unwrap_or_default();
                 conn.close(code, truncate(&reason, 120), CloseReason::Kicked);
                 Ok(())
             }
-            _ => return,
+            _ => return self.unknown(action, message),
         };
         self.reply(message, outcome);
+    }
+
+    /// A `control.<action>` the gateway has no such action for changes
+    /// nothing; the instance holding the connection it names tells a
+    /// request so, rather than leave it to time out as if no instance held
+    /// the connection.
+    fn unknown(&self, action: &str, message: &Message) {
+        debug!(action, "ignoring an unknown control action");
+        if addressed(message).is_some_and(|id| self.hub.connection(id).is_some()) {
+            let refusal = Refusal::new(protocol::ErrorCode::UnknownType, "unknown control action");
+            self.reply(message, Err(refusal));
+        }
     }
 
     /// A `control.*` payload that is not its action's JSON changes nothing.
@@ -297,10 +328,7 @@ impl Inbound {
     /// in particular, and every instance hears it, so it gets no answer.
     fn malformed(&self, action: &str, message: &Message) {
         debug!(action, "ignoring malformed control payload");
-        let Ok(addressed) = serde_json::from_slice::<Addressed>(&message.payload) else {
-            return;
-        };
-        if self.hub.connection(addressed.connection_id).is_some() {
+        if addressed(message).is_some_and(|id| self.hub.connection(id).is_some()) {
             let refusal = Refusal::new(protocol::ErrorCode::InvalidJson, "malformed payload");
             self.reply(message, Err(refusal));
         }
