@@ -182,7 +182,20 @@ async fn a_member_gets_joined_before_the_rooms_messages_and_left_after_them() {
 /// taken: the writers run before the reader goes on.
 #[tokio::test]
 async fn a_pipelined_burst_longer_than_a_send_queue_reaches_members_that_keep_up() {
-    const BURST: usize = 600;
+    pipelined_burst_reaches_members_that_keep_up(600).await;
+}
+
+/// The same on two runtime threads, where the sender's own writer, making
+/// room for the acks, wakes the reader ahead of the members' writers
+/// unless the reader steps behind them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_burst_reaches_members_that_keep_up_on_two_runtime_threads() {
+    pipelined_burst_reaches_members_that_keep_up(2000).await;
+}
+
+/// A burst of `BURST` messages with ids, pipelined by one client to three
+/// members of a room, with send queues of 16.
+async fn pipelined_burst_reaches_members_that_keep_up(burst: usize) {
     let gw = TestGateway::with(|c| c.websocket.send_queue_capacity = 16).await;
     let mut sender = gw.client().await;
     sender.join("burst").await;
@@ -193,18 +206,18 @@ async fn a_pipelined_burst_longer_than_a_send_queue_reaches_members_that_keep_up
         members.push(member);
     }
     sender
-        .send_burst((0..BURST).map(|n| {
+        .send_burst((0..burst).map(|n| {
             json!({"type": "message", "room": "burst", "content": {"s": "x", "n": n},
                 "id": n.to_string()})
         }))
         .await;
-    for n in 0..BURST {
+    for n in 0..burst {
         assert_eq!(
             sender.recv().await,
             json!({"type": "ack", "id": n.to_string()})
         );
     }
-    let expected = HashMap::from([(sender.id.clone(), BURST)]);
+    let expected = HashMap::from([(sender.id.clone(), burst)]);
     for member in &mut members {
         collect_sequences(member, "burst", &expected).await;
     }

@@ -240,8 +240,8 @@ impl<'a> Reader<'a> {
     /// without turns a client's pipelined burst would fill those queues
     /// before any writer ran, and close members that keep up, and the
     /// client itself, as slow consumers. The reader yields, so the writers
-    /// take what was queued, then waits until its own client's queue has
-    /// room for another turn of replies. False if the connection closed
+    /// take what was queued, waits until its own client's queue has room
+    /// for another turn of replies, and yields again. False if the connection closed
     /// meanwhile. Boxed: it comes once per half a queue of frames, and
     /// inline its state would make every connection's session task larger.
     fn take_turn<'b>(
@@ -250,11 +250,16 @@ impl<'a> Reader<'a> {
     ) -> Pin<Box<dyn Future<Output = bool> + Send + 'b>> {
         Box::pin(async move {
             tokio::task::yield_now().await;
-            tokio::select! {
+            let go = tokio::select! {
                 biased;
                 _ = closed => false,
                 _ = self.conn.outbox().room_for_turn() => true,
-            }
+            };
+            // Behind the writers once more: the client's own writer, which
+            // made the room, wakes this reader into its thread's next slot,
+            // ahead of the other members' writers queued on that thread.
+            tokio::task::yield_now().await;
+            go
         })
     }
 
