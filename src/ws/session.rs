@@ -241,9 +241,10 @@ impl<'a> Reader<'a> {
     /// before any writer ran, and close members that keep up, and the
     /// client itself, as slow consumers. The reader yields, so the writers
     /// take what was queued, waits until its own client's queue has room
-    /// for another turn of replies, and yields again. False if the connection closed
-    /// meanwhile. Boxed: it comes once per half a queue of frames, and
-    /// inline its state would make every connection's session task larger.
+    /// for another turn of replies, and yields again. False if the
+    /// connection closed meanwhile. Boxed: it comes once per half a queue
+    /// of frames, and inline its state would make every connection's
+    /// session task larger.
     fn take_turn<'b>(
         &'b self,
         closed: impl Future<Output = ()> + Unpin + Send + 'b,
