@@ -126,7 +126,10 @@ impl Admin {
             let admin = self.clone();
             let stop = stop.clone();
             tasks.spawn(async move {
-                let _held = (slot, entry);
+                // The entry goes before the slot: a slot freed while its
+                // connection were still listed could have the next
+                // eviction close nothing.
+                let _held = (entry, slot);
                 admin.serve_connection(stream, close, &stop).await;
             });
         }

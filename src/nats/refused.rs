@@ -13,7 +13,7 @@ use std::time::Duration;
 use prometheus::IntCounter;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::rooms::RoomName;
 
@@ -70,6 +70,16 @@ impl ServerReports {
     /// subscription.
     pub(super) fn report(&self, error: &async_nats::ServerError) {
         let text = error.to_string();
+        if quoted_after(&text, PUBLISH_REFUSED).is_some_and(is_probe) {
+            // The bridge says itself, once, that its round trips go
+            // unanswered; it goes on sending one now and then, each
+            // refused again.
+            debug!(
+                error = text,
+                "NATS server refused the confirmation round trip"
+            );
+            return;
+        }
         if refused_publication(&text) {
             self.publish_errors.inc();
         }
@@ -127,8 +137,11 @@ pub(super) const PROBE: &str = "roomgate-probe";
 /// NATS gives no other receipt. `… Publish with Reply of …` is left out:
 /// only the confirmation round trip publishes with a reply subject.
 fn refused_publication(error: &str) -> bool {
-    quoted_after(error, "Permissions Violation for Publish to ").is_some_and(|s| !is_probe(s))
+    quoted_after(error, PUBLISH_REFUSED).is_some_and(|s| !is_probe(s))
 }
+
+/// What precedes the subject in nats-server's refusal of a publication.
+const PUBLISH_REFUSED: &str = "Permissions Violation for Publish to ";
 
 /// Whether `subject` is the confirmation round trip's,
 /// `_INBOX.<id>.roomgate-probe`.

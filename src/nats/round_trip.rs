@@ -8,8 +8,9 @@
 //! debugging tap) and takes the request without answering it. After a few
 //! such rounds in a row joins stop waiting for it, and are answered once
 //! their subscriptions are sent; a request still goes out in the
-//! background with each confirmation, and the first one answered brings
-//! the round trips back, as does a reconnection.
+//! background now and then with a confirmation, ever less often while they
+//! go unanswered, and the first one answered brings the round trips back,
+//! as does a reconnection.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -17,6 +18,7 @@ use std::time::Duration;
 
 use async_nats::{Client, RequestErrorKind};
 use bytes::Bytes;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -27,8 +29,14 @@ use super::refused;
 /// delays joins by this much at most.
 pub(super) const ANSWER_WAIT: Duration = Duration::from_millis(500);
 
-/// How long a request sent in the background waits for its answer.
+/// How long a request sent in the background waits for its answer, and
+/// the first wait before the next one; each unanswered one doubles it.
 const BACKGROUND_WAIT: Duration = Duration::from_secs(5);
+
+/// The longest wait between requests sent in the background: a user that
+/// may not publish to `_INBOX.>` draws a refusal from the server with
+/// each.
+const LAST_BACKGROUND_WAIT: Duration = Duration::from_secs(300);
 
 /// Confirmations that may go unanswered in a row before joins stop waiting
 /// for them: one lost to a slow moment is no sign that none will be
@@ -45,9 +53,19 @@ const ANSWERED: u8 = 2;
 pub(super) struct RoundTrips {
     /// Confirmations unanswered in a row.
     unanswered: u32,
-    /// Set while joins do not wait: the client's connection count when
-    /// they stopped, and what the request sent in the background found.
-    off: Option<(u64, Arc<AtomicU8>)>,
+    /// Set while joins do not wait.
+    off: Option<Off>,
+}
+
+/// Joins do not wait for round trips.
+struct Off {
+    /// The client's connection count when they stopped.
+    connects: u64,
+    /// What the request sent in the background found.
+    background: Arc<AtomicU8>,
+    /// When the next may be sent, and the wait after it.
+    next: Instant,
+    wait: Duration,
 }
 
 impl RoundTrips {
@@ -62,11 +80,14 @@ impl RoundTrips {
         stop: &CancellationToken,
     ) {
         let connects = client.statistics().connects.load(Ordering::Relaxed);
-        if let Some(background) = self.still_off(connects) {
+        if let Some(off) = self.still_off(connects) {
             let _ = tokio::time::timeout(ANSWER_WAIT, client.flush()).await;
-            if background.load(Ordering::Relaxed) == IDLE {
-                background.store(PENDING, Ordering::Relaxed);
-                let request = request_in_background(client.clone(), background);
+            let now = Instant::now();
+            if off.background.load(Ordering::Relaxed) == IDLE && off.next <= now {
+                off.background.store(PENDING, Ordering::Relaxed);
+                off.next = now + off.wait;
+                off.wait = (off.wait * 2).min(LAST_BACKGROUND_WAIT);
+                let request = request_in_background(client.clone(), off.background.clone());
                 let stop = stop.clone();
                 tasks.spawn(async move {
                     tokio::select! {
@@ -91,7 +112,12 @@ impl RoundTrips {
                  _INBOX.> without answering?); joins are answered once their subscriptions \
                  are sent, until a confirmation is answered again"
             );
-            self.off = Some((connects, Arc::new(AtomicU8::new(IDLE))));
+            self.off = Some(Off {
+                connects,
+                background: Arc::new(AtomicU8::new(IDLE)),
+                next: Instant::now(),
+                wait: BACKGROUND_WAIT,
+            });
             self.unanswered = 0;
         }
     }
@@ -101,21 +127,21 @@ impl RoundTrips {
         *self = Self::default();
     }
 
-    /// What the request in the background found, while joins do not wait;
-    /// `None` once they do again: the client has reconnected since, or a
-    /// request was answered.
-    fn still_off(&mut self, connects: u64) -> Option<Arc<AtomicU8>> {
-        let (since, background) = self.off.as_ref()?;
-        if *since != connects {
+    /// The state of the fallback while joins do not wait; `None` once they
+    /// do again: the client has reconnected since, or a request was
+    /// answered.
+    fn still_off(&mut self, connects: u64) -> Option<&mut Off> {
+        let off = self.off.as_ref()?;
+        if off.connects != connects {
             self.off = None;
             return None;
         }
-        if background.load(Ordering::Relaxed) == ANSWERED {
+        if off.background.load(Ordering::Relaxed) == ANSWERED {
             info!("NATS confirms new room subscriptions again; joins wait for them again");
             self.off = None;
             return None;
         }
-        Some(background.clone())
+        self.off.as_mut()
     }
 }
 

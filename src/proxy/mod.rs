@@ -901,9 +901,10 @@ async fn splice(
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1,
 /// plus the proxy headers of RFC 2616 that intermediaries still strip).
 /// Constants, so removing them hashes no parsed strings. `Trailer` is not
-/// among them: it names the fields that follow the body, which pass on
-/// with it (hyper writes them only where the chunked coding can carry
-/// them, and to a client that said `TE: trailers`).
+/// among them: it names the fields that follow a response's body, which
+/// pass on with it (hyper writes them only where the chunked coding can
+/// carry them, and to a client that said `TE: trailers`). A request's is
+/// removed with them (see [`request_headers`]).
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -972,8 +973,13 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// reads the others as chunked and nothing more, so `gzip, chunked` would
 /// reach the upstream as plain chunked with the gzip bytes as the content.
 /// nginx answers 501 too. A client's `TE: trailers` is passed on (and the
-/// rest of its `TE` is not): the gateway passes trailers on to it, so the
-/// upstream may send them.
+/// rest of its `TE` is not): the gateway passes the upstream's trailers on
+/// to it, so the upstream may send them. The client's own trailers are not
+/// passed on, as nginx does not: an upstream that merges them into the
+/// headers would take in fields the gateway sets or removes
+/// (`X-Forwarded-For`, hop-by-hop ones). Without its `Trailer`, hyper
+/// leaves them out. Only a chunked body has trailers, and its
+/// `Transfer-Encoding` brings a request here.
 fn request_headers(headers: &mut HeaderMap, keep_upgrade: bool) -> Result<(), ProxyError> {
     if !has_hop_by_hop(headers) {
         return Ok(());
@@ -983,6 +989,7 @@ fn request_headers(headers: &mut HeaderMap, keep_upgrade: bool) -> Result<(), Pr
     }
     let trailers = accepts_trailers(headers);
     remove_hop_by_hop(headers, keep_upgrade);
+    headers.remove(header::TRAILER);
     if trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
@@ -1182,7 +1189,7 @@ mod tests {
     }
 
     #[test]
-    fn passes_on_a_clients_te_trailers_and_nothing_else_of_te() {
+    fn passes_on_a_clients_te_trailers_and_nothing_else_of_te_nor_its_trailer() {
         let readied = |te: &'static str| {
             let mut h = HeaderMap::new();
             h.insert("connection", HeaderValue::from_static("TE"));
@@ -1192,13 +1199,9 @@ mod tests {
             (h.get("te").cloned(), h.get("trailer").cloned())
         };
         let trailers = Some(HeaderValue::from_static("trailers"));
-        let declared = Some(HeaderValue::from_static("x-sum"));
-        assert_eq!(readied("trailers"), (trailers.clone(), declared.clone()));
-        assert_eq!(
-            readied("gzip;q=0.5, Trailers"),
-            (trailers, declared.clone())
-        );
-        assert_eq!(readied("gzip, deflate"), (None, declared));
+        assert_eq!(readied("trailers"), (trailers.clone(), None));
+        assert_eq!(readied("gzip;q=0.5, Trailers"), (trailers, None));
+        assert_eq!(readied("gzip, deflate"), (None, None));
     }
 
     #[test]
