@@ -70,9 +70,9 @@ struct Off {
 
 impl RoundTrips {
     /// Confirms what `client` has sent so far: by a round trip while they
-    /// are answered, else by a flush of the client's buffer and a request
-    /// in the background (run on `tasks` until answered, given up, or
-    /// `stop`), whose answer brings the round trips back.
+    /// are answered, else by a flush of the client's buffer and now and
+    /// then a request in the background, whose answer brings the round
+    /// trips back (see [`Off::flush_and_ask`]).
     pub(super) async fn confirm(
         &mut self,
         client: &Client,
@@ -81,45 +81,40 @@ impl RoundTrips {
     ) {
         let connects = client.statistics().connects.load(Ordering::Relaxed);
         if let Some(off) = self.still_off(connects) {
-            let _ = tokio::time::timeout(ANSWER_WAIT, client.flush()).await;
-            let now = Instant::now();
-            if off.background.load(Ordering::Relaxed) == IDLE && off.next <= now {
-                off.background.store(PENDING, Ordering::Relaxed);
-                off.next = now + off.wait;
-                off.wait = (off.wait * 2).min(LAST_BACKGROUND_WAIT);
-                let request = request_in_background(client.clone(), off.background.clone());
-                let stop = stop.clone();
-                tasks.spawn(async move {
-                    tokio::select! {
-                        _ = stop.cancelled() => {}
-                        _ = request => {}
-                    }
-                });
-            }
+            off.flush_and_ask(client, tasks, stop).await;
             return;
         }
-        let answer = tokio::time::timeout(ANSWER_WAIT, probe(client)).await;
-        if answer.is_ok_and(|answer| answer) {
+        let answered = tokio::time::timeout(ANSWER_WAIT, probe(client))
+            .await
+            .unwrap_or(false);
+        if answered {
             self.unanswered = 0;
-            return;
+        } else {
+            self.note_unanswered(connects);
         }
+    }
+
+    /// Counts a confirmation that went unanswered; at the limit, joins stop
+    /// waiting for them.
+    fn note_unanswered(&mut self, connects: u64) {
         self.unanswered += 1;
         debug!(unanswered = self.unanswered, "subscriptions not confirmed");
-        if self.unanswered >= UNANSWERED_LIMIT {
-            warn!(
-                "NATS did not confirm new room subscriptions {UNANSWERED_LIMIT} times in a row \
-                 (may this user publish to _INBOX.>? does another client subscribe to > or \
-                 _INBOX.> without answering?); joins are answered once their subscriptions \
-                 are sent, until a confirmation is answered again"
-            );
-            self.off = Some(Off {
-                connects,
-                background: Arc::new(AtomicU8::new(IDLE)),
-                next: Instant::now(),
-                wait: BACKGROUND_WAIT,
-            });
-            self.unanswered = 0;
+        if self.unanswered < UNANSWERED_LIMIT {
+            return;
         }
+        warn!(
+            "NATS did not confirm new room subscriptions {UNANSWERED_LIMIT} times in a row \
+             (may this user publish to _INBOX.>? does another client subscribe to > or \
+             _INBOX.> without answering?); joins are answered once their subscriptions \
+             are sent, until a confirmation is answered again"
+        );
+        self.off = Some(Off {
+            connects,
+            background: Arc::new(AtomicU8::new(IDLE)),
+            next: Instant::now(),
+            wait: BACKGROUND_WAIT,
+        });
+        self.unanswered = 0;
     }
 
     /// Starts over, for a new client.
@@ -145,6 +140,32 @@ impl RoundTrips {
     }
 }
 
+impl Off {
+    /// Flushes the client's buffer, and sends a request in the background
+    /// (on `tasks`, until answered, given up, or `stop`) unless one is
+    /// under way or the next is not due yet.
+    async fn flush_and_ask(
+        &mut self,
+        client: &Client,
+        tasks: &TaskTracker,
+        stop: &CancellationToken,
+    ) {
+        let _ = tokio::time::timeout(ANSWER_WAIT, client.flush()).await;
+        let now = Instant::now();
+        if self.background.load(Ordering::Relaxed) != IDLE || self.next > now {
+            return;
+        }
+        self.background.store(PENDING, Ordering::Relaxed);
+        self.next = now + self.wait;
+        self.wait = (self.wait * 2).min(LAST_BACKGROUND_WAIT);
+        tasks.spawn(request_in_background(
+            client.clone(),
+            self.background.clone(),
+            stop.clone(),
+        ));
+    }
+}
+
 /// One round trip: whether the server (or anyone) answered it. A refusal
 /// of the request's subject is reported by the server's error, which
 /// `refused` recognises by the subject's last token.
@@ -157,10 +178,11 @@ async fn probe(client: &Client) -> bool {
 }
 
 /// A round trip that marks `background` answered, or idle again when it
-/// goes unanswered.
-async fn request_in_background(client: Client, background: Arc<AtomicU8>) {
-    let answered = tokio::time::timeout(BACKGROUND_WAIT, probe(&client))
-        .await
-        .unwrap_or(false);
+/// goes unanswered or `stop` comes first.
+async fn request_in_background(client: Client, background: Arc<AtomicU8>, stop: CancellationToken) {
+    let answered = tokio::select! {
+        _ = stop.cancelled() => false,
+        answer = tokio::time::timeout(BACKGROUND_WAIT, probe(&client)) => answer.unwrap_or(false),
+    };
     background.store(if answered { ANSWERED } else { IDLE }, Ordering::Relaxed);
 }
