@@ -30,10 +30,22 @@ impl Servers {
     pub fn new(config: &NatsConfig) -> Result<Self, NatsSetupError> {
         let mut addrs = Vec::new();
         let mut login: Option<Login> = None;
-        for url in config.urls() {
+        let urls = config.urls();
+        for (n, url) in urls.iter().enumerate() {
+            let named = || named_url(url, n, urls.len());
+            // The URL parser ends the user info at a `?` or `#`, where the
+            // masking would not: what follows would be taken for the host,
+            // and shown and looked up.
+            if url.contains(['?', '#']) {
+                return Err(NatsSetupError::Url(format!(
+                    "{}: a server URL has no query or fragment (write `?` and `#` in a \
+                     password or token as %3F and %23)",
+                    named()
+                )));
+            }
             let addr = url
                 .parse::<ServerAddr>()
-                .map_err(|e| NatsSetupError::Url(format!("{}: {e}", mask_login(&url))))?;
+                .map_err(|e| NatsSetupError::Url(format!("{}: {e}", named())))?;
             if let Some(found) = Login::of(&addr)? {
                 if login.as_ref().is_some_and(|l| *l != found) {
                     return Err(NatsSetupError::Logins);
@@ -48,6 +60,22 @@ impl Servers {
             None => options,
         };
         Ok(Self { addrs, options })
+    }
+}
+
+/// How an error names the `n`th of `total` server URLs: with its secret
+/// masked when it has user info, and by its place alone when it has none,
+/// since it may then be a piece of a password cut at a `,`, which
+/// separates the URLs.
+fn named_url(url: &str, n: usize, total: usize) -> String {
+    if url.contains('@') {
+        mask_login(url)
+    } else {
+        format!(
+            "server URL {} of {total} (not shown: a `,` in a password or token, which must be \
+             written %2C, would make a piece of it one)",
+            n + 1
+        )
     }
 }
 
@@ -263,6 +291,34 @@ mod tests {
             "{error}"
         );
         assert!(!error.contains("secret"), "{error}");
+        // A `,` in a password cuts the list in two; the piece before it
+        // is not shown.
+        let error = url_error("nats://user:secretpart1,secretpart2@h:4222");
+        assert!(error.starts_with("server URL 1 of 2 (not shown"), "{error}");
+        assert!(!error.contains("secretpart"), "{error}");
+        // A `#` or `?` would end the user info for the parser, not for the
+        // masking.
+        for url in ["nats://TOPSECRET#tok@127.0.0.1:4222", "nats://a:b?c@h:1"] {
+            let error = url_error(url);
+            assert!(error.contains("no query or fragment"), "{error}");
+            assert!(
+                !error.contains("TOPSECRET") && !error.contains("b?c"),
+                "{error}"
+            );
+        }
+    }
+
+    /// The error `Servers::new` gives for `url`, which must be one.
+    fn url_error(url: &str) -> String {
+        let config = NatsConfig {
+            url: url.into(),
+            ..NatsConfig::default()
+        };
+        match Servers::new(&config) {
+            Err(NatsSetupError::Url(message)) => message,
+            Err(other) => panic!("expected a URL error, got {other}"),
+            Ok(_) => panic!("{url} was accepted"),
+        }
     }
 
     fn login(url: &str) -> Option<Login> {
