@@ -1030,6 +1030,35 @@ async fn forward_auth_gets_the_upgrade_uri_from_the_gateway_not_the_client() {
 }
 
 #[tokio::test]
+async fn forward_auth_of_an_absolute_form_upgrade_names_the_targets_host() {
+    // RFC 9112 §3.2.2: the target's host stands for the request's, over
+    // its `Host`, as for proxied requests.
+    use tokio::io::AsyncWriteExt;
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let upstream = Upstream::start(move |request: Request<hyper::body::Incoming>| {
+        let _ = seen_tx.send(request.headers().clone());
+        async move { Response::new(full("")) }
+    })
+    .await;
+    let gw = forward_auth_gateway(&upstream).await;
+    let mut stream = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let request = raw_upgrade_request(gw.addr, "http://other.example:99/ws?x=1", "");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let (status, head) = read_response_head(&mut stream).await;
+    assert_eq!(status, 101, "{head}");
+    let headers = within("the auth request", seen.recv())
+        .await
+        .expect("asked");
+    for name in ["host", "x-forwarded-host"] {
+        let values: Vec<_> = headers.get_all(name).iter().collect();
+        assert_eq!(values, ["other.example:99"], "{name}");
+    }
+    assert_eq!(headers["x-forwarded-uri"], "/ws?x=1");
+}
+
+#[tokio::test]
 async fn a_forward_auth_check_on_a_connection_the_service_just_closed_is_sent_again() {
     // The service's keep-alive timeout ran out as the second check went
     // out on the kept-alive connection: the check is a GET without a body,

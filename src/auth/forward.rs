@@ -123,8 +123,16 @@ impl ForwardAuth {
                 headers.insert(HeaderName::from_static(name), value);
             }
         }
-        if let Some(host) = parts.headers.get(header::HOST) {
-            headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
+        // The host the upgrade was for: an absolute-form target's, as for
+        // proxied requests (RFC 9112 §3.2.2), else its `Host`.
+        let host = parts
+            .uri
+            .authority()
+            .and_then(|target| crate::proxy::target_host(&parts.uri, target).ok())
+            .or_else(|| parts.headers.get(header::HOST).cloned());
+        if let Some(host) = host {
+            headers.insert(header::HOST, host.clone());
+            headers.insert(HeaderName::from_static("x-forwarded-host"), host);
         }
         Ok(request)
     }

@@ -803,7 +803,7 @@ fn has_unsized_body(body: &Incoming) -> bool {
 /// other than `http` or `https`, user information (which RFC 9110 §4.2.4
 /// asks a recipient to treat as an error) or a target in authority form
 /// (`GET example.com:80`, for `CONNECT` only) gets 400.
-fn target_host(uri: &Uri, target: &Authority) -> Result<HeaderValue, ProxyError> {
+pub(crate) fn target_host(uri: &Uri, target: &Authority) -> Result<HeaderValue, ProxyError> {
     let scheme = uri
         .scheme()
         .ok_or(ProxyError::BadTarget("a target in authority form"))?;
