@@ -445,7 +445,7 @@ impl Config {
         let mut table: toml::Table = match &text {
             Some(text) => toml::from_str(text).map_err(|e| ConfigError::Parse {
                 path: path.clone(),
-                message: e.to_string(),
+                message: syntax_error(text, &e),
             })?,
             None => toml::Table::new(),
         };
@@ -656,6 +656,26 @@ pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
 /// panic at their first ping, close or emptied room.
 pub fn secs(secs: u64) -> Duration {
     Duration::from_secs(secs).min(MAX_DURATION)
+}
+
+/// toml's description of a syntax error, which quotes the line it is on,
+/// unless that line holds user info (`nats.url`'s password or token): then
+/// the line is named by its number only.
+fn syntax_error(text: &str, e: &toml::de::Error) -> String {
+    let Some(start) = e.span().map(|span| span.start) else {
+        return e.to_string();
+    };
+    let (before, after) = text.split_at(text.floor_char_boundary(start));
+    let line = before.rsplit('\n').next().unwrap_or_default().to_string()
+        + after.split('\n').next().unwrap_or_default();
+    if !line.contains('@') {
+        return e.to_string();
+    }
+    let number = before.matches('\n').count() + 1;
+    format!(
+        "line {number}: {} (the line is not shown: it holds a login)",
+        e.message().trim_end()
+    )
 }
 
 fn read_file(explicit: Option<&Path>) -> Result<(PathBuf, Option<String>), ConfigError> {
@@ -1015,6 +1035,23 @@ pub fn mask_login(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_syntax_error_on_a_line_with_a_login_does_not_show_the_line() {
+        let load = |text: &str| {
+            let path = std::env::temp_dir().join(format!("roomgate-{}.toml", uuid::Uuid::new_v4()));
+            std::fs::write(&path, text).expect("write");
+            let error = Config::load(Some(&path), Vec::new()).expect_err("a syntax error");
+            let _ = std::fs::remove_file(&path);
+            error.to_string()
+        };
+        let error = load("[nats]\nurl = \"nats://app:hunter2@10.0.0.1:4222\n");
+        assert!(!error.contains("hunter2"), "{error}");
+        assert!(error.contains("line 2: "), "{error}");
+        // Elsewhere toml shows the line, which helps.
+        let error = load("[server]\nlisten = 8080x\n");
+        assert!(error.contains("listen = 8080x"), "{error}");
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
