@@ -2087,7 +2087,6 @@ async fn the_upstreams_trailers_reach_a_client_that_takes_them_and_the_clients_g
     // its headers would take in an `X-Forwarded-For` of the client's
     // making.
     use hyper::body::Frame;
-    use tokio::io::AsyncReadExt;
     let upstream = Upstream::start(|request: Request<Incoming>| async move {
         let te = request
             .headers()
@@ -2118,20 +2117,12 @@ async fn the_upstreams_trailers_reach_a_client_that_takes_them_and_the_clients_g
     .await;
     let gw = gateway_for(&upstream).await;
     for (te, takes_trailers) in [("TE: trailers\r\nConnection: TE\r\n", true), ("", false)] {
-        let mut stream = tokio::net::TcpStream::connect(gw.addr)
-            .await
-            .expect("connect");
         let request = format!(
             "POST /sum HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\
              Trailer: x-sum, x-forwarded-for\r\n{te}Connection: close\r\n\r\n\
              2\r\nhi\r\n0\r\nx-sum: 7\r\nx-forwarded-for: 6.6.6.6\r\n\r\n"
         );
-        stream.write_all(request.as_bytes()).await.expect("write");
-        let mut reply = Vec::new();
-        within("the whole answer", stream.read_to_end(&mut reply))
-            .await
-            .expect("read");
-        let reply = String::from_utf8_lossy(&reply);
+        let reply = exchange_until_close(gw.addr, &request).await;
         assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
         assert!(reply.contains("\r\ntrailer: x-reply\r\n"), "{reply}");
         if takes_trailers {

@@ -612,15 +612,7 @@ async fn the_admin_port_refuses_a_request_head_beyond_16_kib() {
 /// Sends `head` (without its final blank line) on a new connection to
 /// `addr` and returns the status line of the answer.
 async fn admin_status_line(addr: std::net::SocketAddr, head: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let request = format!("{head}Connection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let mut answer = Vec::new();
-    within("the answer", stream.read_to_end(&mut answer))
-        .await
-        .expect("read");
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = exchange_until_close(addr, &format!("{head}Connection: close\r\n\r\n")).await;
     answer.lines().next().unwrap_or_default().to_string()
 }
 
@@ -666,15 +658,7 @@ async fn a_full_admin_port_closes_its_oldest_connection_for_a_new_one() {
     // Accepted after every held one (the accept queue is first in, first
     // out): each probe takes the place of the oldest.
     for oldest in 0..2 {
-        let mut waiting = tokio::net::TcpStream::connect(gw.admin)
-            .await
-            .expect("connect");
-        waiting.write_all(probe.as_bytes()).await.expect("write");
-        let mut answer = Vec::new();
-        within("the probe's answer", waiting.read_to_end(&mut answer))
-            .await
-            .expect("read");
-        let answer = String::from_utf8_lossy(&answer);
+        let answer = exchange_until_close(gw.admin, &probe).await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         let mut rest = Vec::new();
         within(

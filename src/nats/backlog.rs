@@ -169,11 +169,19 @@ impl Backlog {
         taken
     }
 
-    /// Drops every waiting message and says how many there were.
-    pub fn discard(&mut self) -> usize {
-        let left = self.queue.len();
+    /// Drops every message waiting for a subscription being dropped, here
+    /// and in its channel (taken without waiting, as [`Backlog::take_arrived`]
+    /// takes them, and as boundedly: more keep coming until it is dropped),
+    /// and says how many there were.
+    pub fn discard(&mut self, messages: &mut (impl Stream<Item = Message> + Unpin)) -> usize {
+        let mut left = self.queue.len();
         let held = self.queue.drain(..).map(|(_, cost)| cost).sum();
         self.budget.release(held);
+        while left < MAX_TAKEN
+            && let Some(Some(_)) = tokio::task::unconstrained(messages.next()).now_or_never()
+        {
+            left += 1;
+        }
         left
     }
 }

@@ -106,10 +106,6 @@ const JOIN_WAIT: Duration = Duration::from_secs(1);
 /// task waits for a thread.
 const SUBSCRIPTION_CAPACITY: usize = 4096;
 
-/// The most messages counted as left on a subscription being dropped:
-/// what its channels can hold.
-const LEFT_BOUND: usize = 3 * SUBSCRIPTION_CAPACITY;
-
 /// Most payload bytes a delivery task handles before it takes what has
 /// arrived meanwhile into its backlog: a run of small messages is handled
 /// whole, a large message alone, so that the channel fills for the time
@@ -154,21 +150,6 @@ pub struct BridgeSettings {
     /// The members' send queues, which bound how much of a burst is
     /// handed to them at once.
     pub queue: QueueLimits,
-}
-
-/// How many messages had arrived on a subscription being dropped, taken
-/// without waiting. Bounded: more keep coming until it is dropped.
-fn take_left(
-    messages: &mut (impl futures_util::Stream<Item = async_nats::Message> + Unpin),
-) -> usize {
-    let mut left = 0;
-    while left < LEFT_BOUND
-        && let Some(Some(_)) =
-            futures_util::FutureExt::now_or_never(tokio::task::unconstrained(messages.next()))
-    {
-        left += 1;
-    }
-    left
 }
 
 /// Whether the client is connected now.
@@ -760,8 +741,7 @@ impl Bridge {
                 }
             }
             if stop.is_cancelled() || token.is_cancelled() {
-                let left = backlog.discard() + take_left(&mut messages);
-                inbound.left_undelivered(left);
+                inbound.left_undelivered(backlog.discard(&mut messages));
             } else {
                 // Nothing dropped the subscriptions, yet they ended: the
                 // client has stopped.

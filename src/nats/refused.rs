@@ -70,18 +70,19 @@ impl ServerReports {
     /// subscription.
     pub(super) fn report(&self, error: &async_nats::ServerError) {
         let text = error.to_string();
-        if quoted_after(&text, PUBLISH_REFUSED).is_some_and(is_probe) {
-            // The bridge says itself, once, that its round trips go
-            // unanswered; it goes on sending one now and then, each
-            // refused again.
-            debug!(
-                error = text,
-                "NATS server refused the confirmation round trip"
-            );
-            return;
-        }
-        if refused_publication(&text) {
-            self.publish_errors.inc();
+        match refused_publication(&text) {
+            Some(subject) if is_probe(subject) => {
+                // The bridge says itself, once, that its round trips go
+                // unanswered; it goes on sending one now and then, each
+                // refused again.
+                debug!(
+                    error = text,
+                    "NATS server refused the confirmation round trip"
+                );
+                return;
+            }
+            Some(_) => self.publish_errors.inc(),
+            None => {}
         }
         let mut state = crate::sync::lock(&self.state);
         let now = Instant::now();
@@ -132,16 +133,13 @@ fn quoted_after<'a>(error: &'a str, prefix: &str) -> Option<&'a str> {
 /// anyone misses, so its refusal counts as no publish error.
 pub(super) const PROBE: &str = "roomgate-probe";
 
-/// Whether `error` is nats-server's refusal of a publication of the
-/// gateway's (`Permissions Violation for Publish to "<subject>"`): core
-/// NATS gives no other receipt. `… Publish with Reply of …` is left out:
-/// only the confirmation round trip publishes with a reply subject.
-fn refused_publication(error: &str) -> bool {
-    quoted_after(error, PUBLISH_REFUSED).is_some_and(|s| !is_probe(s))
+/// The subject of nats-server's refusal of a publication of the gateway's
+/// (`Permissions Violation for Publish to "<subject>"`): core NATS gives
+/// no other receipt. `… Publish with Reply of …` is left out: only the
+/// confirmation round trip publishes with a reply subject.
+fn refused_publication(error: &str) -> Option<&str> {
+    quoted_after(error, "Permissions Violation for Publish to ")
 }
-
-/// What precedes the subject in nats-server's refusal of a publication.
-const PUBLISH_REFUSED: &str = "Permissions Violation for Publish to ";
 
 /// Whether `subject` is the confirmation round trip's,
 /// `_INBOX.<id>.roomgate-probe`.
@@ -234,29 +232,35 @@ mod tests {
         );
     }
 
+    /// Whether `error` counts as a publish error: a refused publication
+    /// other than the confirmation round trip's.
+    fn counted(error: &str) -> bool {
+        refused_publication(error).is_some_and(|subject| !is_probe(subject))
+    }
+
     #[test]
     fn a_refused_publication_is_recognised() {
-        assert!(refused_publication(
+        assert!(counted(
             r#"nats: Permissions Violation for Publish to "roomgate.message.r1""#
         ));
-        assert!(refused_publication(
+        assert!(counted(
             r#"Permissions Violation for Publish to "_INBOX.abc""#
         ));
         // The confirmation round trip's are not publications anyone misses.
-        assert!(!refused_publication(
+        assert!(!counted(
             r#"Permissions Violation for Publish to "_INBOX.abc.roomgate-probe""#
         ));
         // A room whose name ends the same is a room.
-        assert!(refused_publication(
+        assert!(counted(
             r#"Permissions Violation for Publish to "roomgate.message.x.roomgate-probe""#
         ));
-        assert!(refused_publication(
+        assert!(counted(
             r#"Permissions Violation for Publish to "_INBOX.a.b.roomgate-probe""#
         ));
-        assert!(!refused_publication(
+        assert!(!counted(
             r#"Permissions Violation for Publish with Reply of "_INBOX.x.y""#
         ));
-        assert!(!refused_publication(
+        assert!(!counted(
             r#"Permissions Violation for Subscription to "a.b""#
         ));
     }

@@ -555,6 +555,22 @@ impl WsClient {
 
 // ----- plain HTTP -------------------------------------------------------
 
+/// Writes raw `request` (which asks for `Connection: close`) on a new
+/// connection to `addr` and reads what comes back until the connection
+/// ends, as text.
+pub async fn exchange_until_close(addr: SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = within("connect", TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    within("the whole answer", stream.read_to_end(&mut answer))
+        .await
+        .expect("read");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// A GET with a fresh connection: (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let (status, _, body) = http_request(
