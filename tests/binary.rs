@@ -395,6 +395,37 @@ fn different_credentials_in_the_server_list_are_refused_unshown() {
 }
 
 #[test]
+fn a_nats_secret_the_url_parser_would_cut_short_is_refused_unshown() {
+    // A `#` or `?` would end the user info for the URL parser, which would
+    // take the rest of the secret for the host; a `,` cuts the list.
+    for url in [
+        "nats://TOPSECRET#tok@127.0.0.1:4222",
+        "nats://app:TOP?SECRET@127.0.0.1:4222",
+        "nats://app:TOPSECRET1,TOPSECRET2@127.0.0.1:4222",
+    ] {
+        let (code, stdout, stderr) =
+            run_binary(&["check-config"], &[WITH_NATS, ("ROOMGATE_NATS_URL", url)]);
+        assert_eq!(code, 2, "{url}: {stdout}{stderr}");
+        assert!(stderr.contains("nats.url"), "{url}: {stderr}");
+        assert!(!stderr.contains("TOPSECRET"), "{url}: {stderr}");
+        assert!(
+            stdout.is_empty(),
+            "{url}: no configuration printed: {stdout}"
+        );
+    }
+    // A syntax error on the line of a login names the line, not its text.
+    let dir = TempDir::new();
+    let file = dir.write(
+        "gw.toml",
+        "[nats]\nurl = \"nats://app:TOPSECRET@10.0.0.1:4222\n",
+    );
+    let (code, _, stderr) = run_binary(&["check-config", "--config", path_str(&file)], &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("line 2"), "{stderr}");
+    assert!(!stderr.contains("TOPSECRET"), "{stderr}");
+}
+
+#[test]
 fn check_config_with_no_file_prints_the_defaults() {
     let (config, _, _) = effective_config(&[], &[]);
     assert_eq!(config, roomgate::Config::default());
