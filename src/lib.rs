@@ -19,6 +19,7 @@
 //! | [`rooms`] | rooms, connections and the broadcaster API |
 //! | [`events`] | the queue of what the gateway tells backends |
 //! | [`nats`] | the bridge: publishing events, delivering backend messages |
+//! | [`access`] | the access log of the public port, off unless asked for |
 //! | [`proxy`] | the reverse proxy and tunnel to the upstream, and its connection pool |
 //! | [`auth`] | origin checks, JWT and forward auth at the upgrade |
 //! | [`admin`] | `/metrics`, `/healthz`, `/readyz`, `/rooms` |
@@ -42,6 +43,7 @@
 
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod admin;
 pub mod alloc;
 pub mod auth;

@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::access;
 use crate::admin::{Admin, Health};
 use crate::auth::{AuthSetupError, Authenticator};
 use crate::config::Config;
@@ -125,6 +126,15 @@ struct Router {
 
 impl Router {
     async fn route(&self, request: Request<Incoming>, client: &Client) -> Response<Body> {
+        let entry = access::Entry::begin(&request);
+        let response = self.answer(request, client).await;
+        if let Some(entry) = entry {
+            entry.end(response.status(), client.peer.addr());
+        }
+        response
+    }
+
+    async fn answer(&self, request: Request<Incoming>, client: &Client) -> Response<Body> {
         if self.upgrader.owns(request.uri().path()) {
             // Once per connection, and large: boxed so that it does not size
             // the future of every proxied request.

@@ -521,6 +521,121 @@ async fn json_logs_carry_the_connection_id() {
     assert_eq!(gateway.wait_exit(), 0);
 }
 
+/// The access lines a gateway logged so far.
+fn access_lines(gateway: &GatewayProcess) -> Vec<Value> {
+    json_lines(gateway)
+        .into_iter()
+        .filter(|l| l["target"] == "roomgate::access")
+        .collect()
+}
+
+/// Sends a proxied request with a secret in its query, a request the
+/// gateway answers itself, and a WebSocket upgrade; returns once the
+/// WebSocket is open.
+async fn three_requests(gateway: &GatewayProcess) -> WsClient {
+    let (status, body) = http_get(gateway.addr, "/hello?token=s3cret").await;
+    assert_eq!((status, body.as_str()), (200, "hi"));
+    let mut raw = tokio::net::TcpStream::connect(gateway.addr)
+        .await
+        .expect("connect");
+    use tokio::io::AsyncWriteExt;
+    raw.write_all(b"GET /ws HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    let (status, _) = within("the plain GET of /ws", read_response_head(&mut raw)).await;
+    assert_eq!(status, 400, "a plain GET of the WebSocket path");
+    WsClient::connect(&format!("ws://{}/ws", gateway.addr)).await
+}
+
+#[tokio::test]
+async fn the_access_log_is_off_by_default_and_names_each_request_without_its_query() {
+    let upstream = Upstream::start(|_request: hyper::Request<hyper::body::Incoming>| async {
+        hyper::Response::new(full("hi"))
+    })
+    .await;
+    let url = upstream.url();
+    let mut on = GatewayProcess::start(
+        &[],
+        &[
+            ("ROOMGATE_UPSTREAM_URL", &url),
+            ("ROOMGATE_LOG_LEVEL", "info,roomgate::access=debug"),
+        ],
+    );
+    let mut off = GatewayProcess::start(&[], &[("ROOMGATE_UPSTREAM_URL", &url)]);
+    let client_on = three_requests(&on).await;
+    let client_off = three_requests(&off).await;
+
+    let lines = within("three access lines", async {
+        loop {
+            let lines = access_lines(&on);
+            if lines.len() >= 3 {
+                break lines;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let seen: Vec<(&str, &str, u64)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["method"].as_str().unwrap_or_default(),
+                l["path"].as_str().unwrap_or_default(),
+                l["status"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("GET", "/hello", 200),
+            ("GET", "/ws", 400),
+            ("GET", "/ws", 101)
+        ],
+        "{lines:?}"
+    );
+    for line in &lines {
+        assert_eq!(line["level"], "DEBUG", "{line}");
+        assert!(
+            line["peer"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("127.0.0.1:")),
+            "{line}"
+        );
+        assert!(line["duration_us"].is_u64(), "{line}");
+    }
+    let everything = on.log.lock().unwrap().join("\n");
+    assert!(
+        !everything.contains("s3cret"),
+        "no query is logged: {everything}"
+    );
+    assert!(
+        json_lines(&on)
+            .iter()
+            .all(|l| l["level"] != "DEBUG" || l["target"] == "roomgate::access"),
+        "the directive turns on the access lines alone"
+    );
+
+    // The other gateway answered the same requests. Lines are read in the
+    // order they were written, so once its last line (written at exit)
+    // is in, any access line would be too.
+    drop((client_on, client_off));
+    for gateway in [&mut on, &mut off] {
+        gateway.signal("TERM");
+        assert_eq!(gateway.wait_exit(), 0);
+    }
+    within("the last line of the gateway without access log", async {
+        while !json_lines(&off)
+            .iter()
+            .any(|l| l["message"] == "roomgate stopped")
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(access_lines(&off).is_empty(), "{:?}", json_lines(&off));
+}
+
 #[tokio::test]
 async fn running_out_of_file_descriptors_does_not_stop_the_gateway() {
     // With 64 descriptors, 100 idle TCP connections leave the gateway
