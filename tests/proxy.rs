@@ -525,6 +525,60 @@ async fn closed_upstream_port_gives_502() {
     );
 }
 
+/// Whether a response head says the connection closes after it.
+fn says_close(head: &str) -> bool {
+    head.lines().any(|line| {
+        line.split_once(':').is_some_and(|(name, value)| {
+            name.eq_ignore_ascii_case("connection") && value.trim().eq_ignore_ascii_case("close")
+        })
+    })
+}
+
+#[tokio::test]
+async fn a_502_to_a_request_with_a_body_says_the_connection_closes_and_one_without_keeps_it() {
+    use tokio::io::AsyncReadExt;
+    let port = free_port();
+    let gw = TestGateway::with(|c| c.upstream.url = format!("http://127.0.0.1:{port}")).await;
+
+    let mut plain = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    for _ in 0..2 {
+        plain
+            .write_all(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .expect("write");
+        let (status, head, _) = read_response(&mut plain).await;
+        assert_eq!(status, 502, "{head}");
+        assert!(!says_close(&head), "no body, nothing unread: {head}");
+    }
+
+    // Larger than hyper reads with the head: the body stays unread.
+    let mut upload = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let body = vec![b'p'; 200_000];
+    let head = format!(
+        "POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    upload.write_all(head.as_bytes()).await.expect("write head");
+    // The gateway may answer, and close, before the body is all sent.
+    let _ = upload.write_all(&body).await;
+    let (status, head, _) = read_response(&mut upload).await;
+    assert_eq!(status, 502, "{head}");
+    assert!(
+        says_close(&head),
+        "the unread body ends the connection: {head}"
+    );
+    let mut rest = Vec::new();
+    let end = within("the end of the connection", upload.read_to_end(&mut rest)).await;
+    assert!(
+        end.is_err() || rest.is_empty(),
+        "nothing follows the answer: {rest:?}"
+    );
+}
+
 #[tokio::test]
 async fn upstream_slower_than_timeout_gives_504() {
     // The upstream answers only after the gateway has given up on it.

@@ -654,11 +654,21 @@ impl Proxy {
         deadlines: &Deadlines,
     ) -> Response<Body> {
         let started = Instant::now();
+        let has_body = !hyper::body::Body::is_end_stream(request.body());
         let response = match self.try_forward(request, client, deadlines).await {
             Ok(response) => response,
             Err(e) => {
                 debug!(error = %e, "proxy error");
-                e.response()
+                let mut response = e.response();
+                if has_body {
+                    // The body may be unread, and hyper closes a connection
+                    // whose request body it did not reach the end of: say so,
+                    // so that the client does not send its next request there.
+                    response
+                        .headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                response
             }
         };
         self.metrics
