@@ -250,11 +250,14 @@ async fn on_event(
     }
 }
 
-/// Exponential backoff from 100 ms, capped at 2 s: a restarted NATS is
-/// found quickly without hammering one that stays down.
+/// The longest the client waits between two attempts to connect.
+pub(super) const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(2);
+
+/// Exponential backoff from 100 ms, capped at [`RECONNECT_DELAY_MAX`]: a
+/// restarted NATS is found quickly without hammering one that stays down.
 fn reconnect_delay(attempts: usize) -> Duration {
     let exp = attempts.min(5) as u32;
-    Duration::from_millis(100 * 2u64.pow(exp)).min(Duration::from_secs(2))
+    Duration::from_millis(100 * 2u64.pow(exp)).min(RECONNECT_DELAY_MAX)
 }
 
 #[cfg(test)]

@@ -50,22 +50,67 @@ impl std::fmt::Display for Target {
     }
 }
 
+/// How long a server that answers with nothing to object to is given
+/// before it is looked at again: longer than the client waits between two
+/// attempts ([`super::client::RECONNECT_DELAY_MAX`]).
+const SETTLE: Duration =
+    super::client::RECONNECT_DELAY_MAX.saturating_add(Duration::from_millis(500));
+
 /// One line naming, for each target, what was found there. The targets
-/// are looked at together, so the answer takes two steps at most.
+/// are looked at together, so a look takes two steps at most. A server
+/// that answers as any NATS server does was most likely just restarted,
+/// and the client will be connected to it at its next attempt: it is
+/// looked at again after [`SETTLE`], and the caller, which checks the
+/// client first, then has nothing to say.
 pub(super) async fn why_unreachable(targets: Vec<Target>) -> String {
-    let looks = targets.iter().map(|target| async move {
-        let found = look(target).await;
-        format!("{target}: {found}")
-    });
-    futures_util::future::join_all(looks).await.join("; ")
+    let found = look_all(&targets).await;
+    if !found.iter().any(|found| matches!(found, Found::Answers)) {
+        return said(&targets, &found);
+    }
+    tokio::time::sleep(SETTLE).await;
+    said(&targets, &look_all(&targets).await)
 }
 
-/// What is at `target`, said for an operator.
-async fn look(target: &Target) -> String {
+/// What is at each target, looked at together.
+async fn look_all(targets: &[Target]) -> Vec<Found> {
+    futures_util::future::join_all(targets.iter().map(look)).await
+}
+
+/// `host:port: what was found` for each target.
+fn said(targets: &[Target], found: &[Found]) -> String {
+    targets
+        .iter()
+        .zip(found)
+        .map(|(target, found)| format!("{target}: {found}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// What a look found at one target.
+enum Found {
+    /// A NATS server with nothing in its greeting to explain a failure.
+    Answers,
+    /// Anything else, said for an operator.
+    Other(String),
+}
+
+impl std::fmt::Display for Found {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Answers => f.write_str(
+                "a NATS server answers, and the client has not connected to it since it was                  looked at last: it may refuse the client (at its connection limit?), see its                  log",
+            ),
+            Self::Other(text) => f.write_str(text),
+        }
+    }
+}
+
+/// What is at `target`.
+async fn look(target: &Target) -> Found {
     let connect = TcpStream::connect((target.host.as_str(), target.port));
     let stream = match tokio::time::timeout(STEP, connect).await {
-        Err(_) => return format!("no answer to connect within {STEP:?}"),
-        Ok(Err(e)) => return format!("cannot connect ({e})"),
+        Err(_) => return Found::Other(format!("no answer to connect within {STEP:?}")),
+        Ok(Err(e)) => return Found::Other(format!("cannot connect ({e})")),
         Ok(Ok(stream)) => stream,
     };
     // The first line, or GREETING_MAX bytes, or what came before the end.
@@ -73,49 +118,51 @@ async fn look(target: &Target) -> String {
     let mut greeting = Vec::with_capacity(1024);
     let read = tokio::time::timeout(STEP, first_line.read_until(b'\n', &mut greeting)).await;
     match read {
-        Err(_) if greeting.is_empty() => format!(
+        Err(_) if greeting.is_empty() => Found::Other(format!(
             "accepts connections but sends no greeting within {STEP:?}: not a NATS server, \
              or one that expects TLS first"
-        ),
-        Ok(Err(e)) if greeting.is_empty() => format!("the connection failed ({e})"),
+        )),
+        Ok(Err(e)) if greeting.is_empty() => Found::Other(format!("the connection failed ({e})")),
         _ => classify(&greeting, target.tls),
     }
 }
 
 /// What a server's first bytes say about why the client is not connected.
-fn classify(greeting: &[u8], url_asks_tls: bool) -> String {
+fn classify(greeting: &[u8], url_asks_tls: bool) -> Found {
     if greeting.is_empty() {
-        return "closes the connection without a greeting: not a NATS server?".into();
+        return Found::Other("closes the connection without a greeting: not a NATS server?".into());
     }
     let Some(info) = greeting
         .strip_prefix(b"INFO ")
         .and_then(|rest| serde_json::from_slice::<serde_json::Value>(line(rest)).ok())
     else {
         let start = &greeting[..greeting.len().min(40)];
-        return format!(
+        return Found::Other(format!(
             "answers, but not as a NATS server (it sent \"{}\")",
             start.escape_ascii()
-        );
+        ));
     };
     let flag = |name: &str| info[name].as_bool().unwrap_or(false);
     let tls = flag("tls_required") || (url_asks_tls && flag("tls_available"));
     let login = flag("auth_required");
-    match (tls, login) {
-        (true, true) => "a NATS server that requires TLS and a login: the TLS handshake failed \
+    let said = match (tls, login) {
+        (true, true) => {
+            "a NATS server that requires TLS and a login: the TLS handshake failed \
                          (does this system trust the server's certificate?) or the login was \
                          refused (check the credentials in nats.url or nats.creds_file)"
-            .into(),
-        (true, false) => "a NATS server with TLS; the client could not complete the handshake \
+        }
+        (true, false) => {
+            "a NATS server with TLS; the client could not complete the handshake \
                           (does this system trust the server's certificate?)"
-            .into(),
-        _ if url_asks_tls => "a NATS server without TLS, but the URL asks for it (tls://)".into(),
-        (false, true) => "a NATS server that requires a login: check the credentials in \
+        }
+        _ if url_asks_tls => "a NATS server without TLS, but the URL asks for it (tls://)",
+        (false, true) => {
+            "a NATS server that requires a login: check the credentials in \
                           nats.url or nats.creds_file (the server's log names what it refused)"
-            .into(),
-        (false, false) => "a NATS server answers; it may have refused the client (at its \
-                           connection limit?), see its log"
-            .into(),
-    }
+        }
+        (false, false) => return Found::Answers,
+    };
+    Found::Other(said.into())
 }
 
 /// `bytes` up to the end of its first line.
@@ -131,32 +178,115 @@ fn line(bytes: &[u8]) -> &[u8] {
 mod tests {
     use super::*;
 
+    /// A listener that greets every connection as a NATS server without
+    /// TLS or login does, and counts them.
+    async fn greeting_listener() -> (Target, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let looked = std::sync::Arc::new(AtomicUsize::new(0));
+        let counter = looked.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let _ = stream.write_all(b"INFO {\"port\":4222}\r\n").await;
+            }
+        });
+        let target = Target::of(&format!("nats://127.0.0.1:{port}").parse().expect("URL"));
+        (target, looked)
+    }
+
+    #[tokio::test]
+    async fn a_server_that_answers_plainly_is_given_a_reconnect_before_it_is_blamed() {
+        use std::sync::atomic::Ordering;
+        let (answering, looked) = greeting_listener().await;
+        let refused = Target::of(
+            &format!("nats://127.0.0.1:{}", free_port())
+                .parse()
+                .expect("URL"),
+        );
+        let said = tokio::time::timeout(
+            Duration::from_secs(30),
+            why_unreachable(vec![refused, answering.clone()]),
+        )
+        .await
+        .expect("the look ends");
+        assert_eq!(looked.load(Ordering::SeqCst), 2, "looked at again");
+        assert!(said.contains("cannot connect"), "{said}");
+        assert!(
+            said.contains(&format!("{answering}: a NATS server answers")),
+            "{said}"
+        );
+    }
+
+    #[tokio::test]
+    async fn servers_that_cannot_be_reached_are_looked_at_once() {
+        let target = Target::of(
+            &format!("nats://127.0.0.1:{}", free_port())
+                .parse()
+                .expect("URL"),
+        );
+        let started = tokio::time::Instant::now();
+        let said = why_unreachable(vec![target]).await;
+        assert!(said.contains("cannot connect"), "{said}");
+        assert!(started.elapsed() < SETTLE, "not waited for");
+    }
+
+    /// A port nothing listens on (bound, then released).
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port()
+    }
+
     #[test]
     fn a_greeting_says_what_the_server_wants() {
         let info = |json: &str| format!("INFO {json}\r\n").into_bytes();
         assert!(
-            classify(&info(r#"{"tls_required":true}"#), false).contains("with TLS"),
+            classify(&info(r#"{"tls_required":true}"#), false)
+                .to_string()
+                .contains("with TLS"),
             "TLS required, plain URL"
         );
         assert!(
-            classify(&info(r#"{"tls_required":true}"#), true).contains("with TLS"),
+            classify(&info(r#"{"tls_required":true}"#), true)
+                .to_string()
+                .contains("with TLS"),
             "TLS required, tls:// URL: the handshake failed"
         );
         assert!(
-            classify(&info(r#"{"tls_available":true}"#), true).contains("with TLS"),
+            classify(&info(r#"{"tls_available":true}"#), true)
+                .to_string()
+                .contains("with TLS"),
             "TLS optional, tls:// URL: the handshake failed"
         );
         assert!(
-            classify(&info(r#"{"port":4222}"#), true).contains("without TLS"),
+            classify(&info(r#"{"port":4222}"#), true)
+                .to_string()
+                .contains("without TLS"),
             "tls:// to a server without TLS"
         );
-        assert!(classify(&info(r#"{"auth_required":true}"#), false).contains("requires a login"));
+        assert!(
+            classify(&info(r#"{"auth_required":true}"#), false)
+                .to_string()
+                .contains("requires a login")
+        );
         let both = classify(
             &info(r#"{"tls_required":true,"auth_required":true}"#),
             false,
         );
-        assert!(both.contains("TLS handshake failed") && both.contains("login was refused"));
-        assert!(classify(&info(r#"{"port":4222}"#), false).contains("a NATS server answers"));
+        assert!(
+            both.to_string().contains("TLS handshake failed")
+                && both.to_string().contains("login was refused")
+        );
+        assert!(matches!(
+            classify(&info(r#"{"port":4222}"#), false),
+            Found::Answers
+        ));
     }
 
     #[test]
@@ -169,10 +299,30 @@ mod tests {
 
     #[test]
     fn anything_else_is_not_a_nats_server() {
-        assert!(classify(b"HTTP/1.1 400 Bad Request\r\n", false).contains("not as a NATS server"));
-        assert!(classify(b"HTTP/1.1 400 Bad Request\r\n", false).contains("HTTP/1.1 400"));
-        assert!(classify(b"INFO {not json\r\n", false).contains("not as a NATS server"));
-        assert!(classify(b"\x16\x03\x01", false).contains(r"\x16\x03\x01"));
-        assert!(classify(b"", false).contains("without a greeting"));
+        assert!(
+            classify(b"HTTP/1.1 400 Bad Request\r\n", false)
+                .to_string()
+                .contains("not as a NATS server")
+        );
+        assert!(
+            classify(b"HTTP/1.1 400 Bad Request\r\n", false)
+                .to_string()
+                .contains("HTTP/1.1 400")
+        );
+        assert!(
+            classify(b"INFO {not json\r\n", false)
+                .to_string()
+                .contains("not as a NATS server")
+        );
+        assert!(
+            classify(b"\x16\x03\x01", false)
+                .to_string()
+                .contains(r"\x16\x03\x01")
+        );
+        assert!(
+            classify(b"", false)
+                .to_string()
+                .contains("without a greeting")
+        );
     }
 }
