@@ -126,15 +126,6 @@ struct Router {
 
 impl Router {
     async fn route(&self, request: Request<Incoming>, client: &Client) -> Response<Body> {
-        let entry = access::Entry::begin(&request);
-        let response = self.answer(request, client).await;
-        if let Some(entry) = entry {
-            entry.end(response.status(), client.peer.addr());
-        }
-        response
-    }
-
-    async fn answer(&self, request: Request<Incoming>, client: &Client) -> Response<Body> {
         if self.upgrader.owns(request.uri().path()) {
             // Once per connection, and large: boxed so that it does not size
             // the future of every proxied request.
@@ -411,7 +402,17 @@ async fn serve_connection(
     });
     let service = service_fn(move |request| {
         let client = client.clone();
-        async move { Ok::<_, Infallible>(client.router.route(request, &client).await) }
+        async move {
+            // Here rather than in a function of its own around `route`,
+            // which would hold a second copy of the request in every
+            // request's future.
+            let mut entry = access::Entry::begin(&request, client.peer.addr());
+            let response = client.router.route(request, &client).await;
+            if let Some(entry) = entry.as_mut() {
+                entry.answered(response.status());
+            }
+            Ok::<_, Infallible>(response)
+        }
     });
     let conn = http1::Builder::new()
         .timer(deadlines.clone())

@@ -533,12 +533,12 @@ fn access_lines(gateway: &GatewayProcess) -> Vec<Value> {
 /// gateway answers itself, and a WebSocket upgrade; returns once the
 /// WebSocket is open.
 async fn three_requests(gateway: &GatewayProcess) -> WsClient {
+    use tokio::io::AsyncWriteExt;
     let (status, body) = http_get(gateway.addr, "/hello?token=s3cret").await;
     assert_eq!((status, body.as_str()), (200, "hi"));
     let mut raw = tokio::net::TcpStream::connect(gateway.addr)
         .await
         .expect("connect");
-    use tokio::io::AsyncWriteExt;
     raw.write_all(b"GET /ws HTTP/1.1\r\nHost: a\r\n\r\n")
         .await
         .expect("write");
@@ -549,8 +549,19 @@ async fn three_requests(gateway: &GatewayProcess) -> WsClient {
 
 #[tokio::test]
 async fn the_access_log_is_off_by_default_and_names_each_request_without_its_query() {
-    let upstream = Upstream::start(|_request: hyper::Request<hyper::body::Incoming>| async {
-        hyper::Response::new(full("hi"))
+    use tokio::io::AsyncWriteExt;
+    let slow_arrived = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let arrived = slow_arrived.clone();
+    let upstream = Upstream::start(move |request: hyper::Request<hyper::body::Incoming>| {
+        let arrived = arrived.clone();
+        async move {
+            if request.uri().path() == "/slow" {
+                arrived.store(true, std::sync::atomic::Ordering::SeqCst);
+                // Longer than the test waits for the client to give up.
+                tokio::time::sleep(std::time::Duration::from_secs(20)).await;
+            }
+            hyper::Response::new(full("hi"))
+        }
     })
     .await;
     let url = upstream.url();
@@ -564,11 +575,25 @@ async fn the_access_log_is_off_by_default_and_names_each_request_without_its_que
     let mut off = GatewayProcess::start(&[], &[("ROOMGATE_UPSTREAM_URL", &url)]);
     let client_on = three_requests(&on).await;
     let client_off = three_requests(&off).await;
+    // A client that goes away before its answer: nginx's 499.
+    let mut gone = tokio::net::TcpStream::connect(on.addr)
+        .await
+        .expect("connect");
+    gone.write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    within("the upstream to get the slow request", async {
+        while !slow_arrived.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    drop(gone);
 
-    let lines = within("three access lines", async {
+    let lines = within("four access lines", async {
         loop {
             let lines = access_lines(&on);
-            if lines.len() >= 3 {
+            if lines.len() >= 4 {
                 break lines;
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -590,7 +615,8 @@ async fn the_access_log_is_off_by_default_and_names_each_request_without_its_que
         [
             ("GET", "/hello", 200),
             ("GET", "/ws", 400),
-            ("GET", "/ws", 101)
+            ("GET", "/ws", 101),
+            ("GET", "/slow", 499)
         ],
         "{lines:?}"
     );

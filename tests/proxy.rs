@@ -564,7 +564,7 @@ async fn a_502_to_a_request_with_a_body_says_the_connection_closes_and_one_witho
     );
     upload.write_all(head.as_bytes()).await.expect("write head");
     // The gateway may answer, and close, before the body is all sent.
-    let _ = upload.write_all(&body).await;
+    let _ = within("the upload's writes", upload.write_all(&body)).await;
     let (status, head, _) = read_response(&mut upload).await;
     assert_eq!(status, 502, "{head}");
     assert!(

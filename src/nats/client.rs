@@ -210,7 +210,7 @@ async fn connect(
         // The server does not send this instance's publications back to it;
         // the `Roomgate-Gateway` check in `inbound` stays as a second guard.
         .no_echo()
-        .connection_timeout(Duration::from_secs(2))
+        .connection_timeout(CONNECT_TIMEOUT)
         // A server that stops answering (frozen, or a dead link that TCP
         // has not noticed) is given up after three unanswered pings: 30 s
         // rather than async-nats' default of three minutes.
@@ -252,6 +252,9 @@ async fn on_event(
 
 /// The longest the client waits between two attempts to connect.
 pub(super) const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(2);
+
+/// How long one attempt to connect to a server may take.
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Exponential backoff from 100 ms, capped at [`RECONNECT_DELAY_MAX`]: a
 /// restarted NATS is found quickly without hammering one that stays down.

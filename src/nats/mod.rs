@@ -197,6 +197,8 @@ async fn watch_connection(
                 let now = is_connected(&client);
                 if now {
                     unreachable_since = None;
+                    // A look still under way would find nothing to say.
+                    diagnosis = None;
                 } else if *connected.borrow() {
                     unreachable_since = Some(Instant::now());
                 } else if unreachable_since.is_some_and(|since| since.elapsed() >= UNREACHABLE_AFTER) {
