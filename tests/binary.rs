@@ -529,19 +529,21 @@ fn access_lines(gateway: &GatewayProcess) -> Vec<Value> {
         .collect()
 }
 
+/// A new connection to `addr` on which `request` was written.
+async fn sent_raw(addr: std::net::SocketAddr, request: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    stream
+}
+
 /// Sends a proxied request with a secret in its query, a request the
 /// gateway answers itself, and a WebSocket upgrade; returns once the
 /// WebSocket is open.
 async fn three_requests(gateway: &GatewayProcess) -> WsClient {
-    use tokio::io::AsyncWriteExt;
     let (status, body) = http_get(gateway.addr, "/hello?token=s3cret").await;
     assert_eq!((status, body.as_str()), (200, "hi"));
-    let mut raw = tokio::net::TcpStream::connect(gateway.addr)
-        .await
-        .expect("connect");
-    raw.write_all(b"GET /ws HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .expect("write");
+    let mut raw = sent_raw(gateway.addr, "GET /ws HTTP/1.1\r\nHost: a\r\n\r\n").await;
     let (status, _) = within("the plain GET of /ws", read_response_head(&mut raw)).await;
     assert_eq!(status, 400, "a plain GET of the WebSocket path");
     WsClient::connect(&format!("ws://{}/ws", gateway.addr)).await
@@ -549,7 +551,6 @@ async fn three_requests(gateway: &GatewayProcess) -> WsClient {
 
 #[tokio::test]
 async fn the_access_log_is_off_by_default_and_names_each_request_without_its_query() {
-    use tokio::io::AsyncWriteExt;
     let slow_arrived = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let arrived = slow_arrived.clone();
     let upstream = Upstream::start(move |request: hyper::Request<hyper::body::Incoming>| {
@@ -576,12 +577,7 @@ async fn the_access_log_is_off_by_default_and_names_each_request_without_its_que
     let client_on = three_requests(&on).await;
     let client_off = three_requests(&off).await;
     // A client that goes away before its answer: nginx's 499.
-    let mut gone = tokio::net::TcpStream::connect(on.addr)
-        .await
-        .expect("connect");
-    gone.write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .expect("write");
+    let gone = sent_raw(on.addr, "GET /slow HTTP/1.1\r\nHost: a\r\n\r\n").await;
     within("the upstream to get the slow request", async {
         while !slow_arrived.load(std::sync::atomic::Ordering::SeqCst) {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
