@@ -14,6 +14,16 @@
 //! connection. A client that requests a large response and never reads it
 //! would otherwise hold its connection, and the upstream connection behind
 //! it, for ever.
+//!
+//! And it closes the way nginx and Apache do ("lingering close"). hyper
+//! closes a connection whose request body it did not read to the end (the
+//! gateway's 502 to an upload, say). Closing a socket with unread bytes
+//! makes the kernel send a reset, and a reset that reaches the client
+//! before it has read the answer can destroy the answer (a lost segment is
+//! not sent again; some systems drop what was received). So once the
+//! answer is out, the stream sends its end of stream, then, if the client
+//! was still sending, reads and drops what it sends until it closes, for
+//! at most [`LINGER`] and [`LINGER_BYTES`].
 
 use std::io;
 use std::pin::Pin;
@@ -30,6 +40,14 @@ use crate::deadline::Stall;
 /// How long writes to a client may make no progress before its connection
 /// is closed: nginx's `send_timeout`. The contract has no key for it.
 pub const WRITE_STALL: Duration = Duration::from_secs(60);
+
+/// How long a connection being closed keeps reading what the client still
+/// sends, so that the client reads the answer before any reset.
+pub const LINGER: Duration = Duration::from_secs(2);
+
+/// The most a connection being closed reads and drops: an upload that is
+/// still coming after this much is cut.
+pub const LINGER_BYTES: usize = 16 * 1024 * 1024;
 
 /// Shared between a connection's service and its [`ClientStream`]: the
 /// service arms it when it answers with its own 101.
@@ -87,6 +105,16 @@ pub struct ClientStream {
     hold: HoldSwitch,
     held: Vec<u8>,
     stall: WriteStall,
+    /// Set once the stream has sent its end, while it lingers.
+    linger: Option<Box<Linger>>,
+}
+
+/// The bounds of a closing connection's lingering.
+struct Linger {
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    left: usize,
+    /// The client was still sending when the stream closed.
+    sending: bool,
 }
 
 impl ClientStream {
@@ -101,6 +129,7 @@ impl ClientStream {
             hold,
             held: Vec::new(),
             stall: WriteStall::new(bound),
+            linger: None,
         }
     }
 
@@ -122,6 +151,32 @@ impl ClientStream {
             self.held.drain(..n);
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// Reads and drops what the client sends until it closes, or the
+    /// lingering's bounds are reached. A client that has nothing waiting
+    /// to be read when the stream closes is not waited for: like nginx's
+    /// default, the stream lingers only when the client may still be
+    /// sending, so closing an idle keep-alive connection (at shutdown, say)
+    /// costs nothing. Errors end it too: the socket is closed next either
+    /// way.
+    fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(linger) = self.linger.as_mut() else {
+            return Poll::Ready(());
+        };
+        let mut scratch = [0u8; 8 * 1024];
+        while linger.left > 0 && linger.deadline.as_mut().poll(cx).is_pending() {
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut self.tcp).poll_read(cx, &mut buf) {
+                Poll::Pending if linger.sending => return Poll::Pending,
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                    linger.sending = true;
+                    linger.left = linger.left.saturating_sub(buf.filled().len());
+                }
+                _ => break,
+            }
+        }
+        Poll::Ready(())
     }
 }
 
@@ -175,8 +230,17 @@ impl AsyncWrite for ClientStream {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        ready!(self.poll_release(cx))?;
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
+        if self.linger.is_none() {
+            ready!(self.poll_release(cx))?;
+            ready!(Pin::new(&mut self.tcp).poll_shutdown(cx))?;
+            self.linger = Some(Box::new(Linger {
+                deadline: Box::pin(tokio::time::sleep(LINGER)),
+                left: LINGER_BYTES,
+                sending: false,
+            }));
+        }
+        ready!(self.poll_linger(cx));
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -192,6 +256,54 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
         (client.expect("connect"), accepted.expect("accept").0)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closing_sends_the_end_then_drops_what_the_client_sends_for_a_bounded_time() {
+        let (mut peer, tcp) = pair().await;
+        let mut stream = ClientStream::new(tcp, HoldSwitch::default());
+        stream.write_all(b"answer").await.expect("write");
+        // Unread when the stream closes: a reset, without the lingering.
+        peer.write_all(&[b'x'; 10_000]).await.expect("peer writes");
+        // The peer never closes; the paused clock runs out the bound.
+        let started = Instant::now();
+        stream.shutdown().await.expect("shutdown");
+        assert!(started.elapsed() >= LINGER, "lingered for the bound");
+        assert_eq!(
+            stream.linger.as_ref().map(|l| l.left),
+            Some(LINGER_BYTES - 10_000)
+        );
+        drop(stream);
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got)
+            .await
+            .expect("an end of stream, not a reset");
+        assert_eq!(got, b"answer");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closing_does_not_wait_for_a_client_that_sends_nothing() {
+        let (mut peer, tcp) = pair().await;
+        let mut stream = ClientStream::new(tcp, HoldSwitch::default());
+        let started = Instant::now();
+        // The paused clock would run out the bound if the stream waited.
+        stream.shutdown().await.expect("shutdown");
+        assert!(started.elapsed() < LINGER, "not waited for");
+        drop(stream);
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).await.expect("an end of stream");
+        assert!(got.is_empty());
+    }
+
+    #[tokio::test]
+    async fn closing_ends_when_the_client_closes() {
+        let (peer, tcp) = pair().await;
+        let mut stream = ClientStream::new(tcp, HoldSwitch::default());
+        drop(peer);
+        tokio::time::timeout(LINGER / 2, stream.shutdown())
+            .await
+            .expect("no lingering once the client has closed")
+            .expect("shutdown");
     }
 
     #[tokio::test]
