@@ -838,6 +838,63 @@ async fn websocket_upgrade_to_another_path_is_tunneled_to_the_upstream() {
 }
 
 #[tokio::test]
+async fn what_a_client_sends_after_the_upstream_ends_its_half_of_a_tunnel_reaches_the_upstream() {
+    use tokio::io::AsyncReadExt;
+    let (got_tx, mut got_rx) = mpsc::channel::<Vec<u8>>(1);
+    let upstream = Upstream::start(move |mut request: Request<Incoming>| {
+        let got_tx = got_tx.clone();
+        async move {
+            let on_upgrade = hyper::upgrade::on(&mut request);
+            tokio::spawn(async move {
+                let Ok(upgraded) = on_upgrade.await else {
+                    return;
+                };
+                let mut io = hyper_util::rt::TokioIo::new(upgraded);
+                // The upstream says all it has to say at once, and reads on.
+                let _ = io.shutdown().await;
+                let mut got = Vec::new();
+                let _ = within("the client's end", io.read_to_end(&mut got)).await;
+                let _ = got_tx.send(got).await;
+            });
+            Response::builder()
+                .status(101)
+                .header("upgrade", "foo")
+                .header("connection", "upgrade")
+                .body(empty())
+                .unwrap()
+        }
+    })
+    .await;
+    let gw = gateway_for(&upstream).await;
+    let mut client = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    client
+        .write_all(b"GET /t HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: foo\r\n\r\n")
+        .await
+        .expect("write");
+    let (status, head) = read_response_head(&mut client).await;
+    assert_eq!(status, 101, "{head}");
+    let mut rest = Vec::new();
+    within("the upstream's end", client.read_to_end(&mut rest))
+        .await
+        .expect("an end of stream");
+    client
+        .write_all(&[b'x'; 10_000])
+        .await
+        .expect("write after the end");
+    client.shutdown().await.expect("the client's end");
+    let got = within("what the upstream read", got_rx.recv())
+        .await
+        .expect("the upstream's report");
+    assert_eq!(
+        got.len(),
+        10_000,
+        "every byte sent after the upstream's end"
+    );
+}
+
+#[tokio::test]
 async fn tunnel_carries_many_messages_in_both_directions() {
     let upstream = websocket_echo_upstream().await;
     let gw = gateway_for(&upstream).await;

@@ -25,6 +25,7 @@ use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -34,6 +35,7 @@ use crate::metrics::Metrics;
 use crate::request::{self, HostError, header_has_token};
 use crate::response::{self, Body};
 use crate::shutdown::{Background, Shutdown};
+use crate::ws::ClientStream;
 
 pub mod pool;
 
@@ -896,10 +898,26 @@ async fn splice(
             return;
         }
     };
-    let mut client = TokioIo::new(client);
+    // The client's stream as the gateway serves it, so that it does not
+    // linger when the upstream ends its half: what the client sends after
+    // that is the upstream's.
+    let parts = match client.downcast::<TokioIo<ClientStream>>() {
+        Ok(parts) => parts,
+        Err(_) => {
+            tracing::error!("upgraded tunnel connection is not a client stream");
+            return;
+        }
+    };
+    let mut client = parts.io.into_inner();
+    client.without_lingering();
     let mut upstream = TokioIo::new(upstream);
+    let tunnel = async {
+        // What the client sent after its request head, read with it.
+        upstream.write_all(&parts.read_buf).await?;
+        tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+    };
     tokio::select! {
-        result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+        result = tunnel => {
             if let Err(e) = result {
                 debug!(error = %e, "tunnel ended");
             }

@@ -21,9 +21,10 @@
 //! makes the kernel send a reset, and a reset that reaches the client
 //! before it has read the answer can destroy the answer (a lost segment is
 //! not sent again; some systems drop what was received). So once the
-//! answer is out, the stream sends its end of stream, then, if the client
-//! was still sending, reads and drops what it sends until it closes, for
-//! at most [`LINGER`] and [`LINGER_BYTES`].
+//! answer is out, the stream sends its end of stream, then, if bytes from
+//! the client are waiting unread, reads and drops what it sends until it
+//! closes, for at most [`LINGER`] and [`LINGER_BYTES`]. A tunnel's stream
+//! does not linger ([`ClientStream::without_lingering`]).
 
 use std::io;
 use std::pin::Pin;
@@ -105,16 +106,27 @@ pub struct ClientStream {
     hold: HoldSwitch,
     held: Vec<u8>,
     stall: WriteStall,
-    /// Set once the stream has sent its end, while it lingers.
-    linger: Option<Box<Linger>>,
+    close: Close,
+}
+
+/// Where the stream is in closing.
+enum Close {
+    /// Not closing.
+    Open,
+    /// The end was sent with bytes from the client unread; boxed, since
+    /// few connections ever linger.
+    Lingering(Box<Linger>),
+    /// Closed.
+    Done,
+    /// A tunnel's, which does not linger: the client's bytes after the
+    /// upstream's end are the upstream's to read.
+    Tunnel,
 }
 
 /// The bounds of a closing connection's lingering.
 struct Linger {
     deadline: Pin<Box<tokio::time::Sleep>>,
     left: usize,
-    /// The client was still sending when the stream closed.
-    sending: bool,
 }
 
 impl ClientStream {
@@ -129,8 +141,14 @@ impl ClientStream {
             hold,
             held: Vec::new(),
             stall: WriteStall::new(bound),
-            linger: None,
+            close: Close::Open,
         }
+    }
+
+    /// For a tunnel: closing sends the end and no more, since the client
+    /// may go on sending to the upstream after the upstream's end.
+    pub fn without_lingering(&mut self) {
+        self.close = Close::Tunnel;
     }
 
     /// The socket and the bytes held back, which must go out before
@@ -154,29 +172,44 @@ impl ClientStream {
     }
 
     /// Reads and drops what the client sends until it closes, or the
-    /// lingering's bounds are reached. A client that has nothing waiting
-    /// to be read when the stream closes is not waited for: like nginx's
-    /// default, the stream lingers only when the client may still be
-    /// sending, so closing an idle keep-alive connection (at shutdown, say)
-    /// costs nothing. Errors end it too: the socket is closed next either
-    /// way.
+    /// lingering's bounds are reached. Errors end it too: the socket is
+    /// closed next either way.
     fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let Some(linger) = self.linger.as_mut() else {
+        let Close::Lingering(linger) = &mut self.close else {
             return Poll::Ready(());
         };
         let mut scratch = [0u8; 8 * 1024];
-        while linger.left > 0 && linger.deadline.as_mut().poll(cx).is_pending() {
+        while linger.left > 0 && !linger.deadline.is_elapsed() {
             let mut buf = ReadBuf::new(&mut scratch);
             match Pin::new(&mut self.tcp).poll_read(cx, &mut buf) {
-                Poll::Pending if linger.sending => return Poll::Pending,
                 Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
-                    linger.sending = true;
                     linger.left = linger.left.saturating_sub(buf.filled().len());
+                }
+                Poll::Pending if linger.deadline.as_mut().poll(cx).is_pending() => {
+                    return Poll::Pending;
                 }
                 _ => break,
             }
         }
+        self.close = Close::Done;
         Poll::Ready(())
+    }
+}
+
+/// Bytes the kernel has received on `tcp` that nobody has read yet. The
+/// kernel is asked, not tokio: tokio learns of new bytes only at its next
+/// look at the socket, and a close decided before then would reset them.
+fn unread(tcp: &TcpStream) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut bytes: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one `c_int` through the pointer, which
+    // points at a live local of that type; the descriptor is open for as
+    // long as `tcp` is borrowed.
+    let done = unsafe { libc::ioctl(tcp.as_raw_fd(), libc::FIONREAD, &mut bytes) };
+    if done == 0 {
+        usize::try_from(bytes).unwrap_or(0)
+    } else {
+        0
     }
 }
 
@@ -229,15 +262,30 @@ impl AsyncWrite for ClientStream {
         Pin::new(&mut self.tcp).poll_flush(cx)
     }
 
+    /// Sends the end, after what is held; then, if the client still has
+    /// bytes on their way in, lingers (see the module's doc). A client
+    /// with nothing unread is not waited for: like nginx's default, the
+    /// stream lingers only when the client may still be sending, so closing
+    /// an idle keep-alive connection (at shutdown, say) costs nothing.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.linger.is_none() {
-            ready!(self.poll_release(cx))?;
-            ready!(Pin::new(&mut self.tcp).poll_shutdown(cx))?;
-            self.linger = Some(Box::new(Linger {
-                deadline: Box::pin(tokio::time::sleep(LINGER)),
-                left: LINGER_BYTES,
-                sending: false,
-            }));
+        match self.close {
+            Close::Open => {
+                ready!(self.poll_release(cx))?;
+                ready!(Pin::new(&mut self.tcp).poll_shutdown(cx))?;
+                if unread(&self.tcp) == 0 {
+                    self.close = Close::Done;
+                    return Poll::Ready(Ok(()));
+                }
+                self.close = Close::Lingering(Box::new(Linger {
+                    deadline: Box::pin(tokio::time::sleep(LINGER)),
+                    left: LINGER_BYTES,
+                }));
+            }
+            Close::Tunnel => {
+                ready!(self.poll_release(cx))?;
+                return Pin::new(&mut self.tcp).poll_shutdown(cx);
+            }
+            Close::Lingering(_) | Close::Done => {}
         }
         ready!(self.poll_linger(cx));
         Poll::Ready(Ok(()))
@@ -258,6 +306,18 @@ mod tests {
         (client.expect("connect"), accepted.expect("accept").0)
     }
 
+    /// Waits (a bounded number of turns) until the kernel holds `bytes`
+    /// unread on `stream`'s socket.
+    async fn until_unread(stream: &ClientStream, bytes: usize) {
+        for _ in 0..10_000 {
+            if unread(&stream.tcp) == bytes {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("{bytes} bytes never arrived: {}", unread(&stream.tcp));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn closing_sends_the_end_then_drops_what_the_client_sends_for_a_bounded_time() {
         let (mut peer, tcp) = pair().await;
@@ -265,20 +325,31 @@ mod tests {
         stream.write_all(b"answer").await.expect("write");
         // Unread when the stream closes: a reset, without the lingering.
         peer.write_all(&[b'x'; 10_000]).await.expect("peer writes");
+        until_unread(&stream, 10_000).await;
         // The peer never closes; the paused clock runs out the bound.
         let started = Instant::now();
         stream.shutdown().await.expect("shutdown");
         assert!(started.elapsed() >= LINGER, "lingered for the bound");
-        assert_eq!(
-            stream.linger.as_ref().map(|l| l.left),
-            Some(LINGER_BYTES - 10_000)
-        );
+        assert_eq!(unread(&stream.tcp), 0, "what the client sent was read");
         drop(stream);
         let mut got = Vec::new();
         peer.read_to_end(&mut got)
             .await
             .expect("an end of stream, not a reset");
         assert_eq!(got, b"answer");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closing_ends_when_a_client_that_was_sending_closes() {
+        let (mut peer, tcp) = pair().await;
+        let mut stream = ClientStream::new(tcp, HoldSwitch::default());
+        peer.write_all(&[b'x'; 10_000]).await.expect("peer writes");
+        peer.shutdown().await.expect("peer's end");
+        until_unread(&stream, 10_000).await;
+        let started = Instant::now();
+        stream.shutdown().await.expect("shutdown");
+        assert!(started.elapsed() < LINGER, "done at the client's end");
+        assert_eq!(unread(&stream.tcp), 0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -295,15 +366,21 @@ mod tests {
         assert!(got.is_empty());
     }
 
-    #[tokio::test]
-    async fn closing_ends_when_the_client_closes() {
-        let (peer, tcp) = pair().await;
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnels_stream_sends_its_end_and_leaves_the_rest_to_be_read() {
+        let (mut peer, tcp) = pair().await;
         let mut stream = ClientStream::new(tcp, HoldSwitch::default());
-        drop(peer);
-        tokio::time::timeout(LINGER / 2, stream.shutdown())
-            .await
-            .expect("no lingering once the client has closed")
-            .expect("shutdown");
+        stream.without_lingering();
+        peer.write_all(&[b'x'; 10_000]).await.expect("peer writes");
+        until_unread(&stream, 10_000).await;
+        let started = Instant::now();
+        stream.shutdown().await.expect("shutdown");
+        assert!(started.elapsed() < LINGER, "not waited for");
+        assert_eq!(unread(&stream.tcp), 10_000, "nothing dropped");
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).await.expect("an end of stream");
+        let mut rest = vec![0; 10_000];
+        stream.read_exact(&mut rest).await.expect("still readable");
     }
 
     #[tokio::test]
