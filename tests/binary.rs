@@ -529,14 +529,6 @@ fn access_lines(gateway: &GatewayProcess) -> Vec<Value> {
         .collect()
 }
 
-/// A new connection to `addr` on which `request` was written.
-async fn sent_raw(addr: std::net::SocketAddr, request: &str) -> tokio::net::TcpStream {
-    use tokio::io::AsyncWriteExt;
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    stream.write_all(request.as_bytes()).await.expect("write");
-    stream
-}
-
 /// Sends a proxied request with a secret in its query, a request the
 /// gateway answers itself, and a WebSocket upgrade; returns once the
 /// WebSocket is open.

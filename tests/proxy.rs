@@ -866,13 +866,11 @@ async fn what_a_client_sends_after_the_upstream_ends_its_half_of_a_tunnel_reache
     })
     .await;
     let gw = gateway_for(&upstream).await;
-    let mut client = tokio::net::TcpStream::connect(gw.addr)
-        .await
-        .expect("connect");
-    client
-        .write_all(b"GET /t HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: foo\r\n\r\n")
-        .await
-        .expect("write");
+    let mut client = sent_raw(
+        gw.addr,
+        "GET /t HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: foo\r\n\r\n",
+    )
+    .await;
     let (status, head) = read_response_head(&mut client).await;
     assert_eq!(status, 101, "{head}");
     let mut rest = Vec::new();
@@ -1801,13 +1799,11 @@ async fn a_client_that_stops_reading_is_closed_after_the_write_stall_bound() {
     })
     .await;
     let gw = gateway_for(&upstream).await;
-    let mut client = tokio::net::TcpStream::connect(gw.addr)
-        .await
-        .expect("connect");
-    client
-        .write_all(b"GET /large HTTP/1.1\r\nhost: app.example.test\r\n\r\n")
-        .await
-        .expect("request written");
+    let mut client = sent_raw(
+        gw.addr,
+        "GET /large HTTP/1.1\r\nhost: app.example.test\r\n\r\n",
+    )
+    .await;
     let start = Instant::now();
 
     timeout(BOUND, gone_rx)

@@ -584,6 +584,14 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// A new connection to `addr` on which `request` was written.
+pub async fn sent_raw(addr: SocketAddr, request: &str) -> TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    stream
+}
+
 /// Sends a request on a fresh connection: (status, headers, whole body).
 pub async fn http_request(
     addr: SocketAddr,
