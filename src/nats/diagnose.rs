@@ -10,10 +10,10 @@
 use std::time::Duration;
 
 use async_nats::ServerAddr;
-
-use super::client::{CONNECT_TIMEOUT, RECONNECT_DELAY_MAX};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::TcpStream;
+
+use super::client::{CONNECT_TIMEOUT, RECONNECT_DELAY_MAX};
 
 /// How long each step of a look (connecting, the greeting) may take.
 const STEP: Duration = Duration::from_secs(2);
@@ -162,17 +162,17 @@ fn classify(greeting: &[u8], url_asks_tls: bool) -> Found {
     let what = match (tls, login) {
         (true, true) => {
             "a NATS server that requires TLS and a login: the TLS handshake failed \
-                         (does this system trust the server's certificate?) or the login was \
-                         refused (check the credentials in nats.url or nats.creds_file)"
+             (does this system trust the server's certificate?) or the login was \
+             refused (check the credentials in nats.url or nats.creds_file)"
         }
         (true, false) => {
             "a NATS server with TLS; the client could not complete the handshake \
-                          (does this system trust the server's certificate?)"
+             (does this system trust the server's certificate?)"
         }
         _ if url_asks_tls => "a NATS server without TLS, but the URL asks for it (tls://)",
         (false, true) => {
             "a NATS server that requires a login: check the credentials in \
-                          nats.url or nats.creds_file (the server's log names what it refused)"
+             nats.url or nats.creds_file (the server's log names what it refused)"
         }
         (false, false) => return Found::Answers,
     };

@@ -316,20 +316,24 @@ impl Inbound {
     /// the connection.
     fn unknown(&self, action: &str, message: &Message) {
         debug!(action, "ignoring an unknown control action");
-        if addressed(message).is_some_and(|id| self.hub.connection(id).is_some()) {
-            let refusal = Refusal::new(protocol::ErrorCode::UnknownType, "unknown control action");
-            self.reply(message, Err(refusal));
-        }
+        let refusal = Refusal::new(protocol::ErrorCode::UnknownType, "unknown control action");
+        self.refuse_where_held(message, refusal);
     }
 
-    /// A `control.*` payload that is not its action's JSON changes nothing.
-    /// The instance holding the connection it names, if it names one, says
-    /// so to a request; one that names none can be answered by no instance
-    /// in particular, and every instance hears it, so it gets no answer.
+    /// A `control.*` payload that is not its action's JSON changes nothing,
+    /// and is refused as [`Inbound::unknown`] says.
     fn malformed(&self, action: &str, message: &Message) {
         debug!(action, "ignoring malformed control payload");
+        let refusal = Refusal::new(protocol::ErrorCode::InvalidJson, "malformed payload");
+        self.refuse_where_held(message, refusal);
+    }
+
+    /// Answers a request that changes nothing with `refusal`, from the
+    /// instance holding the connection it names. One that names none can be
+    /// answered by no instance in particular, and every instance hears it,
+    /// so it gets no answer.
+    fn refuse_where_held(&self, message: &Message, refusal: Refusal) {
         if addressed(message).is_some_and(|id| self.hub.connection(id).is_some()) {
-            let refusal = Refusal::new(protocol::ErrorCode::InvalidJson, "malformed payload");
             self.reply(message, Err(refusal));
         }
     }

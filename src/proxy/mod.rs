@@ -901,19 +901,17 @@ async fn splice(
     // The client's stream as the gateway serves it, so that it does not
     // linger when the upstream ends its half: what the client sends after
     // that is the upstream's.
-    let parts = match client.downcast::<TokioIo<ClientStream>>() {
-        Ok(parts) => parts,
-        Err(_) => {
-            tracing::error!("upgraded tunnel connection is not a client stream");
-            return;
-        }
+    let Some((mut client, ahead)) = ClientStream::from_upgraded(client) else {
+        tracing::error!("upgraded tunnel connection is not a client stream");
+        return;
     };
-    let mut client = parts.io.into_inner();
     client.without_lingering();
     let mut upstream = TokioIo::new(upstream);
     let tunnel = async {
-        // What the client sent after its request head, read with it.
-        upstream.write_all(&parts.read_buf).await?;
+        // What the client sent after its request head, read with it; then
+        // hyper's read buffer, which it shares, is let go.
+        upstream.write_all(&ahead).await?;
+        drop(ahead);
         tokio::io::copy_bidirectional(&mut client, &mut upstream).await
     };
     tokio::select! {

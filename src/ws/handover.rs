@@ -151,6 +151,14 @@ impl ClientStream {
         self.close = Close::Tunnel;
     }
 
+    /// The stream hyper hands back with an upgraded connection, and what
+    /// hyper read past the request's head; `None` if hyper was serving
+    /// something else, which the gateway never has it do.
+    pub fn from_upgraded(upgraded: hyper::upgrade::Upgraded) -> Option<(Self, bytes::Bytes)> {
+        let parts = upgraded.downcast::<hyper_util::rt::TokioIo<Self>>().ok()?;
+        Some((parts.io.into_inner(), parts.read_buf))
+    }
+
     /// The socket and the bytes held back, which must go out before
     /// anything else is written to it.
     pub fn into_parts(self) -> (TcpStream, Vec<u8>) {

@@ -21,7 +21,6 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode, Version};
-use hyper_util::rt::TokioIo;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -213,11 +212,11 @@ async fn take_over(
             return None;
         }
     };
-    let Ok(parts) = upgraded.downcast::<TokioIo<ClientStream>>() else {
+    let Some((stream, read_buf)) = ClientStream::from_upgraded(upgraded) else {
         tracing::error!(conn = %conn.id_str(), "upgraded connection is not a client stream");
         return None;
     };
-    let (tcp, response) = parts.io.into_inner().into_parts();
+    let (tcp, response) = stream.into_parts();
     // The held 101 goes first, in the writer's first write.
     if conn.outbox().push_control(&response).is_err() {
         return None;
@@ -227,8 +226,8 @@ async fn take_over(
     // hyper's leftover bytes share its whole read buffer (8 KiB or more):
     // copy what was read ahead and let the buffer go, instead of holding it
     // for the life of the connection.
-    let ahead = parts.read_buf.to_vec();
-    drop(parts.read_buf);
+    let ahead = read_buf.to_vec();
+    drop(read_buf);
     let ws = WebSocketStream::from_partially_read(read, ahead, Role::Server, Some(codec)).await;
     Some((ws, write))
 }
