@@ -26,6 +26,7 @@
 
 mod conn;
 mod floor;
+mod hyperfloor;
 mod matrix;
 mod natsproto;
 mod payload;
@@ -66,6 +67,19 @@ enum Command {
         listen: SocketAddr,
         /// Runtime threads.
         #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+    /// Serve the HTTP proxy floor: hyper's server and client with nothing
+    /// between them (see `hyperfloor`).
+    HyperFloor {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// The upstream to pass every request to.
+        #[arg(long)]
+        upstream: SocketAddr,
+        /// Runtime threads (0: one per core, as roomgate's default).
+        #[arg(long, default_value_t = 0)]
         threads: usize,
     },
 }
@@ -176,6 +190,17 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("roomgate-bench upstream: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::HyperFloor {
+            listen,
+            upstream,
+            threads,
+        } => match hyperfloor::serve(listen, upstream, threads) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("roomgate-bench hyper-floor: {e}");
                 ExitCode::FAILURE
             }
         },

@@ -187,7 +187,12 @@ impl Matrix {
         if self.wants("http") {
             let size = format!("c{}", self.wrk.connections);
             for rep in 1..=self.reps {
-                for p in [Proxy::Direct, Proxy::Roomgate, Proxy::Nginx] {
+                for p in [
+                    Proxy::Direct,
+                    Proxy::Roomgate,
+                    Proxy::Nginx,
+                    Proxy::HyperFloor,
+                ] {
                     let r = scenario::http(bins, &self.wrk, p);
                     sink.push("http", size.clone(), p.name(), rep, r);
                 }

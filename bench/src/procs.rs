@@ -450,6 +450,41 @@ impl Upstream {
     }
 }
 
+/// The HTTP proxy floor (`roomgate-bench hyper-floor`) in front of the
+/// upstream: hyper's server and client with nothing between them.
+pub struct HyperFloor {
+    /// The process.
+    pub proc: Proc,
+    /// Its listener.
+    pub addr: SocketAddr,
+}
+
+impl HyperFloor {
+    /// Starts it on a free port, proxying to `upstream`.
+    pub fn start(upstream: SocketAddr) -> Result<Self, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("own path: {e}"))?;
+        let port = free_port()?;
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut command = Command::new(exe);
+        command
+            .arg("hyper-floor")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--upstream")
+            .arg(upstream.to_string());
+        let mut proc = spawn(
+            "hyper-floor",
+            "hyper-floor",
+            command,
+            String::new(),
+            None,
+            None,
+        )?;
+        wait_port(&mut proc, port)?;
+        Ok(Self { proc, addr })
+    }
+}
+
 /// nginx as a reverse proxy in front of the upstream, with its own
 /// configuration and files in a temporary directory (not the system
 /// service).

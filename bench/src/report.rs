@@ -18,7 +18,7 @@ pub struct Record {
     pub scenario: &'static str,
     /// `1x1000` (rooms x members), `19000` (connections), `c64` (wrk connections).
     pub size: String,
-    /// `roomgate`, `nats-ws`, `nginx` or `direct`.
+    /// `roomgate`, `nats-ws`, `nginx`, `hyper-floor` or `direct`.
     pub target: &'static str,
     /// Repetition, from 1.
     pub rep: u32,
@@ -460,6 +460,17 @@ fn goals(records: &[Record], reps: u32) -> Vec<Goal> {
             .map(|&r| ratio(records, scen, size, "roomgate", peer, key, r))
             .collect()
     };
+    // `subject` ÷ `peer`, within each repetition.
+    let pair = |scen: &str,
+                size: &str,
+                subject: &str,
+                peer: &str,
+                key: &str|
+     -> Vec<Result<f64, String>> {
+        reps.iter()
+            .map(|&r| ratio(records, scen, size, subject, peer, key, r))
+            .collect()
+    };
     let mut goals = Vec::new();
     let fan = sizes(records, "fanout");
     if let Some(small) = fan.first() {
@@ -556,6 +567,21 @@ fn goals(records: &[Record], reps: u32) -> Vec<Goal> {
         goals.push(Goal::at_most(
             format!("HTTP proxy {size}: roomgate p99 ÷ nginx p99"),
             vs("http", &size, "nginx", "latency_p99_us"),
+            1.0,
+            "×",
+        ));
+        goals.push(Goal::at_least(
+            format!(
+                "for comparison, HTTP proxy {size}: hyper-floor requests/s ÷ nginx (not \
+                 roomgate: hyper's server and client with nothing between them)"
+            ),
+            pair("http", &size, "hyper-floor", "nginx", "requests_per_sec"),
+            1.0,
+            "×",
+        ));
+        goals.push(Goal::at_most(
+            format!("for comparison, HTTP proxy {size}: hyper-floor p99 ÷ nginx p99"),
+            pair("http", &size, "hyper-floor", "nginx", "latency_p99_us"),
             1.0,
             "×",
         ));
@@ -758,7 +784,12 @@ const SECTIONS: [Section; 8] = [
              upstream pool, X-Forwarded-* headers, no buffering). roomgate runs as configured \
              by default (a runtime thread per core); nginx with one worker process. One warm-up \
              second precedes each measurement. The upstream is this tool's `upstream` \
-             subcommand (hyper, one thread, a 64-byte body).",
+             subcommand (hyper, one thread, a 64-byte body). `hyper-floor` is this tool's \
+             `hyper-floor` subcommand: hyper's HTTP/1 server and client with nothing between \
+             them (each client connection gets one upstream connection, polled in the same \
+             task; requests and responses pass unchanged, with no timeouts, checks or added \
+             headers), on a runtime thread per core. No proxy built on hyper does less per \
+             request, so its figures bound what roomgate's can reach.",
         peer: "nginx",
         ratios: &[
             ("requests_per_sec", "requests/s"),

@@ -13,7 +13,9 @@ use serde_json::{Map, Value, json};
 
 use crate::conn::{self, Board, Plan, Proto, SenderPlan};
 use crate::payload;
-use crate::procs::{self, NatsServer, Nginx, Proc, Roomgate, RoomgateSettings, Upstream};
+use crate::procs::{
+    self, HyperFloor, NatsServer, Nginx, Proc, Roomgate, RoomgateSettings, Upstream,
+};
 use crate::shard::Shards;
 use crate::sys::{self, now_ns};
 
@@ -842,6 +844,9 @@ pub enum Proxy {
     Roomgate,
     /// nginx.
     Nginx,
+    /// hyper's server and client with nothing between them: the least any
+    /// proxy built on hyper costs (`hyperfloor`).
+    HyperFloor,
 }
 
 impl Proxy {
@@ -851,6 +856,7 @@ impl Proxy {
             Proxy::Direct => "direct",
             Proxy::Roomgate => "roomgate",
             Proxy::Nginx => "nginx",
+            Proxy::HyperFloor => "hyper-floor",
         }
     }
 }
@@ -872,6 +878,7 @@ pub fn http(bins: &Bins, w: &WrkSpec, proxy: Proxy) -> Result<Values, String> {
     let upstream = Upstream::start()?;
     let mut gateway = None;
     let mut nginx = None;
+    let mut floor = None;
     let addr = match proxy {
         Proxy::Direct => upstream.addr,
         Proxy::Roomgate => {
@@ -895,11 +902,18 @@ pub fn http(bins: &Bins, w: &WrkSpec, proxy: Proxy) -> Result<Values, String> {
             nginx = Some(n);
             a
         }
+        Proxy::HyperFloor => {
+            let f = HyperFloor::start(upstream.addr)?;
+            let a = f.addr;
+            floor = Some(f);
+            a
+        }
     };
     let proxy_proc: Option<&Proc> = gateway
         .as_ref()
         .map(|g| &g.proc)
-        .or(nginx.as_ref().map(|n| &n.proc));
+        .or(nginx.as_ref().map(|n| &n.proc))
+        .or(floor.as_ref().map(|f| &f.proc));
     let url = format!("http://{addr}/");
     procs::wrk(wrk, &url, w.threads, w.connections, 1)?;
     let p0 = proxy_proc.map(Proc::cpu);
@@ -910,6 +924,7 @@ pub fn http(bins: &Bins, w: &WrkSpec, proxy: Proxy) -> Result<Values, String> {
     let memory = proxy_proc.map(Proc::memory);
     drop(gateway);
     drop(nginx);
+    drop(floor);
     drop(upstream);
     let mut v = Values::new();
     v.insert("wrk_connections".into(), json!(w.connections));

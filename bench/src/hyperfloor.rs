@@ -1,0 +1,171 @@
+//! The HTTP proxy floor: the least a reverse proxy built on hyper's HTTP/1
+//! server and client can do per request, for reading roomgate's proxy
+//! figures against what its HTTP library alone costs.
+//!
+//! Each client connection gets one upstream connection, driven in the same
+//! task, and each request goes to it unchanged; the response comes back
+//! unchanged. There are no headers added or removed, no checks, no
+//! timeouts, no pool and no logging: nothing a real proxy can leave out
+//! except the two hyper connections themselves. Whatever it costs, any
+//! proxy on hyper costs at least that.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use hyper::Request;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+
+/// Why a request got no response.
+#[derive(Debug)]
+enum FloorError {
+    /// The upstream connection failed.
+    Upstream(hyper::Error),
+    /// A panic while the sender was locked (cannot happen: nothing in the
+    /// lock's scope panics).
+    Poisoned,
+}
+
+impl std::fmt::Display for FloorError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FloorError::Upstream(e) => write!(f, "upstream: {e}"),
+            FloorError::Poisoned => f.write_str("upstream sender lock poisoned"),
+        }
+    }
+}
+
+impl std::error::Error for FloorError {}
+
+/// Serves on `listen`, proxying to `upstream`, with `threads` runtime
+/// threads (0: tokio's default, one per core), until killed.
+pub fn serve(listen: SocketAddr, upstream: SocketAddr, threads: usize) -> Result<(), String> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if threads > 0 {
+        builder.worker_threads(threads);
+    }
+    let runtime = builder
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    runtime.block_on(async move {
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        accept(listener, upstream).await;
+        Ok(())
+    })
+}
+
+/// Serves every connection `listener` accepts, each in a task of its own.
+async fn accept(listener: TcpListener, upstream: SocketAddr) {
+    loop {
+        let Ok((client, _)) = listener.accept().await else {
+            // Typically out of file descriptors: back off, don't spin.
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            continue;
+        };
+        // A connection's end is not reported: wrk stops with requests in
+        // flight, and every run ends with a burst of such errors.
+        tokio::spawn(proxy(client, upstream));
+    }
+}
+
+/// Serves one client connection over one upstream connection, polling
+/// both in this task, as roomgate's pool does.
+async fn proxy(client: TcpStream, upstream: SocketAddr) {
+    let _ = client.set_nodelay(true);
+    let Ok(up) = TcpStream::connect(upstream).await else {
+        return;
+    };
+    let _ = up.set_nodelay(true);
+    let Ok((sender, upstream_conn)) = hyper::client::conn::http1::handshake(TokioIo::new(up)).await
+    else {
+        return;
+    };
+    // Requests on one HTTP/1 connection come one at a time, so the lock is
+    // never contended; it only makes the sender shareable with the service.
+    let sender: Arc<Mutex<SendRequest<Incoming>>> = Arc::new(Mutex::new(sender));
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let sent = sender.lock().ok().map(|mut s| s.send_request(req));
+        async move {
+            match sent {
+                Some(response) => response.await.map_err(FloorError::Upstream),
+                None => Err(FloorError::Poisoned),
+            }
+        }
+    });
+    let server_conn =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(client), service);
+    // The server side ends when the client leaves; it drops the sender, and
+    // the upstream connection then ends too.
+    let _ = tokio::join!(server_conn, upstream_conn);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// Reads from `stream` until `end` has been seen, within a bound.
+    async fn read_until(stream: &mut TcpStream, end: &[u8]) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.windows(end.len()).any(|w| w == end) {
+            let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+                .await
+                .expect("no data within 10 s")
+                .expect("read");
+            assert!(
+                n > 0,
+                "closed early after {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn passes_requests_and_responses_through_unchanged() {
+        let upstream = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let upstream_addr = upstream.local_addr().expect("addr");
+        let floor = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let floor_addr = floor.local_addr().expect("addr");
+        let proxy = tokio::spawn(super::accept(floor, upstream_addr));
+
+        let mut client = TcpStream::connect(floor_addr).await.expect("connect");
+        let (mut server, _) = tokio::time::timeout(Duration::from_secs(10), async {
+            // The floor connects upstream as soon as a client arrives.
+            upstream.accept().await
+        })
+        .await
+        .expect("no upstream connection within 10 s")
+        .expect("accept");
+        for path in ["/one", "/two?q=1"] {
+            let request =
+                format!("GET {path} HTTP/1.1\r\nhost: example\r\nx-probe: {path}\r\n\r\n");
+            client.write_all(request.as_bytes()).await.expect("write");
+            let seen =
+                String::from_utf8(read_until(&mut server, b"\r\n\r\n").await).expect("utf-8");
+            assert!(
+                seen.starts_with(&format!("GET {path} HTTP/1.1\r\n")),
+                "{seen}"
+            );
+            assert!(seen.contains("host: example\r\n"), "{seen}");
+            assert!(seen.contains(&format!("x-probe: {path}\r\n")), "{seen}");
+            server
+                .write_all(b"HTTP/1.1 200 OK\r\nx-from: upstream\r\ncontent-length: 5\r\n\r\nhello")
+                .await
+                .expect("write");
+            let answer = String::from_utf8(read_until(&mut client, b"hello").await).expect("utf-8");
+            assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+            assert!(answer.contains("x-from: upstream\r\n"), "{answer}");
+        }
+        proxy.abort();
+    }
+}
