@@ -347,6 +347,52 @@ mod tests {
         assert_eq!(got, b"answer");
     }
 
+    /// On the real clock: a client that keeps sending is read for
+    /// [`LINGER_BYTES`] and then left, well before [`LINGER`] runs out on
+    /// any machine that moves 16 MiB over loopback in under 2 s (a slower
+    /// one ends by time, and the check below passes without proving the
+    /// byte bound).
+    #[tokio::test]
+    async fn closing_stops_reading_a_client_that_keeps_sending_after_the_byte_bound() {
+        const SENT: usize = 4 * LINGER_BYTES;
+        let (mut peer, tcp) = pair().await;
+        let mut stream = ClientStream::new(tcp, HoldSwitch::default());
+        let sender = tokio::spawn(async move {
+            let chunk = vec![b'x'; 1 << 20];
+            for _ in 0..SENT / chunk.len() {
+                if peer.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+            // Never closes: only the gateway's bounds end the lingering.
+            peer
+        });
+        until_some_unread(&stream).await;
+        tokio::time::timeout(Duration::from_secs(30), stream.shutdown())
+            .await
+            .expect("closing ended within 30 s")
+            .expect("shutdown");
+        // Past the bound the client's bytes stay unread and the client is
+        // stuck, which a lingering that read on for its 2 s would not leave:
+        // 64 MiB is more than loopback buffers hold.
+        assert!(!sender.is_finished(), "the client was read to its end");
+        assert!(unread(&stream.tcp) > 0, "nothing left unread");
+        drop(stream);
+        sender.abort();
+    }
+
+    /// Waits (a bounded number of turns) until the kernel holds some bytes
+    /// unread on `stream`'s socket.
+    async fn until_some_unread(stream: &ClientStream) {
+        for _ in 0..100_000 {
+            if unread(&stream.tcp) > 0 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("nothing arrived");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn closing_ends_when_a_client_that_was_sending_closes() {
         let (mut peer, tcp) = pair().await;
