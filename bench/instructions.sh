@@ -2,8 +2,10 @@
 # Counts the instructions roomgate runs in user space for one unit of each
 # kind of work, under valgrind's callgrind:
 #
-#   - per proxied request (and nginx's, as the reference), wrk with 8
-#     connections against the benchmark's upstream;
+#   - per proxied request, wrk with 8 connections against the benchmark's
+#     upstream; and, as references, nginx's and that of
+#     `roomgate-bench hyper-floor` (hyper's server and client with nothing
+#     between them);
 #   - per WebSocket connection: connect, upgrade, join and close, with NATS
 #     on, so the four events of each connection are published;
 #   - per delivery of a one-room fan-out to 1,000 members;
@@ -91,6 +93,7 @@ per_request() {
 
 http() {
     local up=$(free_port) port=$(free_port) admin=$(free_port) nginx_port=$(free_port)
+    local floor_port=$(free_port)
     "$bin/roomgate-bench" upstream --listen "127.0.0.1:$up" &
     cat >"$work/roomgate.toml" <<EOF
 [server]
@@ -108,6 +111,11 @@ EOF
         "$roomgate" --config "$work/roomgate.toml" 2>"$work/roomgate.log" &
     echo -n "HTTP proxy, roomgate: "
     per_request $! "$work/http-roomgate" "http://127.0.0.1:$port/"
+    valgrind --tool=callgrind --callgrind-out-file="$work/http-floor" \
+        "$bin/roomgate-bench" hyper-floor --listen "127.0.0.1:$floor_port" \
+        --upstream "127.0.0.1:$up" 2>"$work/floor.log" &
+    echo -n "HTTP proxy, hyper-floor: "
+    per_request $! "$work/http-floor" "http://127.0.0.1:$floor_port/"
     [ -x "$nginx" ] || return 0
     mkdir -p "$work/nginx/logs"
     cat >"$work/nginx/nginx.conf" <<EOF
