@@ -16,7 +16,7 @@ use hyper::Request;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// Why a request got no response.
 #[derive(Debug)]
@@ -50,33 +50,14 @@ pub fn serve(listen: SocketAddr, upstream: SocketAddr, threads: usize) -> Result
         .enable_all()
         .build()
         .map_err(|e| format!("runtime: {e}"))?;
-    runtime.block_on(async move {
-        let listener = TcpListener::bind(listen)
-            .await
-            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-        accept(listener, upstream).await;
-        Ok(())
-    })
-}
-
-/// Serves every connection `listener` accepts, each in a task of its own.
-async fn accept(listener: TcpListener, upstream: SocketAddr) {
-    loop {
-        let Ok((client, _)) = listener.accept().await else {
-            // Typically out of file descriptors: back off, don't spin.
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            continue;
-        };
-        // A connection's end is not reported: wrk stops with requests in
-        // flight, and every run ends with a burst of such errors.
-        tokio::spawn(proxy(client, upstream));
-    }
+    // A connection's end is not reported: wrk stops with requests in
+    // flight, and every run ends with a burst of such errors.
+    crate::upstream::serve_on(&runtime, listen, |client| proxy(client, upstream))
 }
 
 /// Serves one client connection over one upstream connection, polling
 /// both in this task, as roomgate's pool does.
 async fn proxy(client: TcpStream, upstream: SocketAddr) {
-    let _ = client.set_nodelay(true);
     let Ok(up) = TcpStream::connect(upstream).await else {
         return;
     };
@@ -136,7 +117,9 @@ mod tests {
         let upstream_addr = upstream.local_addr().expect("addr");
         let floor = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let floor_addr = floor.local_addr().expect("addr");
-        let proxy = tokio::spawn(super::accept(floor, upstream_addr));
+        let proxy = tokio::spawn(crate::upstream::serve_each(floor, move |client| {
+            super::proxy(client, upstream_addr)
+        }));
 
         let mut client = TcpStream::connect(floor_addr).await.expect("connect");
         let (mut server, _) = tokio::time::timeout(Duration::from_secs(10), async {

@@ -10,7 +10,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 /// The body every request gets (64 bytes).
 const BODY: &[u8] = b"roomgate-bench upstream: a short fixed body of sixty-four bytes\n";
@@ -28,32 +28,60 @@ pub fn serve(listen: SocketAddr, threads: usize) -> Result<(), String> {
             .build()
     }
     .map_err(|e| format!("runtime: {e}"))?;
+    serve_on(&runtime, listen, answer)
+}
+
+/// Listens on `listen` and runs `serve` in a task of its own for every
+/// connection accepted, with `TCP_NODELAY` set, until killed.
+pub fn serve_on<F, Fut>(
+    runtime: &tokio::runtime::Runtime,
+    listen: SocketAddr,
+    serve: F,
+) -> Result<(), String>
+where
+    F: Fn(TcpStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     runtime.block_on(async move {
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                // Typically out of file descriptors: back off, don't spin.
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(|_req: Request<Incoming>| async {
-                    Ok::<_, Infallible>(
-                        Response::builder()
-                            .header("content-type", "text/plain")
-                            .body(Full::new(Bytes::from_static(BODY)))
-                            .expect("static response"),
-                    )
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
+        serve_each(listener, serve).await;
+        Ok(())
     })
+}
+
+/// Runs `serve` in a task of its own for every connection `listener`
+/// accepts, with `TCP_NODELAY` set, until killed.
+pub async fn serve_each<F, Fut>(listener: TcpListener, serve: F)
+where
+    F: Fn(TcpStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            // Typically out of file descriptors: back off, don't spin.
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(serve(stream));
+    }
+}
+
+/// Answers every request on `stream` with [`BODY`].
+async fn answer(stream: TcpStream) {
+    let service = hyper::service::service_fn(|_req: Request<Incoming>| async {
+        Ok::<_, Infallible>(
+            Response::builder()
+                .header("content-type", "text/plain")
+                .body(Full::new(Bytes::from_static(BODY)))
+                .expect("static response"),
+        )
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
 }
 
 #[cfg(test)]
