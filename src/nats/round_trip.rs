@@ -151,18 +151,28 @@ impl Off {
         stop: &CancellationToken,
     ) {
         let _ = tokio::time::timeout(ANSWER_WAIT, client.flush()).await;
-        let now = Instant::now();
-        if self.background.load(Ordering::Relaxed) != IDLE || self.next > now {
+        if !self.take_turn(Instant::now()) {
             return;
         }
-        self.background.store(PENDING, Ordering::Relaxed);
-        self.next = now + self.wait;
-        self.wait = (self.wait * 2).min(LAST_BACKGROUND_WAIT);
         tasks.spawn(request_in_background(
             client.clone(),
             self.background.clone(),
             stop.clone(),
         ));
+    }
+
+    /// Whether a request may be sent in the background at `now`: none is
+    /// under way and the wait since the last has passed. If so, marks it
+    /// under way and doubles the wait before the next, up to
+    /// [`LAST_BACKGROUND_WAIT`].
+    fn take_turn(&mut self, now: Instant) -> bool {
+        if self.background.load(Ordering::Relaxed) != IDLE || self.next > now {
+            return false;
+        }
+        self.background.store(PENDING, Ordering::Relaxed);
+        self.next = now + self.wait;
+        self.wait = (self.wait * 2).min(LAST_BACKGROUND_WAIT);
+        true
     }
 }
 
@@ -185,4 +195,55 @@ async fn request_in_background(client: Client, background: Arc<AtomicU8>, stop: 
         answer = tokio::time::timeout(BACKGROUND_WAIT, probe(&client)) => answer.unwrap_or(false),
     };
     background.store(if answered { ANSWERED } else { IDLE }, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Joins stop waiting after the limit; the fallback's first request may
+    /// go at once.
+    fn turned_off() -> RoundTrips {
+        let mut trips = RoundTrips::default();
+        for _ in 0..UNANSWERED_LIMIT {
+            assert!(trips.off.is_none(), "off before the limit");
+            trips.note_unanswered(1);
+        }
+        assert!(trips.off.is_some(), "off at the limit");
+        trips
+    }
+
+    #[test]
+    fn background_requests_wait_ever_longer_up_to_the_last_wait() {
+        let mut trips = turned_off();
+        let off = trips.still_off(1).expect("off");
+        let mut now = Instant::now();
+        let mut waits = Vec::new();
+        for _ in 0..9 {
+            assert!(off.take_turn(now), "due at {now:?}");
+            // Under way: no second request, however late.
+            assert!(!off.take_turn(now + LAST_BACKGROUND_WAIT * 2));
+            // Unanswered: the next waits until its time, not a moment less.
+            off.background.store(IDLE, Ordering::Relaxed);
+            let wait = off.next - now;
+            assert!(!off.take_turn(now + wait - Duration::from_millis(1)));
+            waits.push(wait.as_secs());
+            now += wait;
+        }
+        assert_eq!(waits, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+    }
+
+    #[test]
+    fn an_answer_or_a_reconnection_brings_the_round_trips_back() {
+        let mut trips = turned_off();
+        assert!(trips.still_off(1).is_some(), "same connection, no answer");
+        assert!(trips.still_off(2).is_none(), "a reconnection ends it");
+        assert!(trips.still_off(2).is_none(), "and it stays ended");
+
+        let mut trips = turned_off();
+        let off = trips.still_off(1).expect("off");
+        assert!(off.take_turn(Instant::now()));
+        off.background.store(ANSWERED, Ordering::Relaxed);
+        assert!(trips.still_off(1).is_none(), "an answer ends it");
+    }
 }
