@@ -452,17 +452,6 @@ async fn the_running_gateway_applies_environment_overrides() {
 
 // ----- logs -------------------------------------------------------------
 
-/// The JSON log lines (the harness collects stdout).
-fn json_lines(gateway: &GatewayProcess) -> Vec<Value> {
-    gateway
-        .log
-        .lock()
-        .unwrap()
-        .iter()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 /// Whether any field of `line`, at any depth, is the string `id`.
 fn carries(line: &Value, id: &str) -> bool {
     match line {
@@ -494,7 +483,7 @@ async fn json_logs_carry_the_connection_id() {
         let what = format!("the open and close lines of {}", client.id);
         within(&what, async {
             loop {
-                let lines = json_lines(&gateway);
+                let lines = gateway.json_lines();
                 let mine: Vec<&Value> = lines.iter().filter(|l| carries(l, &client.id)).collect();
                 let has = |message: &str| mine.iter().any(|l| l["message"] == message);
                 if has("connection opened") && has("connection closed") {
@@ -509,7 +498,7 @@ async fn json_logs_carry_the_connection_id() {
         })
         .await;
     }
-    for line in json_lines(&gateway) {
+    for line in gateway.json_lines() {
         if line["message"] == "connection opened" {
             assert!(
                 carries(&line, &a.id) || carries(&line, &b.id),
@@ -523,7 +512,8 @@ async fn json_logs_carry_the_connection_id() {
 
 /// The access lines a gateway logged so far.
 fn access_lines(gateway: &GatewayProcess) -> Vec<Value> {
-    json_lines(gateway)
+    gateway
+        .json_lines()
         .into_iter()
         .filter(|l| l["target"] == "roomgate::access")
         .collect()
@@ -624,7 +614,7 @@ async fn the_access_log_is_off_by_default_and_names_each_request_without_its_que
         "no query is logged: {everything}"
     );
     assert!(
-        json_lines(&on)
+        on.json_lines()
             .iter()
             .all(|l| l["level"] != "DEBUG" || l["target"] == "roomgate::access"),
         "the directive turns on the access lines alone"
@@ -639,7 +629,8 @@ async fn the_access_log_is_off_by_default_and_names_each_request_without_its_que
         assert_eq!(gateway.wait_exit(), 0);
     }
     within("the last line of the gateway without access log", async {
-        while !json_lines(&off)
+        while !off
+            .json_lines()
             .iter()
             .any(|l| l["message"] == "roomgate stopped")
         {
@@ -647,7 +638,7 @@ async fn the_access_log_is_off_by_default_and_names_each_request_without_its_que
         }
     })
     .await;
-    assert!(access_lines(&off).is_empty(), "{:?}", json_lines(&off));
+    assert!(access_lines(&off).is_empty(), "{:?}", off.json_lines());
 }
 
 #[tokio::test]
@@ -665,7 +656,8 @@ async fn running_out_of_file_descriptors_does_not_stop_the_gateway() {
         );
     }
     eventually("the gateway to run out of descriptors", || {
-        json_lines(&gateway)
+        gateway
+            .json_lines()
             .iter()
             .any(|line| line["message"] == "accept failed")
     })

@@ -108,8 +108,64 @@ async fn a_gateway_allowed_only_its_own_subjects_still_answers_joins() {
     // It may not use `_INBOX.>`, so the round trip that confirms a room's
     // subscription goes unanswered: joins are answered all the same (after
     // the subscription was sent), and the bridge works both ways.
-    let server = NatsServer::start_with_config(
-        r#"authorization {
+    let server = NatsServer::start_with_config(ONLY_ITS_OWN_SUBJECTS);
+    let backend = backend_user(&server).await;
+    let url = gateway_url(&server);
+    bridges_both_ways(&url, backend).await;
+}
+
+#[tokio::test]
+async fn the_servers_refusals_of_the_confirmation_round_trip_are_logged_at_debug_only() {
+    // Every confirmation of a gateway that may not publish to `_INBOX.>` is
+    // refused by the server, in the foreground and then in the background.
+    // The bridge says so once, in its own warning; each refusal is a debug
+    // line, never a warning of its own, and no publish error. (The refusal
+    // of the client's reply subscription, `_INBOX.<id>.*`, is a warning of
+    // its own, once: it is no round trip.)
+    let server = NatsServer::start_with_config(ONLY_ITS_OWN_SUBJECTS);
+    let gateway = gateway_process_on(
+        &gateway_url(&server),
+        &[("ROOMGATE_LOG_LEVEL", "info,roomgate::nats=debug")],
+    );
+    eventually_async("the gateway is connected to NATS", || async {
+        process_metric(&gateway, "roomgate_nats_connected").await == 1.0
+    })
+    .await;
+    let mut member = WsClient::connect(&format!("ws://{}/ws", gateway.addr)).await;
+    for room in ["r0", "r1", "r2"] {
+        member.join(room).await;
+    }
+    eventually("the warning", || {
+        gateway.logged("did not confirm new room subscriptions") == 1
+    })
+    .await;
+    // The next join's confirmation sends the first request in the
+    // background, refused like the three before it.
+    member.join("r3").await;
+    let refusals = || {
+        gateway
+            .json_lines()
+            .into_iter()
+            .filter(|l| l.to_string().contains("Permissions Violation for Publish"))
+            .collect::<Vec<_>>()
+    };
+    eventually("four refusals", || refusals().len() >= 4).await;
+    for line in refusals() {
+        assert_eq!(line["level"], "DEBUG", "{line}");
+        assert_eq!(
+            line["message"], "NATS server refused the confirmation round trip",
+            "{line}"
+        );
+    }
+    assert_eq!(
+        process_metric(&gateway, "roomgate_nats_publish_errors_total").await,
+        0.0
+    );
+}
+
+/// A gateway user allowed its own subjects alone (not `_INBOX.>`), and a
+/// backend.
+const ONLY_ITS_OWN_SUBJECTS: &str = r#"authorization {
   users = [
     { user: gateway, password: gw, permissions: {
         publish: { allow: ["roomgate.>"] },
@@ -118,12 +174,7 @@ async fn a_gateway_allowed_only_its_own_subjects_still_answers_joins() {
     { user: backend, password: be }
   ]
 }
-"#,
-    );
-    let backend = backend_user(&server).await;
-    let url = gateway_url(&server);
-    bridges_both_ways(&url, backend).await;
-}
+"#;
 
 /// The backend user of the configurations below (`backend`), logged in.
 async fn backend_user(server: &NatsServer) -> Backend {

@@ -1470,6 +1470,15 @@ impl GatewayProcess {
         assert!(status.success());
     }
 
+    /// The lines logged so far, parsed (the binary logs JSON when its
+    /// output is not a terminal).
+    pub fn json_lines(&self) -> Vec<serde_json::Value> {
+        let log = self.log.lock().expect("log");
+        log.iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
     /// How many lines logged so far contain `text`.
     pub fn logged(&self, text: &str) -> usize {
         let log = self.log.lock().expect("log");
