@@ -109,7 +109,7 @@ level = "warn"
 EOF
     valgrind --tool=callgrind --callgrind-out-file="$work/http-roomgate" \
         "$roomgate" --config "$work/roomgate.toml" 2>"$work/roomgate.log" &
-    echo -n "HTTP proxy, roomgate: "
+    echo -n "HTTP proxy, roomgate:    "
     per_request $! "$work/http-roomgate" "http://127.0.0.1:$port/"
     valgrind --tool=callgrind --callgrind-out-file="$work/http-floor" \
         "$bin/roomgate-bench" hyper-floor --listen "127.0.0.1:$floor_port" \
@@ -147,7 +147,7 @@ http {
 EOF
     valgrind --tool=callgrind --callgrind-out-file="$work/http-nginx" \
         "$nginx" -p "$work/nginx" -c "$work/nginx/nginx.conf" 2>"$work/nginx.log" &
-    echo -n "HTTP proxy, nginx:    "
+    echo -n "HTTP proxy, nginx:       "
     per_request $! "$work/http-nginx" "http://127.0.0.1:$nginx_port/"
 }
 

@@ -454,12 +454,6 @@ fn goals(records: &[Record], reps: u32) -> Vec<Goal> {
             .map(|&r| value(records, scen, size, target, key, r))
             .collect()
     };
-    // roomgate ÷ `peer`, within each repetition.
-    let vs = |scen: &str, size: &str, peer: &str, key: &str| -> Vec<Result<f64, String>> {
-        reps.iter()
-            .map(|&r| ratio(records, scen, size, "roomgate", peer, key, r))
-            .collect()
-    };
     // `subject` ÷ `peer`, within each repetition.
     let pair = |scen: &str,
                 size: &str,
@@ -471,6 +465,9 @@ fn goals(records: &[Record], reps: u32) -> Vec<Goal> {
             .map(|&r| ratio(records, scen, size, subject, peer, key, r))
             .collect()
     };
+    // roomgate ÷ `peer`, within each repetition.
+    let vs =
+        |scen: &str, size: &str, peer: &str, key: &str| pair(scen, size, "roomgate", peer, key);
     let mut goals = Vec::new();
     let fan = sizes(records, "fanout");
     if let Some(small) = fan.first() {
@@ -788,8 +785,9 @@ const SECTIONS: [Section; 8] = [
              `hyper-floor` subcommand: hyper's HTTP/1 server and client with nothing between \
              them (each client connection gets one upstream connection, polled in the same \
              task; requests and responses pass unchanged, with no timeouts, checks or added \
-             headers), on a runtime thread per core. No proxy built on hyper does less per \
-             request, so its figures bound what roomgate's can reach.",
+             headers), on a runtime thread per core: the least work per request a proxy on \
+             hyper can do. Its timings move with the number of runtime threads and hyper's \
+             settings; see \"What hyper alone reaches\" below.",
         peer: "nginx",
         ratios: &[
             ("requests_per_sec", "requests/s"),

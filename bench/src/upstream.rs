@@ -31,8 +31,8 @@ pub fn serve(listen: SocketAddr, threads: usize) -> Result<(), String> {
     serve_on(&runtime, listen, answer)
 }
 
-/// Listens on `listen` and runs `serve` in a task of its own for every
-/// connection accepted, with `TCP_NODELAY` set, until killed.
+/// Listens on `listen` and serves each connection as [`serve_each`] does,
+/// until killed: the upstream and the hyper floor start the same way.
 pub fn serve_on<F, Fut>(
     runtime: &tokio::runtime::Runtime,
     listen: SocketAddr,
@@ -52,7 +52,9 @@ where
 }
 
 /// Runs `serve` in a task of its own for every connection `listener`
-/// accepts, with `TCP_NODELAY` set, until killed.
+/// accepts, until killed. `TCP_NODELAY` is set, as roomgate and nginx set
+/// it: a small answer held back by Nagle's algorithm would measure the
+/// kernel's delayed acknowledgement, not the server.
 pub async fn serve_each<F, Fut>(listener: TcpListener, serve: F)
 where
     F: Fn(TcpStream) -> Fut,
