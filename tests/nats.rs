@@ -1754,18 +1754,7 @@ async fn a_client_tapping_every_subject_holds_off_join_confirmations_only_while_
     let tap = Backend::connect(&server).await;
     let mut everything = tap.subscribe(">").await;
     let gateway = nats_gateway_process(&server, &[]);
-    eventually_async("the gateway is connected to NATS", || async {
-        process_metric(&gateway, "roomgate_nats_connected").await == 1.0
-    })
-    .await;
-    let mut member = WsClient::connect(&format!("ws://{}/ws", gateway.addr)).await;
-    for room in ["r0", "r1", "r2"] {
-        member.join(room).await;
-    }
-    eventually("the warning", || {
-        gateway.logged("did not confirm new room subscriptions") == 1
-    })
-    .await;
+    let mut member = member_after_unconfirmed_joins(&gateway).await;
     assert!(
         gateway.logged("subscribe to > or _INBOX.>") == 1,
         "the warning names the tap"

@@ -127,18 +127,7 @@ async fn the_servers_refusals_of_the_confirmation_round_trip_are_logged_at_debug
         &gateway_url(&server),
         &[("ROOMGATE_LOG_LEVEL", "info,roomgate::nats=debug")],
     );
-    eventually_async("the gateway is connected to NATS", || async {
-        process_metric(&gateway, "roomgate_nats_connected").await == 1.0
-    })
-    .await;
-    let mut member = WsClient::connect(&format!("ws://{}/ws", gateway.addr)).await;
-    for room in ["r0", "r1", "r2"] {
-        member.join(room).await;
-    }
-    eventually("the warning", || {
-        gateway.logged("did not confirm new room subscriptions") == 1
-    })
-    .await;
+    let mut member = member_after_unconfirmed_joins(&gateway).await;
     // The next join's confirmation sends the first request in the
     // background, refused like the three before it.
     member.join("r3").await;

@@ -255,6 +255,25 @@ pub async fn process_metric(gateway: &GatewayProcess, sample: &str) -> f64 {
     metric_value(&body, sample)
 }
 
+/// A member of `gateway` (a process) that has joined three rooms whose
+/// subscriptions NATS did not confirm, once the gateway has said so and
+/// stopped waiting for confirmations.
+pub async fn member_after_unconfirmed_joins(gateway: &GatewayProcess) -> WsClient {
+    eventually_async("the gateway is connected to NATS", || async {
+        process_metric(gateway, "roomgate_nats_connected").await == 1.0
+    })
+    .await;
+    let mut member = WsClient::connect(&format!("ws://{}/ws", gateway.addr)).await;
+    for room in ["r0", "r1", "r2"] {
+        member.join(room).await;
+    }
+    eventually("the warning", || {
+        gateway.logged("did not confirm new room subscriptions") == 1
+    })
+    .await;
+    member
+}
+
 /// Whether `subjects` include a subscription carrying `room`'s broadcasts
 /// (`roomgate.*.<room>` or `roomgate.broadcast.<room>`).
 pub fn covers_room(subjects: &[String], room: &str) -> bool {
