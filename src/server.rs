@@ -421,7 +421,11 @@ async fn serve_connection(
         .serve_connection(io, service)
         .with_upgrades();
     let mut conn = pin!(conn);
+    // Biased: the connection first, then the flag, in that order at every
+    // poll (several per request), without a random draw for the order; the
+    // flag is still read whenever the connection waits.
     let result = tokio::select! {
+        biased;
         result = conn.as_mut() => result,
         _ = shutdown.stopped() => {
             conn.as_mut().graceful_shutdown();
