@@ -560,24 +560,14 @@ async fn the_access_log_is_off_by_default_and_names_each_request_without_its_que
     let client_off = three_requests(&off).await;
     // A client that goes away before its answer: nginx's 499.
     let gone = sent_raw(on.addr, "GET /slow HTTP/1.1\r\nHost: a\r\n\r\n").await;
-    within("the upstream to get the slow request", async {
-        while !slow_arrived.load(std::sync::atomic::Ordering::SeqCst) {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+    eventually("the upstream to get the slow request", || {
+        slow_arrived.load(std::sync::atomic::Ordering::SeqCst)
     })
     .await;
     drop(gone);
 
-    let lines = within("four access lines", async {
-        loop {
-            let lines = access_lines(&on);
-            if lines.len() >= 4 {
-                break lines;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    eventually("four access lines", || access_lines(&on).len() >= 4).await;
+    let lines = access_lines(&on);
     let seen: Vec<(&str, &str, u64)> = lines
         .iter()
         .map(|l| {
@@ -628,14 +618,10 @@ async fn the_access_log_is_off_by_default_and_names_each_request_without_its_que
         gateway.signal("TERM");
         assert_eq!(gateway.wait_exit(), 0);
     }
-    within("the last line of the gateway without access log", async {
-        while !off
-            .json_lines()
+    eventually("the last line of the gateway without access log", || {
+        off.json_lines()
             .iter()
             .any(|l| l["message"] == "roomgate stopped")
-        {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
     })
     .await;
     assert!(access_lines(&off).is_empty(), "{:?}", off.json_lines());

@@ -527,11 +527,7 @@ async fn closed_upstream_port_gives_502() {
 
 /// Whether a response head says the connection closes after it.
 fn says_close(head: &str) -> bool {
-    head.lines().any(|line| {
-        line.split_once(':').is_some_and(|(name, value)| {
-            name.eq_ignore_ascii_case("connection") && value.trim().eq_ignore_ascii_case("close")
-        })
-    })
+    field(head, "connection").is_some_and(|value| value.eq_ignore_ascii_case("close"))
 }
 
 #[tokio::test]
@@ -556,15 +552,12 @@ async fn a_502_to_a_body_says_close_and_lingers_and_one_without_a_body_keeps_the
     // Larger than hyper reads with the head, and than the socket buffers
     // hold: the body stays unread, and is still coming when the answer
     // goes out.
-    let mut upload = tokio::net::TcpStream::connect(gw.addr)
-        .await
-        .expect("connect");
     let body = vec![b'p'; 4_000_000];
     let head = format!(
         "POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
-    upload.write_all(head.as_bytes()).await.expect("write head");
+    let mut upload = sent_raw(gw.addr, &head).await;
     within("the upload's writes", upload.write_all(&body))
         .await
         .expect("the whole upload is taken");

@@ -149,14 +149,6 @@ fn split(reply: &str) -> (&str, &str) {
         .unwrap_or_else(|| panic!("a whole response head: {reply:?}"))
 }
 
-/// A header's value in a raw head, by case-insensitive name.
-fn field<'a>(head: &'a str, name: &str) -> Option<&'a str> {
-    head.lines().find_map(|line| {
-        let (n, v) = line.split_once(':')?;
-        n.eq_ignore_ascii_case(name).then(|| v.trim())
-    })
-}
-
 /// Sends `GET <target>` for each target, each on a new connection with
 /// `host: <host>`, and checks that each answer has `status`.
 async fn get_targets(gw: &TestGateway, host: &str, targets: &[&str], status: u16) {

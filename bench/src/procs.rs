@@ -425,61 +425,39 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
     Ok(out)
 }
 
-/// The upstream HTTP server (this program's `upstream` subcommand).
-pub struct Upstream {
-    /// The process.
-    pub proc: Proc,
-    /// Its address.
-    pub addr: SocketAddr,
-}
-
-impl Upstream {
-    /// Starts `roomgate-bench upstream` on a free port.
-    pub fn start() -> Result<Self, String> {
-        let exe = std::env::current_exe().map_err(|e| format!("own path: {e}"))?;
-        let port = free_port()?;
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let mut command = Command::new(exe);
-        command
-            .arg("upstream")
-            .arg("--listen")
-            .arg(addr.to_string());
-        let mut proc = spawn("upstream", "upstream", command, String::new(), None, None)?;
-        wait_port(&mut proc, port)?;
-        Ok(Self { proc, addr })
-    }
-}
-
-/// The HTTP proxy floor (`roomgate-bench hyper-floor`) in front of the
-/// upstream: hyper's server and client with nothing between them.
-pub struct HyperFloor {
+/// A server this program runs as one of its own subcommands: the
+/// upstream of the HTTP scenario, and the hyper floor in front of it.
+pub struct OwnServer {
     /// The process.
     pub proc: Proc,
     /// Its listener.
     pub addr: SocketAddr,
 }
 
-impl HyperFloor {
-    /// Starts it on a free port, proxying to `upstream`.
-    pub fn start(upstream: SocketAddr) -> Result<Self, String> {
+impl OwnServer {
+    /// `roomgate-bench upstream`, the HTTP server the proxies forward to.
+    pub fn upstream() -> Result<Self, String> {
+        Self::start("upstream", &[])
+    }
+
+    /// `roomgate-bench hyper-floor` in front of `upstream`: hyper's server
+    /// and client with nothing between them.
+    pub fn hyper_floor(upstream: SocketAddr) -> Result<Self, String> {
+        Self::start("hyper-floor", &["--upstream".into(), upstream.to_string()])
+    }
+
+    /// Starts subcommand `name` with `args` on a free port.
+    fn start(name: &'static str, args: &[String]) -> Result<Self, String> {
         let exe = std::env::current_exe().map_err(|e| format!("own path: {e}"))?;
         let port = free_port()?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut command = Command::new(exe);
         command
-            .arg("hyper-floor")
+            .arg(name)
             .arg("--listen")
             .arg(addr.to_string())
-            .arg("--upstream")
-            .arg(upstream.to_string());
-        let mut proc = spawn(
-            "hyper-floor",
-            "hyper-floor",
-            command,
-            String::new(),
-            None,
-            None,
-        )?;
+            .args(args);
+        let mut proc = spawn(name, name, command, String::new(), None, None)?;
         wait_port(&mut proc, port)?;
         Ok(Self { proc, addr })
     }

@@ -13,9 +13,7 @@ use serde_json::{Map, Value, json};
 
 use crate::conn::{self, Board, Plan, Proto, SenderPlan};
 use crate::payload;
-use crate::procs::{
-    self, HyperFloor, NatsServer, Nginx, Proc, Roomgate, RoomgateSettings, Upstream,
-};
+use crate::procs::{self, NatsServer, Nginx, OwnServer, Proc, Roomgate, RoomgateSettings};
 use crate::shard::Shards;
 use crate::sys::{self, now_ns};
 
@@ -875,7 +873,7 @@ pub struct WrkSpec {
 /// One HTTP run: a warm-up second, then `wrk --latency`.
 pub fn http(bins: &Bins, w: &WrkSpec, proxy: Proxy) -> Result<Values, String> {
     let wrk = bins.wrk()?;
-    let upstream = Upstream::start()?;
+    let upstream = OwnServer::upstream()?;
     let mut gateway = None;
     let mut nginx = None;
     let mut floor = None;
@@ -903,7 +901,7 @@ pub fn http(bins: &Bins, w: &WrkSpec, proxy: Proxy) -> Result<Values, String> {
             a
         }
         Proxy::HyperFloor => {
-            let f = HyperFloor::start(upstream.addr)?;
+            let f = OwnServer::hyper_floor(upstream.addr)?;
             let a = f.addr;
             floor = Some(f);
             a

@@ -208,16 +208,21 @@ impl ClientStream {
 /// kernel is asked, not tokio: tokio learns of new bytes only at its next
 /// look at the socket, and a close decided before then would reset them.
 fn unread(tcp: &TcpStream) -> usize {
+    queue_size(tcp, libc::FIONREAD).unwrap_or(0)
+}
+
+/// What a socket queue's `ioctl` (`FIONREAD`, `TIOCOUTQ`) counts on `tcp`.
+fn queue_size(tcp: &TcpStream, request: libc::Ioctl) -> Option<usize> {
     use std::os::fd::AsRawFd;
     let mut bytes: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one `c_int` through the pointer, which
+    // SAFETY: these requests write one `c_int` through the pointer, which
     // points at a live local of that type; the descriptor is open for as
     // long as `tcp` is borrowed.
-    let done = unsafe { libc::ioctl(tcp.as_raw_fd(), libc::FIONREAD, &mut bytes) };
+    let done = unsafe { libc::ioctl(tcp.as_raw_fd(), request, &mut bytes) };
     if done == 0 {
-        usize::try_from(bytes).unwrap_or(0)
+        usize::try_from(bytes).ok()
     } else {
-        0
+        None
     }
 }
 
@@ -318,13 +323,19 @@ mod tests {
     /// Waits (a bounded number of turns) until the kernel holds `bytes`
     /// unread on `stream`'s socket.
     async fn until_unread(stream: &ClientStream, bytes: usize) {
-        for _ in 0..10_000 {
-            if unread(&stream.tcp) == bytes {
+        until_unread_is(stream, |n| n == bytes).await;
+    }
+
+    /// Waits (a bounded number of turns) until what the kernel holds
+    /// unread on `stream`'s socket passes `check`.
+    async fn until_unread_is(stream: &ClientStream, check: impl Fn(usize) -> bool) {
+        for _ in 0..100_000 {
+            if check(unread(&stream.tcp)) {
                 return;
             }
             tokio::task::yield_now().await;
         }
-        panic!("{bytes} bytes never arrived: {}", unread(&stream.tcp));
+        panic!("never as expected: {} bytes unread", unread(&stream.tcp));
     }
 
     #[tokio::test(start_paused = true)]
@@ -350,12 +361,7 @@ mod tests {
 
     /// Bytes `tcp` has sent that its peer has not acknowledged yet.
     fn unacknowledged(tcp: &TcpStream) -> usize {
-        use std::os::fd::AsRawFd;
-        let mut bytes: libc::c_int = 0;
-        // SAFETY: as in `unread`.
-        let done = unsafe { libc::ioctl(tcp.as_raw_fd(), libc::TIOCOUTQ, &mut bytes) };
-        assert_eq!(done, 0, "TIOCOUTQ");
-        usize::try_from(bytes).expect("a count")
+        queue_size(tcp, libc::TIOCOUTQ).expect("TIOCOUTQ")
     }
 
     /// On the real clock: a client that keeps sending is read for
@@ -386,7 +392,7 @@ mod tests {
                 }
             }
         });
-        until_some_unread(&stream).await;
+        until_unread_is(&stream, |n| n > 0).await;
         let started = Instant::now();
         tokio::time::timeout(Duration::from_secs(30), stream.shutdown())
             .await
@@ -404,18 +410,6 @@ mod tests {
             started.elapsed()
         );
         sender.abort();
-    }
-
-    /// Waits (a bounded number of turns) until the kernel holds some bytes
-    /// unread on `stream`'s socket.
-    async fn until_some_unread(stream: &ClientStream) {
-        for _ in 0..100_000 {
-            if unread(&stream.tcp) > 0 {
-                return;
-            }
-            tokio::task::yield_now().await;
-        }
-        panic!("nothing arrived");
     }
 
     #[tokio::test(start_paused = true)]

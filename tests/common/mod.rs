@@ -698,20 +698,22 @@ pub async fn read_response_head(stream: &mut TcpStream) -> (u16, String) {
     (status, text)
 }
 
+/// A header's value in a raw head, by case-insensitive name.
+pub fn field<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|line| {
+        let (n, v) = line.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
 /// Reads a whole response from a raw socket: (status, head, body). The
 /// response must carry a `Content-Length`; nothing after its body is read,
 /// so the socket can carry the next exchange.
 pub async fn read_response(stream: &mut TcpStream) -> (u16, String, String) {
     use tokio::io::AsyncReadExt;
     let (status, head) = read_response_head(stream).await;
-    let length: usize = head
-        .lines()
-        .find_map(|line| {
-            let (name, value) = line.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse().ok())
-                .flatten()
-        })
+    let length: usize = field(&head, "content-length")
+        .and_then(|value| value.parse().ok())
         .unwrap_or_else(|| panic!("the response has a Content-Length: {head}"));
     let mut body = vec![0u8; length];
     within("a response body", stream.read_exact(&mut body))
