@@ -897,3 +897,24 @@ async fn nats_unreachable_from_the_start_is_logged_with_what_is_there() {
     let gateway = stop_and_read_log(gateway).await;
     assert_eq!(gateway.logged("NATS not reachable"), 1, "said once");
 }
+
+#[tokio::test]
+async fn a_server_at_its_connection_limit_is_named_as_answering_and_joined_once_it_has_room() {
+    // nats-server at `max_connections` greets a new client as usual and
+    // then refuses it, so the greeting explains nothing: the gateway says
+    // that a NATS server answers but does not take the client (after a
+    // second look, which `nats::diagnose`'s unit tests count). Once there
+    // is room, the client connects.
+    let server = NatsServer::start_with_config("max_connections: 1\n");
+    let occupant = server.client().await;
+    let gateway = nats_gateway_process(&server, &[]);
+    eventually("the server at its limit to be named", || {
+        gateway.logged("a NATS server answers, and the client has not connected to it") == 1
+    })
+    .await;
+    assert_eq!(gateway.logged("NATS not reachable"), 1);
+    drop(occupant);
+    wait_connected(&gateway).await;
+    let gateway = stop_and_read_log(gateway).await;
+    assert_eq!(gateway.logged("NATS not reachable"), 1, "said once");
+}
